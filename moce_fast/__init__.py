@@ -1,0 +1,21 @@
+"""moce_fast: fast, checked kernels and modules for mixture-of-experts image restoration (MoCE-IR)."""
+
+from . import reference, routing
+from ._version import __version__
+from .models import CheckpointError, MoCEIR, load_checkpoint
+from .nn import MoCEBlock, MoCELayer
+from .ops import BackendUnavailableError, backend, current_backend
+
+__all__ = [
+    "BackendUnavailableError",
+    "CheckpointError",
+    "MoCEBlock",
+    "MoCEIR",
+    "MoCELayer",
+    "__version__",
+    "backend",
+    "current_backend",
+    "load_checkpoint",
+    "reference",
+    "routing",
+]

@@ -1,0 +1,120 @@
+"""Checkpoints: Lightning ``.ckpt`` (weights under "state_dict", prefix "net."), plain ``.pt``/``.pth``
+state dicts, and ``.safetensors``. A checkpoint is checked whole before anything is copied, so a
+bad one raises one error and leaves the model untouched."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+log = logging.getLogger("moce_fast")
+
+_PREFIXES = ("net.", "module.", "model.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: lists missing, unexpected and misshaped keys."""
+
+
+def read_state_dict(source, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read a state dict from a path (.ckpt, .pt, .pth, .safetensors) or take a mapping as is.
+
+    Lightning checkpoints keep the model's weights under "state_dict" with the prefix "net." (the
+    public training code's attribute); the prefix, or a DataParallel "module." prefix, is removed.
+    Files are read with ``torch.load(weights_only=True)``; ``allow_pickle=True`` allows a full
+    unpickle for checkpoints that need it (only for files you trust).
+    """
+    if isinstance(source, Mapping):
+        raw = source
+    else:
+        path = Path(os.fspath(source))
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint: no file at {str(path)!r}")
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                raw = load_file(str(path))
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"checkpoint {str(path)!r}: not a readable safetensors file ({err})") from err
+        else:
+            try:
+                raw = torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
+            except pickle.UnpicklingError as err:
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r}: torch.load(weights_only=True) refused it ({err}); if you trust "
+                    f"the file, pass allow_pickle=True") from err
+            except (RuntimeError, EOFError, OSError) as err:
+                raise CheckpointError(f"checkpoint {str(path)!r}: not a readable torch file ({err})") from err
+    if isinstance(raw, Mapping) and "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
+        raw = raw["state_dict"]
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"checkpoint: expected a state dict (a mapping of names to tensors), got "
+                              f"{type(raw).__name__}")
+    for prefix in _PREFIXES:
+        if raw and any(k.startswith(prefix) for k in raw):
+            skipped = [k for k in raw if not k.startswith(prefix)]
+            if skipped:
+                log.debug("checkpoint: ignoring %d keys outside the model prefix %r: %s", len(skipped), prefix,
+                          skipped[:5])
+            raw = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+            break
+    bad = [k for k, v in raw.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"checkpoint: entries that are not tensors: {bad[:10]}")
+    return dict(raw)
+
+
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Raise one :class:`CheckpointError` naming every missing, unexpected and misshaped key."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k}: model {tuple(expected[k].shape)}, checkpoint {tuple(state[k].shape)}"
+                 for k in expected if k in state and expected[k].shape != state[k].shape]
+    if missing or unexpected or misshaped:
+        def fmt(items):
+            return f"{len(items)} {items[:8]}{' ...' if len(items) > 8 else ''}"
+
+        raise CheckpointError(
+            "checkpoint does not match the model (is it another configuration?): "
+            f"missing keys: {fmt(missing)}; unexpected keys: {fmt(unexpected)}; misshaped keys: {fmt(misshaped)}")
+
+
+def load_weights(model: torch.nn.Module, source, allow_pickle: bool = False) -> torch.nn.Module:
+    """Check, then load a checkpoint into ``model`` (strict). On any error the model is unchanged."""
+    state = read_state_dict(source, allow_pickle=allow_pickle)
+    check_state_dict(model, state)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def save_safetensors(model: torch.nn.Module, path, metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``model``'s state dict as safetensors; the constructor arguments go in the metadata."""
+    from safetensors.torch import save_file
+
+    meta = {"format": "moce_fast"}
+    config = getattr(model, "config", None)
+    if config:
+        meta["config"] = json.dumps(config)
+    if getattr(model, "config_name", None):
+        meta["config_name"] = model.config_name
+    meta.update(metadata or {})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, os.fspath(path), metadata=meta)
+
+
+def load_checkpoint(source, config: str = "MoCE_IR", allow_pickle: bool = False, **overrides):
+    """Build :class:`moce_fast.MoCEIR` from configuration ``config`` (with ``overrides``) and load
+    ``source`` (a path to a .ckpt/.pt/.pth/.safetensors file, or a state dict) into it, in eval mode."""
+    from .moce_ir import MoCEIR
+
+    model = MoCEIR.from_config(config, **overrides)
+    return load_weights(model, source, allow_pickle=allow_pickle).eval()

@@ -1,0 +1,58 @@
+"""Backbone modules on moce_fast.ops, with the reference's parameter layout (and state dict)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..reference import layers as ref
+
+
+class LayerNorm(ref.LayerNorm):
+    """Channel LayerNorm of a (B, C, H, W) map ("WithBias" or "BiasFree")."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(x, self.body.weight, self.body.bias)
+
+
+class Attention(ref.Attention):
+    """MDTA, transposed self-attention over channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = ops.depthwise(ops.pointwise(x, self.qkv.weight, self.qkv.bias), self.qkv_dwconv.weight,
+                            self.qkv_dwconv.bias)
+        q, k, v = qkv.chunk(3, dim=1)
+        out = ops.channel_attention(q, k, v, self.temperature, self.num_heads)
+        return ops.pointwise(out, self.project_out.weight, self.project_out.bias)
+
+
+class CrossAttention(ref.CrossAttention):
+    """Transposed attention, query from ``x``, keys and values from ``y``."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        q = ops.depthwise(ops.pointwise(x, self.q.weight, self.q.bias), self.q_dwconv.weight, self.q_dwconv.bias)
+        kv = ops.depthwise(ops.pointwise(y, self.kv.weight, self.kv.bias), self.kv_dwconv.weight,
+                           self.kv_dwconv.bias)
+        k, v = kv.chunk(2, dim=1)
+        out = ops.channel_attention(q, k, v, self.temperature, self.num_heads)
+        return ops.pointwise(out, self.project_out.weight, self.project_out.bias)
+
+
+class FeedForward(ref.FeedForward):
+    """GDFN, gated depthwise feed-forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.gdfn(x, self.project_in.weight, self.project_in.bias, self.dwconv.weight, self.dwconv.bias,
+                        self.project_out.weight, self.project_out.bias)
+
+
+class EncoderBlock(ref.EncoderBlock):
+    """x + MDTA(norm(x)), then x + GDFN(norm(x)); (B, C, H, W) -> same."""
+
+    norm_class = LayerNorm
+    attention_class = Attention
+    ffn_class = FeedForward
+
+
+class EncoderResidualGroup(ref.EncoderResidualGroup):
+    block_class = EncoderBlock

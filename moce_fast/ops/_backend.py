@@ -1,0 +1,156 @@
+"""Backend selection: the only place that knows which implementation of an op runs.
+
+``moce_fast.backend(name)`` sets the backend globally and, used as a context manager, restores
+the previous one on exit. The starting value comes from the environment variable
+``MOCE_FAST_BACKEND`` (default "auto").
+
+- "torch": the pure-PyTorch implementation of every op (CPU and GPU).
+- "triton": Triton kernels; on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1``.
+- "cuda": the CUDA C++ extension ``moce_fast._C`` on CUDA tensors.
+- "auto": per call, cuda where the extension is built, the tensor is on a GPU and the op has a
+  CUDA kernel; else triton on CUDA tensors where the op has a Triton kernel; else torch.
+
+An explicit backend that cannot run an op raises :class:`BackendUnavailableError`: there is no
+silent fallback. The backend each op ran on is logged at debug level (logger ``moce_fast``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("moce_fast")
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+ENV_VAR = "MOCE_FAST_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (not installed, wrong device, or no kernel for the op)."""
+
+
+def _validate_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_lock = threading.Lock()
+_current = _validate_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+# op name -> backend name -> implementation
+_REGISTRY: dict[str, dict[str, Callable]] = {}
+# op name -> the backend its last call ran on (what `moce-fast selfcheck` and benchmarks report)
+_LAST_RUN: dict[str, str] = {}
+
+
+def triton_runtime_status() -> str | None:
+    """None if Triton can run here, else the reason it cannot."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device, and TRITON_INTERPRET=1 is not set for the CPU interpreter"
+    return None
+
+
+def cuda_runtime_status() -> str | None:
+    """None if the CUDA C++ extension can run here, else the reason it cannot."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if importlib.util.find_spec("moce_fast._C") is None:
+        return "the extension moce_fast._C was not built (see setup.py's message at install time)"
+    return None
+
+
+_RUNTIME_STATUS = {"torch": lambda: None, "triton": triton_runtime_status, "cuda": cuda_runtime_status}
+
+
+def register(op: str, backend_name: str):
+    """Decorator: register ``fn`` as the ``backend_name`` implementation of ``op``."""
+    _validate_name(backend_name, "backend")
+
+    def deco(fn):
+        _REGISTRY.setdefault(op, {})[backend_name] = fn
+        return fn
+
+    return deco
+
+
+def implementations(op: str) -> tuple[str, ...]:
+    """The backends that have an implementation of ``op``."""
+    return tuple(_REGISTRY.get(op, {}))
+
+
+def current_backend() -> str:
+    """The backend name in force ("auto", "torch", "triton" or "cuda")."""
+    return _current
+
+
+class backend:
+    """Set the backend: ``moce_fast.backend("torch")`` globally, or ``with moce_fast.backend("torch"):``.
+
+    Raises :class:`BackendUnavailableError` at once if the backend cannot run on this machine.
+    """
+
+    def __init__(self, name: str):
+        global _current
+        name = _validate_name(name, "backend")
+        reason = _RUNTIME_STATUS[name]() if name != "auto" else None
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}")
+        with _lock:
+            self._previous = _current
+            _current = name
+        self.name = name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _current
+        with _lock:
+            _current = self._previous
+        return False
+
+    def __repr__(self):
+        return f"moce_fast.backend({self.name!r})"
+
+
+def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
+    """The (backend name, implementation) that runs ``op`` on tensors on ``device`` now."""
+    impls = _REGISTRY.get(op)
+    if not impls:
+        raise KeyError(f"no implementation registered for op {op!r}")
+    name = _current
+    if name == "auto":
+        if device.type == "cuda" and "cuda" in impls and cuda_runtime_status() is None:
+            name = "cuda"
+        elif device.type == "cuda" and "triton" in impls and triton_runtime_status() is None:
+            name = "triton"
+        else:
+            name = "torch"
+    elif name not in impls:
+        raise BackendUnavailableError(
+            f"backend {name!r} has no implementation of op {op!r} (it has: {', '.join(impls)}); "
+            f"choose one of those with moce_fast.backend(...) or use 'auto'")
+    elif name == "cuda" and device.type != "cuda":
+        raise BackendUnavailableError(f"backend 'cuda' runs CUDA tensors only; op {op!r} got a tensor on {device}")
+    _LAST_RUN[op] = name
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("op %s: backend %s on %s", op, name, device)
+    return name, impls[name]
+
+
+def last_run() -> dict[str, str]:
+    """For every op called so far in this process, the backend its last call ran on."""
+    return dict(_LAST_RUN)
+
+
+def dispatch(op: str, device: torch.device, *args, **kwargs):
+    """Run ``op`` on the backend :func:`resolve` picks."""
+    return resolve(op, device)[1](*args, **kwargs)
