@@ -1,0 +1,53 @@
+"""Shared helpers for the correctness tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moce_fast
+
+# A MoCE-IR small enough for float64 gradcheck on a CPU: two levels, one block per group.
+TINY = dict(dim=8, levels=2, heads=[1, 2], num_blocks=[1, 1], num_dec_blocks=[1], num_refinement_blocks=1,
+            ffn_expansion_factor=2, rank=2, num_experts=2, topk=1, rank_type="spread", depth_type="constant",
+            stage_depth=[1], with_complexity=True, complexity_scale="max")
+
+# Three levels, two decoder blocks per level, four experts: routing has room to differ per image.
+SMALL = dict(dim=16, levels=3, heads=[1, 2, 4], num_blocks=[1, 1, 1], num_dec_blocks=[2, 2],
+             num_refinement_blocks=1, ffn_expansion_factor=2, rank=2, num_experts=4, topk=1, rank_type="spread",
+             depth_type="constant", stage_depth=[1, 1], with_complexity=True, complexity_scale="max")
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:
+    """Overwrite every parameter with fresh random values: the zero/one inits hide errors."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g, dtype=torch.float64) * scale
+            if name.endswith(("norm.body.weight", "temperature")) or ".norms." in name and name.endswith("weight"):
+                r = r + 1.0  # keep norms and temperatures positive-ish, like trained ones
+            p.copy_(r.to(p.dtype))
+    return module
+
+
+def make_pair(config: dict, seed: int = 0, dtype=torch.float64, **overrides):
+    """(fast moce_fast.MoCEIR, reference MoCEIR) with the same random weights, in eval mode."""
+    cfg = dict(config, **overrides)
+    fast = randomize_(moce_fast.MoCEIR(**cfg), seed).to(dtype).eval()
+    ref = moce_fast.reference.MoCEIR(**cfg).to(dtype).eval()
+    ref.load_state_dict(fast.state_dict(), strict=True)
+    return fast, ref
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, computed in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend_default():
+    """Each test starts from the default backend and restores it."""
+    before = moce_fast.current_backend()
+    yield
+    moce_fast.backend(before)

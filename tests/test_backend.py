@@ -1,0 +1,57 @@
+"""The backend switch: global setting, context manager, environment variable, clear errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moce_fast
+from moce_fast.ops import _backend
+
+
+def test_context_manager_restores_and_global_setting_sticks():
+    assert moce_fast.current_backend() == os.environ.get("MOCE_FAST_BACKEND", "auto")
+    with moce_fast.backend("torch"):
+        assert moce_fast.current_backend() == "torch"
+        moce_fast.ops.layer_norm(torch.rand(1, 4, 2, 2), torch.ones(4), torch.zeros(4))
+        assert moce_fast.ops.last_run()["layer_norm"] == "torch"
+    assert moce_fast.current_backend() == os.environ.get("MOCE_FAST_BACKEND", "auto")
+    moce_fast.backend("torch")
+    assert moce_fast.current_backend() == "torch"
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        moce_fast.backend("tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised on a machine without a GPU")
+def test_cuda_backend_without_gpu_is_a_clear_error():
+    with pytest.raises(moce_fast.BackendUnavailableError, match="'cuda' cannot run here: no CUDA device"):
+        moce_fast.backend("cuda")
+
+
+def test_backend_without_implementation_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(_backend, "_current", "triton")
+    with pytest.raises(moce_fast.BackendUnavailableError, match="no implementation of op 'layer_norm'"):
+        moce_fast.ops.layer_norm(torch.rand(1, 4, 2, 2), torch.ones(4), torch.zeros(4))
+
+
+def test_environment_variable_sets_the_default():
+    code = "import moce_fast; print(moce_fast.current_backend())"
+    env = dict(os.environ, MOCE_FAST_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch"
+    env["MOCE_FAST_BACKEND"] = "fastest"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "MOCE_FAST_BACKEND: expected one of" in bad.stderr
+
+
+def test_debug_log_names_the_backend(caplog):
+    with caplog.at_level("DEBUG", logger="moce_fast"), moce_fast.backend("torch"):
+        moce_fast.ops.pointwise(torch.rand(1, 2, 3, 3), torch.rand(4, 2, 1, 1))
+    assert "op pointwise: backend torch on cpu" in caplog.text

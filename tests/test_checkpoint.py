@@ -1,0 +1,100 @@
+"""Checkpoints: Lightning .ckpt, .pt/.pth state dicts and safetensors; bad ones leave the model untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moce_fast
+from moce_fast.models import CheckpointError, load_weights, read_state_dict
+from conftest import SMALL, make_pair
+
+
+@pytest.fixture()
+def trained():
+    fast, _ = make_pair(SMALL, seed=21, dtype=torch.float32)
+    return fast
+
+
+def _assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def _fresh():
+    return moce_fast.MoCEIR(**SMALL)
+
+
+def test_lightning_ckpt_round_trip(trained, tmp_path):
+    path = tmp_path / "last.ckpt"
+    torch.save({"epoch": 3, "global_step": 10, "state_dict": {f"net.{k}": v for k, v in trained.state_dict().items()},
+                "optimizer_states": [{"state": {}, "param_groups": [{"lr": 2e-4}]}]}, path)
+    model = load_weights(_fresh(), path)
+    _assert_same_weights(model, trained)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+def test_plain_state_dict_round_trip(trained, tmp_path, suffix):
+    path = tmp_path / f"weights{suffix}"
+    torch.save(trained.state_dict(), path)
+    _assert_same_weights(load_weights(_fresh(), path), trained)
+
+
+def test_safetensors_round_trip_and_outputs(trained, tmp_path):
+    path = tmp_path / "model.safetensors"
+    trained.save(path)
+    model = load_weights(_fresh(), path).eval()
+    _assert_same_weights(model, trained)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), trained.eval()(x))
+
+
+def test_load_checkpoint_builds_the_named_config(tmp_path):
+    model = moce_fast.MoCEIR.from_config("MoCE_IR_S")
+    path = tmp_path / "s.safetensors"
+    model.save(path)
+    loaded = moce_fast.load_checkpoint(path, config="MoCE_IR_S")
+    assert not loaded.training
+    _assert_same_weights(loaded, model)
+    with pytest.raises(CheckpointError, match="misshaped keys"):
+        moce_fast.load_checkpoint(path, config="MoCE_IR")
+
+
+def test_state_dict_mapping_is_accepted(trained):
+    sd = {f"module.{k}": v for k, v in trained.state_dict().items()}
+    _assert_same_weights(load_weights(_fresh(), sd), trained)
+
+
+def test_bad_checkpoint_names_keys_and_leaves_model_untouched(trained):
+    model = _fresh()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sd = dict(trained.state_dict())
+    sd.pop("output.weight")
+    sd["bogus.weight"] = torch.zeros(1)
+    sd["patch_embed.proj.weight"] = torch.zeros(5, 3, 3, 3)
+    with pytest.raises(CheckpointError) as info:
+        load_weights(model, sd)
+    msg = str(info.value)
+    assert "missing keys: 1 ['output.weight']" in msg
+    assert "unexpected keys: 1 ['bogus.weight']" in msg
+    assert "patch_embed.proj.weight: model (16, 3, 3, 3), checkpoint (5, 3, 3, 3)" in msg
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_unreadable_files(tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        read_state_dict(bad)
+    bad_pt = tmp_path / "broken.pt"
+    bad_pt.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(CheckpointError, match="torch"):
+        read_state_dict(bad_pt)
+    with pytest.raises(FileNotFoundError):
+        read_state_dict(tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointError, match="not tensors"):
+        read_state_dict({"a": 1})
