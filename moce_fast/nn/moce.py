@@ -32,7 +32,8 @@ class MoCELayer(ref_moce.AdapterLayer):
     - expert_indices (B, k) int64 and expert_gates (B, k): given together, they replace the
       router (routing by task label, oracle routing); then ``aux_loss`` is zero.
 
-    Returns (B, C, H, W). ``aux_loss`` holds the auxiliary loss of the last call (zero in eval).
+    Returns (B, C, H, W). ``aux_loss`` holds the auxiliary loss of the last call (zero in eval);
+    ``last_routing`` its (expert indices (B, k), gates (B, k)), detached, for usage statistics.
     """
 
     def __init__(self, dim: int, rank: int = 2, num_experts: int = 4, top_k: int = 1, stage_depth: int = 1,
@@ -42,6 +43,7 @@ class MoCELayer(ref_moce.AdapterLayer):
                          depth_type=depth_type, rank_type=rank_type, freq_dim=freq_dim,
                          with_complexity=with_complexity, complexity_scale=complexity_scale, eval_noise=eval_noise)
         self.freq_dim = freq_dim
+        self.last_routing = None
 
     def expert_weights(self) -> list[ExpertWeights]:
         """The tensors of every expert, in the layout :func:`moce_fast.ops.moce_experts` takes."""
@@ -110,6 +112,7 @@ class MoCELayer(ref_moce.AdapterLayer):
             expert_indices, expert_gates, self.aux_loss = self.route(x, freq_emb)
         else:
             self.aux_loss = x.new_zeros(())
+        self.last_routing = (expert_indices.detach(), expert_gates.detach())
         plan = routing.make_plan(expert_indices, expert_gates, self.num_experts)
         combined = ops.moce_experts(x, shared, plan, self.expert_weights())
         return ops.pointwise(combined, self.proj_out.weight)
