@@ -93,12 +93,12 @@ def extension_modules():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
-ext_modules, cmdclass = extension_modules()
-
-setup(
-    version=_version(),
-    packages=find_packages(include=["moce_fast", "moce_fast.*"]) + ["moce_fast.kernels"],
-    package_dir={"moce_fast.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import it for find_cuda_home
+    ext_modules, cmdclass = extension_modules()
+    setup(
+        version=_version(),
+        packages=find_packages(include=["moce_fast", "moce_fast.*"]) + ["moce_fast.kernels"],
+        package_dir={"moce_fast.kernels": "kernels"},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )
