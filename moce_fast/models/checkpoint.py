@@ -111,6 +111,19 @@ def save_safetensors(model: torch.nn.Module, path, metadata: Mapping[str, str] |
     save_file(tensors, os.fspath(path), metadata=meta)
 
 
+def checkpoint_config_name(source) -> str | None:
+    """The configuration name recorded in a moce_fast safetensors file's metadata, if any."""
+    if isinstance(source, Mapping) or Path(os.fspath(source)).suffix != ".safetensors":
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(source), "pt") as f:
+            return (f.metadata() or {}).get("config_name")
+    except (SafetensorError, OSError):
+        return None
+
+
 def load_checkpoint(source, config: str = "MoCE_IR", allow_pickle: bool = False, **overrides):
     """Build :class:`moce_fast.MoCEIR` from configuration ``config`` (with ``overrides``) and load
     ``source`` (a path to a .ckpt/.pt/.pth/.safetensors file, or a state dict) into it, in eval mode."""
