@@ -46,14 +46,6 @@ def make_plan(indices: torch.Tensor, gates: torch.Tensor, num_experts: int) -> R
     return RoutingPlan(order, order // k, gates.reshape(-1)[order], counts, offsets, k)
 
 
-def top_k_gates(logits: torch.Tensor, k: int, noise_std: float, noisy: bool):
-    """Softmax over (optionally noisy) logits, then top-k: returns (noisy_logits, indices (B, k),
-    gates (B, k)). Gates are the top-k softmax scores, not renormalised (as the paper's code)."""
-    noisy_logits = logits + torch.randn_like(logits) * noise_std if noisy else logits
-    gates, indices = noisy_logits.softmax(dim=-1).topk(k, dim=-1)
-    return noisy_logits, indices, gates
-
-
 def _cv_squared(v: torch.Tensor) -> torch.Tensor:
     return (v.std() / (v.mean() + 1e-8)) ** 2
 

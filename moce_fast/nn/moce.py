@@ -58,17 +58,18 @@ class MoCELayer(ref_moce.AdapterLayer):
         return out
 
     def route(self, x: torch.Tensor, freq_emb: torch.Tensor | None):
-        """Router: returns (indices (B, k), gates (B, k), aux loss)."""
+        """Router: returns (indices (B, k), gates (B, k), aux loss, routing plan)."""
         r = self.routing
         logits = r.clean_logits(x, freq_emb)
-        noisy_logits, indices, gates = routing.top_k_gates(logits, self.top_k, r.noise_std,
-                                                           noisy=self.training or r.eval_noise)
+        noisy = self.training or r.eval_noise
+        noisy_logits = logits + torch.randn_like(logits) * r.noise_std if noisy else logits
+        indices, gates, plan = ops.routing_plan(noisy_logits, self.top_k)
         if self.training:
             complexity = r.complexity if r.use_complexity_bias else None
             aux = routing.aux_loss(logits, noisy_logits, self.top_k, r.noise_std, complexity)
         else:
             aux = logits.new_zeros(())
-        return indices, gates, aux
+        return indices, gates, aux, plan
 
     def _check_inputs(self, x, freq_emb, shared, expert_indices, expert_gates):
         _check_4d("x", x)
@@ -109,11 +110,11 @@ class MoCELayer(ref_moce.AdapterLayer):
     def forward(self, x, freq_emb=None, shared=None, expert_indices=None, expert_gates=None):
         self._check_inputs(x, freq_emb, shared, expert_indices, expert_gates)
         if expert_indices is None:
-            expert_indices, expert_gates, self.aux_loss = self.route(x, freq_emb)
+            expert_indices, expert_gates, self.aux_loss, plan = self.route(x, freq_emb)
         else:
             self.aux_loss = x.new_zeros(())
+            plan = routing.make_plan(expert_indices, expert_gates, self.num_experts)
         self.last_routing = (expert_indices.detach(), expert_gates.detach())
-        plan = routing.make_plan(expert_indices, expert_gates, self.num_experts)
         combined = ops.moce_experts(x, shared, plan, self.expert_weights())
         return ops.pointwise(combined, self.proj_out.weight)
 

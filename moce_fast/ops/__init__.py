@@ -1,12 +1,17 @@
 """Ops: one file per op, each choosing its backend through :mod:`moce_fast.ops._backend`."""
 
+from . import _cuda
 from ._backend import BACKENDS, BackendUnavailableError, backend, current_backend, implementations, last_run
 from .attention import channel_attention
 from .conv import depthwise, pointwise
 from .gdfn import gdfn
+from .grouped_dwconv import grouped_dwconv
 from .layer_norm import layer_norm
 from .moce_experts import ExpertWeights, expert_forward, moce_experts
 from .patch_conv import patch_circular_conv
+from .routing_plan import routing_plan
+
+_cuda.load()  # registers the extension's ops (with fake functions and autograd) where it was built
 
 __all__ = [
     "BACKENDS",
@@ -18,10 +23,12 @@ __all__ = [
     "depthwise",
     "expert_forward",
     "gdfn",
+    "grouped_dwconv",
     "implementations",
     "last_run",
     "layer_norm",
     "moce_experts",
     "patch_circular_conv",
     "pointwise",
+    "routing_plan",
 ]

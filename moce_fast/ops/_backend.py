@@ -62,9 +62,9 @@ def cuda_runtime_status() -> str | None:
     """None if the CUDA C++ extension can run here, else the reason it cannot."""
     if not torch.cuda.is_available():
         return "no CUDA device"
-    if importlib.util.find_spec("moce_fast._C") is None:
-        return "the extension moce_fast._C was not built (see setup.py's message at install time)"
-    return None
+    from . import _cuda
+
+    return _cuda.unavailable_reason()
 
 
 _RUNTIME_STATUS = {"torch": lambda: None, "triton": triton_runtime_status, "cuda": cuda_runtime_status}

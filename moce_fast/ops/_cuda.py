@@ -1,0 +1,119 @@
+"""The CUDA C++ extension ``moce_fast._C``: loading it, and the fake (meta) functions and autograd
+of its ops, so torch.compile treats them as opaque custom ops and gradients flow through them.
+
+The ops (declared in csrc/ops.cpp, CUDA kernels in csrc/*.cu, CPU loops in csrc/ops.cpp):
+- ``moce_fast::channel_layer_norm(x, weight, bias?, eps) -> (y, mean, rstd)`` and its backward;
+- ``moce_fast::grouped_dwconv(x, index, offsets, expert, weight, bias?) -> y`` and its backward;
+- ``moce_fast::routing_plan(logits, k) -> (indices, gates, order, image, gate_sorted, counts, offsets)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+
+import torch
+
+log = logging.getLogger("moce_fast")
+
+_LOADED = None
+_LOAD_ERROR: str | None = None
+
+
+def available() -> bool:
+    """Whether moce_fast._C was built and imports (it registers the ops when imported)."""
+    return load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """None if the extension is loaded, else why not."""
+    return None if load() is not None else _LOAD_ERROR
+
+
+def load():
+    """Import moce_fast._C once (registering its ops); None if it was not built or fails to import."""
+    global _LOADED, _LOAD_ERROR
+    if _LOADED is not None or _LOAD_ERROR is not None:
+        return _LOADED
+    if importlib.util.find_spec("moce_fast._C") is None:
+        _LOAD_ERROR = "the extension moce_fast._C was not built (see setup.py's message at install time)"
+        return None
+    try:
+        module = importlib.import_module("moce_fast._C")
+    except (ImportError, OSError) as err:
+        _LOAD_ERROR = f"moce_fast._C is built but does not import: {err}"
+        log.warning("moce_fast: %s; the 'cuda' backend is unavailable", _LOAD_ERROR)
+        return None
+    _register_python_side()
+    _LOADED = module
+    return _LOADED
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_python_side():
+    lib = "moce_fast::"
+
+    @torch.library.register_fake(lib + "channel_layer_norm")
+    def _(x, weight, bias, eps):
+        stats = x.new_empty((x.shape[0], x.shape[2], x.shape[3]), dtype=_acc_dtype(x.dtype))
+        return torch.empty_like(x), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake(lib + "channel_layer_norm_backward")
+    def _(dy, x, mean, rstd, weight, has_bias):
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+    def ln_setup(ctx, inputs, output):
+        x, weight, bias, _ = inputs
+        _, mean, rstd = output
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, mean, rstd)
+
+    def ln_backward(ctx, dy, _dmean, _drstd):
+        # The statistics are auxiliary outputs: gradients flow through y only.
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = torch.ops.moce_fast.channel_layer_norm_backward(dy.contiguous(), x, mean, rstd, weight,
+                                                                     ctx.has_bias)
+        return dx, dw, (db if ctx.has_bias else None), None
+
+    torch.library.register_autograd(lib + "channel_layer_norm", ln_backward, setup_context=ln_setup)
+
+    @torch.library.register_fake(lib + "grouped_dwconv")
+    def _(x, index, offsets, expert, weight, bias):
+        return x.new_empty((index.shape[0], x.shape[1], x.shape[2], x.shape[3]))
+
+    @torch.library.register_fake(lib + "grouped_dwconv_backward")
+    def _(dy, x, index, offsets, expert, weight, bias_grad):
+        return torch.empty_like(x), torch.empty_like(weight), weight.new_empty((weight.shape[0],))
+
+    def dw_setup(ctx, inputs, output):
+        x, index, offsets, expert, weight, bias = inputs
+        ctx.expert, ctx.has_bias = expert, bias is not None
+        ctx.save_for_backward(x, index, offsets, weight)
+
+    def dw_backward(ctx, dy):
+        x, index, offsets, weight = ctx.saved_tensors
+        dx, dw, db = torch.ops.moce_fast.grouped_dwconv_backward(dy.contiguous(), x, index, offsets, ctx.expert,
+                                                                 weight, ctx.has_bias)
+        return dx, None, None, None, dw, (db if ctx.has_bias else None)
+
+    torch.library.register_autograd(lib + "grouped_dwconv", dw_backward, setup_context=dw_setup)
+
+    @torch.library.register_fake(lib + "routing_plan")
+    def _(logits, k):
+        b, e = logits.shape
+        long = dict(dtype=torch.int64)
+        return (logits.new_empty((b, k), **long), logits.new_empty((b, k)), logits.new_empty((b * k,), **long),
+                logits.new_empty((b * k,), **long), logits.new_empty((b * k,)), logits.new_empty((e,), **long),
+                logits.new_empty((e + 1,), **long))
+
+
+def set_poison_outputs(on: bool) -> None:
+    """Debug/tests: the extension fills every output with NaN before its kernels run."""
+    ext = load()
+    if ext is None:
+        raise RuntimeError("moce_fast._C was not built")
+    ext.set_poison_outputs(bool(on))
