@@ -74,3 +74,17 @@ def test_find_cuda_home_follows_a_wrapper_script(tmp_path, monkeypatch):
     assert setup["find_cuda_home"]() is None
     monkeypatch.setenv("CUDA_HOME", str(toolkit))
     assert setup["find_cuda_home"]() == toolkit
+
+
+def test_extension_ops_are_registered():
+    if _expect_extension() is not None:
+        pytest.skip(f"moce_fast._C is not expected here: {_expect_extension()}")
+    from moce_fast.ops import _cuda
+
+    assert _cuda.available(), _cuda.unavailable_reason()
+    for name in ["channel_layer_norm", "channel_layer_norm_backward", "grouped_dwconv", "grouped_dwconv_backward",
+                 "routing_plan"]:
+        op = getattr(torch.ops.moce_fast, name)
+        assert op.default._schema.name == f"moce_fast::{name}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CUDA"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CPU"), name
