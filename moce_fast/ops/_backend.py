@@ -10,8 +10,10 @@ the previous one on exit. The starting value comes from the environment variable
 - "auto": per call, cuda where the extension is built, the tensor is on a GPU and the op has a
   CUDA kernel; else triton on CUDA tensors where the op has a Triton kernel; else torch.
 
-An explicit backend that cannot run an op raises :class:`BackendUnavailableError`: there is no
-silent fallback. The backend each op ran on is logged at debug level (logger ``moce_fast``).
+An explicit backend runs every op that has a kernel for it; an op without one runs its torch
+implementation. A backend that cannot run (not installed, or the tensors are on a device it does
+not serve) raises :class:`BackendUnavailableError`. The backend each op ran on is logged at debug
+level (logger ``moce_fast``) and returned by :func:`last_run`.
 """
 
 from __future__ import annotations
@@ -134,12 +136,18 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
             name = "triton"
         else:
             name = "torch"
-    elif name not in impls:
-        raise BackendUnavailableError(
-            f"backend {name!r} has no implementation of op {op!r} (it has: {', '.join(impls)}); "
-            f"choose one of those with moce_fast.backend(...) or use 'auto'")
-    elif name == "cuda" and device.type != "cuda":
-        raise BackendUnavailableError(f"backend 'cuda' runs CUDA tensors only; op {op!r} got a tensor on {device}")
+    else:
+        if name == "cuda" and device.type != "cuda":
+            raise BackendUnavailableError(
+                f"backend 'cuda' runs CUDA tensors only; op {op!r} got a tensor on {device}")
+        if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendUnavailableError(
+                f"backend 'triton' runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; op {op!r} got a "
+                f"tensor on {device}")
+        if name not in impls:
+            # This op has no kernel for the chosen backend: it runs its torch implementation, and
+            # last_run() / the debug log say so.
+            name = "torch"
     _LAST_RUN[op] = name
     if log.isEnabledFor(logging.DEBUG):
         log.debug("op %s: backend %s on %s", op, name, device)

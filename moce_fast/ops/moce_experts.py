@@ -83,3 +83,92 @@ def _moce_experts_torch(x, shared, plan, experts):
     # (deterministic, no atomics). With top-1 this is a pure permutation.
     per_pair = torch.cat(outs).index_select(0, torch.argsort(plan.order))
     return per_pair.view(b, plan.top_k, *x.shape[1:]).sum(dim=1).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------- triton
+
+def _kernel_weights(w: ExpertWeights) -> list[torch.Tensor]:
+    """The float32 matrices the Triton kernels take, from one expert's weights.
+
+    The 1x1 maps proj0 -> q and proj0 -> kv have no bias between them, so they fold into one
+    (3r x C) matrix; q's 3x3 depthwise kernel is zero-padded to 7x7 so one stencil serves 3r channels.
+    """
+    f32 = torch.float32
+    w_x = w.w_x[:, :, 0, 0].to(f32)
+    fold = torch.cat([w.w_q[:, :, 0, 0].to(f32) @ w_x, w.w_kv[:, :, 0, 0].to(f32) @ w_x]).contiguous()
+    dw_w = torch.cat([F.pad(w.w_qdw[:, 0].to(f32), (2, 2, 2, 2)), w.w_kvdw[:, 0].to(f32)]).contiguous()
+    dw_b = torch.cat([w.b_qdw, w.b_kvdw]).to(f32).contiguous()
+    return [fold, dw_w, dw_b, w.norm_w.to(f32).contiguous(), w.norm_b.to(f32).contiguous(),
+            w.w_po[:, :, 0, 0].to(f32).contiguous(), w.b_po.to(f32).contiguous(),
+            w.w_s[:, :, 0, 0].to(f32).contiguous(), w.w_out[:, :, 0, 0].to(f32).contiguous()]
+
+
+_PER_EXPERT = len(ExpertWeights._fields) - 1  # tensors per expert (patch_size is an int)
+
+
+def _unflatten(weights, patch_sizes):
+    return [ExpertWeights(*weights[i * _PER_EXPERT:(i + 1) * _PER_EXPERT], p) for i, p in enumerate(patch_sizes)]
+
+
+@torch.library.custom_op("moce_fast::moce_experts_triton", mutates_args=())
+def _moce_experts_triton_op(x: torch.Tensor, shared: torch.Tensor, order: torch.Tensor, image: torch.Tensor,
+                            gate: torch.Tensor, offsets: torch.Tensor, weights: list[torch.Tensor],
+                            patch_sizes: list[int], top_k: int) -> torch.Tensor:
+    from moce_fast.kernels import moce_expert as kernels
+
+    b = x.shape[0]
+    x, shared = x.contiguous(), shared.contiguous()
+    out = torch.empty((b * top_k,) + tuple(x.shape[1:]), device=x.device, dtype=x.dtype)
+    experts = _unflatten(weights, patch_sizes)
+    if b and experts:
+        r_max = max(w.norm_w.shape[0] for w in experts)
+        h, w_ = x.shape[2:]
+        # One scratch pair for all experts, sized for the worst case (every image on the largest
+        # expert): the experts run one after another on the stream.
+        scratch = (torch.empty(b * top_k * 3 * r_max * h * w_, device=x.device, dtype=torch.float32),
+                   torch.empty(b * top_k * 3 * r_max * h * w_, device=x.device, dtype=torch.float32))
+        for e, w in enumerate(experts):
+            kernels.expert_forward(x, shared, image, order, gate, offsets, e, *_kernel_weights(w), w.patch_size,
+                                   out, scratch)
+    if top_k > 1:  # the k results of each image, summed in a fixed order: deterministic, no atomics
+        out = out.view(b, top_k, *x.shape[1:]).sum(dim=1)
+    return out
+
+
+@_moce_experts_triton_op.register_fake
+def _(x, shared, order, image, gate, offsets, weights, patch_sizes, top_k):
+    return torch.empty_like(x)
+
+
+def _triton_setup(ctx, inputs, output):
+    x, shared, order, image, gate, offsets, weights, patch_sizes, top_k = inputs
+    ctx.patch_sizes, ctx.top_k, ctx.n_weights = patch_sizes, top_k, len(weights)
+    ctx.save_for_backward(x, shared, order, image, gate, offsets, *weights)
+
+
+def _triton_backward(ctx, grad):
+    # The backward recomputes the experts with the torch ops (per expert, batched) and lets autograd
+    # differentiate them: Triton backward kernels are not written yet.
+    x, shared, order, image, gate, offsets, *weights = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (x, shared, gate, *weights)]
+        xd, sd, gd, *wd = leaves
+        plan = RoutingPlan(order, image, gd, offsets.diff(), offsets, ctx.top_k)
+        out = _moce_experts_torch(xd, sd, plan, _unflatten(wd, ctx.patch_sizes))
+        grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+    # Weights of experts that got no image: zero gradients, allocated.
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+    gx, gs, gg, *gw = grads
+    return gx, gs, None, None, gg, None, gw, None, None
+
+
+_moce_experts_triton_op.register_autograd(_triton_backward, setup_context=_triton_setup)
+
+
+@register("moce_experts", "triton")
+def _moce_experts_triton(x, shared, plan, experts):
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x: the triton backend takes float32, float16 or bfloat16, got {x.dtype}")
+    weights = [t for w in experts for t in w[:-1]]
+    return _moce_experts_triton_op(x, shared, plan.order, plan.image, plan.gate.to(x.dtype), plan.offsets, weights,
+                                   [w.patch_size for w in experts], plan.top_k)
