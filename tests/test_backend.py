@@ -35,9 +35,20 @@ def test_cuda_backend_without_gpu_is_a_clear_error():
         moce_fast.backend("cuda")
 
 
-def test_backend_without_implementation_is_a_clear_error(monkeypatch):
+def test_op_without_a_kernel_for_the_backend_runs_torch_and_says_so(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(_backend, "_current", "triton")
-    with pytest.raises(moce_fast.BackendUnavailableError, match="no implementation of op 'layer_norm'"):
+    moce_fast.ops.pointwise(torch.rand(1, 4, 2, 2), torch.rand(3, 4, 1, 1))
+    assert moce_fast.ops.last_run()["pointwise"] == "torch"
+
+
+def test_backend_on_a_device_it_does_not_serve_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_backend, "_current", "triton")
+    with pytest.raises(moce_fast.BackendUnavailableError, match="'triton' runs CUDA tensors"):
+        moce_fast.ops.layer_norm(torch.rand(1, 4, 2, 2), torch.ones(4), torch.zeros(4))
+    monkeypatch.setattr(_backend, "_current", "cuda")
+    with pytest.raises(moce_fast.BackendUnavailableError, match="'cuda' runs CUDA tensors only"):
         moce_fast.ops.layer_norm(torch.rand(1, 4, 2, 2), torch.ones(4), torch.zeros(4))
 
 

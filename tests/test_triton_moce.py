@@ -1,0 +1,143 @@
+"""The triton backend of the MoCE experts against the float64 reference.
+
+Without a GPU the kernels run through the Triton interpreter on CPU tensors (float32 only: the
+interpreter gets bfloat16 wrong); with a GPU they run compiled, on CUDA tensors, in float32 and
+bfloat16.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import moce_fast
+from conftest import rel_err
+from test_moce_layer import layer_inputs, make_layers
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytestmark = pytest.mark.skip(reason="no GPU and TRITON_INTERPRET is not 1")
+# tf32 on a GPU (tl.dot default); exact fp32 arithmetic in the interpreter
+TOL32 = 3e-4 if ON_GPU else 2e-5
+
+
+def run_layer(layer, x, f, s, idx=None, gates=None, backend="triton"):
+    with moce_fast.backend(backend):
+        return layer(x, f, s, expert_indices=idx, expert_gates=gates)
+
+
+def check_case(dim, num_experts, top_k, b, h, w, route, seed=0, grads=True):
+    fast, ref = make_layers(dim=dim, num_experts=num_experts, top_k=top_k, freq_dim=6, seed=seed)
+    x, s, f = layer_inputs(b, dim=dim, h=h, w=w, freq_dim=6, seed=seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    if route == "router":
+        idx = gates = None
+    else:
+        if route == "all-on-one":
+            e0 = int(torch.randint(num_experts, (1,), generator=g))
+            idx = torch.stack([(torch.arange(top_k) + e0) % num_experts for _ in range(b)]) if b else \
+                torch.zeros(0, top_k, dtype=torch.int64)
+        else:  # every expert busy where the batch allows it
+            idx = torch.stack([(torch.arange(top_k) + i) % num_experts for i in range(b)]) if b else \
+                torch.zeros(0, top_k, dtype=torch.int64)
+        gates = (torch.rand(b, top_k, generator=g, dtype=torch.float64) + 0.2)
+    fast.eval(), ref.eval()
+    with torch.no_grad():
+        expected = ref(x, f, s, idx, gates)
+    fast32 = fast.float().to(DEVICE)
+    xs = [t.float().to(DEVICE).requires_grad_(grads) for t in (x, f, s)]
+    idx_d = None if idx is None else idx.to(DEVICE)
+    gates_d = None if gates is None else gates.float().to(DEVICE)
+    y = run_layer(fast32, xs[0], xs[1], xs[2], idx_d, gates_d)
+    assert moce_fast.ops.last_run()["moce_experts"] == "triton"
+    assert y.shape == x.shape
+    if b == 0:
+        return
+    assert rel_err(y.cpu(), expected) < TOL32
+    if not grads:
+        return
+    # gradients of every input and parameter against the float64 reference
+    weight = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (y.double() * weight.to(DEVICE)).sum().backward()
+    xr = [t.clone().requires_grad_() for t in (x, f, s)]
+    (ref(xr[0], xr[1], xr[2], idx, gates) * weight).sum().backward()
+    # float32 gradients of tiny magnitude (a weight the output barely depends on) are compared on
+    # the scale of all the gradients, not their own
+    ref_params = dict(ref.named_parameters())
+    scale = 1e-4 * max(t.grad.abs().max().item() for t in [*xr, *ref_params.values()] if t.grad is not None)
+
+    def close(got, want, name):
+        err = (got.cpu().double() - want).abs().max().item()
+        assert err <= 50 * TOL32 * max(want.abs().max().item(), scale), (name, err)
+
+    for name, a, r in zip(["x", "freq_emb", "shared"], xs, xr):
+        if r.grad is None:
+            assert a.grad is None or torch.count_nonzero(a.grad) == 0, name
+        else:
+            close(a.grad, r.grad, name)
+    for name, p in fast32.named_parameters():
+        r = ref_params[name].grad
+        if r is None:  # an expert that got no image: no gradient, or zeros
+            assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
+        else:
+            close(p.grad, r, name)
+
+
+@pytest.mark.parametrize("route", ["router", "all-on-one", "every-expert"])
+def test_triton_layer_matches_reference(route):
+    check_case(dim=16, num_experts=4, top_k=1, b=5, h=9, w=13, route=route)
+
+
+def test_triton_top2_odd_sizes():
+    check_case(dim=8, num_experts=3, top_k=2, b=3, h=7, w=5, route="every-expert")
+
+
+def test_triton_large_patches_cover_the_image():
+    # H, W larger than the smaller patches and not multiples of any patch size
+    check_case(dim=8, num_experts=4, top_k=1, b=4, h=19, w=35, route="every-expert", grads=False)
+
+
+def test_triton_empty_batch_and_single_image():
+    check_case(dim=8, num_experts=2, top_k=1, b=0, h=5, w=5, route="every-expert")
+    check_case(dim=8, num_experts=2, top_k=2, b=1, h=6, w=3, route="every-expert")
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dim=st.sampled_from([8, 16]), num_experts=st.integers(2, 4), data=st.data(), b=st.integers(0, 3),
+       h=st.integers(1, 11), w=st.integers(1, 11), route=st.sampled_from(["router", "all-on-one", "every-expert"]))
+def test_triton_random_configs(dim, num_experts, data, b, h, w, route):
+    top_k = data.draw(st.integers(1, num_experts))
+    # A rank-1 expert normalises over a single channel (variance 0, rstd = 1/sqrt(eps)): its float32
+    # gradients are rounding noise amplified 300 times, on every backend, so gradients are compared
+    # only where every rank is at least 2; the forward is compared always.
+    min_rank = dim // 2 ** (num_experts - 1)
+    check_case(dim, num_experts, top_k, b, h, w, route, seed=dim + h * 7 + w,
+               grads=b > 0 and h * w <= 64 and min_rank >= 2)
+
+
+def test_triton_rejects_float64():
+    fast, _ = make_layers(dim=8, num_experts=2, top_k=1, freq_dim=6)
+    x, s, f = layer_inputs(2, dim=8, h=4, w=4, freq_dim=6)
+    with pytest.raises(ValueError, match="triton backend takes float32"):
+        run_layer(fast.to(DEVICE), x.to(DEVICE), f.to(DEVICE), s.to(DEVICE))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (the interpreter gets bfloat16 wrong)")
+def test_triton_bfloat16_on_gpu():
+    fast, ref = make_layers(dim=16, num_experts=4, top_k=1, freq_dim=6)
+    x, s, f = layer_inputs(4, dim=16, h=16, w=16, freq_dim=6)
+    idx = torch.tensor([[0], [1], [2], [3]])
+    gates = torch.full((4, 1), 0.7, dtype=torch.float64)
+    with torch.no_grad():
+        expected = ref.eval()(x, f, s, idx, gates)
+        y = run_layer(fast.eval().to("cuda", torch.bfloat16), *(t.to("cuda", torch.bfloat16) for t in (x, f, s)),
+                      idx.cuda(), gates.to("cuda", torch.bfloat16))
+    assert rel_err(y.float().cpu(), expected) < 2e-2
