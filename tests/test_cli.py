@@ -115,7 +115,7 @@ def test_train_with_an_empty_data_folder_is_a_clear_error(tmp_path, capsys):
 
 def test_bench_prints_table_and_plot(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", "-k", "not 8", "--out", str(out)]) == 0
+    assert main(["bench", "-k", "moce_layer and C48 and 1-mixed and not bwd", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "device: CPU" in text and "fast-torch" in text and "public-eval" in text
+    assert "device: CPU" in text and " torch " in text and "public-eval" in text
     assert (out / "speedups.png").is_file() and (out / "bench.json").is_file()

@@ -82,6 +82,8 @@ def _moce_experts_torch(x, shared, plan, experts):
     # Pairs come back in expert order; undo the sort and sum each image's k slots in a fixed order
     # (deterministic, no atomics). With top-1 this is a pure permutation.
     per_pair = torch.cat(outs).index_select(0, torch.argsort(plan.order))
+    if plan.top_k == 1:
+        return per_pair.to(x.dtype)
     return per_pair.view(b, plan.top_k, *x.shape[1:]).sum(dim=1).to(x.dtype)
 
 
