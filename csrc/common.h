@@ -44,4 +44,53 @@ inline void check_float_nchw(const at::Tensor& x, const char* name) {
 // Depthwise kernel sizes the grouped convolution is compiled for.
 inline bool supported_kernel_size(int64_t k) { return k == 3 || k == 5 || k == 7; }
 
+// Argument checks shared by the CPU and CUDA implementations (the CUDA side adds its own limits).
+inline bool check_layer_norm_args(const at::Tensor& x, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& bias) {
+  check_float_nchw(x, "x");
+  const int64_t c = x.size(1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == c && weight.scalar_type() == x.scalar_type() &&
+                  weight.device() == x.device(),
+              "weight: expected shape (", c, "), dtype ", x.scalar_type(), " and x's device, got ", weight.sizes(),
+              " ", weight.scalar_type());
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias)
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == c && bias->scalar_type() == x.scalar_type() &&
+                    bias->device() == x.device(),
+                "bias: expected shape (", c, "), dtype ", x.scalar_type(), " and x's device");
+  return has_bias;
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() && t.device() == x.device() &&
+                  t.is_contiguous(),
+              name, ": expected a contiguous tensor of x's shape, dtype and device");
+}
+
+inline void check_grouped_args(const at::Tensor& x, const at::Tensor& index, const at::Tensor& offsets,
+                               int64_t expert, const at::Tensor& weight) {
+  check_float_nchw(x, "x");
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.is_contiguous(),
+              "index: expected a contiguous 1-D int64 tensor, got ", index.dim(), "-D ", index.scalar_type());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.numel() >= 2,
+              "offsets: expected a 1-D int64 tensor of E+1 >= 2 entries");
+  TORCH_CHECK(expert >= 0 && expert < offsets.numel() - 1, "expert: expected 0 <= expert < ", offsets.numel() - 1,
+              ", got ", expert);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1 &&
+                  weight.size(2) == weight.size(3) && supported_kernel_size(weight.size(2)),
+              "weight: expected shape (", x.size(1), ", 1, k, k) with k in {3, 5, 7}, got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight: expected dtype ", x.scalar_type(), ", got ",
+              weight.scalar_type());
+  TORCH_CHECK(index.device() == x.device() && offsets.device() == x.device() && weight.device() == x.device(),
+              "x, index, offsets and weight must be on one device");
+}
+
+inline void check_grouped_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& index) {
+  TORCH_CHECK(dy.dim() == 4 && dy.size(0) == index.size(0) && dy.size(1) == x.size(1) && dy.size(2) == x.size(2) &&
+                  dy.size(3) == x.size(3) && dy.scalar_type() == x.scalar_type() && dy.device() == x.device() &&
+                  dy.is_contiguous(),
+              "dy: expected a contiguous (", index.size(0), ", ", x.size(1), ", ", x.size(2), ", ", x.size(3),
+              ") tensor of x's dtype and device");
+}
+
 }  // namespace moce_fast

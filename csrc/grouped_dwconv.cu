@@ -119,20 +119,8 @@ __global__ void __launch_bounds__(kTileW* kThreadsY)
 
 void check_grouped_cuda(const at::Tensor& x, const at::Tensor& index, const at::Tensor& offsets, int64_t expert,
                         const at::Tensor& weight) {
-  check_float_nchw(x, "x");
-  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.is_contiguous(),
-              "index: expected a contiguous 1-D int64 tensor");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.numel() >= 2,
-              "offsets: expected a 1-D int64 tensor of E+1 >= 2 entries");
-  TORCH_CHECK(expert >= 0 && expert < offsets.numel() - 1, "expert: expected 0 <= expert < ", offsets.numel() - 1,
-              ", got ", expert);
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1 &&
-                  weight.size(2) == weight.size(3) && supported_kernel_size(weight.size(2)),
-              "weight: expected shape (", x.size(1), ", 1, k, k) with k in {3, 5, 7}, got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight: expected dtype ", x.scalar_type());
-  TORCH_CHECK(index.is_cuda() && offsets.is_cuda() && weight.is_cuda() && index.device() == x.device() &&
-                  offsets.device() == x.device() && weight.device() == x.device(),
-              "x, index, offsets and weight must be on one CUDA device");
+  check_grouped_args(x, index, offsets, expert, weight);
+  TORCH_CHECK(x.is_cuda(), "x: expected a CUDA tensor");
   TORCH_CHECK(index.size(0) <= 65535 && x.size(1) <= 65535, "grouped_dwconv: at most 65535 positions and channels");
 }
 
@@ -187,10 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_dwconv_backward_cuda(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& index, const at::Tensor& offsets, int64_t expert,
     const at::Tensor& weight, bool bias_grad) {
   check_grouped_cuda(x, index, offsets, expert, weight);
+  check_grouped_grad(dy, x, index);
   const int64_t p = index.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), k = weight.size(2);
-  TORCH_CHECK(dy.dim() == 4 && dy.size(0) == p && dy.size(1) == c && dy.size(2) == h && dy.size(3) == wd &&
-                  dy.scalar_type() == x.scalar_type() && dy.is_contiguous(),
-              "dy: expected a contiguous (", p, ", ", c, ", ", h, ", ", wd, ") tensor of x's dtype");
   c10::cuda::CUDAGuard guard(x.device());
   auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto dx = at::zeros_like(x);  // images outside the expert's range get no gradient

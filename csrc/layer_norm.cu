@@ -117,14 +117,8 @@ __global__ void ln_backward_kernel(const scalar_t* __restrict__ dy, const scalar
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                                 const c10::optional<at::Tensor>& bias, double eps) {
-  check_float_nchw(x, "x");
+  const bool has_bias = check_layer_norm_args(x, weight, bias);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), npix = n * hw;
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == c && weight.scalar_type() == x.scalar_type(),
-              "weight: expected shape (", c, ") and dtype ", x.scalar_type());
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias)
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == c && bias->scalar_type() == x.scalar_type(),
-                "bias: expected shape (", c, ") and dtype ", x.scalar_type());
   c10::cuda::CUDAGuard guard(x.device());
   auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto y = at::empty_like(x);
@@ -153,9 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(const at
                                                                          const at::Tensor& mean,
                                                                          const at::Tensor& rstd,
                                                                          const at::Tensor& weight, bool has_bias) {
-  check_float_nchw(x, "x");
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.is_contiguous(),
-              "dy: expected a contiguous tensor like x");
+  check_layer_norm_args(x, weight, c10::nullopt);
+  check_like(dy, x, "dy");
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), npix = n * hw;
   auto dx = at::empty_like(x);

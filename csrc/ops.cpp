@@ -30,11 +30,8 @@ void set_poison_outputs(bool on) { g_poison = on; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                                const c10::optional<at::Tensor>& bias, double eps) {
-  check_float_nchw(x, "x");
+  const bool has_bias = check_layer_norm_args(x, weight, bias);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == c, "weight: expected shape (", c, "), got ", weight.sizes());
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == c, "bias: expected shape (", c, ")");
   auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto y = at::empty_like(x);
   auto mean = at::empty({n, x.size(2), x.size(3)}, x.options().dtype(acc_dtype));
@@ -82,9 +79,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at:
                                                                         const at::Tensor& mean,
                                                                         const at::Tensor& rstd,
                                                                         const at::Tensor& weight, bool has_bias) {
-  check_float_nchw(x, "x");
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.is_contiguous(),
-              "dy: expected a contiguous tensor like x");
+  check_layer_norm_args(x, weight, c10::nullopt);
+  check_like(dy, x, "dy");
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   auto dx = at::empty_like(x);
   maybe_poison(dx);
@@ -142,24 +138,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at:
 // of one expert, offsets[expert] <= s < offsets[expert + 1]. Zero padding, 'same' output size.
 // Rows of y outside the expert's range are left unspecified (the caller reads only its rows).
 
-void check_grouped(const at::Tensor& x, const at::Tensor& index, const at::Tensor& offsets, int64_t expert,
-                   const at::Tensor& weight) {
-  check_float_nchw(x, "x");
-  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong, "index: expected a 1-D int64 tensor, got ",
-              index.dim(), "-D ", index.scalar_type());
-  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.numel() >= 2,
-              "offsets: expected a 1-D int64 tensor of E+1 >= 2 entries");
-  TORCH_CHECK(expert >= 0 && expert < offsets.numel() - 1, "expert: expected 0 <= expert < ", offsets.numel() - 1,
-              ", got ", expert);
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1 &&
-                  weight.size(2) == weight.size(3) && supported_kernel_size(weight.size(2)),
-              "weight: expected shape (", x.size(1), ", 1, k, k) with k in {3, 5, 7}, got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight: expected dtype ", x.scalar_type(), ", got ",
-              weight.scalar_type());
-  TORCH_CHECK(index.device() == x.device() && offsets.device() == x.device() && weight.device() == x.device(),
-              "x, index, offsets and weight must be on one device");
-}
-
 template <typename scalar_t, typename acc_t>
 void dwconv_rows_cpu(const scalar_t* in, const scalar_t* w, const scalar_t* bias, scalar_t* out, int64_t h,
                      int64_t wd, int64_t k) {
@@ -183,7 +161,7 @@ void dwconv_rows_cpu(const scalar_t* in, const scalar_t* w, const scalar_t* bias
 
 at::Tensor grouped_dwconv_cpu(const at::Tensor& x, const at::Tensor& index, const at::Tensor& offsets,
                               int64_t expert, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  check_grouped(x, index, offsets, expert, weight);
+  check_grouped_args(x, index, offsets, expert, weight);
   const bool has_bias = bias.has_value() && bias->defined();
   const int64_t c = x.size(1), h = x.size(2), wd = x.size(3), k = weight.size(2);
   auto y = at::empty({index.size(0), c, h, wd}, x.options());
@@ -216,11 +194,9 @@ at::Tensor grouped_dwconv_cpu(const at::Tensor& x, const at::Tensor& index, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_dwconv_backward_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& index, const at::Tensor& offsets, int64_t expert,
     const at::Tensor& weight, bool bias_grad) {
-  check_grouped(x, index, offsets, expert, weight);
+  check_grouped_args(x, index, offsets, expert, weight);
+  check_grouped_grad(dy, x, index);
   const int64_t c = x.size(1), h = x.size(2), wd = x.size(3), k = weight.size(2), r = k / 2;
-  TORCH_CHECK(dy.dim() == 4 && dy.size(0) == index.size(0) && dy.size(1) == c && dy.size(2) == h &&
-                  dy.size(3) == wd && dy.scalar_type() == x.scalar_type() && dy.is_contiguous(),
-              "dy: expected a contiguous (", index.size(0), ", ", c, ", ", h, ", ", wd, ") tensor of x's dtype");
   const int64_t lo = offsets[expert].item<int64_t>(), hi = offsets[expert + 1].item<int64_t>();
   TORCH_CHECK(0 <= lo && lo <= hi && hi <= index.size(0), "offsets: expert range does not fit index");
   auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -193,7 +193,7 @@ def test_grouped_dwconv_op_and_bad_input():
                                            None)
     with pytest.raises(RuntimeError, match="expert: expected 0 <= expert < 2"):
         torch.ops.moce_fast.grouped_dwconv(x, plan.image, plan.offsets, 2, w, None)
-    with pytest.raises(RuntimeError, match="index: expected a 1-D int64"):
+    with pytest.raises(RuntimeError, match="index: expected a contiguous 1-D int64 tensor, got 1-D Int"):
         torch.ops.moce_fast.grouped_dwconv(x, plan.image.int(), plan.offsets, 0, w, None)
 
 

@@ -5,11 +5,10 @@ state-dict names, so a public checkpoint loads with ``strict=True`` and forward 
 over. Imports nothing from :mod:`moce_fast.ops`.
 """
 
-from .blocks import (
+from .blocks import DecoderBlock, DecoderResidualGroup
+from .layers import (
     Attention,
     CrossAttention,
-    DecoderBlock,
-    DecoderResidualGroup,
     Downsample,
     EncoderBlock,
     EncoderResidualGroup,

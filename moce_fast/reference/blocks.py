@@ -1,23 +1,11 @@
-"""Reference decoder block and group (the blocks that hold a MoCE layer), plus re-exports."""
+"""Reference decoder block and group (the blocks that hold a MoCE layer)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from .layers import (  # noqa: F401  (re-exported)
-    Attention,
-    CrossAttention,
-    Downsample,
-    EncoderBlock,
-    EncoderResidualGroup,
-    FeedForward,
-    FrequencyEmbedding,
-    HighPassConv2d,
-    LayerNorm,
-    OverlapPatchEmbed,
-    Upsample,
-)
+from .layers import Attention, CrossAttention, FeedForward, LayerNorm
 from .moce import AdapterLayer
 
 
