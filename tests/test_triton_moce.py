@@ -110,17 +110,18 @@ def test_triton_empty_batch_and_single_image():
     check_case(dim=8, num_experts=2, top_k=2, b=1, h=6, w=3, route="every-expert")
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(dim=st.sampled_from([8, 16]), num_experts=st.integers(2, 4), data=st.data(), b=st.integers(0, 3),
        h=st.integers(1, 11), w=st.integers(1, 11), route=st.sampled_from(["router", "all-on-one", "every-expert"]))
 def test_triton_random_configs(dim, num_experts, data, b, h, w, route):
     top_k = data.draw(st.integers(1, num_experts))
-    # A rank-1 expert normalises over a single channel (variance 0, rstd = 1/sqrt(eps)): its float32
-    # gradients are rounding noise amplified 300 times, on every backend, so gradients are compared
-    # only where every rank is at least 2; the forward is compared always.
+    # An expert of rank 1 or 2 normalises over one or two channels: rstd = 1/sqrt(eps), or
+    # 2/|a1 - a2|, which is unbounded, so its float32 gradients are rounding noise amplified without
+    # limit, on every backend. Gradients are compared where every rank is at least 4; the forward
+    # is compared always.
     min_rank = dim // 2 ** (num_experts - 1)
     check_case(dim, num_experts, top_k, b, h, w, route, seed=dim + h * 7 + w,
-               grads=b > 0 and h * w <= 64 and min_rank >= 2)
+               grads=b > 0 and h * w <= 64 and min_rank >= 4)
 
 
 def test_triton_rejects_float64():
