@@ -142,3 +142,24 @@ def test_triton_bfloat16_on_gpu():
         y = run_layer(fast.eval().to("cuda", torch.bfloat16), *(t.to("cuda", torch.bfloat16) for t in (x, f, s)),
                       idx.cuda(), gates.to("cuda", torch.bfloat16))
     assert rel_err(y.float().cpu(), expected) < 2e-2
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (host syncs and CUDA graphs exist only there)")
+def test_triton_forward_has_no_host_sync_and_captures_in_a_cuda_graph():
+    fast, _ = make_layers(dim=16, num_experts=4, top_k=2, freq_dim=6)
+    layer = fast.eval().float().cuda()
+    x, s, f = (t.float().cuda() for t in layer_inputs(4, dim=16, h=16, w=16, freq_dim=6))
+    with torch.no_grad(), moce_fast.backend("triton"):
+        expected = layer(x, f, s)  # warm-up: compiles the kernels
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            layer(x, f, s)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x, f, s)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
