@@ -10,8 +10,6 @@ import torch.nn.functional as F
 
 from ..routing import RoutingPlan
 from ._backend import dispatch, register
-from .layer_norm import layer_norm
-from .patch_conv import patch_circular_conv
 
 
 class ExpertWeights(NamedTuple):
@@ -51,22 +49,48 @@ def moce_experts(x: torch.Tensor, shared: torch.Tensor, plan: RoutingPlan,
 
 
 def expert_forward(x: torch.Tensor, shared: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
-    """One expert on a batch: proj2(body(proj0(x)) * silu(proj1(shared))) + x."""
+    """One expert on a batch: proj2(body(proj0(x)) * silu(proj1(shared))) + x.
+
+    x, shared: (n, H, W, C) channels-last (NHWC) tensors; returns (n, H, W, C). In this layout every
+    1x1 projection is one GEMM over the pixels, the LayerNorm normalises the contiguous last axis,
+    and the depthwise convolutions take oneDNN's channels-last path: several times faster on a CPU
+    than NCHW, with no transposes between the steps.
+    """
     r = w.w_x.shape[0]
-    z = F.conv2d(x, w.w_x)
-    # q and kv read the same z: one 1x1 conv with the stacked weights.
-    qkv = F.conv2d(z, torch.cat([w.w_q, w.w_kv]))
-    q = F.conv2d(qkv[:, :r], w.w_qdw, w.b_qdw, padding=1, groups=r)
-    k, v = F.conv2d(qkv[:, r:], w.w_kvdw, w.b_kvdw, padding=3, groups=2 * r).chunk(2, dim=1)
-    a = patch_circular_conv(q, k, w.patch_size)
-    body = F.conv2d((layer_norm(a, w.norm_w.to(a.dtype), w.norm_b.to(a.dtype)) * v).to(x.dtype), w.w_po, w.b_po)
-    return F.conv2d(body * F.silu(F.conv2d(shared, w.w_s)), w.w_out) + x
+    z = x @ w.w_x[:, :, 0, 0].t()
+    q_lin = (z @ w.w_q[:, :, 0, 0].t()).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+    kv_lin = (z @ w.w_kv[:, :, 0, 0].t()).permute(0, 3, 1, 2)
+    q = F.conv2d(q_lin, w.w_qdw, w.b_qdw, padding=1, groups=r).permute(0, 2, 3, 1)
+    kv = F.conv2d(kv_lin, w.w_kvdw, w.b_kvdw, padding=3, groups=2 * r).permute(0, 2, 3, 1)
+    k, v = kv[..., :r], kv[..., r:]
+    a = _patch_conv_nhwc(q, k, w.patch_size)
+    t = (F.layer_norm(a, (r,), w.norm_w.to(a.dtype), w.norm_b.to(a.dtype), 1e-5) * v).to(x.dtype)
+    body = F.linear(t, w.w_po[:, :, 0, 0], w.b_po)
+    return F.linear(body * F.silu(shared @ w.w_s[:, :, 0, 0].t()), w.w_out[:, :, 0, 0]) + x
+
+
+def _patch_conv_nhwc(q: torch.Tensor, k: torch.Tensor, p: int) -> torch.Tensor:
+    """patch_circular_conv on (n, H, W, r) tensors, in at least float32, transforming the patch axes
+    of the (n, nh, p, nw, p, r) view in place."""
+    n, h, w, r = q.shape
+    ct = torch.promote_types(q.dtype, torch.float32)
+    pad = (0, 0, 0, (-w) % p, 0, (-h) % p)
+    qp = F.pad(q.to(ct), pad)
+    kp = F.pad(k.to(ct), pad)
+    nh, nw = qp.shape[1] // p, qp.shape[2] // p
+    dims = (2, 4)
+    qf = torch.fft.rfft2(qp.view(n, nh, p, nw, p, r), dim=dims)
+    kf = torch.fft.rfft2(kp.view(n, nh, p, nw, p, r), dim=dims)
+    a = torch.fft.irfft2(qf * kf, s=(p, p), dim=dims)
+    return a.reshape(n, nh * p, nw * p, r)[:, :h, :w]
 
 
 @register("moce_experts", "torch")
 def _moce_experts_torch(x, shared, plan, experts):
     b = x.shape[0]
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    # The experts work in NHWC (see expert_forward): the gathers below write that layout directly.
+    x_nhwc, s_nhwc = x.permute(0, 2, 3, 1), shared.permute(0, 2, 3, 1)
     # One host sync for the per-expert batch sizes: the torch backend needs them to slice.
     counts = plan.counts.tolist()
     outs = []
@@ -74,7 +98,7 @@ def _moce_experts_torch(x, shared, plan, experts):
     for w, n in zip(experts, counts):
         if n:
             img = plan.image[start:start + n]
-            y = expert_forward(x.index_select(0, img), shared.index_select(0, img), w)
+            y = expert_forward(x_nhwc.index_select(0, img), s_nhwc.index_select(0, img), w)
             outs.append((y * plan.gate[start:start + n, None, None, None].to(y.dtype)).to(acc_dtype))
         start += n
     if not outs:
@@ -82,9 +106,9 @@ def _moce_experts_torch(x, shared, plan, experts):
     # Pairs come back in expert order; undo the sort and sum each image's k slots in a fixed order
     # (deterministic, no atomics). With top-1 this is a pure permutation.
     per_pair = torch.cat(outs).index_select(0, torch.argsort(plan.order))
-    if plan.top_k == 1:
-        return per_pair.to(x.dtype)
-    return per_pair.view(b, plan.top_k, *x.shape[1:]).sum(dim=1).to(x.dtype)
+    if plan.top_k > 1:
+        per_pair = per_pair.view(b, plan.top_k, *per_pair.shape[1:]).sum(dim=1)
+    return per_pair.to(x.dtype).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
 
 
 # ---------------------------------------------------------------------------------------- triton
