@@ -3,10 +3,11 @@
 from . import reference, routing
 from ._version import __version__
 from .models import CheckpointError, MoCEIR, load_checkpoint
-from .nn import MoCEBlock, MoCELayer
+from .nn import AdaptIRAdapter, MoCEBlock, MoCELayer
 from .ops import BackendUnavailableError, backend, current_backend
 
 __all__ = [
+    "AdaptIRAdapter",
     "BackendUnavailableError",
     "CheckpointError",
     "MoCEBlock",

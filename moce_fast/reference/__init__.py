@@ -1,10 +1,11 @@
-"""Pure-PyTorch reference of MoCE-IR (and, later, AdaptIR): ground truth for every test.
+"""Pure-PyTorch reference of MoCE-IR and AdaptIR: ground truth for every test.
 
 Written plainly from ``shared/spec/moce_ir.md``, with the public model's module paths and
 state-dict names, so a public checkpoint loads with ``strict=True`` and forward hooks carry
 over. Imports nothing from :mod:`moce_fast.ops`.
 """
 
+from .adaptir import AdaptIR
 from .blocks import DecoderBlock, DecoderResidualGroup
 from .layers import (
     Attention,
@@ -23,6 +24,7 @@ from .moce import AdapterLayer, FFTAttention, ModExpert, RoutingFunction, expert
 from .moce_ir import MoCEIR
 
 __all__ = [
+    "AdaptIR",
     "AdapterLayer",
     "Attention",
     "CrossAttention",

@@ -1,0 +1,80 @@
+"""Reference AdaptIR adapter (Guo et al., NeurIPS 2024; shared/spec/adaptir.md), on (N, C, H, W) maps.
+
+Public parameter names and initialisation (a new adapter is an exact no-op: ``tail`` and the last
+layers of both interaction branches start at zero). ``variant`` "ipt" (hidden = C // 24, channel
+interaction reduction 8) or "edt" (hidden = C // 14, reduction 4). The host's token layout is
+converted by moce_fast.nn.AdaptIRAdapter; this class computes on NCHW.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VARIANTS = {"ipt": (24, 8), "edt": (14, 4)}  # hidden divisor, channel-interaction reduction
+
+
+class AdaptIR(nn.Module):
+    def __init__(self, d_model: int, variant: str = "ipt"):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
+        divisor, reduction = VARIANTS[variant]
+        self.variant = variant
+        self.d_model = d_model
+        self.hidden = d_model // divisor
+        self.rank = self.hidden // 2
+        self.kernel_size = 3
+        if self.hidden < reduction or self.rank < 1:
+            raise ValueError(f"d_model: {d_model} is too small for the {variant} adapter "
+                             f"(hidden = d_model // {divisor} = {self.hidden} must be at least {reduction})")
+        h, k = self.hidden, self.kernel_size
+        self.head = nn.Conv2d(d_model, h, 1)
+        self.BN = nn.BatchNorm2d(h)
+        self.conv_weight_A = nn.Parameter(torch.empty(h, self.rank))
+        self.conv_weight_B = nn.Parameter(torch.empty(self.rank, k * k))
+        self.conv_bias = nn.Parameter(torch.zeros(h))
+        nn.init.kaiming_uniform_(self.conv_weight_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.conv_weight_B, a=math.sqrt(5))
+        self.amp_fuse = nn.Conv2d(h, h, 1, groups=h)
+        self.pha_fuse = nn.Conv2d(h, h, 1, groups=h)
+        for conv in (self.amp_fuse, self.pha_fuse):
+            nn.init.ones_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        self.compress = nn.Conv2d(h, 1, 1)
+        self.proj = nn.Sequential(nn.Linear(h, h // 2), nn.GELU(), nn.Linear(h // 2, h))
+        self.tail = nn.Conv2d(h, d_model, 1, bias=False)
+        nn.init.zeros_(self.tail.weight)
+        self.channel_interaction = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(h, h // reduction, 1), nn.GELU(),
+                                                 nn.Conv2d(h // reduction, h, 1))
+        nn.init.zeros_(self.channel_interaction[3].weight)
+        nn.init.zeros_(self.channel_interaction[3].bias)
+        self.spatial_interaction = nn.Conv2d(h, 1, 1)
+        nn.init.zeros_(self.spatial_interaction.weight)
+        nn.init.zeros_(self.spatial_interaction.bias)
+
+    def local_kernel(self) -> torch.Tensor:
+        """The low-rank depthwise 3x3 kernel A @ B as (hidden, 1, 3, 3)."""
+        return (self.conv_weight_A @ self.conv_weight_B).view(self.hidden, 1, self.kernel_size, self.kernel_size)
+
+    def forward_nchw(self, t: torch.Tensor) -> torch.Tensor:
+        """t: (N, C, H, W) -> (N, C, H, W)."""
+        n, _, h, w = t.shape
+        x = self.BN(self.head(t))
+        spec = torch.fft.rfft2(x, norm="ortho")
+        mag = self.amp_fuse(torch.abs(spec))
+        pha = self.pha_fuse(torch.angle(spec))
+        g = torch.fft.irfft2(torch.complex(mag * torch.cos(pha), mag * torch.sin(pha)), s=(h, w), norm="ortho").abs()
+        loc = F.conv2d(x, self.local_kernel(), self.conv_bias, padding=1, groups=self.hidden)
+        score = self.compress(x).view(n, 1, h * w).softmax(dim=-1)  # attention pooling over pixels
+        pooled = (x.view(n, self.hidden, h * w) * score).sum(dim=-1)  # (N, hidden)
+        c = self.proj(pooled)[:, :, None, None]
+        channel_gate = self.channel_interaction(g).sigmoid()
+        spatial_gate = self.spatial_interaction(loc).sigmoid()
+        return self.tail(c * (channel_gate * loc + spatial_gate * g))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.forward_nchw(t)
