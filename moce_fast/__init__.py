@@ -1,6 +1,6 @@
 """moce_fast: fast, checked kernels and modules for mixture-of-experts image restoration (MoCE-IR)."""
 
-from . import reference, routing
+from . import adapters, reference, routing
 from ._version import __version__
 from .models import CheckpointError, MoCEIR, load_checkpoint
 from .nn import AdaptIRAdapter, MoCEBlock, MoCELayer
@@ -14,6 +14,7 @@ __all__ = [
     "MoCEIR",
     "MoCELayer",
     "__version__",
+    "adapters",
     "backend",
     "current_backend",
     "load_checkpoint",

@@ -1,0 +1,122 @@
+"""Injecting AdaptIR adapters into a host model: freeze, save/load, remove, many tasks in one batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import moce_fast
+from moce_fast import adapters as A
+from moce_fast.models import CheckpointError
+from conftest import randomize_
+
+DIM = 192  # IPT's adapter width rule: hidden = 192 // 24 = 8
+
+
+class Layer(nn.Module):
+    """An IPT-style transformer layer on (L, N, C) tokens: x + mlp(norm(x))."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm2 = nn.LayerNorm(DIM)
+        self.mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
+
+    def forward(self, x):
+        y = self.norm2(x)
+        return x + self.mlp(y)
+
+
+class Host(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Layer(), Layer()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def tokens(n=3, side=4, seed=0):
+    return torch.randn(side * side, n, DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def _randomize_adapters(model, seed=1):
+    for _, m in model.named_modules():
+        if isinstance(m, A.AdaptedModule):
+            for i, ad in enumerate(m.adapters.values()):
+                randomize_(ad, seed=seed + i, scale=0.2)
+
+
+def test_inject_freeze_remove_bitwise():
+    torch.manual_seed(0)
+    host = Host().eval()
+    x = tokens()
+    with torch.no_grad():
+        original = host(x)
+    A.add_adapters(host, r"layers\.\d+\.mlp$", DIM, variant="ipt", layout="lnc")
+    info = A.summary(host)
+    assert info["adapted"] == ["layers.0.mlp", "layers.1.mlp"]
+    assert 0 < info["trainable"] < 0.2 * info["total"]
+    assert all(p.requires_grad == (".adapters." in n) for n, p in host.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(host(x), original)  # new adapters are exact no-ops
+    _randomize_adapters(host)
+    with torch.no_grad():
+        assert not torch.allclose(host(x), original)
+    A.remove_adapters(host)
+    with torch.no_grad():
+        assert torch.equal(host(x), original)
+    assert all(p.requires_grad for p in host.parameters())
+    assert not any(isinstance(m, A.AdaptedModule) for m in host.modules())
+
+
+def test_save_and_load_adapters(tmp_path):
+    torch.manual_seed(0)
+    host = A.add_adapters(Host().eval(), lambda name: name.endswith("mlp"), DIM, layout="lnc")
+    _randomize_adapters(host)
+    x = tokens()
+    with torch.no_grad():
+        expected = host(x)
+    A.save_adapters(host, tmp_path / "a.safetensors")
+    torch.manual_seed(0)
+    other = A.add_adapters(Host().eval(), lambda name: name.endswith("mlp"), DIM, layout="lnc")
+    A.load_adapters(other, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        assert torch.equal(other(x), expected)
+    wrong = A.add_adapters(Host().eval(), r"layers\.0\.mlp$", DIM, layout="lnc")
+    with pytest.raises(CheckpointError, match="unexpected"):
+        A.load_adapters(wrong, tmp_path / "a.safetensors")
+
+
+def test_mixed_task_batch_equals_each_image_alone():
+    torch.manual_seed(0)
+    host = A.add_adapters(Host().eval(), r"mlp$", DIM, layout="lnc", tasks=("denoise", "derain", "dehaze"))
+    _randomize_adapters(host)
+    x = tokens(n=4)
+    names = ["derain", "denoise", "derain", "dehaze"]
+    with torch.no_grad(), A.tasks(names):
+        mixed = host(x)
+    for i, name in enumerate(names):
+        with torch.no_grad(), A.tasks([name]):
+            alone = host(x[:, i:i + 1])
+        torch.testing.assert_close(mixed[:, i:i + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_uses():
+    host = Host()
+    with pytest.raises(ValueError, match="matches no module"):
+        A.add_adapters(host, r"attention", DIM)
+    with pytest.raises(TypeError, match="regex string or a predicate"):
+        A.add_adapters(host, 3, DIM)
+    A.add_adapters(host, r"mlp$", DIM, layout="lnc", tasks=("a", "b"))
+    x = tokens(n=2)
+    with pytest.raises(ValueError, match="choose one per image"):
+        host(x)
+    with pytest.raises(ValueError, match="unknown task names"), A.tasks(["a", "c"]):
+        host(x)
+    with pytest.raises(ValueError, match="one task name per image"), A.tasks(["a"]):
+        host(x)
+    with pytest.raises(ValueError, match="distinct non-empty task names"):
+        A.add_adapters(Host(), r"mlp$", DIM, tasks=("a", "a"))
