@@ -140,16 +140,10 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
     """Load adapters saved by :func:`save_adapters`; keys and shapes are checked before anything changes."""
     from safetensors.torch import load_file
 
-    from ..models.checkpoint import CheckpointError
+    from ..models.checkpoint import check_state_dict
 
     state = load_file(os.fspath(path))
-    expected = adapter_state_dict(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = sorted(k for k in expected if k in state and state[k].shape != expected[k].shape)
-    if missing or unexpected or misshaped:
-        raise CheckpointError(f"adapters do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
-                              f"misshaped {misshaped[:8]}")
+    check_state_dict(model, state, expected=adapter_state_dict(model))
     model.load_state_dict(state, strict=False)
     return model
 

@@ -72,9 +72,12 @@ def read_state_dict(source, allow_pickle: bool = False) -> dict[str, torch.Tenso
     return dict(raw)
 
 
-def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Raise one :class:`CheckpointError` naming every missing, unexpected and misshaped key."""
-    expected = model.state_dict()
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], expected=None) -> None:
+    """Raise one :class:`CheckpointError` naming every missing, unexpected and misshaped key.
+
+    ``expected`` (default: the whole ``model.state_dict()``) is the mapping ``state`` must match.
+    """
+    expected = model.state_dict() if expected is None else expected
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     misshaped = [f"{k}: model {tuple(expected[k].shape)}, checkpoint {tuple(state[k].shape)}"

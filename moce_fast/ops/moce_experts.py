@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..routing import RoutingPlan
 from ._backend import dispatch, register
+from .patch_conv import circular_conv_patches
 
 
 class ExpertWeights(NamedTuple):
@@ -63,26 +64,10 @@ def expert_forward(x: torch.Tensor, shared: torch.Tensor, w: ExpertWeights) -> t
     q = F.conv2d(q_lin, w.w_qdw, w.b_qdw, padding=1, groups=r).permute(0, 2, 3, 1)
     kv = F.conv2d(kv_lin, w.w_kvdw, w.b_kvdw, padding=3, groups=2 * r).permute(0, 2, 3, 1)
     k, v = kv[..., :r], kv[..., r:]
-    a = _patch_conv_nhwc(q, k, w.patch_size)
+    a = circular_conv_patches(q, k, w.patch_size, channels_last=True)
     t = (F.layer_norm(a, (r,), w.norm_w.to(a.dtype), w.norm_b.to(a.dtype), 1e-5) * v).to(x.dtype)
     body = F.linear(t, w.w_po[:, :, 0, 0], w.b_po)
     return F.linear(body * F.silu(shared @ w.w_s[:, :, 0, 0].t()), w.w_out[:, :, 0, 0]) + x
-
-
-def _patch_conv_nhwc(q: torch.Tensor, k: torch.Tensor, p: int) -> torch.Tensor:
-    """patch_circular_conv on (n, H, W, r) tensors, in at least float32, transforming the patch axes
-    of the (n, nh, p, nw, p, r) view in place."""
-    n, h, w, r = q.shape
-    ct = torch.promote_types(q.dtype, torch.float32)
-    pad = (0, 0, 0, (-w) % p, 0, (-h) % p)
-    qp = F.pad(q.to(ct), pad)
-    kp = F.pad(k.to(ct), pad)
-    nh, nw = qp.shape[1] // p, qp.shape[2] // p
-    dims = (2, 4)
-    qf = torch.fft.rfft2(qp.view(n, nh, p, nw, p, r), dim=dims)
-    kf = torch.fft.rfft2(kp.view(n, nh, p, nw, p, r), dim=dims)
-    a = torch.fft.irfft2(qf * kf, s=(p, p), dim=dims)
-    return a.reshape(n, nh * p, nw * p, r)[:, :h, :w]
 
 
 @register("moce_experts", "torch")

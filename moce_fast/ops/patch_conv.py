@@ -21,16 +21,30 @@ def patch_circular_conv(q: torch.Tensor, k: torch.Tensor, patch_size: int) -> to
 
 @register("patch_circular_conv", "torch")
 def _patch_circular_conv_torch(q, k, patch_size):
-    b, c, h, w = q.shape
-    p = patch_size
-    pad = (0, (-w) % p, 0, (-h) % p)
+    return circular_conv_patches(q, k, patch_size, channels_last=False)
+
+
+def circular_conv_patches(q: torch.Tensor, k: torch.Tensor, p: int, channels_last: bool) -> torch.Tensor:
+    """The torch computation on (B, C, H, W) tensors, or on (B, H, W, C) ones with ``channels_last``.
+
+    Pads to multiples of p, then transforms the patch axes of the (.., nh, p, nw, p, ..) view in
+    place: no rearrange copies. Works in at least float32.
+    """
     ct = torch.promote_types(q.dtype, torch.float32)
-    q = F.pad(q.to(ct), pad)
-    k = F.pad(k.to(ct), pad)
-    nh, nw = q.shape[2] // p, q.shape[3] // p
-    # Transform the patch axes of the (B, C, nh, p, nw, p) view in place: no rearrange copies.
-    dims = (3, 5)
-    qf = torch.fft.rfft2(q.view(b, c, nh, p, nw, p), dim=dims)
-    kf = torch.fft.rfft2(k.view(b, c, nh, p, nw, p), dim=dims)
+    if channels_last:
+        b, h, w, c = q.shape
+        pad, hdim = (0, 0, 0, (-w) % p, 0, (-h) % p), 1
+    else:
+        b, c, h, w = q.shape
+        pad, hdim = (0, (-w) % p, 0, (-h) % p), 2
+    qp = F.pad(q.to(ct), pad)
+    kp = F.pad(k.to(ct), pad)
+    nh, nw = qp.shape[hdim] // p, qp.shape[hdim + 1] // p
+    shape = (b, nh, p, nw, p, c) if channels_last else (b, c, nh, p, nw, p)
+    dims = (2, 4) if channels_last else (3, 5)
+    qf = torch.fft.rfft2(qp.view(shape), dim=dims)
+    kf = torch.fft.rfft2(kp.view(shape), dim=dims)
     a = torch.fft.irfft2(qf * kf, s=(p, p), dim=dims)
+    if channels_last:
+        return a.reshape(b, nh * p, nw * p, c)[:, :h, :w]
     return a.reshape(b, c, nh * p, nw * p)[:, :, :h, :w]
