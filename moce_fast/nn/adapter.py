@@ -46,7 +46,7 @@ class AdaptIRAdapter(AdaptIR):
             raise ValueError(f"x: layout 'lnc' needs a square token grid, L = H * W with H = W; got L = {t.shape[0]}")
         return t.reshape(side, side, t.shape[1], t.shape[2]).permute(2, 3, 0, 1)
 
-    def _from_nchw(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _from_nchw(self, y: torch.Tensor) -> torch.Tensor:
         if self.layout == "nchw":
             return y
         if self.layout == "nhwc":
@@ -54,4 +54,4 @@ class AdaptIRAdapter(AdaptIR):
         return y.flatten(2).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._from_nchw(self.forward_nchw(self._to_nchw(x)), x)
+        return self._from_nchw(self.forward_nchw(self._to_nchw(x)))
