@@ -3,7 +3,8 @@
 Run by tests/test_triton_compile.py in a subprocess (TRITON_INTERPRET must be unset, or @triton.jit
 gives interpreter functions that cannot be compiled). Usage: python _compile_kernels.py ARCH
 For every specialization the ops launch at the MoCE-IR shapes (decoder levels of 192, 96 and 48
-channels, four experts with spread ranks and patches 4..32, float32 and bfloat16 inputs), it
+channels, four experts with spread ranks and patches 4..32, float32 and bfloat16 inputs) and at the
+AdaptIR host shapes (IPT 576 channels at 16x16 and 48x48 tokens, EDT 180 at 64x64), it
 records shared memory from the compiled metadata, and registers and spills from ptxas -v.
 """
 
@@ -18,6 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from moce_fast.kernels import adapter as AK
 from moce_fast.kernels import moce_expert as K
 
 TYPES = {"fp32": "*fp32", "bf16": "*bf16"}
@@ -57,6 +59,47 @@ def signatures(c, r, p, xdt):
                             "BLOCK_K": "constexpr", "BLOCK_P": "constexpr"}, consts, warps
 
 
+# AdaptIR at the issue's host shapes: IPT (576 channels, hidden 24, 16x16 and 48x48 tokens) and
+# EDT (180 channels, hidden 12, 64x64).
+ADAPTER_SHAPES = [("ipt", 576, 24, 3, 16), ("ipt", 576, 24, 3, 48), ("edt", 180, 12, 3, 64)]
+
+
+def adapter_signatures(c, hid, q, side, xdt):
+    """(kernel, signature, constexprs, num_warps) for every launch of the adapter's forward and backward."""
+    x = TYPES[xdt]
+    prec = "tf32x3" if xdt == "fp32" else "tf32"
+    lin = {"b_ptr": x, "a_ptr": "*fp32", "bias_ptr": "*fp32", "task_ptr": "*i64", "out_ptr": "*fp32", "P": "i32",
+           "M": "i32", "K": "i32", **{s: "i32" for s in ("sbn", "sbp", "sbk", "sat", "sam", "sak", "son", "sop",
+                                                           "som")},
+           "HAS_BIAS": "constexpr", "BLOCK_P": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr",
+           "PREC": "constexpr"}
+    p = side * side
+    # head (host -> hidden, fp32 out), head backward (fp32 grad -> host dtype), tail backward (host grad -> fp32)
+    for sig, m, k, bias in ((lin, hid, c, True), (dict(lin, b_ptr="*fp32", out_ptr=x), c, hid, False),
+                            (lin, hid, c, False)):
+        cfg = AK.linear_config(p, m, k)
+        warps = cfg.pop("num_warps")
+        yield AK.grouped_linear_kernel, sig, dict(cfg, HAS_BIAS=bias, PREC=prec), warps
+    cfg = AK.mix_config(side, side)
+    warps = cfg.pop("num_warps")
+    names = ["y_ptr", "scale_ptr", "shift_ptr", "task_ptr", "k9_ptr", "cbias_ptr", "ampw_ptr", "ampb_ptr", "phaw_ptr",
+             "phab_ptr", "compw_ptr", "compb_ptr", "cw_ptr", "sw_ptr", "ch_ptr", "sh_ptr", "aw_ptr", "bw_ptr",
+             "loc_ptr", "glob_ptr", "pooled_ptr", "gmean_ptr"]
+    sig = {n: "*fp32" for n in names}
+    sig.update(task_ptr="*i64", HID="i32", H="i32", W="i32", BH="constexpr", BW="constexpr", BK="constexpr",
+               PREC="constexpr")
+    yield AK.mix_channel_kernel, sig, dict(cfg, PREC=prec), warps
+    cfg = AK.out_config(hid, c)
+    warps = cfg.pop("num_warps")
+    names = ["loc_ptr", "glob_ptr", "pooled_ptr", "gmean_ptr", "task_ptr", "p1w_ptr", "p1b_ptr", "p2w_ptr",
+             "p2b_ptr", "c1w_ptr", "c1b_ptr", "c2w_ptr", "c2b_ptr", "siw_ptr", "sib_ptr", "tw_ptr", "out_ptr"]
+    sig = {n: "*fp32" for n in names}
+    sig.update(task_ptr="*i64", out_ptr=x, **{n: "i32" for n in ("HID", "P", "M", "H2", "Q", "son", "sop", "som")},
+               BLOCK_HID="constexpr", BLOCK_H2="constexpr", BLOCK_Q="constexpr", BLOCK_P="constexpr",
+               BLOCK_M="constexpr", PREC="constexpr")
+    yield AK.mix_out_kernel, sig, dict(cfg, BLOCK_H2=AK._pow2(hid // 2, 1), BLOCK_Q=AK._pow2(q, 1), PREC=prec), warps
+
+
 def ptxas_info(ptx: str, arch: int):
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -71,27 +114,36 @@ def ptxas_info(ptx: str, arch: int):
     return (int(regs.group(1)) if regs else None, int(spill.group(1)) + int(spill.group(2)) if spill else None)
 
 
-def main(arch: int):
-    seen, report = set(), []
+def all_launches():
+    """(row fields, kernel, signature, constexprs, num_warps) for every launch of every op."""
     for c in (192, 96, 48):
         ranks = [c // 8, c // 4, c // 2, c]
         for r, p in zip(ranks, (4, 8, 16, 32)):
             for xdt in TYPES:
                 for fn, sig, consts, warps in signatures(c, r, p, xdt):
-                    key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())), warps)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    row = {"kernel": fn.__name__, "arch": arch, "x": xdt, "C": c, "r": r, "p": p, "num_warps": warps,
-                           **consts}
-                    try:
-                        k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                                           options={"num_warps": warps})
-                        row["shared_bytes"] = k.metadata.shared
-                        row["registers"], row["spill_bytes"] = ptxas_info(k.asm["ptx"], arch)
-                    except Exception as err:  # report every failure, do not stop at the first
-                        row["error"] = f"{type(err).__name__}: {err}"[:2000]
-                    report.append(row)
+                    yield {"x": xdt, "C": c, "r": r, "p": p}, fn, sig, consts, warps
+    for variant, c, hid, q, side in ADAPTER_SHAPES:
+        for xdt in TYPES:
+            for fn, sig, consts, warps in adapter_signatures(c, hid, q, side, xdt):
+                yield {"x": xdt, "C": c, "r": hid, "p": side}, fn, sig, consts, warps
+
+
+def main(arch: int):
+    seen, report = set(), []
+    for fields, fn, sig, consts, warps in all_launches():
+        key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())), warps)
+        if key in seen:
+            continue
+        seen.add(key)
+        row = {"kernel": fn.__name__, "arch": arch, **fields, "num_warps": warps, **consts}
+        try:
+            k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                               options={"num_warps": warps})
+            row["shared_bytes"] = k.metadata.shared
+            row["registers"], row["spill_bytes"] = ptxas_info(k.asm["ptx"], arch)
+        except Exception as err:  # report every failure, do not stop at the first
+            row["error"] = f"{type(err).__name__}: {err}"[:2000]
+        report.append(row)
     json.dump(report, sys.stdout)
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from ..nn.adapter import AdaptIRAdapter
+from ..nn.adapter import AdaptIRAdapter, check_layout, run_adapters
 
 _TASKS: contextvars.ContextVar = contextvars.ContextVar("moce_fast_adapter_tasks", default=None)
 
@@ -44,18 +44,17 @@ class AdaptedModule(nn.Module):
                 raise ValueError(f"tasks: this model has adapters for {sorted(self.adapters)}; choose one per image "
                                  f"with `with moce_fast.adapters.tasks([...]):`")
             return out + next(iter(self.adapters.values()))(x)
+        check_layout(x, self.layout, next(iter(self.adapters.values())).d_model)
         batch_dim = 1 if self.layout == "lnc" else 0
         if len(names) != x.shape[batch_dim]:
             raise ValueError(f"tasks: expected one task name per image ({x.shape[batch_dim]}), got {len(names)}")
         unknown = sorted(set(names) - set(self.adapters))
         if unknown:
             raise ValueError(f"tasks: unknown task names {unknown}; this model has {sorted(self.adapters)}")
-        # Images grouped by task: one adapter call per task present in the batch.
-        delta = torch.empty_like(out)
-        for task in dict.fromkeys(names):
-            idx = torch.tensor([i for i, n in enumerate(names) if n == task], device=x.device)
-            delta.index_copy_(batch_dim, idx, self.adapters[task](x.index_select(batch_dim, idx)))
-        return out + delta
+        # All tasks' adapters in one grouped computation per stage: each image reads its task's weights.
+        index = {t: i for i, t in enumerate(self.adapters)}
+        task = torch.tensor([index[n] for n in names], dtype=torch.int64, device=x.device)
+        return out + run_adapters(list(self.adapters.values()), x, task)
 
 
 def _select(model: nn.Module, targets) -> list[str]:

@@ -1,7 +1,9 @@
 """Ops: one file per op, each choosing its backend through :mod:`moce_fast.ops._backend`."""
 
 from . import _cuda
-from ._backend import BACKENDS, BackendUnavailableError, backend, current_backend, implementations, last_run
+from ._backend import (BACKENDS, BackendUnavailableError, backend, current_backend, implementations, last_run,
+                       set_poison_outputs)
+from .adapter import AdapterParams, BatchStats, MixParams, adapter_mix, adaptir, grouped_linear, mix_tail
 from .attention import channel_attention
 from .conv import depthwise, pointwise
 from .gdfn import gdfn
@@ -14,6 +16,13 @@ from .routing_plan import routing_plan
 _cuda.load()  # registers the extension's ops (with fake functions and autograd) where it was built
 
 __all__ = [
+    "AdapterParams",
+    "BatchStats",
+    "MixParams",
+    "adapter_mix",
+    "adaptir",
+    "grouped_linear",
+    "mix_tail",
     "BACKENDS",
     "BackendUnavailableError",
     "ExpertWeights",
@@ -31,4 +40,5 @@ __all__ = [
     "patch_circular_conv",
     "pointwise",
     "routing_plan",
+    "set_poison_outputs",
 ]

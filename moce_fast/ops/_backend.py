@@ -47,6 +47,9 @@ _current = _validate_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "au
 
 # op name -> backend name -> implementation
 _REGISTRY: dict[str, dict[str, Callable]] = {}
+# op name -> backend name -> check(*args) returning None when the implementation takes these
+# arguments, else the reason it does not (e.g. a map larger than a kernel holds on chip)
+_SUPPORTS: dict[str, dict[str, Callable]] = {}
 # op name -> the backend its last call ran on (what `moce-fast selfcheck` and benchmarks report)
 _LAST_RUN: dict[str, str] = {}
 
@@ -72,12 +75,19 @@ def cuda_runtime_status() -> str | None:
 _RUNTIME_STATUS = {"torch": lambda: None, "triton": triton_runtime_status, "cuda": cuda_runtime_status}
 
 
-def register(op: str, backend_name: str):
-    """Decorator: register ``fn`` as the ``backend_name`` implementation of ``op``."""
+def register(op: str, backend_name: str, supports: Callable | None = None):
+    """Decorator: register ``fn`` as the ``backend_name`` implementation of ``op``.
+
+    ``supports(*args)`` (optional) returns None when the implementation takes the arguments, else
+    the reason: "auto" then runs the torch implementation (logged), an explicit backend raises
+    :class:`BackendUnavailableError` with the reason.
+    """
     _validate_name(backend_name, "backend")
 
     def deco(fn):
         _REGISTRY.setdefault(op, {})[backend_name] = fn
+        if supports is not None:
+            _SUPPORTS.setdefault(op, {})[backend_name] = supports
         return fn
 
     return deco
@@ -123,8 +133,8 @@ class backend:
         return f"moce_fast.backend({self.name!r})"
 
 
-def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
-    """The (backend name, implementation) that runs ``op`` on tensors on ``device`` now."""
+def resolve(op: str, device: torch.device, args: tuple = ()) -> tuple[str, Callable]:
+    """The (backend name, implementation) that runs ``op`` with ``args`` on ``device`` now."""
     impls = _REGISTRY.get(op)
     if not impls:
         raise KeyError(f"no implementation registered for op {op!r}")
@@ -148,10 +158,36 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
             # This op has no kernel for the chosen backend: it runs its torch implementation, and
             # last_run() / the debug log say so.
             name = "torch"
+    check = _SUPPORTS.get(op, {}).get(name)
+    reason = check(*args) if check is not None else None
+    if reason is not None:
+        if _current != "auto":
+            raise BackendUnavailableError(f"backend {name!r} cannot run op {op!r} on these inputs: {reason}")
+        log.debug("op %s: backend %s does not take these inputs (%s); torch runs it", op, name, reason)
+        name = "torch"
     _LAST_RUN[op] = name
     if log.isEnabledFor(logging.DEBUG):
         log.debug("op %s: backend %s on %s", op, name, device)
     return name, impls[name]
+
+
+_POISON = False
+
+
+def set_poison_outputs(on: bool) -> None:
+    """Debug/tests: Triton ops fill their output and scratch buffers with NaN before launching, so
+    an element a kernel fails to write shows up (the CUDA extension has its own switch,
+    moce_fast.ops._cuda.set_poison_outputs)."""
+    global _POISON
+    _POISON = bool(on)
+
+
+def new_buffer(shape, device, dtype) -> torch.Tensor:
+    """An uninitialised buffer for a kernel to fill (NaN-filled under :func:`set_poison_outputs`;
+    integer buffers are left as they are)."""
+    if _POISON and dtype.is_floating_point:
+        return torch.full(tuple(shape), float("nan"), device=device, dtype=dtype)
+    return torch.empty(tuple(shape), device=device, dtype=dtype)
 
 
 def last_run() -> dict[str, str]:
@@ -161,4 +197,4 @@ def last_run() -> dict[str, str]:
 
 def dispatch(op: str, device: torch.device, *args, **kwargs):
     """Run ``op`` on the backend :func:`resolve` picks."""
-    return resolve(op, device)[1](*args, **kwargs)
+    return resolve(op, device, args)[1](*args, **kwargs)

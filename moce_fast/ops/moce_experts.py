@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import RoutingPlan
-from ._backend import dispatch, register
+from ._backend import dispatch, new_buffer, register
 from .patch_conv import circular_conv_patches
 
 
@@ -129,15 +129,15 @@ def _moce_experts_triton_op(x: torch.Tensor, shared: torch.Tensor, order: torch.
 
     b = x.shape[0]
     x, shared = x.contiguous(), shared.contiguous()
-    out = torch.empty((b * top_k,) + tuple(x.shape[1:]), device=x.device, dtype=x.dtype)
+    out = new_buffer((b * top_k,) + tuple(x.shape[1:]), x.device, x.dtype)
     experts = _unflatten(weights, patch_sizes)
     if b and experts:
         r_max = max(w.norm_w.shape[0] for w in experts)
         h, w_ = x.shape[2:]
         # One scratch pair for all experts, sized for the worst case (every image on the largest
         # expert): the experts run one after another on the stream.
-        scratch = (torch.empty(b * top_k * 3 * r_max * h * w_, device=x.device, dtype=torch.float32),
-                   torch.empty(b * top_k * 3 * r_max * h * w_, device=x.device, dtype=torch.float32))
+        scratch = (new_buffer((b * top_k * 3 * r_max * h * w_,), x.device, torch.float32),
+                   new_buffer((b * top_k * 3 * r_max * h * w_,), x.device, torch.float32))
         for e, w in enumerate(experts):
             kernels.expert_forward(x, shared, image, order, gate, offsets, e, *_kernel_weights(w), w.patch_size,
                                    out, scratch)

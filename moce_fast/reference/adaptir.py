@@ -17,7 +17,27 @@ import torch.nn.functional as F
 VARIANTS = {"ipt": (24, 8), "edt": (14, 4)}  # hidden divisor, channel-interaction reduction
 
 
+def exact_real_bins(spec: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``spec`` (an rfft2 of real (h, w) maps) with the imaginary part of its self-conjugate bins
+    (rows 0 and h/2, columns 0 and w/2 for even sizes) set to exactly zero, in place.
+
+    Those bins are real, but an FFT leaves round-off of either sign there (torch's CPU FFT does for
+    sizes such as 48), and the adapter's phase map turns angle = +pi or -pi into different outputs
+    once ``pha_fuse`` is not the identity. The public adapter inherits whatever its FFT gives; with
+    this, the phase there is the exact one (+pi for a negative real value) whatever the FFT.
+    """
+    im = torch.view_as_real(spec)[..., 1]
+    for r in [0, h // 2] if h % 2 == 0 else [0]:
+        for c in [0, w // 2] if w % 2 == 0 else [0]:
+            im[..., r, c] = 0
+    return spec
+
+
 class AdaptIR(nn.Module):
+    #: False (default): the FFT's own round-off decides the phase at the real bins, as in the
+    #: public adapter. True: exact phase there (see :func:`exact_real_bins`), as moce_fast's fast paths.
+    exact_phase: bool = False
+
     def __init__(self, d_model: int, variant: str = "ipt"):
         super().__init__()
         if variant not in VARIANTS:
@@ -65,6 +85,8 @@ class AdaptIR(nn.Module):
         n, _, h, w = t.shape
         x = self.BN(self.head(t))
         spec = torch.fft.rfft2(x, norm="ortho")
+        if self.exact_phase:
+            spec = exact_real_bins(spec, h, w)
         mag = self.amp_fuse(torch.abs(spec))
         pha = self.pha_fuse(torch.angle(spec))
         g = torch.fft.irfft2(torch.complex(mag * torch.cos(pha), mag * torch.sin(pha)), s=(h, w), norm="ortho").abs()

@@ -1,0 +1,334 @@
+"""Triton kernels for the AdaptIR adapter, many tasks in one batch (each image reads its task's
+weights through a task index: one launch per stage whatever the number of tasks).
+
+The forward is three launches:
+
+1. ``grouped_linear`` (head): y = W_head[task] t + b over every pixel, t read in the host's layout
+   through its strides ((L, N, C) tokens, NHWC or NCHW: no permute copy of the wide tensor), y
+   written as (N, h, H, W) float32;
+2. ``mix_channel``: one program per (image, hidden channel) with the whole H x W map on chip: the
+   BatchNorm affine, the attention-pooling logits over all channels and their softmax, the pooled
+   value, the depthwise 3x3 with the low-rank kernel, and the global branch: rfft2, per-channel
+   affine of magnitude and phase, irfft2 and |.|, all as products with cos/sin DFT matrices on
+   tl.dot, then the channel mean of the global branch. Writes the local and global maps and the two
+   per-channel scalars;
+3. ``mix_out`` (combine + tail): per (pixel block, output-channel block): the two channel MLPs
+   (proj and channel_interaction, a few hundred FLOPs, recomputed per program rather than launched),
+   the spatial gate, u = c * (channel_gate * local + spatial_gate * global) and out = W_tail[task] u
+   stored straight in the host's layout.
+
+The backward uses ``grouped_linear`` for the input gradients of both 1x1 projections (the wide
+GEMMs); the h-space body is differentiated by torch (see moce_fast/ops/adaptir.py).
+
+The phase at the self-conjugate bins (rows 0 and H/2, columns 0 and W/2) is the exact one: the DFT
+matrices hold exact zeros there, and an imaginary part of either zero sign counts as +0 (angle +pi
+of a negative real value), as moce_fast.reference.adaptir.exact_real_bins.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SIDE = 64  # the mix kernel holds one H x W channel map on chip: H, W <= 64
+MAX_HIDDEN = 128
+
+
+@triton.jit
+def grouped_linear_kernel(b_ptr, a_ptr, bias_ptr, task_ptr, out_ptr, P, M, K,
+                          sbn, sbp, sbk, sat, sam, sak, son, sop, som,
+                          HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """out[n, p, m] = sum_k a[task[n], m, k] b[n, p, k] (+ bias[task[n], m]) for one
+    (pixel block, M block) of image n; every operand through its strides."""
+    pid_p = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    t = tl.load(task_ptr + n).to(tl.int64)
+    pp = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    mm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pmask = pp < P
+    mmask = mm < M
+    acc = tl.zeros((BLOCK_P, BLOCK_M), dtype=tl.float32)
+    b_row = b_ptr + n * sbn + pp[:, None] * sbp
+    a_col = a_ptr + t * sat + mm[None, :] * sam
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < K
+        bt = tl.load(b_row + kk[None, :] * sbk, mask=pmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        at = tl.load(a_col + kk[:, None] * sak, mask=kmask[:, None] & mmask[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(bt, at, acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + t * M + mm, mask=mmask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + n * son + pp[:, None] * sop + mm[None, :] * som
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & mmask[None, :])
+
+
+@triton.jit
+def _atan2(y, x):
+    """atan2 to a few float32 ulp (Cephes' atanf polynomial after reducing |y/x| to [0, tan(pi/8)]).
+    y == -0.0 counts as +0.0: a negative real value has phase +pi."""
+    ax = tl.abs(x)
+    ay = tl.abs(y)
+    hi = tl.maximum(ax, ay)
+    lo = tl.minimum(ax, ay)
+    a = tl.where(hi > 0, lo / tl.where(hi > 0, hi, 1.0), 0.0)
+    big = a > 0.41421356237309503
+    r = tl.where(big, (a - 1.0) / (a + 1.0), a)
+    z = r * r
+    p = (((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1) * z * r + r
+    ang = tl.where(big, 0.7853981633974483 + p, p)
+    ang = tl.where(ay > ax, 1.5707963267948966 - ang, ang)
+    ang = tl.where(x < 0, 3.141592653589793 - ang, ang)
+    return tl.where(y < 0, -ang, ang)
+
+
+@triton.jit
+def _gelu(x):
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _load_square(ptr, BS: tl.constexpr):
+    u = tl.arange(0, BS)
+    return tl.load(ptr + u[:, None] * BS + u[None, :])
+
+
+@triton.jit
+def mix_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr, ampw_ptr, ampb_ptr, phaw_ptr,
+                       phab_ptr, compw_ptr, compb_ptr, cw_ptr, sw_ptr, ch_ptr, sh_ptr, aw_ptr, bw_ptr,
+                       loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, HID, H, W,
+                       BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Hidden channel c of image n: local and global branch maps, pooled value, mean of |global|."""
+    pid = tl.program_id(0)
+    n = pid // HID
+    c = pid % HID
+    t = tl.load(task_ptr + n).to(tl.int64)
+    hw = H * W
+    rows = tl.arange(0, BH)
+    cols = tl.arange(0, BW)
+    inside = (rows[:, None] < H) & (cols[None, :] < W)
+    offs = rows[:, None] * W + cols[None, :]
+    img = y_ptr + n.to(tl.int64) * HID * hw
+    # attention pooling: logits over all channels (BatchNorm applied on load), softmax over pixels
+    z = tl.zeros((BH, BW), dtype=tl.float32) + tl.load(compb_ptr + t)
+    for j in range(HID):
+        sc = tl.load(scale_ptr + n * HID + j)
+        sh = tl.load(shift_ptr + n * HID + j)
+        xj = tl.load(img + j * hw + offs, mask=inside, other=0.0) * sc + sh
+        z += tl.load(compw_ptr + t * HID + j) * xj
+    z = tl.where(inside, z, float("-inf"))
+    e = tl.where(inside, tl.exp(z - tl.max(tl.max(z, axis=1), axis=0)), 0.0)
+    s = e / tl.sum(tl.sum(e, axis=1), axis=0)
+    sc = tl.load(scale_ptr + n * HID + c)
+    sh = tl.load(shift_ptr + n * HID + c)
+    chan = img + c * hw
+    x = tl.where(inside, tl.load(chan + offs, mask=inside, other=0.0) * sc + sh, 0.0)
+    pooled = tl.sum(tl.sum(x * s, axis=1), axis=0)
+    # local branch: depthwise 3x3 (kernel A @ B), zero padding of the normalised map
+    loc = tl.zeros((BH, BW), dtype=tl.float32) + tl.load(cbias_ptr + t * HID + c)
+    for di in tl.static_range(3):
+        for dj in tl.static_range(3):
+            rr = rows[:, None] + (di - 1)
+            cc = cols[None, :] + (dj - 1)
+            ok = inside & (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
+            xs = tl.where(ok, tl.load(chan + rr * W + cc, mask=ok, other=0.0) * sc + sh, 0.0)
+            loc += tl.load(k9_ptr + (t * HID + c) * 9 + di * 3 + dj) * xs
+    out = (n.to(tl.int64) * HID + c) * hw + offs
+    tl.store(loc_ptr + out, loc, mask=inside)  # stored now: not held in registers through the DFTs
+    # global branch, by blocks of BK spectrum columns (the W-axis transform is the only step that
+    # mixes columns; every other step is per column): rfft along W as x @ [CW | -SW], DFT along H,
+    # the magnitude/phase maps, inverse DFT along H, and the real inverse along W accumulated into
+    # g. Blocks past the W/2 + 1 columns of the half spectrum are not computed; within the last
+    # block, columns past it meet zero rows of AW and BW.
+    kk = tl.arange(0, BK)
+    g = tl.zeros((BH, BW), dtype=tl.float32)
+    for k0 in range(0, W // 2 + 1, BK):
+        wcol = cols[:, None] * BW + (k0 + kk)[None, :]  # (BW, BK) block of the W-axis matrices
+        re = tl.dot(x, tl.load(cw_ptr + wcol), input_precision=PREC)
+        im = -tl.dot(x, tl.load(sw_ptr + wcol), input_precision=PREC)
+        fr = tl.dot(_load_square(ch_ptr, BH), re, input_precision=PREC)
+        fr = tl.dot(_load_square(sh_ptr, BH), im, fr, input_precision=PREC)
+        fi = tl.dot(_load_square(ch_ptr, BH), im, input_precision=PREC)
+        fi -= tl.dot(_load_square(sh_ptr, BH), re, input_precision=PREC)
+        mag = tl.sqrt(fr * fr + fi * fi) * tl.load(ampw_ptr + t * HID + c) + tl.load(ampb_ptr + t * HID + c)
+        pha = _atan2(fi, fr) * tl.load(phaw_ptr + t * HID + c) + tl.load(phab_ptr + t * HID + c)
+        zr = mag * tl.cos(pha)
+        zi = mag * tl.sin(pha)
+        gr = tl.dot(_load_square(ch_ptr, BH), zr, input_precision=PREC)
+        gr -= tl.dot(_load_square(sh_ptr, BH), zi, input_precision=PREC)
+        gi = tl.dot(_load_square(ch_ptr, BH), zi, input_precision=PREC)
+        gi = tl.dot(_load_square(sh_ptr, BH), zr, gi, input_precision=PREC)
+        wrow = (k0 + kk)[:, None] * BW + cols[None, :]  # (BK, BW) block of rows of AW, BW
+        g = tl.dot(gr, tl.load(aw_ptr + wrow), g, input_precision=PREC)
+        g -= tl.dot(gi, tl.load(bw_ptr + wrow), input_precision=PREC)
+    g = tl.where(inside, tl.abs(g), 0.0)
+    tl.store(glob_ptr + out, g, mask=inside)
+    tl.store(pooled_ptr + pid, pooled)
+    tl.store(gmean_ptr + pid, tl.sum(tl.sum(g, axis=1), axis=0) / hw)
+
+
+@triton.jit
+def _mlp(v, cvec, cmask, t, w1_ptr, b1_ptr, w2_ptr, b2_ptr, HID, R, BLOCK_R: tl.constexpr):
+    """w2 @ gelu(w1 @ v + b1) + b2 for one task t; v (BLOCK_HID,) with zeros past HID."""
+    rr = tl.arange(0, BLOCK_R)
+    rmask = rr < R
+    w1 = tl.load(w1_ptr + t * R * HID + rr[:, None] * HID + cvec[None, :], mask=rmask[:, None] & cmask[None, :],
+                 other=0.0)
+    h = _gelu(tl.sum(w1 * v[None, :], axis=1) + tl.load(b1_ptr + t * R + rr, mask=rmask, other=0.0))
+    h = tl.where(rmask, h, 0.0)
+    w2 = tl.load(w2_ptr + t * HID * R + cvec[:, None] * R + rr[None, :], mask=cmask[:, None] & rmask[None, :],
+                 other=0.0)
+    return tl.sum(w2 * h[None, :], axis=1) + tl.load(b2_ptr + t * HID + cvec, mask=cmask, other=0.0)
+
+
+@triton.jit
+def mix_out_kernel(loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, task_ptr, p1w_ptr, p1b_ptr, p2w_ptr, p2b_ptr,
+                   c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, siw_ptr, sib_ptr, tw_ptr, out_ptr,
+                   HID, P, M, H2, Q, son, sop, som,
+                   BLOCK_HID: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_Q: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+    """out[n, p, m] = sum_c W_tail[task, m, c] u[n, c, p],
+    u = proj(pooled)_c * (sigmoid(ci(mean |global|))_c * local_c + sigmoid(si . local) * global_c)."""
+    pid_p = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    t = tl.load(task_ptr + n).to(tl.int64)
+    cvec = tl.arange(0, BLOCK_HID)
+    cmask = cvec < HID
+    pooled = tl.load(pooled_ptr + n * HID + cvec, mask=cmask, other=0.0)
+    gmean = tl.load(gmean_ptr + n * HID + cvec, mask=cmask, other=0.0)
+    cc = _mlp(pooled, cvec, cmask, t, p1w_ptr, p1b_ptr, p2w_ptr, p2b_ptr, HID, H2, BLOCK_H2)
+    cg = tl.sigmoid(_mlp(gmean, cvec, cmask, t, c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, HID, Q, BLOCK_Q))
+    pp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = pp < P
+    m2 = cmask[:, None] & pmask[None, :]
+    src = (n * HID + cvec[:, None]) * P + pp[None, :]
+    loc = tl.load(loc_ptr + src, mask=m2, other=0.0)
+    glob = tl.load(glob_ptr + src, mask=m2, other=0.0)
+    siw = tl.load(siw_ptr + t * HID + cvec, mask=cmask, other=0.0)
+    sg = tl.sigmoid(tl.sum(siw[:, None] * loc, axis=0) + tl.load(sib_ptr + t))
+    u = cc[:, None] * (cg[:, None] * loc + sg[None, :] * glob)  # (BLOCK_HID, BLOCK_P), zero past HID
+    mm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = mm < M
+    tw = tl.load(tw_ptr + t * M * HID + mm[None, :] * HID + cvec[:, None], mask=cmask[:, None] & mmask[None, :],
+                 other=0.0)
+    acc = tl.dot(tl.trans(u), tw, input_precision=PREC)
+    out = out_ptr + n * son + pp[:, None].to(tl.int64) * sop + mm[None, :] * som
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & mmask[None, :])
+
+
+# ------------------------------------------------------------------------------------- launchers
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(int(n)))
+
+
+def precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: float32 inputs keep float32 accuracy (tf32x3), narrower ones tf32."""
+    return "tf32x3" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def linear_config(p: int, m: int, k: int) -> dict:
+    return dict(BLOCK_P=64, BLOCK_M=min(64, _pow2(m)), BLOCK_K=min(32, _pow2(k)), num_warps=4)
+
+
+def mix_config(h: int, w: int) -> dict:
+    bh, bw = _pow2(h), _pow2(w)
+    return dict(BH=bh, BW=bw, BK=16, num_warps=8 if bh * bw >= 64 * 64 else 4)
+
+
+def out_config(hid: int, m: int) -> dict:
+    return dict(BLOCK_HID=_pow2(hid), BLOCK_P=64, BLOCK_M=min(64, _pow2(m)), num_warps=4)
+
+
+def grouped_linear(b: torch.Tensor, a: torch.Tensor, bias, task: torch.Tensor, out: torch.Tensor,
+                   out_strides: tuple[int, int, int], prec: str) -> None:
+    """out (strided as (N, P, M) by out_strides) = per-image a[task] @ b^T (+ bias)."""
+    n, p, k = b.shape
+    _, m, _ = a.shape
+    if n == 0 or p == 0:
+        return
+    cfg = linear_config(p, m, k)
+    warps = cfg.pop("num_warps")
+    grid = (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(m, cfg["BLOCK_M"]), n)
+    grouped_linear_kernel[grid](b, a, bias if bias is not None else a, task, out, p, m, k, *b.stride(), *a.stride(),
+                                *out_strides, HAS_BIAS=bias is not None, PREC=prec, num_warps=warps, **cfg)
+
+
+_DFT_CACHE: dict = {}
+
+
+def _exact_trig(k: torch.Tensor, n: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of 2 pi k n / size, with the exact 0 and +-1 where the angle is a multiple of pi/2."""
+    r = torch.remainder(torch.outer(k, n), size)
+    ang = 2 * math.pi * r.double() / size
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    quarter = (4 * r) % size == 0
+    cos = torch.where(quarter, torch.round(cos), cos)
+    sin = torch.where(quarter, torch.round(sin), sin)
+    return cos, sin
+
+
+def dft_matrices(h: int, w: int, device) -> tuple[torch.Tensor, ...]:
+    """(CW, SW, CH, SH, AW, BW), float32, zero-padded to powers of two (at least 16):
+    rfft along W: x @ CW - i x @ SW; DFT along H: CH -+ i SH; real inverse along W:
+    g = Gr @ AW - Gi @ BW (weights 1 for the DC and Nyquist columns, 2 for the others). Orthonormal."""
+    key = (h, w, str(device))
+    if key not in _DFT_CACHE:
+        bh, bw = _pow2(h), _pow2(w)
+        wh = w // 2 + 1
+        kw, nw = torch.arange(wh), torch.arange(w)
+        cos_w, sin_w = _exact_trig(nw, kw, w)  # (w, wh)
+        cw = torch.zeros(bw, bw, dtype=torch.float64)
+        sw = torch.zeros_like(cw)
+        cw[:w, :wh] = cos_w / math.sqrt(w)
+        sw[:w, :wh] = sin_w / math.sqrt(w)
+        kh = torch.arange(h)
+        cos_h, sin_h = _exact_trig(kh, kh, h)
+        ch = torch.zeros(bh, bh, dtype=torch.float64)
+        sh = torch.zeros_like(ch)
+        ch[:h, :h] = cos_h / math.sqrt(h)
+        sh[:h, :h] = sin_h / math.sqrt(h)
+        weight = torch.full((wh,), 2.0, dtype=torch.float64)
+        weight[0] = 1.0
+        if w % 2 == 0:
+            weight[-1] = 1.0
+        aw = torch.zeros(bw, bw, dtype=torch.float64)
+        bwm = torch.zeros_like(aw)
+        aw[:wh, :w] = cos_w.t() * weight[:, None] / math.sqrt(w)
+        bwm[:wh, :w] = sin_w.t() * weight[:, None] / math.sqrt(w)
+        _DFT_CACHE[key] = tuple(m.float().contiguous().to(device) for m in (cw, sw, ch, sh, aw, bwm))
+    return _DFT_CACHE[key]
+
+
+def mix_tail(y, scale, shift, task, k9, mix: list, tail_w, out, out_strides, prec: str, scratch) -> None:
+    """The mix and tail stages: y (N, hid, H, W) float32 -> out (strided (N, P, C) by out_strides).
+
+    mix: conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w, comp_b, proj1_w, proj1_b, proj2_w, proj2_b,
+    ci1_w, ci1_b, ci2_w, ci2_b, si_w, si_b, all float32 contiguous with a leading task axis;
+    k9: (T, hid, 9) the local 3x3 kernels; scratch: float32 buffers (local, global: like y;
+    pooled, mean of |global|: (N, hid)).
+    """
+    (cbias, ampw, ampb, phaw, phab, compw, compb, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib) = mix
+    n, hid, h, w = y.shape
+    m = tail_w.shape[1]
+    if n == 0 or h * w == 0:
+        return
+    dev = y.device
+    loc, glob, pooled, gmean = scratch
+    cfg = mix_config(h, w)
+    warps = cfg.pop("num_warps")
+    mix_channel_kernel[(n * hid,)](y, scale, shift, task, k9, cbias, ampw, ampb, phaw, phab, compw, compb,
+                                   *dft_matrices(h, w, dev), loc, glob, pooled, gmean, hid, h, w,
+                                   PREC=prec, num_warps=warps, **cfg)
+    cfg = out_config(hid, m)
+    warps = cfg.pop("num_warps")
+    h2, q = p1w.shape[1], c1w.shape[1]
+    grid = (triton.cdiv(h * w, cfg["BLOCK_P"]), triton.cdiv(m, cfg["BLOCK_M"]), n)
+    mix_out_kernel[grid](loc, glob, pooled, gmean, task, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib, tail_w,
+                         out, hid, h * w, m, h2, q, *out_strides, BLOCK_H2=_pow2(h2, 1), BLOCK_Q=_pow2(q, 1),
+                         PREC=prec, num_warps=warps, **cfg)

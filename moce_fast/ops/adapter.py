@@ -1,0 +1,440 @@
+"""The AdaptIR adapter as ops: many tasks in one batch, in the host's own layout.
+
+The adapter (shared/spec/adaptir.md) splits into three stages, each one op:
+
+1. ``head``: the 1x1 projection C -> h of every pixel, read in the host's layout (no permute of the
+   wide C-channel tensor) with each image's task's weights: :func:`grouped_linear`;
+2. ``mix``: everything in the small h-channel space: BatchNorm (as a per-image affine), the global
+   FFT branch, the low-rank depthwise 3x3, attention pooling, both gates: :func:`adapter_mix`;
+3. ``tail``: the 1x1 projection h -> C written straight in the host's layout: :func:`grouped_linear`.
+
+Parameters of T tasks are stacked along a leading task axis (:class:`AdapterParams`); ``task`` gives
+each image's task index. One call serves a batch that mixes tasks: every stage is one grouped
+computation (one launch per stage on the triton backend) whatever the number of tasks; no Python
+loop over tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..reference.adaptir import exact_real_bins
+from ._backend import dispatch, new_buffer, register
+
+LAYOUTS = ("nchw", "lnc", "nhwc")
+
+
+class MixParams(NamedTuple):
+    """The h-space parameters of T tasks, each with a leading task axis (public names in brackets).
+
+    conv_a (T, h, r), conv_b (T, r, 9), conv_bias (T, h) [conv_weight_A/B, conv_bias];
+    amp_w, amp_b, pha_w, pha_b (T, h) [amp_fuse, pha_fuse]; comp_w (T, h), comp_b (T,) [compress];
+    proj1_w (T, h/2, h), proj1_b (T, h/2), proj2_w (T, h, h/2), proj2_b (T, h) [proj.0, proj.2];
+    ci1_w (T, q, h), ci1_b (T, q), ci2_w (T, h, q), ci2_b (T, h) [channel_interaction.1/.3];
+    si_w (T, h), si_b (T,) [spatial_interaction].
+    """
+
+    conv_a: torch.Tensor
+    conv_b: torch.Tensor
+    conv_bias: torch.Tensor
+    amp_w: torch.Tensor
+    amp_b: torch.Tensor
+    pha_w: torch.Tensor
+    pha_b: torch.Tensor
+    comp_w: torch.Tensor
+    comp_b: torch.Tensor
+    proj1_w: torch.Tensor
+    proj1_b: torch.Tensor
+    proj2_w: torch.Tensor
+    proj2_b: torch.Tensor
+    ci1_w: torch.Tensor
+    ci1_b: torch.Tensor
+    ci2_w: torch.Tensor
+    ci2_b: torch.Tensor
+    si_w: torch.Tensor
+    si_b: torch.Tensor
+
+
+class AdapterParams(NamedTuple):
+    """All parameters of T tasks' adapters at one site: head_w (T, h, C), head_b (T, h),
+    bn_weight, bn_bias, bn_mean, bn_var (T, h), the h-space :class:`MixParams`, tail_w (T, C, h)."""
+
+    head_w: torch.Tensor
+    head_b: torch.Tensor
+    bn_weight: torch.Tensor
+    bn_bias: torch.Tensor
+    bn_mean: torch.Tensor
+    bn_var: torch.Tensor
+    mix: MixParams
+    tail_w: torch.Tensor
+
+
+class BatchStats(NamedTuple):
+    """Per-task batch statistics of the head output in training: mean and unbiased variance (T, h),
+    and the number of pixels each task saw (T,) (0 for a task absent from the batch)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    count: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------- layouts
+
+def as_npc(t: torch.Tensor, layout: str) -> tuple[torch.Tensor, int, int]:
+    """A (N, P, C) view of ``t`` in ``layout`` (no copy), and the map's (H, W)."""
+    if layout == "nhwc":
+        n, h, w, c = t.shape
+        return t.reshape(n, h * w, c), h, w
+    if layout == "lnc":
+        side = math.isqrt(t.shape[0])
+        return t.transpose(0, 1), side, side
+    n, c, h, w = t.shape
+    return t.reshape(n, c, h * w).transpose(1, 2), h, w
+
+
+# Memory order of the tail's output per layout: (N, P, C), (P, N, C) or (N, C, P).
+OUT_ORDER = {"nhwc": "npm", "lnc": "pnm", "nchw": "nmp"}
+
+
+def from_order(y: torch.Tensor, layout: str, h: int, w: int) -> torch.Tensor:
+    """The tail's output (in OUT_ORDER[layout] memory order) as a tensor of the host's layout."""
+    if layout == "nhwc":
+        return y.view(y.shape[0], h, w, y.shape[2])
+    if layout == "lnc":
+        return y
+    return y.view(y.shape[0], y.shape[1], h, w)
+
+
+# ------------------------------------------------------------------------------ grouped linear
+
+def grouped_linear(b: torch.Tensor, a: torch.Tensor, bias: Optional[torch.Tensor], task: torch.Tensor,
+                   order: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """out[n, p, m] = sum_k a[task[n], m, k] * b[n, p, k] (+ bias[task[n], m]).
+
+    b: (N, P, K) of any strides; a: (T, M, K); bias: (T, M) or None; task: (N,) int64 in [0, T).
+    ``order`` is the output's memory order: "npm" -> (N, P, M), "pnm" -> (P, N, M), "nmp" -> (N, M, P).
+    """
+    return dispatch("adaptir_linear", b.device, b, a, bias, task, order, out_dtype)
+
+
+_SHAPE = {"npm": lambda n, p, m: (n, p, m), "pnm": lambda n, p, m: (p, n, m), "nmp": lambda n, p, m: (n, m, p)}
+
+
+def _view_as(y: torch.Tensor, mem: str, order: str) -> torch.Tensor:
+    """y in ``mem`` memory order (shaped as that order) -> the same values in ``order``'s memory."""
+    if mem == order:
+        return y
+    npm = y if mem == "npm" else (y.transpose(0, 1) if mem == "pnm" else y.transpose(1, 2))
+    return (npm if order == "npm" else (npm.transpose(0, 1) if order == "pnm" else npm.transpose(1, 2))).contiguous()
+
+
+@register("adaptir_linear", "torch")
+def _grouped_linear_torch(b, a, bias, task, order, out_dtype):
+    n, p, k = b.shape
+    t, m, _ = a.shape
+    a = a.to(b.dtype)
+    if b.transpose(1, 2).is_contiguous() and order == "nmp":
+        # (N, K, P) memory in and out (NCHW): per image a @ b^T, batched.
+        y = (a[:1] if t == 1 else a.index_select(0, task)) @ b.transpose(1, 2)
+        if bias is not None:
+            y = y + (bias[:1] if t == 1 else bias.index_select(0, task))[:, :, None].to(y.dtype)
+        return y.to(out_dtype)
+    # Every other case is one GEMM over the rows (pixels) in the input's own memory order, (N, P)
+    # or (P, N) (IPT's tokens): no copy of the wide input, only of a narrow one where needed.
+    if b.is_contiguous():
+        mem = "npm"
+    elif b.transpose(0, 1).is_contiguous():
+        mem = "pnm"
+    else:
+        mem = "pnm" if order == "pnm" else "npm"
+    bm = (b if mem == "npm" else b.transpose(0, 1)).contiguous()
+    rows = bm.reshape(-1, k)
+    if t == 1:
+        y = rows @ a[0].t()
+        if bias is not None:
+            y = y + bias[0].to(y.dtype)
+    else:
+        # All tasks' maps in one GEMM (T x the FLOPs of a narrow map), then each row keeps its task's.
+        img = torch.arange(n, device=b.device)
+        img = img.repeat_interleave(p) if mem == "npm" else img.repeat(p)
+        row_task = task.index_select(0, img)
+        y = (rows @ a.reshape(t * m, k).t()).view(-1, t, m)
+        y = y.gather(1, row_task[:, None, None].expand(-1, 1, m)).squeeze(1)
+        if bias is not None:
+            y = y + bias.index_select(0, row_task).to(y.dtype)
+    y = y.view(_SHAPE[mem](n, p, m))
+    return _view_as(y, mem, order).to(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------- mix
+
+def mix_tail(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mix: MixParams, tail_w: torch.Tensor,
+             task: torch.Tensor, order: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """The adapter's h-space body and its tail projection, on the head output.
+
+    y: (N, h, H, W) float32 (or float64) head output before BatchNorm; scale, shift: (N, h), each
+    image's BatchNorm as an affine map; ``mix``: stacked over T tasks; tail_w (T, C, h); task (N,).
+    Returns tail(u), u = c * (channel_gate * local + spatial_gate * global), in ``order``'s memory
+    (see :func:`grouped_linear`) and ``out_dtype``.
+    """
+    return dispatch("adaptir_mix_tail", y.device, y, scale, shift, mix, tail_w, task, order, out_dtype)
+
+
+@register("adaptir_mix_tail", "torch")
+def _mix_tail_torch(y, scale, shift, mix, tail_w, task, order, out_dtype):
+    n, hid, hh, ww = y.shape
+    u = adapter_mix(y, scale, shift, mix, task)
+    return _grouped_linear_torch(u.view(n, hid, hh * ww).transpose(1, 2), tail_w, None, task, order, out_dtype)
+
+
+def _per_image(p: torch.Tensor, task: torch.Tensor, single: bool) -> torch.Tensor:
+    return p[:1] if single else p.index_select(0, task)
+
+
+def adapter_mix(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mix: MixParams,
+                task: torch.Tensor) -> torch.Tensor:
+    """u = c * (channel_gate * local + spatial_gate * global), (N, h, H, W), in torch: the h-space
+    body of :func:`mix_tail` (arguments as there)."""
+    n, h, hh, ww = y.shape
+    single = mix.amp_w.shape[0] == 1
+    g_ = [_per_image(p, task, single).to(y.dtype) for p in mix]
+    (conv_a, conv_b, conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w, comp_b, p1w, p1b, p2w, p2b,
+     c1w, c1b, c2w, c2b, si_w, si_b) = g_
+    x = y * scale[:, :, None, None] + shift[:, :, None, None]
+    # global branch: orthonormal FFTs, magnitude and phase each through a per-channel affine map
+    spec = exact_real_bins(torch.fft.rfft2(x, norm="ortho"), hh, ww)
+    mag = torch.abs(spec) * amp_w[:, :, None, None] + amp_b[:, :, None, None]
+    pha = torch.angle(spec) * pha_w[:, :, None, None] + pha_b[:, :, None, None]
+    glob = torch.fft.irfft2(torch.complex(mag * torch.cos(pha), mag * torch.sin(pha)), s=(hh, ww),
+                            norm="ortho").abs()
+    # local branch: depthwise 3x3 with the low-rank kernel A @ B (one kernel set per image's task)
+    kern = (conv_a @ conv_b).reshape(-1, 1, 3, 3)
+    if single:
+        loc = F.conv2d(x, kern, conv_bias[0], padding=1, groups=h)
+    else:
+        loc = F.conv2d(x.reshape(1, n * h, hh, ww), kern, conv_bias.reshape(-1), padding=1,
+                       groups=n * h).view(n, h, hh, ww)
+    # channel branch: attention pooling over the pixels, then proj
+    xf = x.flatten(2)
+    score = (torch.einsum("nc,ncp->np", comp_w.expand(n, h), xf) + comp_b.expand(n)[:, None]).softmax(-1)
+    pooled = torch.einsum("ncp,np->nc", xf, score)
+    c = torch.einsum("nij,nj->ni", p2w.expand(n, -1, -1),
+                     F.gelu(torch.einsum("nij,nj->ni", p1w.expand(n, -1, -1), pooled) + p1b)) + p2b
+    gm = glob.mean(dim=(2, 3))
+    cg = torch.sigmoid(torch.einsum("nij,nj->ni", c2w.expand(n, -1, -1),
+                                    F.gelu(torch.einsum("nij,nj->ni", c1w.expand(n, -1, -1), gm) + c1b)) + c2b)
+    sg = torch.sigmoid(torch.einsum("nc,ncp->np", si_w.expand(n, h), loc.flatten(2)) + si_b.expand(n)[:, None])
+    return c[:, :, None, None] * (cg[:, :, None, None] * loc + sg.view(n, 1, hh, ww) * glob)
+
+
+# --------------------------------------------------------------------------------- whole adapter
+
+def batch_norm_affine(y: torch.Tensor, p: AdapterParams, task: torch.Tensor, training: bool, eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, Optional[BatchStats]]:
+    """Each image's BatchNorm as (scale, shift) of shape (N, h); in training, from the batch
+    statistics of the images of the same task (as running each task's adapter on its own images
+    would), returned as :class:`BatchStats` for the running-statistics update."""
+    t = p.bn_weight.shape[0]
+    if not training:
+        f = y.dtype
+        inv = torch.rsqrt(p.bn_var.to(f) + eps) * p.bn_weight.to(f)
+        sh = p.bn_bias.to(f) - p.bn_mean.to(f) * inv
+        return inv.index_select(0, task), sh.index_select(0, task), None
+    n, h, npix = y.shape[0], y.shape[1], y.shape[2] * y.shape[3]
+    # Two passes (mean, then squared deviations): no cancellation when the mean is large.
+    if t == 1:
+        count = torch.full((1,), float(n * npix), device=y.device, dtype=y.dtype)
+        mean = y.mean(dim=(0, 2, 3))[None]
+        var = ((y - mean[0, :, None, None]) ** 2).mean(dim=(0, 2, 3))[None]
+    else:
+        count = torch.zeros(t, device=y.device, dtype=y.dtype).index_add(
+            0, task, torch.full((n,), float(npix), device=y.device, dtype=y.dtype))
+        safe = count.clamp(min=1)[:, None]
+        mean = y.new_zeros(t, h).index_add(0, task, y.sum(dim=(2, 3))) / safe
+        dev = ((y - mean.index_select(0, task)[:, :, None, None]) ** 2).sum(dim=(2, 3))
+        var = y.new_zeros(t, h).index_add(0, task, dev) / safe
+    safe = count.clamp(min=1)[:, None]
+    inv = torch.rsqrt(var + eps) * p.bn_weight.to(y.dtype)
+    sh = p.bn_bias.to(y.dtype) - mean * inv
+    unbiased = var * safe / (safe - 1).clamp(min=1)
+    return inv.index_select(0, task), sh.index_select(0, task), BatchStats(mean.detach(), unbiased.detach(), count)
+
+
+def adaptir(t: torch.Tensor, layout: str, p: AdapterParams, task: Optional[torch.Tensor], training: bool,
+            eps: float = 1e-5) -> tuple[torch.Tensor, Optional[BatchStats]]:
+    """The AdaptIR adapter of each image's task on ``t`` in the host's ``layout``.
+
+    t: (N, C, H, W) for "nchw", (L, N, C) with L = H * W, H = W for "lnc", (N, H, W, C) for "nhwc";
+    ``p``: the parameters of T tasks (:class:`AdapterParams`); task: (N,) int64 indices into the task
+    axis, or None when T == 1. Returns the adapter output in ``t``'s layout and dtype, and in
+    training the per-task batch statistics (the caller updates the running ones).
+    """
+    b, hh, ww = as_npc(t, layout)
+    n = b.shape[0]
+    if task is None:
+        task = torch.zeros(n, dtype=torch.int64, device=t.device)
+    hid = p.head_w.shape[1]
+    acc = torch.promote_types(t.dtype, torch.float32)  # the h-space stages run in at least float32
+    y = grouped_linear(b, p.head_w, p.head_b, task, "nmp", acc).view(n, hid, hh, ww)
+    scale, shift, stats = batch_norm_affine(y, p, task, training, eps)
+    out = mix_tail(y, scale, shift, p.mix, p.tail_w, task, OUT_ORDER[layout], t.dtype)
+    return from_order(out, layout, hh, ww), stats
+
+
+# ---------------------------------------------------------------------------------------- triton
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _npm_strides(x: torch.Tensor, order: str) -> tuple[int, int, int]:
+    """Strides of a tensor in ``order``'s shape, as (n, p, m)."""
+    a, b, c = x.stride()
+    return (a, b, c) if order == "npm" else ((b, a, c) if order == "pnm" else (a, c, b))
+
+
+def _as_npm(x: torch.Tensor, order: str) -> torch.Tensor:
+    """A tensor in ``order``'s shape as an (N, P, M) view."""
+    return x if order == "npm" else (x.transpose(0, 1) if order == "pnm" else x.transpose(1, 2))
+
+
+def _mem_order(b: torch.Tensor) -> str:
+    """The order whose memory layout an (N, P, K) view already has (so gradients keep it)."""
+    if b.transpose(0, 1).is_contiguous():
+        return "pnm"
+    if b.transpose(1, 2).is_contiguous():
+        return "nmp"
+    return "npm"
+
+
+def _weight_grad(g: torch.Tensor, b: torch.Tensor, task: torch.Tensor, t: int) -> torch.Tensor:
+    """sum over the images of each task and their pixels of g[n, p, m] b[n, p, k]: (T, M, K)."""
+    g, b = g.float(), b.float()
+    if t == 1:
+        return torch.einsum("npm,npk->mk", g, b)[None]
+    per_image = torch.einsum("npm,npk->nmk", g, b)
+    return per_image.new_zeros((t,) + per_image.shape[1:]).index_add_(0, task, per_image)
+
+
+@torch.library.custom_op("moce_fast::adaptir_linear_triton", mutates_args=())
+def _linear_triton_op(b: torch.Tensor, a: torch.Tensor, bias: Optional[torch.Tensor], task: torch.Tensor,
+                      order: str, out_dtype: torch.dtype) -> torch.Tensor:
+    from moce_fast.kernels import adapter as kernels
+
+    n, p, _ = b.shape
+    out = new_buffer(_SHAPE[order](n, p, a.shape[1]), b.device, out_dtype)
+    kernels.grouped_linear(b, a, bias, task, out, _npm_strides(out, order), kernels.precision(b.dtype))
+    return out
+
+
+@_linear_triton_op.register_fake
+def _(b, a, bias, task, order, out_dtype):
+    return b.new_empty(_SHAPE[order](b.shape[0], b.shape[1], a.shape[1]), dtype=out_dtype)
+
+
+def _linear_setup(ctx, inputs, output):
+    b, a, bias, task, order, out_dtype = inputs
+    ctx.order, ctx.has_bias = order, bias is not None
+    ctx.save_for_backward(b, a, task)
+
+
+def _linear_backward(ctx, grad):
+    b, a, task = ctx.saved_tensors
+    g = _as_npm(grad, ctx.order)
+    t = a.shape[0]
+    db = None
+    if ctx.needs_input_grad[0]:
+        order = _mem_order(b)  # the gradient in the input's own layout (host tokens stay (L, N, C))
+        db = _as_npm(_linear_triton_op(g, a.transpose(1, 2), None, task, order, b.dtype), order)
+    da = _weight_grad(g, b, task, t).to(a.dtype) if ctx.needs_input_grad[1] else None
+    dbias = None
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        per_image = g.float().sum(dim=1)
+        dbias = (per_image.sum(0, keepdim=True) if t == 1 else
+                 per_image.new_zeros(t, per_image.shape[1]).index_add_(0, task, per_image)).to(a.dtype)
+    return db, da, dbias, None, None, None
+
+
+_linear_triton_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def _triton_dtype_reason(x: torch.Tensor, name: str) -> Optional[str]:
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"{name}: the triton kernels take float32, bfloat16 or float16, got {x.dtype}"
+    return None
+
+
+@register("adaptir_linear", "triton", supports=lambda b, a, *_: _triton_dtype_reason(b, "x"))
+def _grouped_linear_triton(b, a, bias, task, order, out_dtype):
+    return _linear_triton_op(b, a, bias, task, order, out_dtype)
+
+
+@torch.library.custom_op("moce_fast::adaptir_mix_tail_triton", mutates_args=())
+def _mix_tail_triton_op(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mix: list[torch.Tensor],
+                        tail_w: torch.Tensor, task: torch.Tensor, order: str, out_dtype: torch.dtype) -> torch.Tensor:
+    from moce_fast.kernels import adapter as kernels
+
+    n, hid, hh, ww = y.shape
+    f32 = torch.float32
+    k9 = (mix[0].to(f32) @ mix[1].to(f32)).contiguous()  # the low-rank 3x3 kernels A @ B, (T, h, 9)
+    rest = [m.to(f32).contiguous() for m in mix[2:]]
+    out = new_buffer(_SHAPE[order](n, hh * ww, tail_w.shape[1]), y.device, out_dtype)
+    scratch = (new_buffer(y.shape, y.device, f32), new_buffer(y.shape, y.device, f32),
+               new_buffer((n, hid), y.device, f32), new_buffer((n, hid), y.device, f32))
+    kernels.mix_tail(y.contiguous(), scale.to(f32).contiguous(), shift.to(f32).contiguous(), task, k9, rest,
+                     tail_w.to(f32).contiguous(), out, _npm_strides(out, order), kernels.precision(out_dtype),
+                     scratch)
+    return out
+
+
+@_mix_tail_triton_op.register_fake
+def _(y, scale, shift, mix, tail_w, task, order, out_dtype):
+    n, _, hh, ww = y.shape
+    return y.new_empty(_SHAPE[order](n, hh * ww, tail_w.shape[1]), dtype=out_dtype)
+
+
+def _mix_tail_setup(ctx, inputs, output):
+    y, scale, shift, mix, tail_w, task, order, out_dtype = inputs
+    ctx.order, ctx.n_mix = order, len(mix)
+    ctx.save_for_backward(y, scale, shift, tail_w, task, *mix)
+
+
+def _mix_tail_backward(ctx, grad):
+    # The wide part (the tail's input gradient, a GEMM over C) runs on the grouped_linear kernel;
+    # the h-space body (h = C/24 or C/14 channels) is recomputed and differentiated by torch.
+    y, scale, shift, tail_w, task, *mix = ctx.saved_tensors
+    n, hid, hh, ww = y.shape
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in (y, scale, shift, *mix)]
+        u = adapter_mix(leaves[0], leaves[1], leaves[2], MixParams(*leaves[3:]), task)
+    g = _as_npm(grad, ctx.order)
+    du = _linear_triton_op(g, tail_w.transpose(1, 2), None, task, "nmp", torch.float32)  # (N, h, P)
+    dtail = _weight_grad(g, u.detach().view(n, hid, hh * ww).transpose(1, 2), task, tail_w.shape[0])
+    grads = torch.autograd.grad(u, leaves, du.view_as(u).to(u.dtype), allow_unused=True)
+    grads = [torch.zeros_like(x) if gx is None else gx for gx, x in zip(grads, leaves)]
+    dy, dscale, dshift, *dmix = grads
+    return dy, dscale, dshift, dmix, dtail.to(tail_w.dtype), None, None, None
+
+
+_mix_tail_triton_op.register_autograd(_mix_tail_backward, setup_context=_mix_tail_setup)
+
+
+def _mix_tail_reason(y, scale, shift, mix, tail_w, task, order, out_dtype) -> Optional[str]:
+    from moce_fast.kernels.adapter import MAX_HIDDEN, MAX_SIDE
+
+    if y.dtype != torch.float32 or out_dtype not in _KERNEL_DTYPES:
+        return f"x: the triton kernels take float32, bfloat16 or float16, got {out_dtype}"
+    if max(y.shape[2:]) > MAX_SIDE:
+        return (f"x: the fused mix kernel holds one H x W map on chip, H and W at most {MAX_SIDE}; got "
+                f"{tuple(y.shape[2:])}")
+    if y.shape[1] > MAX_HIDDEN:
+        return f"dim: the fused kernels take at most {MAX_HIDDEN} hidden channels, got {y.shape[1]}"
+    return None
+
+
+@register("adaptir_mix_tail", "triton", supports=_mix_tail_reason)
+def _mix_tail_triton(y, scale, shift, mix, tail_w, task, order, out_dtype):
+    return _mix_tail_triton_op(y, scale, shift, list(mix), tail_w, task, order, out_dtype)

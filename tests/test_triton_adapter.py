@@ -1,0 +1,230 @@
+"""The AdaptIR adapter on the triton backend (fused kernels, kernels/adapter.py) against the float64
+reference: both variants, every layout, eval and train, forward and every gradient, one batch
+mixing tasks. Output and scratch buffers are NaN-poisoned before every launch.
+
+Without a GPU the kernels run through the Triton interpreter on CPU tensors (float32); with one,
+compiled on CUDA tensors (float32 and bfloat16).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import moce_fast
+from moce_fast import adapters as A
+from moce_fast.ops import _backend
+from moce_fast.reference import AdaptIR
+from conftest import randomize_, rel_err
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytestmark = pytest.mark.skip(reason="no GPU and TRITON_INTERPRET is not 1")
+TOL32 = 2e-5  # the kernels' dots run in tf32x3 (float32 accuracy) for float32 hosts
+DIMS = {"ipt": 192, "edt": 56}  # hidden 8 and 4 channels
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    moce_fast.ops.set_poison_outputs(True)
+    yield
+    moce_fast.ops.set_poison_outputs(False)
+
+
+def make_adapter(variant, layout, seed=0):
+    """(fast adapter, float64 reference with the exact phase convention), same random weights."""
+    dim = DIMS[variant]
+    fast = randomize_(moce_fast.AdaptIRAdapter(dim, variant, layout), seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():  # non-identity phase/magnitude maps, non-trivial BatchNorm statistics
+        fast.pha_fuse.weight.copy_(torch.rand(fast.pha_fuse.weight.shape, generator=g) + 0.5)
+        fast.amp_fuse.weight.copy_(torch.rand(fast.amp_fuse.weight.shape, generator=g) + 0.5)
+        fast.BN.running_mean.copy_(torch.randn(fast.hidden, generator=g))
+        fast.BN.running_var.copy_(torch.rand(fast.hidden, generator=g) + 0.5)
+    ref = AdaptIR(dim, variant).double()
+    ref.exact_phase = True
+    ref.load_state_dict(fast.state_dict())
+    return fast.to(DEVICE), ref
+
+
+def to_layout(x, layout):
+    """(N, C, H, W) -> the layout's tensor (a copy; "lnc" needs H == W)."""
+    if layout == "nhwc":
+        return x.permute(0, 2, 3, 1).contiguous()
+    if layout == "lnc":
+        return x.flatten(2).permute(2, 0, 1).contiguous()
+    return x.contiguous()
+
+
+def from_layout(t, layout, h, w):
+    if layout == "nhwc":
+        return t.permute(0, 3, 1, 2)
+    if layout == "lnc":
+        return t.permute(1, 2, 0).reshape(t.shape[1], t.shape[2], h, w)
+    return t
+
+
+# Bias gradients that are sums over all pixels of terms of both signs: zero in exact arithmetic
+# (softmax is shift-invariant; BatchNorm in training removes the head's bias) or much smaller than
+# their terms (the spatial gate's bias: float32 torch itself is 1e-4 off there). Their round-off is
+# that of a sum of terms the size of the sibling weight's gradient, so that is their scale.
+SIBLING = {"compress.bias": "compress.weight", "head.bias": "head.weight",
+           "spatial_interaction.bias": "spatial_interaction.weight"}
+
+
+def assert_grads_close(fast_mod, ref_mod, fast_x, ref_x, tol):
+    """Every gradient within tol of the reference, relative to its own size (or its sibling's)."""
+    assert rel_err(fast_x.grad, ref_x.grad) < tol, "input gradient"
+    ref_params = dict(ref_mod.named_parameters())
+    for name, p in fast_mod.named_parameters():
+        expected = ref_params[name].grad
+        size = expected.abs().max().item()
+        if name in SIBLING:
+            size = max(size, ref_params[SIBLING[name]].grad.abs().max().item())
+        err = (p.grad.double().cpu() - expected).abs().max().item()
+        assert err <= tol * size, (name, err, size)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("layout", ["nchw", "lnc", "nhwc"])
+@pytest.mark.parametrize("variant", ["ipt", "edt"])
+def test_fused_equals_reference(variant, layout, mode):
+    fast, ref = make_adapter(variant, layout)
+    getattr(fast, mode)(), getattr(ref, mode)()
+    h, w = (6, 6) if layout == "lnc" else (5, 7)  # odd, non-square, not multiples of 16
+    x = torch.randn(3, DIMS[variant], h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    xf = to_layout(x, layout).float().to(DEVICE).requires_grad_()
+    with moce_fast.backend("triton"):
+        y = fast(xf)
+    assert _backend.last_run()["adaptir_mix_tail"] == "triton" and _backend.last_run()["adaptir_linear"] == "triton"
+    xr = x.clone().requires_grad_()
+    expected = ref(xr)
+    got = from_layout(y, layout, h, w)
+    assert y.shape == xf.shape and y.dtype == xf.dtype
+    assert rel_err(got.cpu(), expected) < TOL32
+    grad = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with moce_fast.backend("triton"):
+        y.backward(to_layout(grad, layout).float().to(DEVICE))
+    expected.backward(grad)
+    xr_grad = to_layout(xr.grad, layout)
+    xr_layout = to_layout(xr.detach(), layout).requires_grad_()
+    xr_layout.grad = xr_grad
+    assert_grads_close(fast, ref, xf, xr_layout, 5e-5)
+    if mode == "train":  # batch statistics, running statistics updated as nn.BatchNorm2d does
+        assert rel_err(fast.BN.running_mean.cpu(), ref.BN.running_mean) < TOL32
+        assert rel_err(fast.BN.running_var.cpu(), ref.BN.running_var) < TOL32
+        assert fast.BN.num_batches_tracked.item() == ref.BN.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("side", [16, 17, 34])
+def test_dft_sizes_round_trip(side):
+    """Larger maps through the DFT matrices: a full 16 x 16 tile, a padded 17 -> 32 one, and 34 -> 64
+    whose half spectrum (18 columns) spans two column blocks."""
+    fast, ref = make_adapter("edt", "nhwc", seed=3)
+    fast.eval(), ref.eval()
+    x = torch.randn(1, 56, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), moce_fast.backend("triton"):
+        y = fast(to_layout(x, "nhwc").float().to(DEVICE))
+    with torch.no_grad():
+        expected = ref(x).permute(0, 2, 3, 1)
+    assert rel_err(y.cpu(), expected) < TOL32
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_mixed_task_batch_one_grouped_launch(mode):
+    """Three tasks in one batch: each image equals the float64 reference of its task's adapter, and
+    in training each task's BatchNorm sees only its own images."""
+    host = torch.nn.Sequential(torch.nn.Identity())
+    A.add_adapters(host, r"^0$", 56, variant="edt", layout="nhwc", tasks=("a", "b", "c"))
+    site = host[0]
+    refs = {}
+    for i, (name, ad) in enumerate(site.adapters.items()):
+        randomize_(ad, seed=10 + i)
+        with torch.no_grad():
+            ad.pha_fuse.weight.uniform_(0.5, 1.5)
+        refs[name] = AdaptIR(56, "edt").double()
+        refs[name].exact_phase = True
+        refs[name].load_state_dict(ad.state_dict())
+    host.to(DEVICE)
+    getattr(host, mode)()
+    names = ["b", "a", "b", "b"]  # task "c" absent: its statistics must not move
+    x = torch.randn(4, 56, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    xf = to_layout(x, "nhwc").float().to(DEVICE)
+    with torch.no_grad(), moce_fast.backend("triton"), A.tasks(names):
+        y = host(xf) - xf  # the Identity host adds x
+    assert _backend.last_run()["adaptir_mix_tail"] == "triton"
+    for task in "ab":
+        idx = [i for i, n in enumerate(names) if n == task]
+        ref = getattr(refs[task], mode)()
+        with torch.no_grad():
+            expected = ref(x[idx]).permute(0, 2, 3, 1)
+        assert rel_err(y[idx].cpu(), expected) < TOL32, task
+        if mode == "train":
+            assert rel_err(site.adapters[task].BN.running_mean.cpu(), ref.BN.running_mean) < TOL32
+    c = site.adapters["c"].BN
+    assert c.num_batches_tracked.item() == 0
+    assert torch.equal(c.running_mean.cpu(), refs["c"].BN.running_mean.float())
+
+
+def test_torch_grouped_path_gradcheck():
+    """The torch backend's grouped (several tasks) path, in float64, in training: gradcheck."""
+    host = torch.nn.Sequential(torch.nn.Identity())
+    A.add_adapters(host, r"^0$", 56, variant="edt", layout="lnc", tasks=("a", "b"))
+    for i, ad in enumerate(host[0].adapters.values()):
+        randomize_(ad, seed=20 + i)
+    host.double().train()
+    x = torch.randn(9, 3, 56, dtype=torch.float64, requires_grad=True)
+    with moce_fast.backend("torch"), A.tasks(["a", "b", "a"]):
+        assert torch.autograd.gradcheck(lambda t: host(t), (x,), eps=1e-6, atol=1e-6)
+
+
+def test_custom_ops_opcheck():
+    from moce_fast.ops import adapter as ops_adaptir
+
+    g = torch.Generator().manual_seed(6)
+    tok = torch.randn(16, 2, 32, generator=g).to(DEVICE)  # (L, N, C) tokens
+    b = tok.transpose(0, 1)
+    a = torch.randn(2, 8, 32, generator=g).to(DEVICE).requires_grad_()
+    bias = torch.randn(2, 8, generator=g).to(DEVICE).requires_grad_()
+    task = torch.tensor([1, 0], device=DEVICE)
+    torch.library.opcheck(ops_adaptir._linear_triton_op, (b.requires_grad_(), a, bias, task, "nmp", torch.float32))
+    fast, _ = make_adapter("ipt", "lnc")
+    p = moce_fast.nn.adapter.stack_params([fast])
+    y = torch.randn(2, fast.hidden, 4, 4, generator=g).to(DEVICE).requires_grad_()
+    scale = (torch.rand(2, fast.hidden, generator=g) + 0.5).to(DEVICE)
+    shift = torch.randn(2, fast.hidden, generator=g).to(DEVICE)
+    mix = [m.detach().clone().requires_grad_() for m in p.mix]
+    torch.library.opcheck(ops_adaptir._mix_tail_triton_op,
+                          (y, scale, shift, mix, p.tail_w.detach().clone(), task.zero_(), "pnm", torch.float32))
+
+
+def test_unsupported_inputs_are_clear():
+    fast, _ = make_adapter("edt", "nhwc")
+    big = torch.randn(1, 65, 65, 56, device=DEVICE)
+    with moce_fast.backend("triton"), pytest.raises(moce_fast.BackendUnavailableError, match="at most 64"):
+        fast(big)
+    with moce_fast.backend("triton"), pytest.raises(moce_fast.BackendUnavailableError, match="float64"):
+        fast.double()(big.double()[:, :8, :8])
+    # "auto": a map too large for the fused kernel runs the torch implementation, and says so
+    args = (torch.empty(1, 4, 65, 65), None, None, None, None, None, None, torch.float32)
+    with moce_fast.backend("auto"):
+        name, _ = _backend.resolve("adaptir_mix_tail", torch.device("cuda"), args)
+    assert name == "torch" and _backend.last_run()["adaptir_mix_tail"] == "torch"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bfloat16 needs a CUDA device (the interpreter gets bfloat16 wrong)")
+def test_bf16_on_gpu():
+    fast, ref = make_adapter("ipt", "lnc")
+    fast.eval(), ref.eval()
+    x = torch.randn(2, 192, 8, 8, dtype=torch.float64)
+    with torch.no_grad(), moce_fast.backend("triton"):
+        y = fast.bfloat16()(to_layout(x, "lnc").to(DEVICE, torch.bfloat16))
+    with torch.no_grad():
+        expected = ref(x).flatten(2).permute(2, 0, 1)
+    assert y.dtype == torch.bfloat16 and rel_err(y.float().cpu(), expected) < 2e-2
