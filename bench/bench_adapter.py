@@ -1,0 +1,104 @@
+"""AdaptIR adapter benchmarks: the public adapter, moce_fast's backends and torch.compile, side by
+side in one run.
+
+Cases (issue 5): IPT shapes (576 channels, (L, N, C) tokens of 16x16 and 48x48) and EDT shapes
+(180 channels, (N, H, W, C) maps of 64x64); batch 1, 8 and 32; forward (eval) and forward+backward
+(training, adapter parameters and input gradients); float32, and bfloat16 on a GPU. Implementations:
+- public: the reference adapter with the public code's layout handling (permute + contiguous to
+  NCHW and back, as csguoh/AdaptIR's IPT and EDT wrappers do);
+- torch / triton: moce_fast.AdaptIRAdapter on that backend (triton on a GPU only: interpreter
+  timings mean nothing);
+- compile: torch.compile of the public adapter (GPU only: on a 2-core CPU compilation dominates).
+Run: pytest bench/bench_adapter.py --benchmark-only [--benchmark-json=FILE]
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import moce_fast
+from moce_fast.reference import AdaptIR
+
+GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if GPU else "cpu")
+SHAPES = [("ipt", 576, "lnc", 16), ("ipt", 576, "lnc", 48), ("edt", 180, "nhwc", 64)]
+DTYPES = ["fp32", "bf16"] if GPU else ["fp32"]
+IMPLS = ["public", "torch", "triton", "compile"]
+_COMPILED = {}
+
+
+class PublicAdapter(torch.nn.Module):
+    """The public adapter as its hosts call it: layout converted with permute + contiguous."""
+
+    def __init__(self, adapter: AdaptIR, layout: str):
+        super().__init__()
+        self.adapter, self.layout = adapter, layout
+
+    def forward(self, x):
+        if self.layout == "lnc":
+            length, n, c = x.shape
+            side = math.isqrt(length)
+            y = self.adapter(x.view(side, side, n, c).permute(2, 3, 0, 1).contiguous())
+            return y.view(n, c, length).permute(2, 0, 1).contiguous()
+        return self.adapter(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1).contiguous()
+
+
+def _randomize(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 8, 32])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}-{s[3]}x{s[3]}")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_adapter(benchmark, impl, shape, batch, dtype, mode):
+    if impl in ("triton", "compile") and not GPU:
+        pytest.skip(f"{impl}: needs a CUDA device")
+    if impl in ("public", "compile") and dtype == "bf16":
+        pytest.skip("the public adapter runs torch.fft on its input dtype, which has no bfloat16 FFT")
+    variant, dim, layout, side = shape
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    torch.manual_seed(0)
+    fast = moce_fast.AdaptIRAdapter(dim, variant, layout)
+    _randomize(fast)  # the zero init would make the tail a no-op GEMM on zeros
+    ref = AdaptIR(dim, variant)
+    ref.load_state_dict(fast.state_dict())
+    fast, ref = fast.to(DEVICE, dt), ref.to(DEVICE, dt)
+    train = mode == "fwd+bwd"
+    fast.train(train), ref.train(train)
+    shape_x = (side * side, batch, dim) if layout == "lnc" else (batch, side, side, dim)
+    x = torch.randn(shape_x, device=DEVICE, dtype=dt, requires_grad=train)
+    benchmark.group = f"adapter {variant} C={dim} {side}x{side} B={batch} {dtype} {mode}"
+    benchmark.extra_info.update(device=torch.cuda.get_device_name() if GPU else "CPU", impl=impl)
+
+    if impl in ("public", "compile"):
+        module = PublicAdapter(ref, layout)
+        if impl == "compile":
+            module = _COMPILED.setdefault((id(ref), layout), torch.compile(module))
+
+        def call():
+            return module(x)
+    else:
+        def call():
+            with moce_fast.backend(impl):
+                return fast(x)
+
+    def run():
+        if train:
+            out = call()
+            out.float().square().mean().backward()
+        else:
+            with torch.no_grad():
+                out = call()
+        if GPU:
+            torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(run, rounds=10 if GPU else 5, warmup_rounds=1)
