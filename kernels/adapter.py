@@ -102,7 +102,8 @@ def mix_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr,
                        phab_ptr, compw_ptr, compb_ptr, cw_ptr, sw_ptr, ch_ptr, sh_ptr, aw_ptr, bw_ptr,
                        loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, HID, H, W,
                        BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """Hidden channel c of image n: local and global branch maps, pooled value, mean of |global|."""
+    """Hidden channel c of image n: the local branch map, the global branch before its |.| (the
+    irfft2 result), the pooled value and the mean of |global|."""
     pid = tl.program_id(0)
     n = pid // HID
     c = pid % HID
@@ -165,10 +166,10 @@ def mix_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr,
         wrow = (k0 + kk)[:, None] * BW + cols[None, :]  # (BK, BW) block of rows of AW, BW
         g = tl.dot(gr, tl.load(aw_ptr + wrow), g, input_precision=PREC)
         g -= tl.dot(gi, tl.load(bw_ptr + wrow), input_precision=PREC)
-    g = tl.where(inside, tl.abs(g), 0.0)
-    tl.store(glob_ptr + out, g, mask=inside)
+    g = tl.where(inside, g, 0.0)
+    tl.store(glob_ptr + out, g, mask=inside)  # signed: the backward needs the sign of the irfft2 result
     tl.store(pooled_ptr + pid, pooled)
-    tl.store(gmean_ptr + pid, tl.sum(tl.sum(g, axis=1), axis=0) / hw)
+    tl.store(gmean_ptr + pid, tl.sum(tl.sum(tl.abs(g), axis=1), axis=0) / hw)
 
 
 @triton.jit
@@ -208,7 +209,7 @@ def mix_out_kernel(loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, task_ptr, p1w_ptr, 
     m2 = cmask[:, None] & pmask[None, :]
     src = (n * HID + cvec[:, None]) * P + pp[None, :]
     loc = tl.load(loc_ptr + src, mask=m2, other=0.0)
-    glob = tl.load(glob_ptr + src, mask=m2, other=0.0)
+    glob = tl.abs(tl.load(glob_ptr + src, mask=m2, other=0.0))
     siw = tl.load(siw_ptr + t * HID + cvec, mask=cmask, other=0.0)
     sg = tl.sigmoid(tl.sum(siw[:, None] * loc, axis=0) + tl.load(sib_ptr + t))
     u = cc[:, None] * (cg[:, None] * loc + sg[None, :] * glob)  # (BLOCK_HID, BLOCK_P), zero past HID
@@ -219,6 +220,167 @@ def mix_out_kernel(loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, task_ptr, p1w_ptr, 
     acc = tl.dot(tl.trans(u), tw, input_precision=PREC)
     out = out_ptr + n * son + pp[:, None].to(tl.int64) * sop + mm[None, :] * som
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & mmask[None, :])
+
+
+# -------------------------------------------------------------------------------------- backward
+
+@triton.jit
+def mix_bwd_pix_kernel(du_ptr, loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, task_ptr, p1w_ptr, p1b_ptr, p2w_ptr,
+                       p2b_ptr, c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, siw_ptr, sib_ptr,
+                       dloc_ptr, dgabs_ptr, u_ptr, part_ptr, HID, P, H2, Q,
+                       BLOCK_HID: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_Q: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
+    """Backward of u = c * (cg * local + sg * |global|) for one pixel block of image n, given du:
+    the gradients of the local map and of |global| (before the mean's share), u itself (for the tail's
+    weight gradient), and per-block partial sums of dc, dcg, d si_w and d si_b."""
+    pid_p = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    t = tl.load(task_ptr + n).to(tl.int64)
+    cvec = tl.arange(0, BLOCK_HID)
+    cmask = cvec < HID
+    pooled = tl.load(pooled_ptr + n * HID + cvec, mask=cmask, other=0.0)
+    gmean = tl.load(gmean_ptr + n * HID + cvec, mask=cmask, other=0.0)
+    cc = _mlp(pooled, cvec, cmask, t, p1w_ptr, p1b_ptr, p2w_ptr, p2b_ptr, HID, H2, BLOCK_H2)
+    cg = tl.sigmoid(_mlp(gmean, cvec, cmask, t, c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, HID, Q, BLOCK_Q))
+    pp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = pp < P
+    m2 = cmask[:, None] & pmask[None, :]
+    src = (n * HID + cvec[:, None]) * P + pp[None, :]
+    loc = tl.load(loc_ptr + src, mask=m2, other=0.0)
+    gabs = tl.abs(tl.load(glob_ptr + src, mask=m2, other=0.0))
+    du = tl.load(du_ptr + src, mask=m2, other=0.0)
+    siw = tl.load(siw_ptr + t * HID + cvec, mask=cmask, other=0.0)
+    sg = tl.sigmoid(tl.sum(siw[:, None] * loc, axis=0) + tl.load(sib_ptr + t))
+    inner = cg[:, None] * loc + sg[None, :] * gabs
+    a = du * cc[:, None]
+    dsg = tl.where(pmask, tl.sum(a * gabs, axis=0) * sg * (1.0 - sg), 0.0)  # through the sigmoid
+    tl.store(dloc_ptr + src, a * cg[:, None] + siw[:, None] * dsg[None, :], mask=m2)
+    tl.store(dgabs_ptr + src, a * sg[None, :], mask=m2)
+    tl.store(u_ptr + src, cc[:, None] * inner, mask=m2)
+    part = part_ptr + (n * tl.num_programs(0) + pid_p) * 4 * BLOCK_HID + cvec
+    tl.store(part, tl.sum(du * inner, axis=1))
+    tl.store(part + BLOCK_HID, tl.sum(a * loc, axis=1))
+    tl.store(part + 2 * BLOCK_HID, tl.sum(dsg[None, :] * loc, axis=1))
+    tl.store(part + 3 * BLOCK_HID, tl.where(cvec == 0, tl.sum(dsg, axis=0), 0.0))
+
+
+@triton.jit
+def mix_bwd_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, ampw_ptr, ampb_ptr, phaw_ptr, phab_ptr,
+                           compw_ptr, compb_ptr, cw_ptr, sw_ptr, ch_ptr, sh_ptr, aw_ptr, bw_ptr,
+                           glob_ptr, dloc_ptr, dgabs_ptr, dpooled_ptr, dgmean_ptr, dy_ptr, scal_ptr, HID, H, W,
+                           BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Backward of hidden channel c of image n through the pooling, the local and the global branch
+    to the head output y; per-(image, channel) sums for the parameter gradients go to scal:
+    [d scale, d shift, d comp_w, d comp_b, d conv_bias, d amp_w, d amp_b, d pha_w, d pha_b, d k9 (9)]."""
+    pid = tl.program_id(0)
+    n = pid // HID
+    c = pid % HID
+    t = tl.load(task_ptr + n).to(tl.int64)
+    hw = H * W
+    rows = tl.arange(0, BH)
+    cols = tl.arange(0, BW)
+    inside = (rows[:, None] < H) & (cols[None, :] < W)
+    offs = rows[:, None] * W + cols[None, :]
+    img = y_ptr + n.to(tl.int64) * HID * hw
+    # pooling: pooled_j = sum_p x_jp s_p, s = softmax(z), z = sum_j comp_w_j x_j + comp_b
+    z = tl.zeros((BH, BW), dtype=tl.float32) + tl.load(compb_ptr + t)
+    ds = tl.zeros((BH, BW), dtype=tl.float32)
+    for j in range(HID):
+        xj = tl.load(img + j * hw + offs, mask=inside, other=0.0) * tl.load(scale_ptr + n * HID + j) + \
+            tl.load(shift_ptr + n * HID + j)
+        z += tl.load(compw_ptr + t * HID + j) * xj
+        ds += tl.load(dpooled_ptr + n * HID + j) * xj
+    z = tl.where(inside, z, float("-inf"))
+    e = tl.where(inside, tl.exp(z - tl.max(tl.max(z, axis=1), axis=0)), 0.0)
+    s = e / tl.sum(tl.sum(e, axis=1), axis=0)
+    dz = s * (ds - tl.sum(tl.sum(s * ds, axis=1), axis=0))
+    sc = tl.load(scale_ptr + n * HID + c)
+    sh = tl.load(shift_ptr + n * HID + c)
+    chan = img + c * hw
+    yc = tl.load(chan + offs, mask=inside, other=0.0)
+    x = tl.where(inside, yc * sc + sh, 0.0)
+    cw = tl.load(compw_ptr + t * HID + c)
+    dx = tl.load(dpooled_ptr + pid) * s + cw * dz
+    sbase = scal_ptr + pid * 18
+    tl.store(sbase + 2, tl.sum(tl.sum(dz * x, axis=1), axis=0))
+    tl.store(sbase + 3, tl.sum(tl.sum(dz, axis=1), axis=0))
+    # local branch: the transposed 3x3 stencil for dx, correlations of dloc with shifted x for dk
+    dbase = (n.to(tl.int64) * HID + c) * hw
+    dloc = tl.load(dloc_ptr + dbase + offs, mask=inside, other=0.0)
+    tl.store(sbase + 4, tl.sum(tl.sum(dloc, axis=1), axis=0))
+    for di in tl.static_range(3):
+        for dj in tl.static_range(3):
+            kv = tl.load(k9_ptr + (t * HID + c) * 9 + di * 3 + dj)
+            rr = rows[:, None] - (di - 1)
+            cc = cols[None, :] - (dj - 1)
+            ok = inside & (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
+            dx += kv * tl.load(dloc_ptr + dbase + rr * W + cc, mask=ok, other=0.0)
+            r2 = rows[:, None] + (di - 1)
+            c2 = cols[None, :] + (dj - 1)
+            ok2 = inside & (r2 >= 0) & (r2 < H) & (c2 >= 0) & (c2 < W)
+            xs = tl.where(ok2, tl.load(chan + r2 * W + c2, mask=ok2, other=0.0) * sc + sh, 0.0)
+            tl.store(sbase + 9 + di * 3 + dj, tl.sum(tl.sum(dloc * xs, axis=1), axis=0))
+    # global branch: d|G| -> dG, then the transposed DFT products by spectrum-column blocks,
+    # recomputing the forward spectrum of each block
+    gsig = tl.load(glob_ptr + dbase + offs, mask=inside, other=0.0)
+    dgab = tl.load(dgabs_ptr + dbase + offs, mask=inside, other=0.0) + tl.load(dgmean_ptr + pid) / hw
+    dg = tl.where(inside & (gsig != 0), tl.where(gsig > 0, dgab, -dgab), 0.0)
+    aw_ = tl.load(ampw_ptr + t * HID + c)
+    ab_ = tl.load(ampb_ptr + t * HID + c)
+    pw_ = tl.load(phaw_ptr + t * HID + c)
+    pb_ = tl.load(phab_ptr + t * HID + c)
+    kk = tl.arange(0, BK)
+    s_aw = 0.0
+    s_ab = 0.0
+    s_pw = 0.0
+    s_pb = 0.0
+    for k0 in range(0, W // 2 + 1, BK):
+        wcol = cols[:, None] * BW + (k0 + kk)[None, :]  # (BW, BK): CW, SW blocks
+        wcol_t = (k0 + kk)[:, None] + cols[None, :] * BW  # (BK, BW): their transposes
+        wrow_t = (k0 + kk)[None, :] * BW + cols[:, None]  # (BW, BK): AW, BW blocks transposed
+        re = tl.dot(x, tl.load(cw_ptr + wcol), input_precision=PREC)
+        im = -tl.dot(x, tl.load(sw_ptr + wcol), input_precision=PREC)
+        fr = tl.dot(_load_square(ch_ptr, BH), re, input_precision=PREC)
+        fr = tl.dot(_load_square(sh_ptr, BH), im, fr, input_precision=PREC)
+        fi = tl.dot(_load_square(ch_ptr, BH), im, input_precision=PREC)
+        fi -= tl.dot(_load_square(sh_ptr, BH), re, input_precision=PREC)
+        mag = tl.sqrt(fr * fr + fi * fi)
+        pha = _atan2(fi, fr)
+        m1 = mag * aw_ + ab_
+        p1 = pha * pw_ + pb_
+        cs = tl.cos(p1)
+        sn = tl.sin(p1)
+        dgr = tl.dot(dg, tl.load(aw_ptr + wrow_t), input_precision=PREC)
+        dgi = -tl.dot(dg, tl.load(bw_ptr + wrow_t), input_precision=PREC)
+        dzr = tl.dot(_load_square(ch_ptr, BH), dgr, input_precision=PREC)
+        dzr = tl.dot(_load_square(sh_ptr, BH), dgi, dzr, input_precision=PREC)
+        dzi = tl.dot(_load_square(ch_ptr, BH), dgi, input_precision=PREC)
+        dzi -= tl.dot(_load_square(sh_ptr, BH), dgr, input_precision=PREC)
+        dm1 = dzr * cs + dzi * sn
+        dp1 = m1 * (dzi * cs - dzr * sn)
+        s_aw += tl.sum(tl.sum(dm1 * mag, axis=1), axis=0)
+        s_ab += tl.sum(tl.sum(dm1, axis=1), axis=0)
+        s_pw += tl.sum(tl.sum(dp1 * pha, axis=1), axis=0)
+        s_pb += tl.sum(tl.sum(dp1, axis=1), axis=0)
+        inv = tl.where(mag > 0, 1.0 / tl.where(mag > 0, mag, 1.0), 0.0)
+        dmag = dm1 * aw_
+        dpha = dp1 * pw_ * inv
+        dfr = (dmag * fr - dpha * fi) * inv
+        dfi = (dmag * fi + dpha * fr) * inv
+        dre = tl.dot(_load_square(ch_ptr, BH), dfr, input_precision=PREC)
+        dre -= tl.dot(_load_square(sh_ptr, BH), dfi, input_precision=PREC)
+        dim = tl.dot(_load_square(sh_ptr, BH), dfr, input_precision=PREC)
+        dim = tl.dot(_load_square(ch_ptr, BH), dfi, dim, input_precision=PREC)
+        dx = tl.dot(dre, tl.load(cw_ptr + wcol_t), dx, input_precision=PREC)
+        dx -= tl.dot(dim, tl.load(sw_ptr + wcol_t), input_precision=PREC)
+    tl.store(sbase + 5, s_aw)
+    tl.store(sbase + 6, s_ab)
+    tl.store(sbase + 7, s_pw)
+    tl.store(sbase + 8, s_pb)
+    dx = tl.where(inside, dx, 0.0)
+    tl.store(dy_ptr + dbase + offs, dx * sc, mask=inside)
+    tl.store(sbase, tl.sum(tl.sum(dx * yc, axis=1), axis=0))
+    tl.store(sbase + 1, tl.sum(tl.sum(dx, axis=1), axis=0))
 
 
 # ------------------------------------------------------------------------------------- launchers
@@ -238,7 +400,9 @@ def linear_config(p: int, m: int, k: int) -> dict:
 
 def mix_config(h: int, w: int) -> dict:
     bh, bw = _pow2(h), _pow2(w)
-    return dict(BH=bh, BW=bw, BK=16, num_warps=8 if bh * bw >= 64 * 64 else 4)
+    # num_stages=1: the loop over spectrum-column blocks is not worth pipelining (each iteration is
+    # a dozen dots), and staging its matrix loads would multiply shared memory past sm_80's 163 KB
+    return dict(BH=bh, BW=bw, BK=16, num_warps=8 if bh * bw >= 64 * 64 else 4, num_stages=1)
 
 
 def out_config(hid: int, m: int) -> dict:
@@ -321,10 +485,8 @@ def mix_tail(y, scale, shift, task, k9, mix: list, tail_w, out, out_strides, pre
     dev = y.device
     loc, glob, pooled, gmean = scratch
     cfg = mix_config(h, w)
-    warps = cfg.pop("num_warps")
     mix_channel_kernel[(n * hid,)](y, scale, shift, task, k9, cbias, ampw, ampb, phaw, phab, compw, compb,
-                                   *dft_matrices(h, w, dev), loc, glob, pooled, gmean, hid, h, w,
-                                   PREC=prec, num_warps=warps, **cfg)
+                                   *dft_matrices(h, w, dev), loc, glob, pooled, gmean, hid, h, w, PREC=prec, **cfg)
     cfg = out_config(hid, m)
     warps = cfg.pop("num_warps")
     h2, q = p1w.shape[1], c1w.shape[1]
@@ -332,3 +494,46 @@ def mix_tail(y, scale, shift, task, k9, mix: list, tail_w, out, out_strides, pre
     mix_out_kernel[grid](loc, glob, pooled, gmean, task, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib, tail_w,
                          out, hid, h * w, m, h2, q, *out_strides, BLOCK_H2=_pow2(h2, 1), BLOCK_Q=_pow2(q, 1),
                          PREC=prec, num_warps=warps, **cfg)
+
+
+def pix_config(hid: int) -> dict:
+    return dict(BLOCK_HID=_pow2(hid), BLOCK_P=64, num_warps=4)
+
+
+def mix_backward_pix(du, task, mix: list, saved, out) -> None:
+    """First launch of the mix backward, given du (N, hid, H, W) float32, the tail's input gradient.
+
+    mix: as :func:`mix_tail`; saved: (local, global before |.|, pooled, gmean) from the forward;
+    out: float32 buffers dloc, d|global|, u (like du) and partial sums (N, blocks, 4, BLOCK_HID) of
+    [dc, dcg, d si_w, d si_b] (blocks = cdiv(H * W, BLOCK_P) of :func:`pix_config`).
+    """
+    (cbias, ampw, ampb, phaw, phab, compw, compb, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib) = mix
+    loc, glob, pooled, gmean = saved
+    dloc, dgabs, u, parts = out
+    n, hid, h, w = du.shape
+    if n == 0 or h * w == 0:
+        return
+    cfg = pix_config(hid)
+    warps = cfg.pop("num_warps")
+    h2, q = p1w.shape[1], c1w.shape[1]
+    mix_bwd_pix_kernel[(triton.cdiv(h * w, cfg["BLOCK_P"]), n)](
+        du, loc, glob, pooled, gmean, task, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib, dloc, dgabs, u, parts,
+        hid, h * w, h2, q, BLOCK_H2=_pow2(h2, 1), BLOCK_Q=_pow2(q, 1), num_warps=warps, **cfg)
+
+
+def mix_backward_channel(y, scale, shift, task, k9, mix: list, glob, dloc, dgabs, dpooled, dgmean, prec: str,
+                         out) -> None:
+    """Second launch of the mix backward: dy and the per-(image, channel) parameter sums.
+
+    dpooled, dgmean (N, hid): the gradients of the two pooled vectors (through the channel MLPs);
+    out: float32 dy (like y) and sums (N, hid, 18), see :func:`mix_bwd_channel_kernel`.
+    """
+    (cbias, ampw, ampb, phaw, phab, compw, compb, *_rest) = mix
+    dy, scal = out
+    n, hid, h, w = y.shape
+    if n == 0 or h * w == 0:
+        return
+    cfg = mix_config(h, w)
+    mix_bwd_channel_kernel[(n * hid,)](y, scale, shift, task, k9, ampw, ampb, phaw, phab, compw, compb,
+                                       *dft_matrices(h, w, y.device), glob, dloc, dgabs, dpooled, dgmean, dy, scal,
+                                       hid, h, w, PREC=prec, **cfg)

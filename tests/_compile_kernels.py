@@ -81,7 +81,7 @@ def adapter_signatures(c, hid, q, side, xdt):
         warps = cfg.pop("num_warps")
         yield AK.grouped_linear_kernel, sig, dict(cfg, HAS_BIAS=bias, PREC=prec), warps
     cfg = AK.mix_config(side, side)
-    warps = cfg.pop("num_warps")
+    warps = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     names = ["y_ptr", "scale_ptr", "shift_ptr", "task_ptr", "k9_ptr", "cbias_ptr", "ampw_ptr", "ampb_ptr", "phaw_ptr",
              "phab_ptr", "compw_ptr", "compb_ptr", "cw_ptr", "sw_ptr", "ch_ptr", "sh_ptr", "aw_ptr", "bw_ptr",
              "loc_ptr", "glob_ptr", "pooled_ptr", "gmean_ptr"]
@@ -98,6 +98,24 @@ def adapter_signatures(c, hid, q, side, xdt):
                BLOCK_HID="constexpr", BLOCK_H2="constexpr", BLOCK_Q="constexpr", BLOCK_P="constexpr",
                BLOCK_M="constexpr", PREC="constexpr")
     yield AK.mix_out_kernel, sig, dict(cfg, BLOCK_H2=AK._pow2(hid // 2, 1), BLOCK_Q=AK._pow2(q, 1), PREC=prec), warps
+    cfg = AK.pix_config(hid)
+    warps = cfg.pop("num_warps")
+    names = ["du_ptr", "loc_ptr", "glob_ptr", "pooled_ptr", "gmean_ptr", "task_ptr", "p1w_ptr", "p1b_ptr", "p2w_ptr",
+             "p2b_ptr", "c1w_ptr", "c1b_ptr", "c2w_ptr", "c2b_ptr", "siw_ptr", "sib_ptr", "dloc_ptr", "dgabs_ptr",
+             "u_ptr", "part_ptr"]
+    sig = {n: "*fp32" for n in names}
+    sig.update(task_ptr="*i64", **{n: "i32" for n in ("HID", "P", "H2", "Q")}, BLOCK_HID="constexpr",
+               BLOCK_H2="constexpr", BLOCK_Q="constexpr", BLOCK_P="constexpr")
+    yield AK.mix_bwd_pix_kernel, sig, dict(cfg, BLOCK_H2=AK._pow2(hid // 2, 1), BLOCK_Q=AK._pow2(q, 1)), warps
+    cfg = AK.mix_config(side, side)
+    warps = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+    names = ["y_ptr", "scale_ptr", "shift_ptr", "task_ptr", "k9_ptr", "ampw_ptr", "ampb_ptr", "phaw_ptr", "phab_ptr",
+             "compw_ptr", "compb_ptr", "cw_ptr", "sw_ptr", "ch_ptr", "sh_ptr", "aw_ptr", "bw_ptr", "glob_ptr",
+             "dloc_ptr", "dgabs_ptr", "dpooled_ptr", "dgmean_ptr", "dy_ptr", "scal_ptr"]
+    sig = {n: "*fp32" for n in names}
+    sig.update(task_ptr="*i64", HID="i32", H="i32", W="i32", BH="constexpr", BW="constexpr", BK="constexpr",
+               PREC="constexpr")
+    yield AK.mix_bwd_channel_kernel, sig, dict(cfg, PREC=prec), warps
 
 
 def ptxas_info(ptx: str, arch: int):
@@ -131,14 +149,15 @@ def all_launches():
 def main(arch: int):
     seen, report = set(), []
     for fields, fn, sig, consts, warps in all_launches():
-        key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())), warps)
+        key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())), str(warps))
         if key in seen:
             continue
         seen.add(key)
-        row = {"kernel": fn.__name__, "arch": arch, **fields, "num_warps": warps, **consts}
+        options = warps if isinstance(warps, dict) else {"num_warps": warps}
+        row = {"kernel": fn.__name__, "arch": arch, **fields, **options, **consts}
         try:
             k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                               options={"num_warps": warps})
+                               options=options)
             row["shared_bytes"] = k.metadata.shared
             row["registers"], row["spill_bytes"] = ptxas_info(k.asm["ptx"], arch)
         except Exception as err:  # report every failure, do not stop at the first

@@ -29,7 +29,8 @@ def test_every_kernel_compiles(arch, record_property, capsys):
     report = json.loads(proc.stdout)
     kernels = {row["kernel"] for row in report}
     assert kernels == {"pos_gemm_kernel", "dwconv_kernel", "patch_conv_kernel", "hidden_kernel",
-                       "grouped_linear_kernel", "mix_channel_kernel", "mix_out_kernel"}
+                       "grouped_linear_kernel", "mix_channel_kernel", "mix_out_kernel", "mix_bwd_pix_kernel",
+                       "mix_bwd_channel_kernel"}
     errors = [row for row in report if "error" in row]
     assert not errors, json.dumps(errors, indent=1)[:4000]
     too_big = [row for row in report if row["shared_bytes"] > SMEM_LIMIT[arch]]

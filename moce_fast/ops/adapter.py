@@ -385,51 +385,146 @@ def _grouped_linear_triton(b, a, bias, task, order, out_dtype):
     return _linear_triton_op(b, a, bias, task, order, out_dtype)
 
 
+def _kernel_mix(mix) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The float32 tensors the mix kernels take: the low-rank 3x3 kernels A @ B as (T, h, 9), and the
+    other parameters (conv_bias .. si_b) contiguous."""
+    f32 = torch.float32
+    return (mix[0].to(f32) @ mix[1].to(f32)).contiguous(), [m.to(f32).contiguous() for m in mix[2:]]
+
+
 @torch.library.custom_op("moce_fast::adaptir_mix_tail_triton", mutates_args=())
 def _mix_tail_triton_op(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mix: list[torch.Tensor],
-                        tail_w: torch.Tensor, task: torch.Tensor, order: str, out_dtype: torch.dtype) -> torch.Tensor:
+                        tail_w: torch.Tensor, task: torch.Tensor, order: str, out_dtype: torch.dtype
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, local map, global map before |.|, pooled, mean |global|): the last four are kept for
+    the backward."""
     from moce_fast.kernels import adapter as kernels
 
     n, hid, hh, ww = y.shape
     f32 = torch.float32
-    k9 = (mix[0].to(f32) @ mix[1].to(f32)).contiguous()  # the low-rank 3x3 kernels A @ B, (T, h, 9)
-    rest = [m.to(f32).contiguous() for m in mix[2:]]
+    k9, rest = _kernel_mix(mix)
     out = new_buffer(_SHAPE[order](n, hh * ww, tail_w.shape[1]), y.device, out_dtype)
     scratch = (new_buffer(y.shape, y.device, f32), new_buffer(y.shape, y.device, f32),
                new_buffer((n, hid), y.device, f32), new_buffer((n, hid), y.device, f32))
     kernels.mix_tail(y.contiguous(), scale.to(f32).contiguous(), shift.to(f32).contiguous(), task, k9, rest,
                      tail_w.to(f32).contiguous(), out, _npm_strides(out, order), kernels.precision(out_dtype),
                      scratch)
-    return out
+    return (out, *scratch)
 
 
 @_mix_tail_triton_op.register_fake
 def _(y, scale, shift, mix, tail_w, task, order, out_dtype):
-    n, _, hh, ww = y.shape
-    return y.new_empty(_SHAPE[order](n, hh * ww, tail_w.shape[1]), dtype=out_dtype)
+    n, hid, hh, ww = y.shape
+    f32 = torch.float32
+    return (y.new_empty(_SHAPE[order](n, hh * ww, tail_w.shape[1]), dtype=out_dtype), y.new_empty(y.shape, dtype=f32),
+            y.new_empty(y.shape, dtype=f32), y.new_empty((n, hid), dtype=f32), y.new_empty((n, hid), dtype=f32))
 
 
 def _mix_tail_setup(ctx, inputs, output):
     y, scale, shift, mix, tail_w, task, order, out_dtype = inputs
     ctx.order, ctx.n_mix = order, len(mix)
-    ctx.save_for_backward(y, scale, shift, tail_w, task, *mix)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(y, scale, shift, tail_w, task, *output[1:], *mix)
 
 
-def _mix_tail_backward(ctx, grad):
-    # The wide part (the tail's input gradient, a GEMM over C) runs on the grouped_linear kernel;
-    # the h-space body (h = C/24 or C/14 channels) is recomputed and differentiated by torch.
-    y, scale, shift, tail_w, task, *mix = ctx.saved_tensors
+# The backward's kernel launches are custom ops too, so that AOT autograd / torch.compile trace them.
+@torch.library.custom_op("moce_fast::adaptir_mix_bwd_pix_triton", mutates_args=())
+def _mix_bwd_pix_op(du: torch.Tensor, task: torch.Tensor, rest: list[torch.Tensor], loc: torch.Tensor,
+                    glob: torch.Tensor, pooled: torch.Tensor, gmean: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from moce_fast.kernels import adapter as kernels
+
+    f32 = torch.float32
+    out = [new_buffer(du.shape, du.device, f32) for _ in range(3)]
+    out.append(new_buffer(_pix_parts_shape(du.shape), du.device, f32))
+    kernels.mix_backward_pix(du, task, rest, (loc, glob, pooled, gmean), out)
+    return tuple(out)
+
+
+def _pix_parts_shape(shape) -> tuple[int, int, int, int]:
+    from moce_fast.kernels import adapter as kernels
+
+    n, hid, hh, ww = shape
+    cfg = kernels.pix_config(hid)
+    return n, -(-hh * ww // cfg["BLOCK_P"]), 4, cfg["BLOCK_HID"]
+
+
+@_mix_bwd_pix_op.register_fake
+def _(du, task, rest, loc, glob, pooled, gmean):
+    return (du.new_empty(du.shape), du.new_empty(du.shape), du.new_empty(du.shape),
+            du.new_empty(_pix_parts_shape(du.shape)))
+
+
+@torch.library.custom_op("moce_fast::adaptir_mix_bwd_channel_triton", mutates_args=())
+def _mix_bwd_channel_op(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, task: torch.Tensor,
+                        k9: torch.Tensor, rest: list[torch.Tensor], glob: torch.Tensor, dloc: torch.Tensor,
+                        dgabs: torch.Tensor, dpooled: torch.Tensor, dgmean: torch.Tensor, fp32_accuracy: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    from moce_fast.kernels import adapter as kernels
+
+    f32 = torch.float32
+    dy = new_buffer(y.shape, y.device, f32)
+    scal = new_buffer((y.shape[0], y.shape[1], 18), y.device, f32)
+    kernels.mix_backward_channel(y, scale, shift, task, k9, rest, glob, dloc, dgabs, dpooled, dgmean,
+                                 kernels.precision(f32 if fp32_accuracy else torch.bfloat16), (dy, scal))
+    return dy, scal
+
+
+@_mix_bwd_channel_op.register_fake
+def _(y, scale, shift, task, k9, rest, glob, dloc, dgabs, dpooled, dgmean, fp32_accuracy):
+    return y.new_empty(y.shape, dtype=torch.float32), y.new_empty((y.shape[0], y.shape[1], 18), dtype=torch.float32)
+
+
+def _per_task(v: torch.Tensor, task: torch.Tensor, t: int) -> torch.Tensor:
+    """Per-image values (N, ...) summed over the images of each task: (T, ...)."""
+    if t == 1:
+        return v.sum(0, keepdim=True)
+    return v.new_zeros((t,) + v.shape[1:]).index_add_(0, task, v)
+
+
+def _mix_tail_backward(ctx, grad, *_unused):
+    # Launches: grouped_linear (tail input gradient du), mix_bwd_pix (gates, products), the two
+    # channel MLPs in torch (a few hundred numbers per image), mix_bwd_channel (pooling, local and
+    # global branches back to y); weight gradients reduced over images per task in torch.
+    y, scale, shift, tail_w, task, loc, glob, pooled, gmean, *mix = ctx.saved_tensors
     n, hid, hh, ww = y.shape
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_() for x in (y, scale, shift, *mix)]
-        u = adapter_mix(leaves[0], leaves[1], leaves[2], MixParams(*leaves[3:]), task)
+    t = tail_w.shape[0]
+    f32 = torch.float32
     g = _as_npm(grad, ctx.order)
-    du = _linear_triton_op(g, tail_w.transpose(1, 2), None, task, "nmp", torch.float32)  # (N, h, P)
-    dtail = _weight_grad(g, u.detach().view(n, hid, hh * ww).transpose(1, 2), task, tail_w.shape[0])
-    grads = torch.autograd.grad(u, leaves, du.view_as(u).to(u.dtype), allow_unused=True)
-    grads = [torch.zeros_like(x) if gx is None else gx for gx, x in zip(grads, leaves)]
-    dy, dscale, dshift, *dmix = grads
-    return dy, dscale, dshift, dmix, dtail.to(tail_w.dtype), None, None, None
+    du = _linear_triton_op(g, tail_w.transpose(1, 2), None, task, "nmp", f32).view(n, hid, hh, ww)
+    k9, rest = _kernel_mix(mix)
+    dloc, dgabs, u, parts = _mix_bwd_pix_op(du.contiguous(), task, rest, loc, glob, pooled, gmean)
+    totals = parts.sum(dim=1)
+    dcc, dcg, dsiw, dsib = totals[:, 0, :hid], totals[:, 1, :hid], totals[:, 2, :hid], totals[:, 3, 0]
+    # the channel MLPs: c = proj(pooled), cg = sigmoid(channel_interaction(gmean)), per image's task
+    mlp_idx = range(9, 17)  # proj1_w .. ci2_b in MixParams order
+    with torch.enable_grad():
+        pl, gl = pooled.detach().requires_grad_(), gmean.detach().requires_grad_()
+        w = [mix[i].detach().requires_grad_() for i in mlp_idx]
+        wi = [x[:1].expand(n, *x.shape[1:]) if t == 1 else x.index_select(0, task) for x in w]
+
+        def mlp(v, w1, b1, w2, b2):
+            return torch.einsum("nij,nj->ni", w2.to(f32),
+                                F.gelu(torch.einsum("nij,nj->ni", w1.to(f32), v) + b1.to(f32))) + b2.to(f32)
+
+        cc = mlp(pl, *wi[:4])
+        cg = torch.sigmoid(mlp(gl, *wi[4:]))
+        dmlp = torch.autograd.grad((cc, cg), [pl, gl, *w], (dcc, dcg), allow_unused=True)
+    dpooled, dgmean, *dw = [torch.zeros_like(x) if d is None else d for d, x in zip(dmlp, [pl, gl, *w])]
+    dy, scal = _mix_bwd_channel_op(y.contiguous(), scale.to(f32).contiguous(), shift.to(f32).contiguous(), task,
+                                   k9, rest, glob, dloc, dgabs, dpooled.contiguous(), dgmean.contiguous(),
+                                   grad.dtype == f32)
+    dtail = _weight_grad(g, u.view(n, hid, hh * ww).transpose(1, 2), task, t)
+    per_task = _per_task(scal, task, t)  # (T, hid, 18)
+    dk9 = per_task[:, :, 9:]
+    a, b = mix[0].to(f32), mix[1].to(f32)
+    dmix = [dk9 @ b.transpose(1, 2), a.transpose(1, 2) @ dk9,  # conv_weight_A, conv_weight_B
+            per_task[:, :, 4], per_task[:, :, 5], per_task[:, :, 6], per_task[:, :, 7], per_task[:, :, 8],
+            per_task[:, :, 2], per_task[:, 0, 3],  # comp_w, comp_b
+            *dw, _per_task(dsiw, task, t), _per_task(dsib, task, t)]
+    dmix = [d.to(m.dtype).view(m.shape) for d, m in zip(dmix, mix)]
+    return (dy.to(y.dtype), scal[:, :, 0].to(scale.dtype), scal[:, :, 1].to(shift.dtype), dmix,
+            dtail.to(tail_w.dtype), None, None, None)
 
 
 _mix_tail_triton_op.register_autograd(_mix_tail_backward, setup_context=_mix_tail_setup)
@@ -450,4 +545,4 @@ def _mix_tail_reason(y, scale, shift, mix, tail_w, task, order, out_dtype) -> Op
 
 @register("adaptir_mix_tail", "triton", supports=_mix_tail_reason)
 def _mix_tail_triton(y, scale, shift, mix, tail_w, task, order, out_dtype):
-    return _mix_tail_triton_op(y, scale, shift, list(mix), tail_w, task, order, out_dtype)
+    return _mix_tail_triton_op(y, scale, shift, list(mix), tail_w, task, order, out_dtype)[0]
