@@ -59,6 +59,69 @@ def signatures(c, r, p, xdt):
                             "BLOCK_K": "constexpr", "BLOCK_P": "constexpr"}, consts, warps
 
 
+def backward_signatures(c, r, p, xdt):
+    """(kernel, signature, constexprs, num_warps) for the backward launches of one expert."""
+    cfg = K.backward_configs(c, r, 64, 64, p)
+    x = TYPES[xdt]
+
+    def split(name):
+        consts = dict(cfg[name])
+        return consts, consts.pop("num_warps")
+
+    consts, warps = split("out_bwd")
+    yield K.out_bwd_kernel, {"dout_ptr": x, "image_ptr": "*i64", "x_ptr": x, "w2_ptr": "*fp32", "h_ptr": "*fp32",
+                             "gate_ptr": x, "offsets_ptr": "*i64", "expert": "i32", "dh_ptr": "*fp32",
+                             "part_ptr": "*fp32", "C": "i32", "RANK": "i32", "HW": "i32", "BLOCK_R": "constexpr",
+                             "BLOCK_K": "constexpr", "BLOCK_P": "constexpr"}, consts, warps
+    consts, warps = split("hidden_bwd_a")
+    names = ["qkv_ptr", "a_ptr", "shared_ptr", "image_ptr", "offsets_ptr", "nw_ptr", "nb_ptr", "wpo_ptr", "bpo_ptr",
+             "ws_ptr", "dh_ptr", "dbody_ptr", "dgl_ptr", "part_ptr"]
+    sig = {n: "*fp32" for n in names}
+    sig.update(shared_ptr=x, image_ptr="*i64", offsets_ptr="*i64", expert="i32", C="i32", HW="i32", RANK="i32",
+               eps="fp32", BLOCK_R="constexpr", BLOCK_K="constexpr", BLOCK_P="constexpr")
+    sig = {k: sig[k] for k in ["qkv_ptr", "a_ptr", "shared_ptr", "image_ptr", "offsets_ptr", "expert", "nw_ptr",
+                               "nb_ptr", "wpo_ptr", "bpo_ptr", "ws_ptr", "dh_ptr", "dbody_ptr", "dgl_ptr", "part_ptr",
+                               "C", "HW", "RANK", "eps", "BLOCK_R", "BLOCK_K", "BLOCK_P"]}
+    yield K.hidden_bwd_a_kernel, sig, consts, warps
+    consts, warps = split("hidden_bwd_b")
+    sig = {"qkv_ptr": "*fp32", "a_ptr": "*fp32", "offsets_ptr": "*i64", "expert": "i32", "nw_ptr": "*fp32",
+           "nb_ptr": "*fp32", "wpo_ptr": "*fp32", "dbody_ptr": "*fp32", "dqkv_ptr": "*fp32", "da_ptr": "*fp32",
+           "m_ptr": "*fp32", "part_ptr": "*fp32", "HW": "i32", "RANK": "i32", "eps": "fp32",
+           "BLOCK_R": "constexpr", "BLOCK_K": "constexpr", "BLOCK_P": "constexpr"}
+    yield K.hidden_bwd_b_kernel, sig, consts, warps
+    consts, warps = split("patch_conv_bwd")
+    yield K.patch_conv_bwd_kernel, {"qkv_ptr": "*fp32", "da_ptr": "*fp32", "offsets_ptr": "*i64", "expert": "i32",
+                                    "cos_ptr": "*fp32", "sin_ptr": "*fp32", "dqkv_ptr": "*fp32", "RANK": "i32",
+                                    "H": "i32", "W": "i32", "inv_pp": "fp32", "PP": "constexpr",
+                                    "PREC": "constexpr"}, consts, warps
+    consts, warps = split("dwconv_wgrad")
+    yield K.dwconv_wgrad_kernel, {"dout_ptr": "*fp32", "in_ptr": "*fp32", "offsets_ptr": "*i64", "expert": "i32",
+                                  "part_ptr": "*fp32", "NCH": "i32", "H": "i32", "W": "i32", "KS": "constexpr",
+                                  "BLOCK_CH": "constexpr", "BLOCK_P": "constexpr"}, consts, warps
+    consts, warps = split("outer")
+    outer = {"a_ptr": "*fp32", "a_index_ptr": "*i64", "b_ptr": "*fp32", "b_index_ptr": "*i64", "scale_ptr": x,
+             "offsets_ptr": "*i64", "expert": "i32", "part_ptr": "*fp32", "M": "i32", "N": "i32", "HW": "i32",
+             "A_INDEXED": "constexpr", "B_INDEXED": "constexpr", "HAS_SCALE": "constexpr", "BLOCK_M": "constexpr",
+             "BLOCK_N": "constexpr", "BLOCK_P": "constexpr"}
+    # d proj2 (dout by image, scaled by the gate), d proj1 (shared by image), d proj_out, d fold (x by image)
+    for sig, m, n, a_idx, b_idx, scale in ((dict(outer, a_ptr=x), c, r, True, False, True),
+                                           (dict(outer, b_ptr=x), r, c, False, True, False),
+                                           (outer, r, r, False, False, False),
+                                           (dict(outer, b_ptr=x), 3 * r, c, False, True, False)):
+        yield K.pos_outer_kernel, sig, dict(consts, **K._outer_blocks(m, n), A_INDEXED=a_idx, B_INDEXED=b_idx,
+                                            HAS_SCALE=scale), warps
+    # the input-gradient GEMMs (dshared through proj1, dx through the fold) reuse pos_gemm_kernel
+    fwd = K.launch_configs(c, r, 64, 64, p)["out_proj"]
+    gemm = {"in_ptr": "*fp32", "in_index_ptr": "*i64", "w_ptr": "*fp32", "add_ptr": x, "add_index_ptr": "*i64",
+            "scale_ptr": x, "out_ptr": "*fp32", "out_index_ptr": "*i64", "offsets_ptr": "*i64", "expert": "i32",
+            "K": "i32", "N": "i32", "HW": "i32", "IN_INDEXED": "constexpr", "HAS_ADD": "constexpr",
+            "OUT_INDEXED": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_P": "constexpr"}
+    for k in (r, 3 * r):
+        consts = dict(fwd, BLOCK_K=min(32, K._pow2(k)))
+        warps = consts.pop("num_warps")
+        yield K.pos_gemm_kernel, gemm, dict(consts, IN_INDEXED=False, HAS_ADD=False, OUT_INDEXED=True), warps
+
+
 # AdaptIR at the issue's host shapes: IPT (576 channels, hidden 24, 16x16 and 48x48 tokens) and
 # EDT (180 channels, hidden 12, 64x64).
 ADAPTER_SHAPES = [("ipt", 576, 24, 3, 16), ("ipt", 576, 24, 3, 48), ("edt", 180, 12, 3, 64)]
@@ -138,7 +201,7 @@ def all_launches():
         ranks = [c // 8, c // 4, c // 2, c]
         for r, p in zip(ranks, (4, 8, 16, 32)):
             for xdt in TYPES:
-                for fn, sig, consts, warps in signatures(c, r, p, xdt):
+                for fn, sig, consts, warps in (*signatures(c, r, p, xdt), *backward_signatures(c, r, p, xdt)):
                     yield {"x": xdt, "C": c, "r": r, "p": p}, fn, sig, consts, warps
     for variant, c, hid, q, side in ADAPTER_SHAPES:
         for xdt in TYPES:

@@ -28,7 +28,9 @@ def test_every_kernel_compiles(arch, record_property, capsys):
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     kernels = {row["kernel"] for row in report}
-    assert kernels == {"pos_gemm_kernel", "dwconv_kernel", "patch_conv_kernel", "hidden_kernel",
+    assert kernels == {"pos_gemm_kernel", "dwconv_kernel", "patch_conv_kernel", "hidden_kernel", "out_bwd_kernel",
+                       "hidden_bwd_a_kernel", "hidden_bwd_b_kernel", "patch_conv_bwd_kernel", "dwconv_wgrad_kernel",
+                       "pos_outer_kernel",
                        "grouped_linear_kernel", "mix_channel_kernel", "mix_out_kernel", "mix_bwd_pix_kernel",
                        "mix_bwd_channel_kernel"}
     errors = [row for row in report if "error" in row]

@@ -29,6 +29,15 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
 TOL32 = 3e-4 if ON_GPU else 2e-5
 
 
+@pytest.fixture(autouse=True)
+def _poison():
+    """Every output and scratch buffer of the Triton ops starts as NaN: an element a kernel fails
+    to write shows up."""
+    moce_fast.ops.set_poison_outputs(True)
+    yield
+    moce_fast.ops.set_poison_outputs(False)
+
+
 def run_layer(layer, x, f, s, idx=None, gates=None, backend="triton"):
     with moce_fast.backend(backend):
         return layer(x, f, s, expert_indices=idx, expert_gates=gates)
@@ -163,3 +172,46 @@ def test_triton_forward_has_no_host_sync_and_captures_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (host syncs exist only there)")
+def test_triton_backward_has_no_host_sync():
+    fast, _ = make_layers(dim=16, num_experts=4, top_k=2, freq_dim=6)
+    layer = fast.float().cuda()
+    x, s, f = (t.float().cuda().requires_grad_() for t in layer_inputs(4, dim=16, h=16, w=16, freq_dim=6))
+    idx = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0]], device="cuda")
+    gates = torch.full((4, 2), 0.5, device="cuda")
+    with moce_fast.backend("triton"):
+        layer(x, f, s, expert_indices=idx, expert_gates=gates).sum().backward()  # warm-up: compiles
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            layer(x, f, s, expert_indices=idx, expert_gates=gates).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_triton_backward_float32_accuracy():
+    """With every rank >= 4 (well-conditioned LayerNorms), every gradient of the Triton backward,
+    the routing gates' included, is within float32 accuracy of the float64 reference."""
+    fast, ref = make_layers(dim=32, num_experts=4, top_k=2, freq_dim=6, seed=3)
+    x, s, f = layer_inputs(3, dim=32, h=9, w=13, freq_dim=6, seed=4)
+    idx = torch.tensor([[0, 1], [2, 3], [1, 2]])
+    gates = torch.rand(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) + 0.2
+    fast.eval(), ref.eval()
+    f32 = fast.float().to(DEVICE)
+    xs = [t.float().to(DEVICE).requires_grad_() for t in (x, s)]
+    g32 = gates.float().to(DEVICE).requires_grad_()
+    y = run_layer(f32, xs[0], f.float().to(DEVICE), xs[1], idx.to(DEVICE), g32)
+    weight = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    (y.double() * weight.to(DEVICE)).sum().backward()
+    xr = [t.clone().requires_grad_() for t in (x, s)]
+    gr = gates.clone().requires_grad_()
+    (ref(xr[0], f, xr[1], idx, gr) * weight).sum().backward()
+    tol = 2e-5 if not ON_GPU else 3e-4
+    for name, a, r in [("x", xs[0], xr[0]), ("shared", xs[1], xr[1]), ("gates", g32, gr)]:
+        assert rel_err(a.grad.cpu(), r.grad) < tol, name
+    ref_params = dict(ref.named_parameters())
+    for name, p in f32.named_parameters():
+        if ref_params[name].grad is not None:
+            assert rel_err(p.grad.cpu(), ref_params[name].grad) < tol, name

@@ -158,19 +158,64 @@ def _triton_setup(ctx, inputs, output):
 
 
 def _triton_backward(ctx, grad):
-    # The backward recomputes the experts with the torch ops (per expert, batched) and lets autograd
-    # differentiate them: Triton backward kernels are not written yet.
+    # Triton kernels for every stage (kernels/moce_expert.py, expert_backward), over the plan's
+    # positions like the forward: no host sync. Weight gradients come back as zero-filled
+    # per-position partial sums, reduced here; the chain rule through the folded projections and
+    # the padded 3x3 kernel is a handful of small matrix products on the weights.
+    from moce_fast.kernels import moce_expert as kernels
+
     x, shared, order, image, gate, offsets, *weights = ctx.saved_tensors
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (x, shared, gate, *weights)]
-        xd, sd, gd, *wd = leaves
-        plan = RoutingPlan(order, image, gd, offsets.diff(), offsets, ctx.top_k)
-        out = _moce_experts_torch(xd, sd, plan, _unflatten(wd, ctx.patch_sizes))
-        grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
-    # Weights of experts that got no image: zero gradients, allocated.
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
-    gx, gs, gg, *gw = grads
-    return gx, gs, None, None, gg, None, gw, None, None
+    experts = _unflatten(weights, ctx.patch_sizes)
+    b, c, h, w = x.shape
+    top_k = ctx.top_k
+    npos = b * top_k
+    f32 = torch.float32
+    dout = grad.contiguous()
+    x, shared = x.contiguous(), shared.contiguous()
+    dx_pairs = new_buffer((npos, c, h, w), x.device, f32)
+    dshared_pairs = new_buffer((npos, c, h, w), x.device, f32)
+    dgate = torch.zeros(npos, device=x.device, dtype=f32)
+    grads = []
+    for e, wt in enumerate(experts):
+        kw = _kernel_weights(wt)
+        parts = kernels.expert_backward(x, shared, image, order, gate, offsets, e, *kw, wt.patch_size, dout, dx_pairs,
+                                        dshared_pairs, lambda shape: new_buffer(shape, x.device, f32))
+        grads.append(_expert_weight_grads(wt, parts))
+        dgate += parts["gate"].sum(dim=(1, 2))
+    if npos == 0 or not experts:
+        dx_pairs.zero_(), dshared_pairs.zero_()
+    # the shortcut: d x += dout * (sum of the image's gates); pair rows are (image, slot)
+    pair_gate = torch.empty_like(gate).scatter_(0, order, gate).view(b, top_k).sum(dim=1)
+    gx = dx_pairs.view(b, top_k, c, h, w).sum(dim=1) + dout.to(f32) * pair_gate.to(f32)[:, None, None, None]
+    gs = dshared_pairs.view(b, top_k, c, h, w).sum(dim=1)
+    gw = [g.to(t.dtype) for eg, wt in zip(grads, experts) for g, t in zip(eg, wt[:-1])]
+    return (gx.to(x.dtype), gs.to(shared.dtype), None, None, dgate.to(gate.dtype), None, gw, None, None)
+
+
+def _expert_weight_grads(w: ExpertWeights, parts: dict) -> list[torch.Tensor]:
+    """The gradients of one expert's ExpertWeights tensors from the kernels' partial sums."""
+    r = w.norm_w.shape[0]
+    w_x = w.w_x[:, :, 0, 0].float()
+    dfold = parts["fold"].sum(dim=(0, 1))  # (3r, C)
+    dq_f, dkv_f = dfold[:r], dfold[r:]
+    wq, wkv = w.w_q[:, :, 0, 0].float(), w.w_kv[:, :, 0, 0].float()
+    dw = parts["dw"].sum(dim=(0, 1))  # (3r, 49 taps + bias)
+    ln = parts["ln"].sum(dim=(0, 1))  # (2, r)
+    return [
+        (wq.t() @ dq_f + wkv.t() @ dkv_f).view(w.w_x.shape),
+        parts["ws"].sum(dim=(0, 1)).view(w.w_s.shape),
+        parts["w2"].sum(dim=(0, 1)).view(w.w_out.shape),
+        (dq_f @ w_x.t()).view(w.w_q.shape),
+        dw[:r, :49].view(r, 7, 7)[:, 2:5, 2:5].reshape(w.w_qdw.shape),
+        dw[:r, 49],
+        (dkv_f @ w_x.t()).view(w.w_kv.shape),
+        dw[r:, :49].reshape(w.w_kvdw.shape),
+        dw[r:, 49],
+        ln[0],
+        ln[1],
+        parts["wpo"].sum(dim=(0, 1)).view(w.w_po.shape),
+        parts["bpo"].sum(dim=(0, 1)),
+    ]
 
 
 _moce_experts_triton_op.register_autograd(_triton_backward, setup_context=_triton_setup)
