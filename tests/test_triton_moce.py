@@ -215,3 +215,21 @@ def test_triton_backward_float32_accuracy():
     for name, p in f32.named_parameters():
         if ref_params[name].grad is not None:
             assert rel_err(p.grad.cpu(), ref_params[name].grad) < tol, name
+
+
+def test_triton_op_opcheck():
+    """The custom op (forward, fake function, autograd with its backward op) passes
+    torch.library.opcheck, AOT-autograd tracing of the backward included."""
+    import importlib
+
+    M = importlib.import_module("moce_fast.ops.moce_experts")  # the module (ops.moce_experts is the function)
+    fast, _ = make_layers(dim=8, num_experts=2, top_k=1, freq_dim=6)
+    layer = fast.float().to(DEVICE)
+    x, s, _ = (t.float().to(DEVICE) for t in layer_inputs(2, dim=8, h=5, w=4, freq_dim=6))
+    plan = moce_fast.routing.make_plan(torch.tensor([[0], [1]], device=DEVICE), torch.full((2, 1), 0.8,
+                                       device=DEVICE), 2)
+    weights = [t for w in layer.expert_weights() for t in w[:-1]]
+    sizes = [w.patch_size for w in layer.expert_weights()]
+    args = (x.requires_grad_(), s.requires_grad_(), plan.order, plan.image, plan.gate.requires_grad_(), plan.offsets,
+            [w.detach().requires_grad_() for w in weights], sizes, 1)
+    torch.library.opcheck(M._moce_experts_triton_op, args)

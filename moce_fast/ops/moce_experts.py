@@ -158,28 +158,38 @@ def _triton_setup(ctx, inputs, output):
 
 
 def _triton_backward(ctx, grad):
-    # Triton kernels for every stage (kernels/moce_expert.py, expert_backward), over the plan's
-    # positions like the forward: no host sync. Weight gradients come back as zero-filled
-    # per-position partial sums, reduced here; the chain rule through the folded projections and
-    # the padded 3x3 kernel is a handful of small matrix products on the weights.
+    x, shared, order, image, gate, offsets, *weights = ctx.saved_tensors
+    gx, gs, dgate, *gw = _moce_experts_triton_backward_op(x, shared, order, image, gate, offsets, weights,
+                                                          ctx.patch_sizes, ctx.top_k, grad.contiguous())
+    return gx, gs, None, None, dgate, None, gw, None, None
+
+
+# The backward is a custom op of its own, so that AOT autograd (torch.compile) traces it.
+@torch.library.custom_op("moce_fast::moce_experts_triton_backward", mutates_args=())
+def _moce_experts_triton_backward_op(x: torch.Tensor, shared: torch.Tensor, order: torch.Tensor, image: torch.Tensor,
+                                     gate: torch.Tensor, offsets: torch.Tensor, weights: list[torch.Tensor],
+                                     patch_sizes: list[int], top_k: int, dout: torch.Tensor) -> list[torch.Tensor]:
+    """[d x, d shared, d gate, d weights...] of the grouped experts.
+
+    Triton kernels for every stage (kernels/moce_expert.py, expert_backward), over the plan's
+    positions like the forward: no host sync. Weight gradients come back as zero-filled
+    per-position partial sums, reduced here; the chain rule through the folded projections and
+    the padded 3x3 kernel is a handful of small matrix products on the weights."""
     from moce_fast.kernels import moce_expert as kernels
 
-    x, shared, order, image, gate, offsets, *weights = ctx.saved_tensors
-    experts = _unflatten(weights, ctx.patch_sizes)
+    experts = _unflatten(weights, patch_sizes)
     b, c, h, w = x.shape
-    top_k = ctx.top_k
     npos = b * top_k
     f32 = torch.float32
-    dout = grad.contiguous()
     x, shared = x.contiguous(), shared.contiguous()
     dx_pairs = new_buffer((npos, c, h, w), x.device, f32)
     dshared_pairs = new_buffer((npos, c, h, w), x.device, f32)
     dgate = torch.zeros(npos, device=x.device, dtype=f32)
     grads = []
     for e, wt in enumerate(experts):
-        kw = _kernel_weights(wt)
-        parts = kernels.expert_backward(x, shared, image, order, gate, offsets, e, *kw, wt.patch_size, dout, dx_pairs,
-                                        dshared_pairs, lambda shape: new_buffer(shape, x.device, f32))
+        parts = kernels.expert_backward(x, shared, image, order, gate, offsets, e, *_kernel_weights(wt),
+                                        wt.patch_size, dout, dx_pairs, dshared_pairs,
+                                        lambda shape: new_buffer(shape, x.device, f32))
         grads.append(_expert_weight_grads(wt, parts))
         dgate += parts["gate"].sum(dim=(1, 2))
     if npos == 0 or not experts:
@@ -188,8 +198,15 @@ def _triton_backward(ctx, grad):
     pair_gate = torch.empty_like(gate).scatter_(0, order, gate).view(b, top_k).sum(dim=1)
     gx = dx_pairs.view(b, top_k, c, h, w).sum(dim=1) + dout.to(f32) * pair_gate.to(f32)[:, None, None, None]
     gs = dshared_pairs.view(b, top_k, c, h, w).sum(dim=1)
-    gw = [g.to(t.dtype) for eg, wt in zip(grads, experts) for g, t in zip(eg, wt[:-1])]
-    return (gx.to(x.dtype), gs.to(shared.dtype), None, None, dgate.to(gate.dtype), None, gw, None, None)
+    # several weight gradients are views of one reduced buffer: separate copies (outputs must not alias)
+    gw = [g.to(t.dtype, copy=True) for eg, wt in zip(grads, experts) for g, t in zip(eg, wt[:-1])]
+    return [gx.to(x.dtype), gs.to(shared.dtype), dgate.to(gate.dtype), *gw]
+
+
+@_moce_experts_triton_backward_op.register_fake
+def _(x, shared, order, image, gate, offsets, weights, patch_sizes, top_k, dout):
+    return [torch.empty_like(x), torch.empty_like(shared), torch.empty_like(gate), *[torch.empty_like(t)
+                                                                                      for t in weights]]
 
 
 def _expert_weight_grads(w: ExpertWeights, parts: dict) -> list[torch.Tensor]:
