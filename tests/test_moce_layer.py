@@ -104,6 +104,28 @@ def test_layer_equals_reference_given_routes(route):
     assert fast.aux_loss.item() == 0.0
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 60000])
+def test_cpu_chunks_equal_reference(monkeypatch, chunk_bytes):
+    """The torch backend runs an expert's images in chunks on a CPU (CPU_CHUNK_BYTES): one image a
+    chunk, or a few, give the reference's result and gradients, top-2 included."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("moce_fast.ops.moce_experts"), "CPU_CHUNK_BYTES", chunk_bytes)
+    fast, ref = make_layers(num_experts=4, top_k=2)
+    b = 6
+    x, s, f = layer_inputs(b, h=11, w=6)
+    idx = torch.tensor([[0, 3], [0, 2], [0, 1], [3, 1], [0, 3], [0, 2]])
+    gates = torch.rand(b, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.1
+    xs = x.clone().requires_grad_()
+    xr = x.clone().requires_grad_()
+    with moce_fast.backend("torch"):
+        y = fast(xs, f, s, expert_indices=idx, expert_gates=gates)
+    y_ref = ref(xr, f, s, expert_indices=idx, expert_gates=gates)
+    assert rel_err(y, y_ref) < 1e-12
+    y.sum().backward(), y_ref.sum().backward()
+    assert rel_err(xs.grad, xr.grad) < 1e-12
+
+
 def test_layer_gradients_match_reference_in_training():
     fast, ref = make_layers(num_experts=4, top_k=2)
     fast.train(), ref.train()
