@@ -1,0 +1,98 @@
+"""Whole-model benchmarks (issue 7): MoCE-IR and MoCE-IR-S, the reference, moce_fast and
+torch.compile of the reference, side by side in one run, with peak memory.
+
+Cases:
+- inference at batch 1 and 8 on 256x256 images (eval, no grad);
+- a training step at batch 8 on 128x128 crops: forward, L1 loss with the auxiliary loss, backward,
+  AdamW step.
+Implementations:
+- reference: moce_fast.reference.MoCEIR (the public model's math; batched per expert);
+- fast: moce_fast.MoCEIR on the "auto" backend (cuda/triton kernels on a GPU, torch on a CPU);
+- compile: torch.compile of the reference (GPU only: on a 2-core CPU compilation dominates).
+Peak memory (CUDA max allocated during one run, above what was allocated before it) is recorded
+in extra_info["peak_bytes"] on a GPU; a CPU has no per-case equivalent (the process's peak RSS
+only grows), so none is recorded there. On a CPU only batch-1 inference and the MoCE-IR-S training
+step run (the full matrix takes too long there).
+Run: pytest bench/bench_model.py --benchmark-only [--benchmark-json=FILE]
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moce_fast
+from moce_fast.configs import get_config
+
+GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if GPU else "cpu")
+MODELS = ["MoCE_IR_S", "MoCE_IR"]
+IMPLS = ["reference", "fast", "compile"]
+_COMPILED = {}
+
+
+def _skip_reason(impl, model, case):
+    if impl == "compile" and not GPU:
+        return "compile: needs a CUDA device"
+    if not GPU and (case == "infer-b8" or (case == "train-b8" and model == "MoCE_IR")):
+        return "CPU: only batch-1 inference and the MoCE-IR-S training step (time)"
+    return None
+
+
+def _models(name):
+    torch.manual_seed(0)
+    fast = moce_fast.MoCEIR.from_config(name)
+    ref = moce_fast.reference.MoCEIR(**get_config(name))
+    ref.load_state_dict(fast.state_dict())
+    return fast.to(DEVICE), ref.to(DEVICE)
+
+
+@pytest.mark.parametrize("case", ["infer-b1", "infer-b8", "train-b8"])
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_model(benchmark, impl, model, case):
+    reason = _skip_reason(impl, model, case)
+    if reason:
+        pytest.skip(reason)
+    fast, ref = _models(model)
+    net = fast if impl == "fast" else ref
+    if impl == "compile":
+        net = _COMPILED.setdefault((model, case), torch.compile(ref))
+    train = case.startswith("train")
+    batch = 1 if case == "infer-b1" else 8
+    side = 128 if train else 256
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, 3, side, side, generator=g).to(DEVICE)
+    target = torch.rand(batch, 3, side, side, generator=g).to(DEVICE)
+    benchmark.group = f"model {model} {case} {side}x{side}"
+    benchmark.extra_info.update(device=torch.cuda.get_device_name() if GPU else "CPU", impl=impl)
+    if train:
+        (fast if impl == "fast" else ref).train()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            out = net(x)
+            aux = (fast if impl == "fast" else ref).aux_loss
+            loss = (out - target).abs().mean() + 0.01 * aux
+            loss.backward()
+            opt.step()
+            if GPU:
+                torch.cuda.synchronize()
+    else:
+        (fast if impl == "fast" else ref).eval()
+
+        def run():
+            with torch.no_grad():
+                net(x)
+            if GPU:
+                torch.cuda.synchronize()
+
+    run()  # warm-up (and compilation), outside the peak-memory window
+    if GPU:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        run()
+        benchmark.extra_info["peak_bytes"] = torch.cuda.max_memory_allocated() - start
+    benchmark.pedantic(run, rounds=5 if GPU else 2, warmup_rounds=0)
