@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import moce_fast
 from moce_fast import adapters as A
 from moce_fast.models import CheckpointError
 from conftest import randomize_
