@@ -101,4 +101,4 @@ def test_moce_layer(benchmark, impl, level, size, batch, route, dtype, mode):
             torch.cuda.synchronize()
         return out
 
-    benchmark.pedantic(run, rounds=5 if GPU else 3, warmup_rounds=1)
+    benchmark.pedantic(run, rounds=5 if GPU else 9, warmup_rounds=1)  # this CPU VM is noisy: more rounds

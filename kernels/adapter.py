@@ -187,6 +187,23 @@ def _mlp(v, cvec, cmask, t, w1_ptr, b1_ptr, w2_ptr, b2_ptr, HID, R, BLOCK_R: tl.
 
 
 @triton.jit
+def _gates(loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, p1w_ptr, p1b_ptr, p2w_ptr, p2b_ptr, c1w_ptr, c1b_ptr, c2w_ptr,
+           c2b_ptr, siw_ptr, sib_ptr, n, t, cvec, cmask, src, m2, HID, H2, Q,
+           BLOCK_H2: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """The combine's inputs for image n (task t) at the (channel, pixel) offsets src: c = proj(pooled),
+    the channel gate, the local map, |global|, si_w and the spatial gate."""
+    pooled = tl.load(pooled_ptr + n * HID + cvec, mask=cmask, other=0.0)
+    gmean = tl.load(gmean_ptr + n * HID + cvec, mask=cmask, other=0.0)
+    cc = _mlp(pooled, cvec, cmask, t, p1w_ptr, p1b_ptr, p2w_ptr, p2b_ptr, HID, H2, BLOCK_H2)
+    cg = tl.sigmoid(_mlp(gmean, cvec, cmask, t, c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, HID, Q, BLOCK_Q))
+    loc = tl.load(loc_ptr + src, mask=m2, other=0.0)
+    gabs = tl.abs(tl.load(glob_ptr + src, mask=m2, other=0.0))
+    siw = tl.load(siw_ptr + t * HID + cvec, mask=cmask, other=0.0)
+    sg = tl.sigmoid(tl.sum(siw[:, None] * loc, axis=0) + tl.load(sib_ptr + t))
+    return cc, cg, loc, gabs, siw, sg
+
+
+@triton.jit
 def mix_out_kernel(loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, task_ptr, p1w_ptr, p1b_ptr, p2w_ptr, p2b_ptr,
                    c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, siw_ptr, sib_ptr, tw_ptr, out_ptr,
                    HID, P, M, H2, Q, son, sop, som,
@@ -200,19 +217,14 @@ def mix_out_kernel(loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, task_ptr, p1w_ptr, 
     t = tl.load(task_ptr + n).to(tl.int64)
     cvec = tl.arange(0, BLOCK_HID)
     cmask = cvec < HID
-    pooled = tl.load(pooled_ptr + n * HID + cvec, mask=cmask, other=0.0)
-    gmean = tl.load(gmean_ptr + n * HID + cvec, mask=cmask, other=0.0)
-    cc = _mlp(pooled, cvec, cmask, t, p1w_ptr, p1b_ptr, p2w_ptr, p2b_ptr, HID, H2, BLOCK_H2)
-    cg = tl.sigmoid(_mlp(gmean, cvec, cmask, t, c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, HID, Q, BLOCK_Q))
     pp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = pp < P
     m2 = cmask[:, None] & pmask[None, :]
     src = (n * HID + cvec[:, None]) * P + pp[None, :]
-    loc = tl.load(loc_ptr + src, mask=m2, other=0.0)
-    glob = tl.abs(tl.load(glob_ptr + src, mask=m2, other=0.0))
-    siw = tl.load(siw_ptr + t * HID + cvec, mask=cmask, other=0.0)
-    sg = tl.sigmoid(tl.sum(siw[:, None] * loc, axis=0) + tl.load(sib_ptr + t))
-    u = cc[:, None] * (cg[:, None] * loc + sg[None, :] * glob)  # (BLOCK_HID, BLOCK_P), zero past HID
+    cc, cg, loc, gabs, siw, sg = _gates(loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, p1w_ptr, p1b_ptr, p2w_ptr, p2b_ptr,
+                                        c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, siw_ptr, sib_ptr, n, t, cvec, cmask, src,
+                                        m2, HID, H2, Q, BLOCK_H2, BLOCK_Q)
+    u = cc[:, None] * (cg[:, None] * loc + sg[None, :] * gabs)  # (BLOCK_HID, BLOCK_P), zero past HID
     mm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = mm < M
     tw = tl.load(tw_ptr + t * M * HID + mm[None, :] * HID + cvec[:, None], mask=cmask[:, None] & mmask[None, :],
@@ -238,19 +250,14 @@ def mix_bwd_pix_kernel(du_ptr, loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, task_pt
     t = tl.load(task_ptr + n).to(tl.int64)
     cvec = tl.arange(0, BLOCK_HID)
     cmask = cvec < HID
-    pooled = tl.load(pooled_ptr + n * HID + cvec, mask=cmask, other=0.0)
-    gmean = tl.load(gmean_ptr + n * HID + cvec, mask=cmask, other=0.0)
-    cc = _mlp(pooled, cvec, cmask, t, p1w_ptr, p1b_ptr, p2w_ptr, p2b_ptr, HID, H2, BLOCK_H2)
-    cg = tl.sigmoid(_mlp(gmean, cvec, cmask, t, c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, HID, Q, BLOCK_Q))
     pp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = pp < P
     m2 = cmask[:, None] & pmask[None, :]
     src = (n * HID + cvec[:, None]) * P + pp[None, :]
-    loc = tl.load(loc_ptr + src, mask=m2, other=0.0)
-    gabs = tl.abs(tl.load(glob_ptr + src, mask=m2, other=0.0))
+    cc, cg, loc, gabs, siw, sg = _gates(loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, p1w_ptr, p1b_ptr, p2w_ptr, p2b_ptr,
+                                        c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, siw_ptr, sib_ptr, n, t, cvec, cmask, src,
+                                        m2, HID, H2, Q, BLOCK_H2, BLOCK_Q)
     du = tl.load(du_ptr + src, mask=m2, other=0.0)
-    siw = tl.load(siw_ptr + t * HID + cvec, mask=cmask, other=0.0)
-    sg = tl.sigmoid(tl.sum(siw[:, None] * loc, axis=0) + tl.load(sib_ptr + t))
     inner = cg[:, None] * loc + sg[None, :] * gabs
     a = du * cc[:, None]
     dsg = tl.where(pmask, tl.sum(a * gabs, axis=0) * sg * (1.0 - sg), 0.0)  # through the sigmoid

@@ -152,6 +152,56 @@ def patch_conv_kernel(qkv_ptr, offsets_ptr, expert, cos_ptr, sin_ptr, a_ptr, RAN
 
 
 @triton.jit
+def _ln_stats(a_ptr, s64, pix, pmask, RANK, HW, eps, BLOCK_K: tl.constexpr):
+    """Per-pixel mean and 1/std over the RANK channels of position s (two passes, centred)."""
+    total = tl.zeros((pix.shape[0],), dtype=tl.float32)
+    for k0 in range(0, RANK, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + (s64 * RANK + kk[:, None]) * HW + pix[None, :],
+                    mask=(kk < RANK)[:, None] & pmask[None, :], other=0.0)
+        total += tl.sum(a, axis=0)
+    mean = total / RANK
+    sq = tl.zeros((pix.shape[0],), dtype=tl.float32)
+    for k0 in range(0, RANK, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        m = (kk < RANK)[:, None] & pmask[None, :]
+        a = tl.load(a_ptr + (s64 * RANK + kk[:, None]) * HW + pix[None, :], mask=m, other=0.0)
+        d = tl.where(m, a - mean[None, :], 0.0)
+        sq += tl.sum(d * d, axis=0)
+    return mean, 1.0 / tl.sqrt(sq / RANK + eps)
+
+
+@triton.jit
+def _hidden_parts(qkv_ptr, a_ptr, shared_ptr, nw_ptr, nb_ptr, wpo_ptr, bpo_ptr, ws_ptr, s64, img, pix, pmask, rr,
+                  rmask, C, HW, RANK, eps, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """For rank rows rr of position s: body = proj_out(LayerNorm(a) * v) + b and gl = proj1(shared),
+    the two factors of h = body * silu(gl); the LayerNorm statistics run over all r channels."""
+    mean, rstd = _ln_stats(a_ptr, s64, pix, pmask, RANK, HW, eps, BLOCK_K)
+    body = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, RANK, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < RANK
+        m = kmask[:, None] & pmask[None, :]
+        a = tl.load(a_ptr + (s64 * RANK + kk[:, None]) * HW + pix[None, :], mask=m, other=0.0)
+        v = tl.load(qkv_ptr + (s64 * 3 * RANK + 2 * RANK + kk[:, None]) * HW + pix[None, :], mask=m, other=0.0)
+        nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0)
+        nb = tl.load(nb_ptr + kk, mask=kmask, other=0.0)
+        t = ((a - mean[None, :]) * rstd[None, :] * nw[:, None] + nb[:, None]) * v
+        wpo = tl.load(wpo_ptr + rr[:, None] * RANK + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        body += tl.dot(wpo, t)
+    body += tl.load(bpo_ptr + rr, mask=rmask, other=0.0)[:, None]
+    gl = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_K):
+        cc = c0 + tl.arange(0, BLOCK_K)
+        cmask = cc < C
+        sh = tl.load(shared_ptr + (img * C + cc[:, None]) * HW + pix[None, :],
+                     mask=cmask[:, None] & pmask[None, :], other=0.0)
+        ws = tl.load(ws_ptr + rr[:, None] * C + cc[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        gl += tl.dot(ws, sh.to(tl.float32))
+    return body, gl
+
+
+@triton.jit
 def hidden_kernel(qkv_ptr, a_ptr, shared_ptr, image_ptr, offsets_ptr, expert, nw_ptr, nb_ptr, wpo_ptr, bpo_ptr,
                   ws_ptr, h_ptr, C, HW, RANK, eps,
                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -167,44 +217,10 @@ def hidden_kernel(qkv_ptr, a_ptr, shared_ptr, image_ptr, offsets_ptr, expert, nw
         img = tl.load(image_ptr + s).to(tl.int64)
         pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         pmask = pix < HW
-        total = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        for k0 in range(0, RANK, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_ptr + (s64 * RANK + kk[:, None]) * HW + pix[None, :],
-                        mask=(kk < RANK)[:, None] & pmask[None, :], other=0.0)
-            total += tl.sum(a, axis=0)
-        mean = total / RANK
-        sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        for k0 in range(0, RANK, BLOCK_K):  # two passes: the variance from centred values
-            kk = k0 + tl.arange(0, BLOCK_K)
-            m = (kk < RANK)[:, None] & pmask[None, :]
-            a = tl.load(a_ptr + (s64 * RANK + kk[:, None]) * HW + pix[None, :], mask=m, other=0.0)
-            d = tl.where(m, a - mean[None, :], 0.0)
-            sq += tl.sum(d * d, axis=0)
-        rstd = 1.0 / tl.sqrt(sq / RANK + eps)
         rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rr < RANK
-        body = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float32)
-        for k0 in range(0, RANK, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            kmask = kk < RANK
-            m = kmask[:, None] & pmask[None, :]
-            a = tl.load(a_ptr + (s64 * RANK + kk[:, None]) * HW + pix[None, :], mask=m, other=0.0)
-            v = tl.load(qkv_ptr + (s64 * 3 * RANK + 2 * RANK + kk[:, None]) * HW + pix[None, :], mask=m, other=0.0)
-            nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0)
-            nb = tl.load(nb_ptr + kk, mask=kmask, other=0.0)
-            t = ((a - mean[None, :]) * rstd[None, :] * nw[:, None] + nb[:, None]) * v
-            wpo = tl.load(wpo_ptr + rr[:, None] * RANK + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            body += tl.dot(wpo, t)
-        body += tl.load(bpo_ptr + rr, mask=rmask, other=0.0)[:, None]
-        gl = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_K):
-            cc = c0 + tl.arange(0, BLOCK_K)
-            cmask = cc < C
-            sh = tl.load(shared_ptr + (img * C + cc[:, None]) * HW + pix[None, :],
-                         mask=cmask[:, None] & pmask[None, :], other=0.0)
-            ws = tl.load(ws_ptr + rr[:, None] * C + cc[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-            gl += tl.dot(ws, sh.to(tl.float32))
+        body, gl = _hidden_parts(qkv_ptr, a_ptr, shared_ptr, nw_ptr, nb_ptr, wpo_ptr, bpo_ptr, ws_ptr, s64, img, pix,
+                                 pmask, rr, rmask, C, HW, RANK, eps, BLOCK_R, BLOCK_K, BLOCK_P)
         h = body * (gl * tl.sigmoid(gl))
         tl.store(h_ptr + (s64 * RANK + rr[:, None]) * HW + pix[None, :], h, mask=rmask[:, None] & pmask[None, :])
 
@@ -255,26 +271,6 @@ def out_bwd_kernel(dout_ptr, image_ptr, x_ptr, w2_ptr, h_ptr, gate_ptr, offsets_
 
 
 @triton.jit
-def _ln_stats(a_ptr, s64, pix, pmask, RANK, HW, eps, BLOCK_K: tl.constexpr):
-    """Per-pixel mean and 1/std over the RANK channels of position s (two passes, centred)."""
-    total = tl.zeros((pix.shape[0],), dtype=tl.float32)
-    for k0 in range(0, RANK, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + (s64 * RANK + kk[:, None]) * HW + pix[None, :],
-                    mask=(kk < RANK)[:, None] & pmask[None, :], other=0.0)
-        total += tl.sum(a, axis=0)
-    mean = total / RANK
-    sq = tl.zeros((pix.shape[0],), dtype=tl.float32)
-    for k0 in range(0, RANK, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        m = (kk < RANK)[:, None] & pmask[None, :]
-        a = tl.load(a_ptr + (s64 * RANK + kk[:, None]) * HW + pix[None, :], mask=m, other=0.0)
-        d = tl.where(m, a - mean[None, :], 0.0)
-        sq += tl.sum(d * d, axis=0)
-    return mean, 1.0 / tl.sqrt(sq / RANK + eps)
-
-
-@triton.jit
 def hidden_bwd_a_kernel(qkv_ptr, a_ptr, shared_ptr, image_ptr, offsets_ptr, expert, nw_ptr, nb_ptr, wpo_ptr,
                         bpo_ptr, ws_ptr, dh_ptr, dbody_ptr, dgl_ptr, part_ptr, C, HW, RANK, eps,
                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -291,30 +287,10 @@ def hidden_bwd_a_kernel(qkv_ptr, a_ptr, shared_ptr, image_ptr, offsets_ptr, expe
         img = tl.load(image_ptr + s).to(tl.int64)
         pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         pmask = pix < HW
-        mean, rstd = _ln_stats(a_ptr, s64, pix, pmask, RANK, HW, eps, BLOCK_K)
         rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rr < RANK
-        body = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float32)
-        for k0 in range(0, RANK, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            kmask = kk < RANK
-            m = kmask[:, None] & pmask[None, :]
-            a = tl.load(a_ptr + (s64 * RANK + kk[:, None]) * HW + pix[None, :], mask=m, other=0.0)
-            v = tl.load(qkv_ptr + (s64 * 3 * RANK + 2 * RANK + kk[:, None]) * HW + pix[None, :], mask=m, other=0.0)
-            nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0)
-            nb = tl.load(nb_ptr + kk, mask=kmask, other=0.0)
-            t = ((a - mean[None, :]) * rstd[None, :] * nw[:, None] + nb[:, None]) * v
-            wpo = tl.load(wpo_ptr + rr[:, None] * RANK + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            body += tl.dot(wpo, t)
-        body += tl.load(bpo_ptr + rr, mask=rmask, other=0.0)[:, None]
-        gl = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_K):
-            cc = c0 + tl.arange(0, BLOCK_K)
-            cmask = cc < C
-            sh = tl.load(shared_ptr + (img * C + cc[:, None]) * HW + pix[None, :],
-                         mask=cmask[:, None] & pmask[None, :], other=0.0)
-            ws = tl.load(ws_ptr + rr[:, None] * C + cc[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-            gl += tl.dot(ws, sh.to(tl.float32))
+        body, gl = _hidden_parts(qkv_ptr, a_ptr, shared_ptr, nw_ptr, nb_ptr, wpo_ptr, bpo_ptr, ws_ptr, s64, img, pix,
+                                 pmask, rr, rmask, C, HW, RANK, eps, BLOCK_R, BLOCK_K, BLOCK_P)
         m2 = rmask[:, None] & pmask[None, :]
         dst = (s64 * RANK + rr[:, None]) * HW + pix[None, :]
         dh = tl.load(dh_ptr + dst, mask=m2, other=0.0)
