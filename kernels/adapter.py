@@ -98,6 +98,20 @@ def _load_square(ptr, BS: tl.constexpr):
 
 
 @triton.jit
+def _spectrum_block(x, cw_ptr, sw_ptr, ch_ptr, sh_ptr, wcol, BH: tl.constexpr, PREC: tl.constexpr):
+    """Real and imaginary parts of one block of spectrum columns of rfft2(x) (ortho): the W-axis
+    transform x @ [CW | -SW] at the (BW, BK) offsets wcol, then the H-axis DFT (CH - i SH), whose
+    matrices are re-read (L1/L2) at each product rather than held in registers."""
+    re = tl.dot(x, tl.load(cw_ptr + wcol), input_precision=PREC)
+    im = -tl.dot(x, tl.load(sw_ptr + wcol), input_precision=PREC)
+    fr = tl.dot(_load_square(ch_ptr, BH), re, input_precision=PREC)
+    fr = tl.dot(_load_square(sh_ptr, BH), im, fr, input_precision=PREC)
+    fi = tl.dot(_load_square(ch_ptr, BH), im, input_precision=PREC)
+    fi -= tl.dot(_load_square(sh_ptr, BH), re, input_precision=PREC)
+    return fr, fi
+
+
+@triton.jit
 def mix_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr, ampw_ptr, ampb_ptr, phaw_ptr,
                        phab_ptr, compw_ptr, compb_ptr, cw_ptr, sw_ptr, ch_ptr, sh_ptr, aw_ptr, bw_ptr,
                        loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, HID, H, W,
@@ -149,12 +163,7 @@ def mix_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr,
     g = tl.zeros((BH, BW), dtype=tl.float32)
     for k0 in range(0, W // 2 + 1, BK):
         wcol = cols[:, None] * BW + (k0 + kk)[None, :]  # (BW, BK) block of the W-axis matrices
-        re = tl.dot(x, tl.load(cw_ptr + wcol), input_precision=PREC)
-        im = -tl.dot(x, tl.load(sw_ptr + wcol), input_precision=PREC)
-        fr = tl.dot(_load_square(ch_ptr, BH), re, input_precision=PREC)
-        fr = tl.dot(_load_square(sh_ptr, BH), im, fr, input_precision=PREC)
-        fi = tl.dot(_load_square(ch_ptr, BH), im, input_precision=PREC)
-        fi -= tl.dot(_load_square(sh_ptr, BH), re, input_precision=PREC)
+        fr, fi = _spectrum_block(x, cw_ptr, sw_ptr, ch_ptr, sh_ptr, wcol, BH, PREC)
         mag = tl.sqrt(fr * fr + fi * fi) * tl.load(ampw_ptr + t * HID + c) + tl.load(ampb_ptr + t * HID + c)
         pha = _atan2(fi, fr) * tl.load(phaw_ptr + t * HID + c) + tl.load(phab_ptr + t * HID + c)
         zr = mag * tl.cos(pha)
@@ -345,12 +354,7 @@ def mix_bwd_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, ampw_p
         wcol = cols[:, None] * BW + (k0 + kk)[None, :]  # (BW, BK): CW, SW blocks
         wcol_t = (k0 + kk)[:, None] + cols[None, :] * BW  # (BK, BW): their transposes
         wrow_t = (k0 + kk)[None, :] * BW + cols[:, None]  # (BW, BK): AW, BW blocks transposed
-        re = tl.dot(x, tl.load(cw_ptr + wcol), input_precision=PREC)
-        im = -tl.dot(x, tl.load(sw_ptr + wcol), input_precision=PREC)
-        fr = tl.dot(_load_square(ch_ptr, BH), re, input_precision=PREC)
-        fr = tl.dot(_load_square(sh_ptr, BH), im, fr, input_precision=PREC)
-        fi = tl.dot(_load_square(ch_ptr, BH), im, input_precision=PREC)
-        fi -= tl.dot(_load_square(sh_ptr, BH), re, input_precision=PREC)
+        fr, fi = _spectrum_block(x, cw_ptr, sw_ptr, ch_ptr, sh_ptr, wcol, BH, PREC)
         mag = tl.sqrt(fr * fr + fi * fi)
         pha = _atan2(fi, fr)
         m1 = mag * aw_ + ab_

@@ -117,6 +117,14 @@ def _dft2(z, cm, sm, PREC: tl.constexpr):
 
 
 @triton.jit
+def _idft2_real(pr, pi, cm, sm, PREC: tl.constexpr):
+    """Re(F* (pr + i pi) F*) with F* = cm + i sm: the unnormalised real inverse of _dft2."""
+    ur = tl.dot(cm, pr, input_precision=PREC) - tl.dot(sm, pi, input_precision=PREC)
+    vi = tl.dot(sm, pr, input_precision=PREC) + tl.dot(cm, pi, input_precision=PREC)
+    return tl.dot(ur, cm, input_precision=PREC) - tl.dot(vi, sm, input_precision=PREC)
+
+
+@triton.jit
 def patch_conv_kernel(qkv_ptr, offsets_ptr, expert, cos_ptr, sin_ptr, a_ptr, RANK, H, W, inv_pp,
                       PP: tl.constexpr, PREC: tl.constexpr):
     """One PP x PP tile of one channel per program. The DFT matrices are block-diagonal with p x p
@@ -144,10 +152,7 @@ def patch_conv_kernel(qkv_ptr, offsets_ptr, expert, cos_ptr, sin_ptr, a_ptr, RAN
         kr, ki = _dft2(k, cm, sm, PREC)
         pr = qr * kr - qi * ki
         pi = qr * ki + qi * kr
-        # inverse: Re(F* X F*) / p^2 with F* = cm + i sm
-        ur = tl.dot(cm, pr, input_precision=PREC) - tl.dot(sm, pi, input_precision=PREC)
-        vi = tl.dot(sm, pr, input_precision=PREC) + tl.dot(cm, pi, input_precision=PREC)
-        a = (tl.dot(ur, cm, input_precision=PREC) - tl.dot(vi, sm, input_precision=PREC)) * inv_pp
+        a = _idft2_real(pr, pi, cm, sm, PREC) * inv_pp
         tl.store(a_ptr + (s64 * RANK + ch) * H * W + offs, a, mask=inside)
 
 
@@ -388,17 +393,13 @@ def patch_conv_bwd_kernel(qkv_ptr, da_ptr, offsets_ptr, expert, cos_ptr, sin_ptr
         kr, ki = _dft2(k, cm, sm, PREC)
         pr = dr * kr + di * ki  # DA conj(K)
         pi = di * kr - dr * ki
-        ur = tl.dot(cm, pr, input_precision=PREC) - tl.dot(sm, pi, input_precision=PREC)
-        vi = tl.dot(sm, pr, input_precision=PREC) + tl.dot(cm, pi, input_precision=PREC)
-        dq = (tl.dot(ur, cm, input_precision=PREC) - tl.dot(vi, sm, input_precision=PREC)) * inv_pp
+        dq = _idft2_real(pr, pi, cm, sm, PREC) * inv_pp
         tl.store(dqkv_ptr + (s64 * 3 * RANK + ch) * H * W + offs, dq, mask=inside)
         q = tl.load(qkv_ptr + (s64 * 3 * RANK + ch) * H * W + offs, mask=inside, other=0.0)
         qr, qi = _dft2(q, cm, sm, PREC)
         pr = dr * qr + di * qi  # DA conj(Q)
         pi = di * qr - dr * qi
-        ur = tl.dot(cm, pr, input_precision=PREC) - tl.dot(sm, pi, input_precision=PREC)
-        vi = tl.dot(sm, pr, input_precision=PREC) + tl.dot(cm, pi, input_precision=PREC)
-        dk = (tl.dot(ur, cm, input_precision=PREC) - tl.dot(vi, sm, input_precision=PREC)) * inv_pp
+        dk = _idft2_real(pr, pi, cm, sm, PREC) * inv_pp
         tl.store(dqkv_ptr + (s64 * 3 * RANK + RANK + ch) * H * W + offs, dk, mask=inside)
 
 
