@@ -98,6 +98,14 @@ def _load_square(ptr, BS: tl.constexpr):
 
 
 @triton.jit
+def _softmax_map(z, inside):
+    """Softmax of the logits z over the pixels inside the map (zero outside)."""
+    z = tl.where(inside, z, float("-inf"))
+    e = tl.where(inside, tl.exp(z - tl.max(tl.max(z, axis=1), axis=0)), 0.0)
+    return e / tl.sum(tl.sum(e, axis=1), axis=0)
+
+
+@triton.jit
 def _spectrum_block(x, cw_ptr, sw_ptr, ch_ptr, sh_ptr, wcol, BH: tl.constexpr, PREC: tl.constexpr):
     """Real and imaginary parts of one block of spectrum columns of rfft2(x) (ortho): the W-axis
     transform x @ [CW | -SW] at the (BW, BK) offsets wcol, then the H-axis DFT (CH - i SH), whose
@@ -135,9 +143,7 @@ def mix_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr,
         sh = tl.load(shift_ptr + n * HID + j)
         xj = tl.load(img + j * hw + offs, mask=inside, other=0.0) * sc + sh
         z += tl.load(compw_ptr + t * HID + j) * xj
-    z = tl.where(inside, z, float("-inf"))
-    e = tl.where(inside, tl.exp(z - tl.max(tl.max(z, axis=1), axis=0)), 0.0)
-    s = e / tl.sum(tl.sum(e, axis=1), axis=0)
+    s = _softmax_map(z, inside)
     sc = tl.load(scale_ptr + n * HID + c)
     sh = tl.load(shift_ptr + n * HID + c)
     chan = img + c * hw
@@ -306,9 +312,7 @@ def mix_bwd_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, ampw_p
             tl.load(shift_ptr + n * HID + j)
         z += tl.load(compw_ptr + t * HID + j) * xj
         ds += tl.load(dpooled_ptr + n * HID + j) * xj
-    z = tl.where(inside, z, float("-inf"))
-    e = tl.where(inside, tl.exp(z - tl.max(tl.max(z, axis=1), axis=0)), 0.0)
-    s = e / tl.sum(tl.sum(e, axis=1), axis=0)
+    s = _softmax_map(z, inside)
     dz = s * (ds - tl.sum(tl.sum(s * ds, axis=1), axis=0))
     sc = tl.load(scale_ptr + n * HID + c)
     sh = tl.load(shift_ptr + n * HID + c)
