@@ -7,7 +7,8 @@ Cases:
   AdamW step.
 Implementations:
 - reference: moce_fast.reference.MoCEIR (the public model's math; batched per expert);
-- fast: moce_fast.MoCEIR on the "auto" backend (cuda/triton kernels on a GPU, torch on a CPU);
+- fast: moce_fast.MoCEIR on the "auto" backend (cuda/triton kernels on a GPU, torch on a CPU; the
+  backend each op ran on is in extra_info["backends"]);
 - compile: torch.compile of the reference (GPU only: on a 2-core CPU compilation dominates).
 Peak memory (CUDA max allocated during one run, above what was allocated before it) is recorded
 in extra_info["peak_bytes"] on a GPU; a CPU has no per-case equivalent (the process's peak RSS
@@ -95,4 +96,6 @@ def test_model(benchmark, impl, model, case):
         start = torch.cuda.memory_allocated()
         run()
         benchmark.extra_info["peak_bytes"] = torch.cuda.max_memory_allocated() - start
+    if impl == "fast":  # which backend each op of moce_fast ran on (auto: triton/cuda on a GPU)
+        benchmark.extra_info["backends"] = moce_fast.ops.last_run()
     benchmark.pedantic(run, rounds=5 if GPU else 2, warmup_rounds=0)

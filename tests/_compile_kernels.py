@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from moce_fast.kernels import adapter as AK
+from moce_fast.kernels import backbone as BK
 from moce_fast.kernels import moce_expert as K
 
 TYPES = {"fp32": "*fp32", "bf16": "*bf16"}
@@ -181,6 +182,57 @@ def adapter_signatures(c, hid, q, side, xdt):
     yield AK.mix_bwd_channel_kernel, sig, dict(cfg, PREC=prec), warps
 
 
+def backbone_signatures(c, head_dim, xdt):
+    """(kernel, signature, constexprs, num_warps) of the backbone kernels at width c (LayerNorm + 1x1
+    to 3c and 4c outputs, the GDFN gate of 2c hidden channels, attention heads of head_dim channels)."""
+    x = TYPES[xdt]
+    prec = "tf32x3" if xdt == "fp32" else "tf32"
+
+    def split(cfg):
+        cfg = dict(cfg)
+        return cfg, cfg.pop("num_warps")
+
+    for n in (3 * c, 4 * c):
+        for center, bias in ((True, True), (False, False)):
+            consts, warps = split(BK.ln_linear_config(c, n, xdt == "fp32"))
+            yield BK.ln_linear_kernel, {
+                "x_ptr": x, "w_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": x, "mean_ptr": "*fp32",
+                "rstd_ptr": "*fp32", "K": "i32", "N": "i32", "HW": "i32", "eps": "fp32", "CENTER": "constexpr",
+                "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_P": "constexpr",
+                "PREC": "constexpr"}, dict(consts, CENTER=center, HAS_BIAS=bias, PREC=prec), warps
+            consts, warps = split(BK.ln_dx_config(c, n, xdt == "fp32"))
+            yield BK.ln_linear_dx_kernel, {
+                "dy_ptr": x, "w_ptr": "*fp32", "x_ptr": x, "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dx_ptr": x,
+                "K": "i32", "N": "i32", "HW": "i32", "CENTER": "constexpr", "BLOCK_N": "constexpr",
+                "BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "PREC": "constexpr"
+            }, dict(consts, CENTER=center, PREC=prec), warps
+            consts, warps = split(BK.ln_wgrad_config(c, n))
+            yield BK.ln_linear_wgrad_kernel, {
+                "dy_ptr": x, "x_ptr": x, "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "part_ptr": "*fp32", "K": "i32",
+                "N": "i32", "HW": "i32", "CENTER": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                "BLOCK_P": "constexpr", "PREC": "constexpr"}, dict(consts, CENTER=center, PREC=prec), warps
+    consts, warps = split(BK.dwgate_config())
+    sig = {"h_ptr": x, "w_ptr": "*fp32", "b_ptr": "*fp32", "g_ptr": x, "HID": "i32", "H": "i32", "W": "i32",
+           "BLOCK_CH": "constexpr", "BLOCK_P": "constexpr"}
+    yield BK.dwgate_kernel, sig, consts, warps
+    bwd = {k: v for k, v in sig.items() if k != "g_ptr"}
+    bwd = dict(list(bwd.items())[:3] + [("dg_ptr", x), ("dz_ptr", "*fp32")] + list(bwd.items())[3:])
+    yield BK.dwgate_bwd_kernel, bwd, consts, warps
+    consts, warps = split(BK.attention_config(head_dim, xdt == "fp32"))
+    yield BK.gram_kernel, {"x_ptr": x, "y_ptr": x, "part_ptr": "*fp32", "sx_ptr": "*fp32", "sy_ptr": "*fp32",
+                           "D": "i32", "HW": "i32", "x_sb": "i64", "y_sb": "i64", "NORMS": "constexpr",
+                           "BLOCK_D": "constexpr", "BLOCK_P": "constexpr", "PREC": "constexpr"
+                           }, dict(consts, NORMS=True, PREC=prec), warps
+    yield BK.apply_kernel, {"m_ptr": "*fp32", "x_ptr": x, "c_ptr": "*fp32", "y_ptr": x, "out_ptr": x, "D": "i32",
+                            "HW": "i32", "x_sb": "i64", "y_sb": "i64", "out_sb": "i64", "HAS_DIAG": "constexpr",
+                            "BLOCK_D": "constexpr", "BLOCK_P": "constexpr", "PREC": "constexpr"
+                            }, dict(consts, HAS_DIAG=True, PREC=prec), warps
+
+
+# MoCE-IR (dim 48) and MoCE-IR-S (dim 32): (width, channels per head) of every level incl. refinement
+BACKBONE_SHAPES = [(48, 48), (96, 48), (192, 48), (384, 48), (96, 96), (32, 32), (64, 32), (64, 64)]
+
+
 def ptxas_info(ptx: str, arch: int):
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -207,6 +259,10 @@ def all_launches():
         for xdt in TYPES:
             for fn, sig, consts, warps in adapter_signatures(c, hid, q, side, xdt):
                 yield {"x": xdt, "C": c, "r": hid, "p": side}, fn, sig, consts, warps
+    for c, d in BACKBONE_SHAPES:
+        for xdt in TYPES:
+            for fn, sig, consts, warps in backbone_signatures(c, d, xdt):
+                yield {"x": xdt, "C": c, "r": d, "p": 0}, fn, sig, consts, warps
 
 
 def main(arch: int):

@@ -19,9 +19,11 @@ class Attention(ref.Attention):
     """MDTA, transposed self-attention over channels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = ops.depthwise(ops.pointwise(x, self.qkv.weight, self.qkv.bias), self.qkv_dwconv.weight,
-                            self.qkv_dwconv.bias)
-        q, k, v = qkv.chunk(3, dim=1)
+        return self.attend(ops.pointwise(x, self.qkv.weight, self.qkv.bias))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The block after the qkv 1x1 map (which the blocks fuse with the norm before it)."""
+        q, k, v = ops.depthwise(qkv, self.qkv_dwconv.weight, self.qkv_dwconv.bias).chunk(3, dim=1)
         out = ops.channel_attention(q, k, v, self.temperature, self.num_heads)
         return ops.pointwise(out, self.project_out.weight, self.project_out.bias)
 
@@ -42,8 +44,18 @@ class FeedForward(ref.FeedForward):
     """GDFN, gated depthwise feed-forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.gdfn(x, self.project_in.weight, self.project_in.bias, self.dwconv.weight, self.dwconv.bias,
-                        self.project_out.weight, self.project_out.bias)
+        return self.from_hidden(ops.pointwise(x, self.project_in.weight, self.project_in.bias))
+
+    def from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The block after project_in (which the blocks fuse with the norm before it)."""
+        return ops.pointwise(ops.dw_gate(hidden, self.dwconv.weight, self.dwconv.bias), self.project_out.weight,
+                             self.project_out.bias)
+
+
+def norm_then(norm: LayerNorm, x: torch.Tensor, *chains) -> tuple[torch.Tensor, ...]:
+    """``norm(x)`` followed by chains of 1x1 convs (nn.Conv2d lists), through ops.norm_linear."""
+    return ops.norm_linear(x, norm.body.weight, norm.body.bias,
+                           [[(conv.weight, conv.bias) for conv in chain] for chain in chains])
 
 
 class EncoderBlock(ref.EncoderBlock):
@@ -52,6 +64,12 @@ class EncoderBlock(ref.EncoderBlock):
     norm_class = LayerNorm
     attention_class = Attention
     ffn_class = FeedForward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (qkv,) = norm_then(self.norms[0], x, [self.mixer.qkv])
+        x = x + self.mixer.attend(qkv)
+        (hidden,) = norm_then(self.norms[1], x, [self.ffn.project_in])
+        return x + self.ffn.from_hidden(hidden)
 
 
 class EncoderResidualGroup(ref.EncoderResidualGroup):

@@ -8,7 +8,7 @@ from .. import ops, routing
 from ..ops import ExpertWeights
 from ..reference import blocks as ref_blocks
 from ..reference import moce as ref_moce
-from .layers import Attention, CrossAttention, FeedForward, LayerNorm
+from .layers import Attention, CrossAttention, FeedForward, LayerNorm, norm_then
 
 
 def _check_4d(name: str, t, like: torch.Tensor | None = None):
@@ -150,11 +150,14 @@ class MoCEBlock(ref_blocks.DecoderBlock):
         return self.adapter.aux_loss
 
     def forward(self, x: torch.Tensor, freq_emb: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.norms[0](x)
-        x_s = self.shared(ops.pointwise(y, self.proj[0].weight, self.proj[0].bias))
-        x_a = self.adapter(ops.pointwise(y, self.proj[1].weight, self.proj[1].bias), freq_emb, x_s)
+        # norm0 with proj0 -> the shared MDTA's qkv map, and proj1: one fused op (the triton backend
+        # folds proj0 into qkv and both maps into one matrix)
+        qkv, y1 = norm_then(self.norms[0], x, [self.proj[0], self.shared.qkv], [self.proj[1]])
+        x_s = self.shared.attend(qkv)
+        x_a = self.adapter(y1, freq_emb, x_s)
         x = self.mixer(x_a, x_s) + x
-        return x + self.ffn(self.norms[1](x))
+        (hidden,) = norm_then(self.norms[1], x, [self.ffn.project_in])
+        return x + self.ffn.from_hidden(hidden)
 
 
 class DecoderResidualGroup(ref_blocks.DecoderResidualGroup):

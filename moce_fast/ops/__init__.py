@@ -6,9 +6,9 @@ from ._backend import (BACKENDS, BackendUnavailableError, backend, current_backe
 from .adapter import AdapterParams, BatchStats, MixParams, adapter_mix, adaptir, grouped_linear, mix_tail
 from .attention import channel_attention
 from .conv import depthwise, pointwise
-from .gdfn import gdfn
+from .gdfn import dw_gate, gdfn
 from .grouped_dwconv import grouped_dwconv
-from .layer_norm import layer_norm
+from .layer_norm import layer_norm, norm_linear
 from .moce_experts import ExpertWeights, expert_forward, moce_experts
 from .patch_conv import patch_circular_conv
 from .routing_plan import routing_plan
@@ -30,6 +30,7 @@ __all__ = [
     "channel_attention",
     "current_backend",
     "depthwise",
+    "dw_gate",
     "expert_forward",
     "gdfn",
     "grouped_dwconv",
@@ -37,6 +38,7 @@ __all__ = [
     "last_run",
     "layer_norm",
     "moce_experts",
+    "norm_linear",
     "patch_circular_conv",
     "pointwise",
     "routing_plan",

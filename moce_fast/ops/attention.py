@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import dispatch, register
+from ._backend import dispatch, new_buffer, register
 
 
 def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
@@ -27,3 +27,114 @@ def _channel_attention_torch(q, k, v, temperature, num_heads):
     # The temperature is folded into q so SDPA (unit scale) fuses the matmul, softmax and product.
     out = F.scaled_dot_product_attention(qn * temperature.to(q.dtype), kn, v.reshape(shape), scale=1.0)
     return out.reshape(b, c, h, w)
+
+
+NORM_EPS = 1e-12  # F.normalize's
+
+
+def _planes(t: torch.Tensor) -> torch.Tensor:
+    """t itself if each (image, channel) plane is contiguous (a channel slice of a qkv map), else a copy."""
+    _, _, h, w = t.shape
+    if t.stride(3) == 1 and t.stride(2) == w and t.stride(1) == h * w:
+        return t
+    return t.contiguous()
+
+
+def _f32(shape, device):
+    return new_buffer(shape, device, torch.float32)
+
+
+@torch.library.custom_op("moce_fast::channel_attention_triton", mutates_args=())
+def _attention_triton_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+                         num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor]:
+    """Returns (out, attn, g, rq, rk); for backward: the (B, heads, d, d) softmax and Gram matrix q k^T
+    and the (B, heads, d) inverse L2 norms of the rows of q and k."""
+    from moce_fast.kernels import adapter as ak
+    from moce_fast.kernels import backbone as kernels
+
+    prec = ak.precision(q.dtype)
+    g, sq, sk = kernels.gram(q, k, num_heads, True, prec, lambda s: _f32(s, q.device))
+    rq = 1.0 / sq.sqrt().clamp_min(NORM_EPS)
+    rk = 1.0 / sk.sqrt().clamp_min(NORM_EPS)
+    attn = torch.softmax(g * rq[..., :, None] * rk[..., None, :] * temperature.float().reshape(1, -1, 1, 1), dim=-1)
+    out = new_buffer(q.shape, q.device, q.dtype)
+    kernels.apply(attn.contiguous(), v, out, prec)
+    return out, attn, g, rq, rk
+
+
+@_attention_triton_op.register_fake
+def _(q, k, v, temperature, num_heads):
+    b, c = q.shape[:2]
+    d = c // num_heads
+    mat = q.new_empty((b, num_heads, d, d), dtype=torch.float32)
+    vec = q.new_empty((b, num_heads, d), dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), mat, mat.clone(), vec, vec.clone()
+
+
+@torch.library.custom_op("moce_fast::channel_attention_triton_backward", mutates_args=())
+def _attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           attn: torch.Tensor, g: torch.Tensor, rq: torch.Tensor, rk: torch.Tensor,
+                           temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from moce_fast.kernels import adapter as ak
+    from moce_fast.kernels import backbone as kernels
+
+    heads = attn.shape[1]
+    prec = ak.precision(q.dtype)
+    new = lambda s: _f32(s, q.device)  # noqa: E731
+    t = temperature.float().reshape(1, -1, 1, 1)
+    dv = new_buffer(v.shape, v.device, v.dtype)
+    kernels.apply(attn.transpose(-1, -2).contiguous(), dout, dv, prec)
+    da, _, _ = kernels.gram(dout, v, heads, False, prec, new)
+    ds = attn * (da - (attn * da).sum(-1, keepdim=True))
+    dt = (ds * g * rq[..., :, None] * rk[..., None, :]).sum(dim=(0, 2, 3))
+    dgn = ds * t
+    dg = dgn * rq[..., :, None] * rk[..., None, :]
+    # d rq_i = sum_j dgn_ij g_ij rk_j; rq = 1/|q| above eps, so dq_i += -d rq_i rq_i^3 q_i
+    cq = torch.where(rq < 1.0 / NORM_EPS, -(dgn * g * rk[..., None, :]).sum(-1) * rq ** 3, 0.0)
+    ck = torch.where(rk < 1.0 / NORM_EPS, -(dgn * g * rq[..., :, None]).sum(-2) * rk ** 3, 0.0)
+    dq = new_buffer(q.shape, q.device, q.dtype)
+    dk = new_buffer(k.shape, k.device, k.dtype)
+    kernels.apply(dg.contiguous(), k, dq, prec, diag=cq.contiguous(), y=q)
+    kernels.apply(dg.transpose(-1, -2).contiguous(), q, dk, prec, diag=ck.contiguous(), y=k)
+    return dq, dk, dv, dt
+
+
+@_attention_backward_op.register_fake
+def _(dout, q, k, v, attn, g, rq, rk, temperature):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            attn.new_empty((attn.shape[1],)))
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, temperature, num_heads = inputs
+    ctx.save_for_backward(q, k, v, temperature, *output[1:])
+
+
+def _attention_backward(ctx, dout, *_unused):
+    q, k, v, temperature, attn, g, rq, rk = ctx.saved_tensors
+    dq, dk, dv, dt = _attention_backward_op(_planes(dout), q, k, v, attn, g, rq, rk, temperature)
+    return dq, dk, dv, dt.reshape(temperature.shape).to(temperature.dtype), None
+
+
+_attention_triton_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def _attention_reason(q, k, v, temperature, num_heads) -> str | None:
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"q: the triton kernels take float32, bfloat16 or float16, got {q.dtype}"
+    d = q.shape[1] // num_heads
+    if d > MAX_HEAD_DIM:
+        return f"channels per head: the triton kernel holds at most {MAX_HEAD_DIM}, got {d}"
+    return None
+
+
+MAX_HEAD_DIM = 128
+
+
+@register("channel_attention", "triton", supports=_attention_reason)
+def _channel_attention_triton(q, k, v, temperature, num_heads):
+    out = _attention_triton_op(_planes(q), _planes(k), _planes(v), temperature, num_heads)[0]
+    return out

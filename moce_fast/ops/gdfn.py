@@ -1,24 +1,92 @@
-"""GDFN, the gated depthwise feed-forward of the backbone blocks."""
+"""GDFN, the gated depthwise feed-forward of the backbone blocks, and its fused middle stage."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import dispatch, register
+from ._backend import dispatch, new_buffer, register
+from .conv import _flat_taps, dwconv_launch, dwconv_weight_grad, pointwise
 
 
 def gdfn(x, w_in, b_in, w_dw, b_dw, w_out, b_out) -> torch.Tensor:
     """project_out(gelu(x1) * x2) with x1, x2 = split(dwconv3x3(project_in(x))).
 
     x: (B, C, H, W); w_in (2h, C, 1, 1); w_dw (2h, 1, 3, 3); w_out (C, h, 1, 1); biases or None.
-    GELU is the exact (erf) one.
+    GELU is the exact (erf) one. Runs as pointwise -> :func:`dw_gate` -> pointwise.
     """
-    return dispatch("gdfn", x.device, x, w_in, b_in, w_dw, b_dw, w_out, b_out)
+    return pointwise(dw_gate(pointwise(x, w_in, b_in), w_dw, b_dw), w_out, b_out)
 
 
-@register("gdfn", "torch")
-def _gdfn_torch(x, w_in, b_in, w_dw, b_dw, w_out, b_out):
-    y = F.conv2d(F.conv2d(x, w_in, b_in), w_dw, b_dw, padding=1, groups=w_dw.shape[0])
-    x1, x2 = y.chunk(2, dim=1)
-    return F.conv2d(F.gelu(x1) * x2, w_out, b_out)
+def dw_gate(hidden: torch.Tensor, w_dw: torch.Tensor, b_dw: Optional[torch.Tensor]) -> torch.Tensor:
+    """gelu(z1) * z2 with z1, z2 = split(dwconv3x3(hidden) + b_dw): (B, 2h, H, W) -> (B, h, H, W)."""
+    return dispatch("dw_gate", hidden.device, hidden, w_dw, b_dw)
+
+
+@register("dw_gate", "torch")
+def _dw_gate_torch(hidden, w_dw, b_dw):
+    x1, x2 = F.conv2d(hidden, w_dw, b_dw, padding=1, groups=w_dw.shape[0]).chunk(2, dim=1)
+    return F.gelu(x1) * x2
+
+
+@torch.library.custom_op("moce_fast::dwgate_triton", mutates_args=())
+def _dwgate_triton_op(hidden: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    from moce_fast.kernels import backbone as kernels
+
+    b, c2, h, w = hidden.shape
+    out = new_buffer((b, c2 // 2, h, w), hidden.device, hidden.dtype)
+    kernels.dwgate(hidden, taps, bias, out)
+    return out
+
+
+@_dwgate_triton_op.register_fake
+def _(hidden, taps, bias):
+    b, c2, h, w = hidden.shape
+    return hidden.new_empty((b, c2 // 2, h, w))
+
+
+@torch.library.custom_op("moce_fast::dwgate_triton_backward", mutates_args=())
+def _dwgate_backward_op(dg: torch.Tensor, hidden: torch.Tensor, taps: torch.Tensor,
+                        bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from moce_fast.kernels import backbone as kernels
+
+    dz = new_buffer(hidden.shape, hidden.device, torch.float32)  # float32: it feeds two reductions
+    kernels.dwgate(hidden, taps, bias, dz, backward_dg=dg)
+    dh = new_buffer(hidden.shape, hidden.device, hidden.dtype)
+    flipped = taps.reshape(-1, 3, 3).flip(-1).flip(-2).reshape(-1, 9).contiguous()
+    dwconv_launch(dz, flipped, torch.zeros_like(bias), 3, dh)
+    dw, db = dwconv_weight_grad(dz, hidden, 3)
+    return dh, dw.contiguous(), db.contiguous()
+
+
+@_dwgate_backward_op.register_fake
+def _(dg, hidden, taps, bias):
+    return torch.empty_like(hidden), torch.empty_like(taps), torch.empty_like(bias)
+
+
+def _dwgate_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _dwgate_backward(ctx, dg):
+    hidden, taps, bias = ctx.saved_tensors
+    return _dwgate_backward_op(dg.contiguous(), hidden, taps, bias)
+
+
+_dwgate_triton_op.register_autograd(_dwgate_backward, setup_context=_dwgate_setup)
+
+
+def _dw_gate_reason(hidden, w_dw, b_dw) -> Optional[str]:
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"hidden: the triton kernels take float32, bfloat16 or float16, got {hidden.dtype}"
+    if tuple(w_dw.shape[1:]) != (1, 3, 3):
+        return f"w_dw: expected a depthwise (2h, 1, 3, 3) kernel, got {tuple(w_dw.shape)}"
+    return None
+
+
+@register("dw_gate", "triton", supports=_dw_gate_reason)
+def _dw_gate_triton(hidden, w_dw, b_dw):
+    bias = b_dw.float() if b_dw is not None else hidden.new_zeros(hidden.shape[1], dtype=torch.float32)
+    return _dwgate_triton_op(hidden.contiguous(), _flat_taps(w_dw), bias)

@@ -1,0 +1,246 @@
+"""The backbone kernels (kernels/backbone.py: channel LayerNorm + 1x1, depthwise convs, the GDFN gate,
+the transposed channel attention) on the triton backend against float64 references, forward and
+every gradient, odd sizes, heads 1 to 8; then the whole MoCE-IR through them. Output and scratch
+buffers are NaN-poisoned before every launch.
+
+Without a GPU the kernels run through the Triton interpreter on CPU tensors (float32); with one,
+compiled on CUDA tensors (float32 and bfloat16).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import moce_fast
+from moce_fast import ops
+from moce_fast.ops import attention as attention_ops
+from moce_fast.ops import conv as conv_ops
+from moce_fast.reference import layers as ref_layers
+from conftest import TINY, make_pair, rel_err
+
+# the op functions of the same names shadow these modules as attributes of moce_fast.ops
+gdfn_ops = importlib.import_module("moce_fast.ops.gdfn")
+ln_ops = importlib.import_module("moce_fast.ops.layer_norm")
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytestmark = pytest.mark.skip(reason="no GPU and TRITON_INTERPRET is not 1")
+TOL32 = 2e-5  # float32 inputs: the kernels' dots run in tf32x3 (float32 accuracy)
+TOL_BF16 = 2e-2
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    moce_fast.ops.set_poison_outputs(True)
+    yield
+    moce_fast.ops.set_poison_outputs(False)
+
+
+def rand(*shape, seed, scale=1.0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).requires_grad_(True)
+
+
+def compare(fn, inputs, *, dtype=torch.float32, tol=TOL32, seed=0):
+    """fn(*tensors) on the torch backend in float64 (the reference) and on the triton backend in
+    ``dtype`` (on DEVICE): outputs and the gradients of every input from one random upstream gradient."""
+    with moce_fast.backend("torch"):
+        ref = fn(*inputs)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    fast_in = [t.detach().to(DEVICE, dtype).requires_grad_(True) for t in inputs]
+    with moce_fast.backend("triton"):
+        fast = fn(*fast_in)
+    fast = fast if isinstance(fast, tuple) else (fast,)
+    g = torch.Generator().manual_seed(seed + 1)
+    ups = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in ref]
+    for f, r in zip(fast, ref):
+        assert f.dtype == dtype and f.shape == r.shape
+        assert rel_err(f.cpu(), r) < tol
+    ref_grads = torch.autograd.grad(ref, inputs, ups)
+    fast_grads = torch.autograd.grad(fast, fast_in, [u.to(DEVICE, dtype) for u in ups])
+    for i, (fg, rg) in enumerate(zip(fast_grads, ref_grads)):
+        assert torch.isfinite(fg).all(), f"gradient {i} is not finite"
+        assert rel_err(fg.cpu(), rg) < tol * 3, f"gradient {i}: {rel_err(fg.cpu(), rg)}"
+
+
+# ----------------------------------------------------------------------------- norm + 1x1 maps
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["WithBias", "BiasFree"])
+@pytest.mark.parametrize("b,c,h,w", [(2, 24, 7, 9), (1, 40, 5, 13), (3, 8, 1, 1)])
+def test_norm_linear_chains(with_bias, b, c, h, w):
+    # two chains: a 1x1 followed by another (the decoder's proj0 -> qkv, folded by triton) and one map
+    n1, n2, n3 = 20, 3 * 20, c
+    ins = [rand(b, c, h, w, seed=0, scale=2.0, shift=0.5), rand(c, seed=1, scale=0.3, shift=1.0),
+           rand(n1, c, 1, 1, seed=2, scale=0.3), rand(n1, seed=3), rand(n2, n1, 1, 1, seed=4, scale=0.3),
+           rand(n2, seed=5), rand(n3, c, 1, 1, seed=6, scale=0.3)]
+    if with_bias:
+        ins.append(rand(c, seed=7, scale=0.3))
+
+    def fn(x, nw, w1, b1, w2, b2, w3, nb=None):
+        return ops.norm_linear(x, nw, nb, [[(w1, b1), (w2, b2)], [(w3, None)]])
+
+    compare(fn, ins)
+    assert moce_fast.ops.last_run()["norm_linear"] == "triton"
+
+
+def test_norm_linear_wide_input_spans_many_channel_blocks():
+    ins = [rand(2, 100, 6, 6, seed=0), rand(100, seed=1, shift=1.0), rand(70, 100, 1, 1, seed=2, scale=0.1),
+           rand(100, seed=3)]
+    compare(lambda x, nw, w, nb: ops.norm_linear(x, nw, nb, [[(w, None)]]), ins)
+
+
+def test_norm_linear_torch_backend_is_the_reference_norm_then_convs():
+    x, nw, nb = rand(2, 8, 4, 4, seed=0), rand(8, seed=1), rand(8, seed=2)
+    w, b = rand(16, 8, 1, 1, seed=3), rand(16, seed=4)
+    with moce_fast.backend("torch"):
+        (out,) = ops.norm_linear(x, nw, nb, [[(w, b)]])
+    norm = ref_layers.LayerNorm(8).double()
+    with torch.no_grad():
+        norm.body.weight.copy_(nw)
+        norm.body.bias.copy_(nb)
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(norm(x), w, b), rtol=1e-12, atol=1e-12)
+    torch.autograd.gradcheck(lambda *t: ops.norm_linear(t[0], t[1], t[2], [[(t[3], t[4])]])[0],
+                             (x, nw, nb, w, b))
+
+
+# ----------------------------------------------------------------------------- depthwise, GDFN gate
+
+@pytest.mark.parametrize("ks", [3, 7])
+@pytest.mark.parametrize("b,c,h,w", [(2, 6, 5, 9), (1, 20, 17, 3)])
+def test_depthwise(ks, b, c, h, w):
+    ins = [rand(b, c, h, w, seed=0), rand(c, 1, ks, ks, seed=1), rand(c, seed=2)]
+    compare(ops.depthwise, ins)
+    assert moce_fast.ops.last_run()["depthwise"] == "triton"
+
+
+@pytest.mark.parametrize("b,hid,h,w", [(2, 6, 5, 9), (1, 20, 17, 3), (2, 17, 1, 1)])
+def test_dw_gate(b, hid, h, w):
+    ins = [rand(b, 2 * hid, h, w, seed=0), rand(2 * hid, 1, 3, 3, seed=1, scale=0.5), rand(2 * hid, seed=2)]
+    compare(ops.dw_gate, ins)
+    assert moce_fast.ops.last_run()["dw_gate"] == "triton"
+
+
+def test_dw_gate_without_bias():
+    compare(lambda h, w: ops.dw_gate(h, w, None), [rand(2, 8, 6, 7, seed=0), rand(8, 1, 3, 3, seed=1)])
+
+
+# ----------------------------------------------------------------------------- channel attention
+
+@pytest.mark.parametrize("heads", [1, 2, 3, 8])
+@pytest.mark.parametrize("b,h,w", [(2, 7, 9), (1, 1, 5)])
+def test_channel_attention(heads, b, h, w):
+    c = 24
+    ins = [rand(b, 3 * c, h, w, seed=0), rand(heads, 1, 1, seed=1, scale=0.3, shift=1.0)]
+
+    def fn(qkv, t):  # q, k, v are channel slices of one map, read in place
+        q, k, v = qkv.chunk(3, dim=1)
+        return ops.channel_attention(q, k, v, t, heads)
+
+    compare(fn, ins)
+    assert moce_fast.ops.last_run()["channel_attention"] == "triton"
+
+
+def test_channel_attention_long_reduction_split_over_programs():
+    # 40 x 40 pixels: 25 blocks of 64 split across pixel groups, then reduced
+    ins = [rand(1, 3 * 8, 40, 40, seed=0), rand(2, 1, 1, seed=1, shift=1.0)]
+    compare(lambda qkv, t: ops.channel_attention(*qkv.chunk(3, dim=1), t, 2), ins)
+
+
+def test_channel_attention_zero_row_matches_normalize():
+    # a channel that is zero everywhere: F.normalize divides by eps, its gradient path is cut
+    qkv = rand(1, 3 * 4, 3, 3, seed=0)
+    with torch.no_grad():
+        qkv[:, 1] = 0.0
+        qkv[:, 4 + 2] = 0.0
+    compare(lambda z, t: ops.channel_attention(*z.chunk(3, dim=1), t, 1), [qkv, rand(1, 1, 1, seed=1, shift=1.0)])
+
+
+def test_head_dim_limit_is_reported():
+    q = torch.randn(1, 2 * attention_ops.MAX_HEAD_DIM + 2, 2, 2, device=DEVICE)
+    t = torch.ones(2, 1, 1, device=DEVICE)
+    with moce_fast.backend("triton"), pytest.raises(moce_fast.BackendUnavailableError, match="channels per head"):
+        ops.channel_attention(q, q, q, t, 2)
+
+
+def test_triton_rejects_float64_clearly():
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64, device=DEVICE)
+    with moce_fast.backend("triton"), pytest.raises(moce_fast.BackendUnavailableError, match="float64"):
+        ops.dw_gate(x, torch.randn(4, 1, 3, 3, dtype=torch.float64, device=DEVICE), None)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+def test_backbone_ops_opcheck():
+    x = torch.randn(2, 8, 5, 6, device=DEVICE)
+    w = torch.randn(12, 8, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(ln_ops._ln_linear_triton_op, (x.requires_grad_(True), w, torch.randn(12, device=DEVICE),
+                                                         True, 1e-5))
+    taps = torch.randn(8, 9, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(conv_ops._depthwise_triton_op, (x, taps, torch.randn(8, device=DEVICE), 3))
+    torch.library.opcheck(gdfn_ops._dwgate_triton_op, (x, taps, torch.randn(8, device=DEVICE)))
+    qkv = torch.randn(2, 24, 5, 6, device=DEVICE, requires_grad=True)
+    q, k, v = qkv.chunk(3, dim=1)
+    torch.library.opcheck(attention_ops._attention_triton_op,
+                          (q, k, v, torch.ones(2, 1, 1, device=DEVICE, requires_grad=True), 2))
+
+
+# ----------------------------------------------------------------------------- the whole model
+
+def _router_noise(monkeypatch):
+    """The routers' training noise from one CPU generator, whatever device the model is on, so the
+    float64 CPU reference and the model under test route alike."""
+    g = torch.Generator().manual_seed(5)
+    monkeypatch.setattr(torch, "randn_like", lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64).to(t))
+
+
+def test_whole_model_inference_and_training_match_the_reference(monkeypatch):
+    fast, ref = make_pair(TINY, seed=3, dtype=torch.float64)
+    fast = fast.float().to(DEVICE)
+    x = torch.rand(2, 3, 13, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), moce_fast.backend("triton"):
+        out = fast(x.float().to(DEVICE))
+    with torch.no_grad():
+        expect = ref(x)
+    assert rel_err(out.cpu(), expect) < 5e-5
+    ran = moce_fast.ops.last_run()
+    for op in ("norm_linear", "depthwise", "dw_gate", "channel_attention", "moce_experts"):
+        assert ran[op] == "triton", (op, ran)
+    # training (noisy routing, batch statistics of nothing: the model has no BatchNorm): every gradient
+    fast.train()
+    ref.train()
+    _router_noise(monkeypatch)
+    with moce_fast.backend("triton"):
+        y = fast(x.float().to(DEVICE))
+        loss_fast = (y.double().cpu() * torch.linspace(-1, 1, y.numel()).reshape(y.shape).double()).sum()
+        loss_fast = loss_fast + fast.aux_loss.double().cpu()
+    _router_noise(monkeypatch)
+    y_ref = ref(x)
+    loss_ref = (y_ref * torch.linspace(-1, 1, y_ref.numel()).reshape(y_ref.shape).double()).sum() + ref.aux_loss
+    names = [n for n, _ in ref.named_parameters()]
+    g_fast = torch.autograd.grad(loss_fast, list(fast.parameters()), allow_unused=True)
+    g_ref = torch.autograd.grad(loss_ref, list(ref.parameters()), allow_unused=True)
+    for name, gf, gr in zip(names, g_fast, g_ref):
+        if gr is None:
+            assert gf is None or not gf.abs().any(), name
+            continue
+        assert gf is not None, name
+        assert rel_err(gf.cpu(), gr) < 5e-4, (name, rel_err(gf.cpu(), gr))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bfloat16 kernels need a CUDA device (the interpreter computes bf16 wrongly)")
+def test_backbone_bfloat16_on_gpu():
+    ins = [rand(2, 48, 33, 31, seed=0), rand(48, seed=1, shift=1.0), rand(144, 48, 1, 1, seed=2, scale=0.2),
+           rand(48, seed=3)]
+    compare(lambda x, nw, w, nb: ops.norm_linear(x, nw, nb, [[(w, None)]]), ins, dtype=torch.bfloat16,
+            tol=TOL_BF16)
+    compare(ops.dw_gate, [rand(2, 96, 33, 31, seed=0), rand(96, 1, 3, 3, seed=1, scale=0.5), rand(96, seed=2)],
+            dtype=torch.bfloat16, tol=TOL_BF16)
+    compare(lambda qkv, t: ops.channel_attention(*qkv.chunk(3, dim=1), t, 2),
+            [rand(2, 3 * 96, 33, 31, seed=0), rand(2, 1, 1, seed=1, shift=1.0)], dtype=torch.bfloat16, tol=TOL_BF16)
