@@ -48,6 +48,17 @@ def _models(name):
     return fast.to(DEVICE), ref.to(DEVICE)
 
 
+@pytest.fixture(autouse=True)
+def _tf32_everywhere():
+    """TF32 for float32 products on every implementation alike: the reference's cuDNN convolutions
+    use it by default anyway (torch.backends.cudnn.allow_tf32); this extends it to its matmuls/SDPA
+    and to moce_fast's kernels (kernels.adapter.precision). No effect on a CPU."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 @pytest.mark.parametrize("case", ["infer-b1", "infer-b8", "train-b8"])
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("impl", IMPLS)

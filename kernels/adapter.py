@@ -405,8 +405,12 @@ def _pow2(n: int, floor: int = 16) -> int:
 
 
 def precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: float32 inputs keep float32 accuracy (tf32x3), narrower ones tf32."""
-    return "tf32x3" if dtype in (torch.float32, torch.float64) else "tf32"
+    """tl.dot input precision. float32 inputs follow torch.get_float32_matmul_precision(): "highest"
+    (torch's default) keeps float32 accuracy (tf32x3, three TF32 products), "high"/"medium" take
+    single TF32 products as torch's own matmuls then do. Narrower inputs: their own tensor-core dots."""
+    if dtype in (torch.float32, torch.float64):
+        return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32"
 
 
 def linear_config(p: int, m: int, k: int) -> dict:

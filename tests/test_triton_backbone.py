@@ -244,3 +244,33 @@ def test_backbone_bfloat16_on_gpu():
             dtype=torch.bfloat16, tol=TOL_BF16)
     compare(lambda qkv, t: ops.channel_attention(*qkv.chunk(3, dim=1), t, 2),
             [rand(2, 3 * 96, 33, 31, seed=0), rand(2, 1, 1, seed=1, shift=1.0)], dtype=torch.bfloat16, tol=TOL_BF16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bfloat16 kernels need a CUDA device (the interpreter computes bf16 wrongly)")
+def test_whole_model_bfloat16_on_gpu():
+    from conftest import SMALL
+
+    fast, ref = make_pair(SMALL, seed=11, dtype=torch.float64)
+    x = torch.rand(2, 3, 40, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(x)
+        with moce_fast.backend("triton"):
+            got = fast.to(DEVICE, torch.bfloat16)(x.to(DEVICE, torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got.cpu(), expected) < 5e-2
+    ran = moce_fast.ops.last_run()
+    assert all(ran[op] == "triton" for op in ("norm_linear", "depthwise", "dw_gate", "channel_attention"))
+
+
+def test_float32_dot_precision_follows_torch_setting():
+    from moce_fast.kernels import adapter as ak
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert ak.precision(torch.float32) == "tf32x3"
+        torch.set_float32_matmul_precision("high")
+        assert ak.precision(torch.float32) == "tf32"
+        assert ak.precision(torch.bfloat16) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
