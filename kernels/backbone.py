@@ -18,6 +18,9 @@ read in place. Sums are accumulated in float32; outputs take the output buffer's
   3x3 and its weight gradient run on the MoCE depthwise kernels.
 - ``gram_kernel``: per (image, head, pixel group) partial sums of X Y^T (d x d) and of the squared
   rows of X and Y (the L2 norms): the long H*W reduction of the attention split over programs.
+- ``attn_softmax_kernel`` / ``attn_softmax_bwd_kernel``: one program per (image, head) sums the
+  partials and does all the d x d math (norms, temperature, softmax; its backward, the norms'
+  diagonal terms, the temperature's share), so the attention is 3 launches forward, 5 backward.
 - ``apply_kernel``: out = M X (+ diag(c) Y) per (image, head) over pixel blocks: the product of
   the attention with v, and every input gradient of the attention.
 """
@@ -255,10 +258,81 @@ def gram_kernel(x_ptr, y_ptr, part_ptr, sx_ptr, sy_ptr, D, HW, x_sb, y_sb,
 
 
 @triton.jit
+def _sum_parts(ptr, row, G, dd, dmask, D, SQUARE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sum over g < G of the (D x D) blocks (SQUARE) or D-vectors at ptr[(row * G + g) ...]."""
+    if SQUARE:
+        acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+        for g in range(G):
+            acc += tl.load(ptr + ((row * G + g) * D + dd[:, None]) * D + dd[None, :],
+                           mask=dmask[:, None] & dmask[None, :], other=0.0)
+    else:
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for g in range(G):
+            acc += tl.load(ptr + (row * G + g) * D + dd, mask=dmask, other=0.0)
+    return acc
+
+
+@triton.jit
+def attn_softmax_kernel(part_ptr, sx_ptr, sy_ptr, t_ptr, attn_ptr, g_ptr, rq_ptr, rk_ptr, D, G, HEADS, eps,
+                        BLOCK_D: tl.constexpr):
+    """One (image, head): the Gram partials and squared norms summed over the G pixel groups, then
+    attn = softmax_j(g_ij rq_i rk_j t) with rq = 1 / max(|q_i|, eps) (F.normalize); writes attn and,
+    for the backward, g, rq and rk."""
+    row = tl.program_id(0).to(tl.int64)
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    g = _sum_parts(part_ptr, row, G, dd, dmask, D, True, BLOCK_D)
+    rq = 1.0 / tl.maximum(tl.sqrt(_sum_parts(sx_ptr, row, G, dd, dmask, D, False, BLOCK_D)), eps)
+    rk = 1.0 / tl.maximum(tl.sqrt(_sum_parts(sy_ptr, row, G, dd, dmask, D, False, BLOCK_D)), eps)
+    t = tl.load(t_ptr + row % HEADS).to(tl.float32)
+    z = g * rq[:, None] * rk[None, :] * t
+    m2 = dmask[:, None] & dmask[None, :]
+    z = tl.where(m2, z, float("-inf"))
+    zmax = tl.where(dmask, tl.max(z, axis=1), 0.0)  # padding rows: all -inf, kept finite
+    e = tl.exp(z - zmax[:, None])
+    attn = e / tl.where(dmask, tl.sum(e, axis=1), 1.0)[:, None]
+    sq = (row * D + dd[:, None]) * D + dd[None, :]
+    tl.store(attn_ptr + sq, attn, mask=m2)
+    tl.store(g_ptr + sq, g, mask=m2)
+    tl.store(rq_ptr + row * D + dd, rq, mask=dmask)
+    tl.store(rk_ptr + row * D + dd, rk, mask=dmask)
+
+
+@triton.jit
+def attn_softmax_bwd_kernel(part_ptr, attn_ptr, g_ptr, rq_ptr, rk_ptr, t_ptr, dg_ptr, cq_ptr, ck_ptr, dt_ptr,
+                            D, G, HEADS, eps, BLOCK_D: tl.constexpr):
+    """One (image, head), from the partials of dA = dout v^T: dS = A (dA - rowsum(A dA)); the
+    temperature's share sum(dS gn); dG = dS t rq_i rk_j (for dq = dG k, dk = dG^T q); and the
+    diagonal terms of the norms, cq_i = -rq_i^3 sum_j dS_ij t g_ij rk_j (zero where |q_i| <= eps)
+    and ck likewise."""
+    row = tl.program_id(0).to(tl.int64)
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    m2 = dmask[:, None] & dmask[None, :]
+    sq = (row * D + dd[:, None]) * D + dd[None, :]
+    da = _sum_parts(part_ptr, row, G, dd, dmask, D, True, BLOCK_D)
+    a = tl.load(attn_ptr + sq, mask=m2, other=0.0)
+    g = tl.load(g_ptr + sq, mask=m2, other=0.0)
+    rq = tl.load(rq_ptr + row * D + dd, mask=dmask, other=0.0)
+    rk = tl.load(rk_ptr + row * D + dd, mask=dmask, other=0.0)
+    t = tl.load(t_ptr + row % HEADS).to(tl.float32)
+    ds = a * (da - tl.sum(a * da, axis=1)[:, None])
+    gr = g * rk[None, :]
+    tl.store(dt_ptr + row, tl.sum(tl.sum(ds * gr * rq[:, None], axis=1), axis=0))
+    dgn = ds * t
+    tl.store(dg_ptr + sq, dgn * rq[:, None] * rk[None, :], mask=m2)
+    cq = -tl.sum(dgn * gr, axis=1) * rq * rq * rq
+    ck = -tl.sum(dgn * g * rq[:, None], axis=0) * rk * rk * rk
+    tl.store(cq_ptr + row * D + dd, tl.where(rq < 1.0 / eps, cq, 0.0), mask=dmask)
+    tl.store(ck_ptr + row * D + dd, tl.where(rk < 1.0 / eps, ck, 0.0), mask=dmask)
+
+
+@triton.jit
 def apply_kernel(m_ptr, x_ptr, c_ptr, y_ptr, out_ptr, D, HW, x_sb, y_sb, out_sb,
-                 HAS_DIAG: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr):
+                 HAS_DIAG: tl.constexpr, TRANS_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+                 PREC: tl.constexpr):
     """out[i, p] = sum_j M[i, j] X[j, p] (+ c[i] Y[i, p]) for one (image, head) and pixel block;
-    M is (B, heads, D, D) and c (B, heads, D), float32 and contiguous."""
+    M (read transposed with TRANS_M) is (B, heads, D, D) and c (B, heads, D), float32, contiguous."""
     pid_p = tl.program_id(0)
     head = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -268,7 +342,10 @@ def apply_kernel(m_ptr, x_ptr, c_ptr, y_ptr, out_ptr, D, HW, x_sb, y_sb, out_sb,
     pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     m = dmask[:, None] & (pix < HW)[None, :]
     rows = (head * D + dd).to(tl.int64) * HW
-    mb = m_ptr + ((b * heads + head) * D + dd[:, None]) * D + dd[None, :]
+    if TRANS_M:
+        mb = m_ptr + ((b * heads + head) * D + dd[None, :]) * D + dd[:, None]
+    else:
+        mb = m_ptr + ((b * heads + head) * D + dd[:, None]) * D + dd[None, :]
     mat = tl.load(mb, mask=dmask[:, None] & dmask[None, :], other=0.0)
     xt = tl.load(x_ptr + b * x_sb + rows[:, None] + pix[None, :], mask=m, other=0.0).to(tl.float32)
     acc = tl.dot(mat, xt, input_precision=PREC)
@@ -313,6 +390,13 @@ def attention_config(d: int, fp32: bool) -> dict:
     if fp32:
         return dict(BLOCK_D=bd, BLOCK_P=32 if bd <= 64 else 16, num_warps=8)
     return dict(BLOCK_D=bd, BLOCK_P=64 if bd <= 64 else 32, num_warps=8)
+
+
+def softmax_config(d: int) -> dict:
+    """The per-(image, head) d x d kernels hold about six d x d float32 matrices: 4 warps at d <= 32,
+    8 at 64, 16 at 128 keep them in registers."""
+    bd = _pow2(d)
+    return dict(BLOCK_D=bd, num_warps={16: 4, 32: 4, 64: 8}.get(bd, 16))
 
 
 def pixel_groups(b: int, hw: int, per_image: int) -> int:
@@ -371,28 +455,60 @@ def dwgate(hidden, w, bias, out, backward_dg=None) -> None:
         dwgate_bwd_kernel[grid](hidden, w, bias, backward_dg, out, hid, h, wd, **cfg)
 
 
-def gram(x, y, heads: int, norms: bool, prec: str, new):
-    """Per (image, head): X Y^T (B, heads, D, D) and, with ``norms``, the squared row norms of X and Y
-    (B, heads, D) each, all float32. x, y: (B, C, H, W) with contiguous channel planes."""
+def _gram_parts(x, y, heads: int, norms: bool, prec: str, new):
+    """Per (image, head, pixel group) partial sums of X Y^T (B, heads, G, D, D) and, with ``norms``,
+    of the squared rows of X and Y (B, heads, G, D). x, y: (B, C, H, W), contiguous channel planes."""
     b, c, h, wd = x.shape
     d, hw = c // heads, h * wd
-    if b == 0 or hw == 0:
-        z = torch.zeros(b, heads, d, d, device=x.device, dtype=torch.float32)
-        return (z, z[..., 0].clone(), z[..., 0].clone()) if norms else (z, None, None)
-    cfg = attention_config(d, x.dtype == torch.float32)
-    groups = pixel_groups(b, hw, heads)
+    groups = pixel_groups(b, hw, heads) if hw else 1
     part = new((b, heads, groups, d, d))
     sx = new((b, heads, groups, d)) if norms else part
     sy = new((b, heads, groups, d)) if norms else part
-    gram_kernel[(groups, heads, b)](x, y, part, sx, sy, d, hw, x.stride(0), y.stride(0), NORMS=norms, PREC=prec,
-                                    **cfg)
-    if not norms:
-        return part.sum(2), None, None
-    return part.sum(2), sx.sum(2), sy.sum(2)
+    if hw == 0:  # no pixels: the sums are zero
+        for t in (part, sx, sy):
+            t.zero_()
+    elif b:
+        gram_kernel[(groups, heads, b)](x, y, part, sx, sy, d, hw, x.stride(0), y.stride(0), NORMS=norms,
+                                        PREC=prec, **attention_config(d, x.dtype == torch.float32))
+    return part, sx, sy, groups
 
 
-def apply(mat, x, out, prec: str, diag=None, y=None) -> None:
-    """out = mat @ X (+ diag * Y) per (image, head); mat (B, heads, D, D), diag (B, heads, D) float32."""
+def attention_forward(q, k, v, temperature, heads: int, out, prec: str, new):
+    """out = softmax((q/|q|)(k/|k|)^T t) v per head (3 launches). Returns (attn, g, rq, rk), the
+    float32 (B, heads, D, D) softmax and Gram matrix and the (B, heads, D) inverse row norms."""
+    b, c = q.shape[:2]
+    d = c // heads
+    attn, g, rq, rk = new((b, heads, d, d)), new((b, heads, d, d)), new((b, heads, d)), new((b, heads, d))
+    if b == 0:
+        return attn, g, rq, rk
+    part, sx, sy, groups = _gram_parts(q, k, heads, True, prec, new)
+    attn_softmax_kernel[(b * heads,)](part, sx, sy, temperature, attn, g, rq, rk, d, groups, heads, NORM_EPS,
+                                      **softmax_config(d))
+    apply(attn, v, out, prec)
+    return attn, g, rq, rk
+
+
+def attention_backward(dout, q, k, v, attn, g, rq, rk, temperature, dq, dk, dv, prec: str, new):
+    """Fills dq, dk, dv; returns d temperature (heads,) float32 (5 launches)."""
+    b, heads, d, _ = attn.shape
+    if b == 0:
+        return torch.zeros(heads, device=q.device, dtype=torch.float32)
+    apply(attn, dout, dv, prec, trans=True)
+    part, _, _, groups = _gram_parts(dout, v, heads, False, prec, new)
+    dg, cq, ck, dt = new((b, heads, d, d)), new((b, heads, d)), new((b, heads, d)), new((b * heads,))
+    attn_softmax_bwd_kernel[(b * heads,)](part, attn, g, rq, rk, temperature, dg, cq, ck, dt, d, groups, heads,
+                                          NORM_EPS, **softmax_config(d))
+    apply(dg, k, dq, prec, diag=cq, y=q)
+    apply(dg, q, dk, prec, diag=ck, y=k, trans=True)
+    return dt.view(b, heads).sum(0)
+
+
+NORM_EPS = 1e-12  # F.normalize's
+
+
+def apply(mat, x, out, prec: str, diag=None, y=None, trans: bool = False) -> None:
+    """out = mat @ X (+ diag * Y) per (image, head) (mat^T with ``trans``); mat (B, heads, D, D) and
+    diag (B, heads, D) float32, contiguous."""
     b, c, h, wd = x.shape
     heads, d = mat.shape[1], mat.shape[2]
     hw = h * wd
@@ -402,4 +518,4 @@ def apply(mat, x, out, prec: str, diag=None, y=None) -> None:
     grid = (triton.cdiv(hw, cfg["BLOCK_P"]), heads, b)
     apply_kernel[grid](mat, x, diag if diag is not None else mat, y if y is not None else x, out, d, hw,
                        x.stride(0), (y if y is not None else x).stride(0), out.stride(0), HAS_DIAG=diag is not None,
-                       PREC=prec, **cfg)
+                       TRANS_M=trans, PREC=prec, **cfg)

@@ -223,10 +223,19 @@ def backbone_signatures(c, head_dim, xdt):
                            "D": "i32", "HW": "i32", "x_sb": "i64", "y_sb": "i64", "NORMS": "constexpr",
                            "BLOCK_D": "constexpr", "BLOCK_P": "constexpr", "PREC": "constexpr"
                            }, dict(consts, NORMS=True, PREC=prec), warps
-    yield BK.apply_kernel, {"m_ptr": "*fp32", "x_ptr": x, "c_ptr": "*fp32", "y_ptr": x, "out_ptr": x, "D": "i32",
-                            "HW": "i32", "x_sb": "i64", "y_sb": "i64", "out_sb": "i64", "HAS_DIAG": "constexpr",
-                            "BLOCK_D": "constexpr", "BLOCK_P": "constexpr", "PREC": "constexpr"
-                            }, dict(consts, HAS_DIAG=True, PREC=prec), warps
+    for diag, trans in ((False, False), (False, True), (True, False), (True, True)):
+        yield BK.apply_kernel, {"m_ptr": "*fp32", "x_ptr": x, "c_ptr": "*fp32", "y_ptr": x, "out_ptr": x,
+                                "D": "i32", "HW": "i32", "x_sb": "i64", "y_sb": "i64", "out_sb": "i64",
+                                "HAS_DIAG": "constexpr", "TRANS_M": "constexpr", "BLOCK_D": "constexpr",
+                                "BLOCK_P": "constexpr", "PREC": "constexpr"
+                                }, dict(consts, HAS_DIAG=diag, TRANS_M=trans, PREC=prec), warps
+    small, small_warps = split(BK.softmax_config(head_dim))
+    names = ["part_ptr", "sx_ptr", "sy_ptr", "t_ptr", "attn_ptr", "g_ptr", "rq_ptr", "rk_ptr"]
+    yield BK.attn_softmax_kernel, dict({n: "*fp32" for n in names}, D="i32", G="i32", HEADS="i32", eps="fp32",
+                                       BLOCK_D="constexpr"), small, small_warps
+    names = ["part_ptr", "attn_ptr", "g_ptr", "rq_ptr", "rk_ptr", "t_ptr", "dg_ptr", "cq_ptr", "ck_ptr", "dt_ptr"]
+    yield BK.attn_softmax_bwd_kernel, dict({n: "*fp32" for n in names}, D="i32", G="i32", HEADS="i32", eps="fp32",
+                                           BLOCK_D="constexpr"), small, small_warps
 
 
 # MoCE-IR (dim 48) and MoCE-IR-S (dim 32): (width, channels per head) of every level incl. refinement

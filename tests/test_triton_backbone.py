@@ -274,3 +274,26 @@ def test_float32_dot_precision_follows_torch_setting():
         assert ak.precision(torch.bfloat16) == "tf32"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (host syncs exist only there)")
+def test_backbone_blocks_have_no_host_sync_on_gpu():
+    from moce_fast.nn import EncoderBlock
+
+    enc = EncoderBlock(32, 2, 2.66, False, "WithBias").cuda()
+    dec = moce_fast.MoCEBlock(32, num_heads=2, freq_dim=None).cuda().eval()
+    x = torch.randn(2, 32, 24, 20, device="cuda", requires_grad=True)
+
+    def step():
+        dec(enc(x)).square().mean().backward()
+
+    with moce_fast.backend("triton"):
+        step()  # warm-up: compiles the kernels
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    ran = moce_fast.ops.last_run()
+    assert all(ran[op] == "triton" for op in ("norm_linear", "depthwise", "dw_gate", "channel_attention"))

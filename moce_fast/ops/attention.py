@@ -29,9 +29,6 @@ def _channel_attention_torch(q, k, v, temperature, num_heads):
     return out.reshape(b, c, h, w)
 
 
-NORM_EPS = 1e-12  # F.normalize's
-
-
 def _planes(t: torch.Tensor) -> torch.Tensor:
     """t itself if each (image, channel) plane is contiguous (a channel slice of a qkv map), else a copy."""
     _, _, h, w = t.shape
@@ -53,14 +50,10 @@ def _attention_triton_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temp
     from moce_fast.kernels import adapter as ak
     from moce_fast.kernels import backbone as kernels
 
-    prec = ak.precision(q.dtype)
-    g, sq, sk = kernels.gram(q, k, num_heads, True, prec, lambda s: _f32(s, q.device))
-    rq = 1.0 / sq.sqrt().clamp_min(NORM_EPS)
-    rk = 1.0 / sk.sqrt().clamp_min(NORM_EPS)
-    attn = torch.softmax(g * rq[..., :, None] * rk[..., None, :] * temperature.float().reshape(1, -1, 1, 1), dim=-1)
     out = new_buffer(q.shape, q.device, q.dtype)
-    kernels.apply(attn.contiguous(), v, out, prec)
-    return out, attn, g, rq, rk
+    saved = kernels.attention_forward(q, k, v, temperature.reshape(-1).float().contiguous(), num_heads, out,
+                                      ak.precision(q.dtype), lambda s: _f32(s, q.device))
+    return (out, *saved)
 
 
 @_attention_triton_op.register_fake
@@ -79,24 +72,11 @@ def _attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     from moce_fast.kernels import adapter as ak
     from moce_fast.kernels import backbone as kernels
 
-    heads = attn.shape[1]
-    prec = ak.precision(q.dtype)
-    new = lambda s: _f32(s, q.device)  # noqa: E731
-    t = temperature.float().reshape(1, -1, 1, 1)
-    dv = new_buffer(v.shape, v.device, v.dtype)
-    kernels.apply(attn.transpose(-1, -2).contiguous(), dout, dv, prec)
-    da, _, _ = kernels.gram(dout, v, heads, False, prec, new)
-    ds = attn * (da - (attn * da).sum(-1, keepdim=True))
-    dt = (ds * g * rq[..., :, None] * rk[..., None, :]).sum(dim=(0, 2, 3))
-    dgn = ds * t
-    dg = dgn * rq[..., :, None] * rk[..., None, :]
-    # d rq_i = sum_j dgn_ij g_ij rk_j; rq = 1/|q| above eps, so dq_i += -d rq_i rq_i^3 q_i
-    cq = torch.where(rq < 1.0 / NORM_EPS, -(dgn * g * rk[..., None, :]).sum(-1) * rq ** 3, 0.0)
-    ck = torch.where(rk < 1.0 / NORM_EPS, -(dgn * g * rq[..., :, None]).sum(-2) * rk ** 3, 0.0)
     dq = new_buffer(q.shape, q.device, q.dtype)
     dk = new_buffer(k.shape, k.device, k.dtype)
-    kernels.apply(dg.contiguous(), k, dq, prec, diag=cq.contiguous(), y=q)
-    kernels.apply(dg.transpose(-1, -2).contiguous(), q, dk, prec, diag=ck.contiguous(), y=k)
+    dv = new_buffer(v.shape, v.device, v.dtype)
+    dt = kernels.attention_backward(dout, q, k, v, attn, g, rq, rk, temperature.reshape(-1).float().contiguous(),
+                                    dq, dk, dv, ak.precision(q.dtype), lambda s: _f32(s, q.device))
     return dq, dk, dv, dt
 
 

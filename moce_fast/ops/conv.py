@@ -32,6 +32,11 @@ def _flat_taps(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1).float().contiguous()
 
 
+def _batch_offsets(b: int, device) -> torch.Tensor:
+    """[0, b] made on the device (no host-to-device copy: nothing to sync, capturable)."""
+    return torch.arange(0, 2 * b, b, device=device, dtype=torch.int64)
+
+
 def dwconv_launch(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, ks: int, out: torch.Tensor) -> None:
     """Depthwise ks x ks (zero 'same' padding) of the contiguous (B, C, H, W) x into out, on the
     MoCE expert kernel (every image of the batch is one "position" of a single expert)."""
@@ -42,7 +47,7 @@ def dwconv_launch(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, ks: i
     b, c, h, w = x.shape
     if b == 0 or c == 0 or h * w == 0:
         return
-    offsets = torch.tensor([0, b], device=x.device, dtype=torch.int64)
+    offsets = _batch_offsets(b, x.device)
     cfg = dict(mk.launch_configs(c, 1, h, w, 4)["dwconv"], KS=ks)
     mk.dwconv_kernel[(triton.cdiv(h * w, cfg["BLOCK_P"]), triton.cdiv(c, cfg["BLOCK_CH"]), b)](
         x, offsets, 0, taps, bias, out, c, h, w, **cfg)
@@ -58,7 +63,7 @@ def dwconv_weight_grad(dout: torch.Tensor, x: torch.Tensor, ks: int) -> tuple[to
     if b == 0 or c == 0 or h * w == 0:
         z = torch.zeros(c, ks * ks + 1, device=x.device, dtype=torch.float32)
         return z[:, :-1], z[:, -1]
-    offsets = torch.tensor([0, b], device=x.device, dtype=torch.int64)
+    offsets = _batch_offsets(b, x.device)
     cfg = dict(mk.backward_configs(c, 1, h, w, 4)["dwconv_wgrad"], KS=ks)
     groups = mk.pixel_groups(h * w)
     part = new_buffer((b, groups, c, ks * ks + 1), x.device, torch.float32)
