@@ -14,8 +14,11 @@ read in place. Sums are accumulated in float32; outputs take the output buffer's
 - ``ln_linear_wgrad_kernel``: per pixel group partial sums of dy xhat^T (the weight gradient).
 - ``dwgate_kernel``: g = gelu(dw(h1) + b1) * (dw(h2) + b2) from the 2*hid map h = [h1, h2]: the
   hidden map is read once and only the gated hid-channel map is written.
-- ``dwgate_bwd_kernel``: dz = [dg * z2 * gelu'(z1), dg * gelu(z1)] with z recomputed; the transposed
-  3x3 and its weight gradient run on the MoCE depthwise kernels.
+- ``gate_out_kernel``: the GDFN after project_in in one pass, gate and project_out: the gated map
+  is made on chip, a block of hidden channels at a time, and never written.
+- ``dwgate_bwd_kernel``: dz = [dg * z2 * gelu'(z1), dg * gelu(z1)] with z recomputed (and, fused,
+  dg = W_out^T dy on chip); the transposed 3x3 and its weight gradient run on the MoCE depthwise
+  kernels. ``gate_wgrad_kernel``: project_out's weight gradient with the gate recomputed.
 - ``gram_kernel``: per (image, head, pixel group) partial sums of X Y^T (d x d) and of the squared
   rows of X and Y (the L2 norms): the long H*W reduction of the attention split over programs.
 - ``attn_softmax_kernel`` / ``attn_softmax_bwd_kernel``: one program per (image, head) sums the
@@ -192,17 +195,54 @@ def dwgate_kernel(h_ptr, w_ptr, b_ptr, g_ptr, HID, H, W, BLOCK_CH: tl.constexpr,
     pm = pix < hw
     ch = pid_c * BLOCK_CH + tl.arange(0, BLOCK_CH)
     cmask = ch < HID
-    hb = h_ptr + b * 2 * HID * hw
-    z1 = _dw3x3(hb, w_ptr, b_ptr, ch, cmask, pix, pm, H, W, BLOCK_CH, BLOCK_P)
-    z2 = _dw3x3(hb, w_ptr, b_ptr, ch + HID, cmask, pix, pm, H, W, BLOCK_CH, BLOCK_P)
+    z1, z2 = _gate(h_ptr + b * 2 * HID * hw, w_ptr, b_ptr, ch, cmask, pix, pm, HID, H, W, BLOCK_CH, BLOCK_P)
     tl.store(g_ptr + (b * HID + ch[:, None]) * hw + pix[None, :], (_gelu(z1) * z2).to(g_ptr.dtype.element_ty),
              mask=cmask[:, None] & pm[None, :])
 
 
 @triton.jit
-def dwgate_bwd_kernel(h_ptr, w_ptr, b_ptr, dg_ptr, dz_ptr, HID, H, W, BLOCK_CH: tl.constexpr,
-                      BLOCK_P: tl.constexpr):
-    """dz[b, c] = dg * z2 * gelu'(z1), dz[b, HID + c] = dg * gelu(z1), z recomputed from h."""
+def _gate(hb, w_ptr, b_ptr, ch, cmask, pix, pm, HID, H, W, BLOCK_CH: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(z1, z2) = the depthwise 3x3 (+ bias) of channels ch and HID + ch."""
+    z1 = _dw3x3(hb, w_ptr, b_ptr, ch, cmask, pix, pm, H, W, BLOCK_CH, BLOCK_P)
+    z2 = _dw3x3(hb, w_ptr, b_ptr, ch + HID, cmask, pix, pm, H, W, BLOCK_CH, BLOCK_P)
+    return z1, z2
+
+
+@triton.jit
+def gate_out_kernel(h_ptr, w_ptr, b_ptr, wo_ptr, bo_ptr, out_ptr, HID, N, H, W,
+                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                    PREC: tl.constexpr):
+    """The GDFN after project_in in one pass: out[b, n] = sum_c wo[n, c] gelu(z1[c]) z2[c] (+ bo[n]),
+    the gated map made BLOCK_K channels at a time on chip and never written."""
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hw = H * W
+    pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = pix < hw
+    nn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = nn < N
+    hb = h_ptr + b * 2 * HID * hw
+    acc = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, HID, BLOCK_K):
+        ch = k0 + tl.arange(0, BLOCK_K)
+        cmask = ch < HID
+        z1, z2 = _gate(hb, w_ptr, b_ptr, ch, cmask, pix, pm, HID, H, W, BLOCK_K, BLOCK_P)
+        wt = tl.load(wo_ptr + nn[:, None] * HID + ch[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(wt, _gelu(z1) * z2, acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(bo_ptr + nn, mask=nmask, other=0.0)[:, None]
+    tl.store(out_ptr + (b * N + nn[:, None]) * hw + pix[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=nmask[:, None] & pm[None, :])
+
+
+@triton.jit
+def dwgate_bwd_kernel(h_ptr, w_ptr, b_ptr, dg_ptr, wo_ptr, dz_ptr, HID, N, H, W,
+                      FROM_DY: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                      PREC: tl.constexpr):
+    """dz[b, c] = dg * z2 * gelu'(z1), dz[b, HID + c] = dg * gelu(z1), z recomputed from h. With
+    FROM_DY, dg_ptr is the gradient dy (B, N, H, W) of the fused project_out and dg = wo^T dy is
+    made on chip."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -212,15 +252,52 @@ def dwgate_bwd_kernel(h_ptr, w_ptr, b_ptr, dg_ptr, dz_ptr, HID, H, W, BLOCK_CH: 
     ch = pid_c * BLOCK_CH + tl.arange(0, BLOCK_CH)
     cmask = ch < HID
     hb = h_ptr + b * 2 * HID * hw
-    z1 = _dw3x3(hb, w_ptr, b_ptr, ch, cmask, pix, pm, H, W, BLOCK_CH, BLOCK_P)
-    z2 = _dw3x3(hb, w_ptr, b_ptr, ch + HID, cmask, pix, pm, H, W, BLOCK_CH, BLOCK_P)
+    z1, z2 = _gate(hb, w_ptr, b_ptr, ch, cmask, pix, pm, HID, H, W, BLOCK_CH, BLOCK_P)
     m = cmask[:, None] & pm[None, :]
-    dg = tl.load(dg_ptr + (b * HID + ch[:, None]) * hw + pix[None, :], mask=m, other=0.0).to(tl.float32)
+    if FROM_DY:
+        dg = tl.zeros((BLOCK_CH, BLOCK_P), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            nn = n0 + tl.arange(0, BLOCK_N)
+            nmask = nn < N
+            wt = tl.load(wo_ptr + nn[None, :] * HID + ch[:, None], mask=cmask[:, None] & nmask[None, :], other=0.0)
+            dy = tl.load(dg_ptr + (b * N + nn[:, None]) * hw + pix[None, :], mask=nmask[:, None] & pm[None, :],
+                         other=0.0)
+            dg = tl.dot(wt, dy.to(tl.float32), dg, input_precision=PREC)
+    else:
+        dg = tl.load(dg_ptr + (b * HID + ch[:, None]) * hw + pix[None, :], mask=m, other=0.0).to(tl.float32)
     cdf = 0.5 * (1.0 + tl.math.erf(z1 * 0.7071067811865476))
     dgelu = cdf + z1 * 0.3989422804014327 * tl.exp(-0.5 * z1 * z1)
     base = dz_ptr + (b * 2 * HID + ch[:, None]) * hw + pix[None, :]
     tl.store(base, (dg * z2 * dgelu).to(dz_ptr.dtype.element_ty), mask=m)
     tl.store(base + HID * hw, (dg * z1 * cdf).to(dz_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def gate_wgrad_kernel(dy_ptr, h_ptr, w_ptr, b_ptr, part_ptr, HID, N, H, W,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr):
+    """part[b, g] = sum over the pixel blocks g, g + G, ... of dy gate^T (the fused project_out's
+    weight gradient), the gated map recomputed on chip; an (N x K) block a program."""
+    pid_nk = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hw = H * W
+    kblk = tl.cdiv(HID, BLOCK_K)
+    nn = (pid_nk // kblk) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ch = (pid_nk % kblk) * BLOCK_K + tl.arange(0, BLOCK_K)
+    nmask = nn < N
+    cmask = ch < HID
+    hb = h_ptr + b * 2 * HID * hw
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for p0 in range(pid_g * BLOCK_P, hw, tl.num_programs(1) * BLOCK_P):
+        pix = p0 + tl.arange(0, BLOCK_P)
+        pm = pix < hw
+        z1, z2 = _gate(hb, w_ptr, b_ptr, ch, cmask, pix, pm, HID, H, W, BLOCK_K, BLOCK_P)
+        g = tl.where(cmask[:, None] & pm[None, :], _gelu(z1) * z2, 0.0)
+        dy = tl.load(dy_ptr + (b * N + nn[:, None]) * hw + pix[None, :], mask=nmask[:, None] & pm[None, :],
+                     other=0.0).to(tl.float32)
+        acc = tl.dot(dy, tl.trans(g), acc, input_precision=PREC)
+    out = part_ptr + ((b * tl.num_programs(1) + pid_g) * N + nn[:, None]) * HID + ch[None, :]
+    tl.store(out, acc, mask=nmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -385,6 +462,25 @@ def dwgate_config() -> dict:
     return dict(BLOCK_CH=8, BLOCK_P=128, num_warps=8)
 
 
+def dwgate_bwd_config(n: int, fused: bool) -> dict:
+    if fused:  # the dg GEMM takes channel blocks of at least 16 (tl.dot)
+        return dict(BLOCK_CH=16, BLOCK_P=64, BLOCK_N=min(32, _pow2(n)), num_warps=8)
+    return dict(BLOCK_CH=8, BLOCK_P=128, BLOCK_N=16, num_warps=8)
+
+
+def gate_out_config(n: int, fp32: bool) -> dict:
+    # wide output blocks: every block of N outputs recomputes the gate (2 x 9 taps per value)
+    bn = min(128, _pow2(n))
+    # num_stages=1: pipelining the loop would stage all 18 stencil loads of a block in shared
+    # memory (over sm_80's 163 KB in float32); each iteration is compute-bound on the stencil anyway
+    # (pixel blocks of 32 and 8 warps: no spills on sm_80/sm_90 for float32 or bfloat16)
+    return dict(BLOCK_N=bn, BLOCK_K=16, BLOCK_P=32, num_warps=8, num_stages=1)
+
+
+def gate_wgrad_config(n: int, hid: int) -> dict:
+    return dict(BLOCK_N=min(64, _pow2(n)), BLOCK_K=min(32, _pow2(hid)), BLOCK_P=32, num_warps=8, num_stages=1)
+
+
 def attention_config(d: int, fp32: bool) -> dict:
     bd = _pow2(d)
     if fp32:
@@ -440,19 +536,55 @@ def ln_linear_wgrad(dy, x, mean, rstd, center: bool, n: int, prec: str, new) -> 
     return part.sum(dim=(0, 1))
 
 
-def dwgate(hidden, w, bias, out, backward_dg=None) -> None:
-    """Forward (``backward_dg`` None): out (B, hid, H, W) = the gated map. Backward: out is dz
-    (B, 2 hid, H, W) given dg. w (2 hid, 9), bias (2 hid,) float32."""
+def dwgate(hidden, w, bias, out) -> None:
+    """out (B, hid, H, W) = the gated map of hidden (B, 2 hid, H, W); w (2 hid, 9), bias (2 hid,) float32."""
     b, c2, h, wd = hidden.shape
     hid, hw = c2 // 2, h * wd
     if b == 0 or hw == 0 or hid == 0:
         return
     cfg = dwgate_config()
+    dwgate_kernel[(triton.cdiv(hw, cfg["BLOCK_P"]), triton.cdiv(hid, cfg["BLOCK_CH"]), b)](
+        hidden, w, bias, out, hid, h, wd, **cfg)
+
+
+def dwgate_backward(hidden, w, bias, dz, prec: str, dg=None, dy=None, w_out=None) -> None:
+    """dz (B, 2 hid, H, W) float32 from dg (the gated map's gradient) or, fused, from dy and w_out
+    (N, hid) float32 (dg = w_out^T dy made on chip)."""
+    b, c2, h, wd = hidden.shape
+    hid, hw = c2 // 2, h * wd
+    if b == 0 or hw == 0 or hid == 0:
+        return
+    fused = dy is not None
+    cfg = dwgate_bwd_config(w_out.shape[0] if fused else 16, fused)
     grid = (triton.cdiv(hw, cfg["BLOCK_P"]), triton.cdiv(hid, cfg["BLOCK_CH"]), b)
-    if backward_dg is None:
-        dwgate_kernel[grid](hidden, w, bias, out, hid, h, wd, **cfg)
-    else:
-        dwgate_bwd_kernel[grid](hidden, w, bias, backward_dg, out, hid, h, wd, **cfg)
+    dwgate_bwd_kernel[grid](hidden, w, bias, dy if fused else dg, w_out if fused else w, dz, hid,
+                            w_out.shape[0] if fused else 0, h, wd, FROM_DY=fused, PREC=prec, **cfg)
+
+
+def gate_out(hidden, w, bias, w_out, b_out, out, prec: str) -> None:
+    """out (B, N, H, W) = w_out (N, hid) @ gate(hidden) (+ b_out): the GDFN after project_in."""
+    b, c2, h, wd = hidden.shape
+    hid, hw, n = c2 // 2, h * wd, w_out.shape[0]
+    if b == 0 or hw == 0:
+        return
+    cfg = gate_out_config(n, hidden.dtype == torch.float32)
+    gate_out_kernel[(triton.cdiv(hw, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), b)](
+        hidden, w, bias, w_out, b_out if b_out is not None else w_out, out, hid, n, h, wd,
+        HAS_BIAS=b_out is not None, PREC=prec, **cfg)
+
+
+def gate_wgrad(dy, hidden, w, bias, n: int, prec: str, new) -> torch.Tensor:
+    """sum over images and pixels of dy gate(hidden)^T: (N, hid) float32."""
+    b, c2, h, wd = hidden.shape
+    hid, hw = c2 // 2, h * wd
+    if b == 0 or hw == 0 or hid == 0:
+        return torch.zeros(n, hid, device=hidden.device, dtype=torch.float32)
+    cfg = gate_wgrad_config(n, hid)
+    blocks = triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(hid, cfg["BLOCK_K"])
+    groups = pixel_groups(b, hw, blocks)
+    part = new((b, groups, n, hid))
+    gate_wgrad_kernel[(blocks, groups, b)](dy, hidden, w, bias, part, hid, n, h, wd, PREC=prec, **cfg)
+    return part.sum(dim=(0, 1))
 
 
 def _gram_parts(x, y, heads: int, norms: bool, prec: str, new):

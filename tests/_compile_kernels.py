@@ -190,7 +190,10 @@ def backbone_signatures(c, head_dim, xdt):
 
     def split(cfg):
         cfg = dict(cfg)
-        return cfg, cfg.pop("num_warps")
+        options = {"num_warps": cfg.pop("num_warps")}
+        if "num_stages" in cfg:
+            options["num_stages"] = cfg.pop("num_stages")
+        return cfg, options
 
     for n in (3 * c, 4 * c):
         for center, bias in ((True, True), (False, False)):
@@ -215,9 +218,23 @@ def backbone_signatures(c, head_dim, xdt):
     sig = {"h_ptr": x, "w_ptr": "*fp32", "b_ptr": "*fp32", "g_ptr": x, "HID": "i32", "H": "i32", "W": "i32",
            "BLOCK_CH": "constexpr", "BLOCK_P": "constexpr"}
     yield BK.dwgate_kernel, sig, consts, warps
-    bwd = {k: v for k, v in sig.items() if k != "g_ptr"}
-    bwd = dict(list(bwd.items())[:3] + [("dg_ptr", x), ("dz_ptr", "*fp32")] + list(bwd.items())[3:])
-    yield BK.dwgate_bwd_kernel, bwd, consts, warps
+    for fused in (False, True):
+        consts, warps = split(BK.dwgate_bwd_config(c, fused))
+        yield BK.dwgate_bwd_kernel, {
+            "h_ptr": x, "w_ptr": "*fp32", "b_ptr": "*fp32", "dg_ptr": x, "wo_ptr": "*fp32", "dz_ptr": "*fp32",
+            "HID": "i32", "N": "i32", "H": "i32", "W": "i32", "FROM_DY": "constexpr", "BLOCK_CH": "constexpr",
+            "BLOCK_P": "constexpr", "BLOCK_N": "constexpr", "PREC": "constexpr"}, dict(consts, FROM_DY=fused,
+                                                                                       PREC=prec), warps
+    consts, warps = split(BK.gate_out_config(c, xdt == "fp32"))
+    yield BK.gate_out_kernel, {"h_ptr": x, "w_ptr": "*fp32", "b_ptr": "*fp32", "wo_ptr": "*fp32", "bo_ptr": "*fp32",
+                               "out_ptr": x, "HID": "i32", "N": "i32", "H": "i32", "W": "i32",
+                               "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                               "BLOCK_P": "constexpr", "PREC": "constexpr"}, dict(consts, HAS_BIAS=False, PREC=prec), warps
+    consts, warps = split(BK.gate_wgrad_config(c, 2 * c))
+    yield BK.gate_wgrad_kernel, {"dy_ptr": x, "h_ptr": x, "w_ptr": "*fp32", "b_ptr": "*fp32", "part_ptr": "*fp32",
+                                 "HID": "i32", "N": "i32", "H": "i32", "W": "i32", "BLOCK_N": "constexpr",
+                                 "BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "PREC": "constexpr"
+                                 }, dict(consts, PREC=prec), warps
     consts, warps = split(BK.attention_config(head_dim, xdt == "fp32"))
     yield BK.gram_kernel, {"x_ptr": x, "y_ptr": x, "part_ptr": "*fp32", "sx_ptr": "*fp32", "sy_ptr": "*fp32",
                            "D": "i32", "HW": "i32", "x_sb": "i64", "y_sb": "i64", "NORMS": "constexpr",

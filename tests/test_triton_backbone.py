@@ -127,6 +127,18 @@ def test_dw_gate(b, hid, h, w):
     assert moce_fast.ops.last_run()["dw_gate"] == "triton"
 
 
+@pytest.mark.parametrize("b,hid,n,h,w,bias", [(2, 6, 5, 5, 9, True), (1, 40, 150, 7, 3, False),
+                                              (2, 17, 24, 1, 1, True)])
+def test_gdfn_tail(b, hid, n, h, w, bias):
+    # the gate and project_out fused (the gated map is never written), and its backward
+    ins = [rand(b, 2 * hid, h, w, seed=0), rand(2 * hid, 1, 3, 3, seed=1, scale=0.5), rand(2 * hid, seed=2),
+           rand(n, hid, 1, 1, seed=3, scale=0.3)]
+    if bias:
+        ins.append(rand(n, seed=4))
+    compare(lambda hd, wd, bd, wo, bo=None: ops.gdfn_tail(hd, wd, bd, wo, bo), ins)
+    assert moce_fast.ops.last_run()["gdfn_tail"] == "triton"
+
+
 def test_dw_gate_without_bias():
     compare(lambda h, w: ops.dw_gate(h, w, None), [rand(2, 8, 6, 7, seed=0), rand(8, 1, 3, 3, seed=1)])
 
@@ -185,6 +197,9 @@ def test_backbone_ops_opcheck():
     taps = torch.randn(8, 9, device=DEVICE, requires_grad=True)
     torch.library.opcheck(conv_ops._depthwise_triton_op, (x, taps, torch.randn(8, device=DEVICE), 3))
     torch.library.opcheck(gdfn_ops._dwgate_triton_op, (x, taps, torch.randn(8, device=DEVICE)))
+    torch.library.opcheck(gdfn_ops._gdfn_tail_triton_op, (x, taps, torch.randn(8, device=DEVICE),
+                                                          torch.randn(5, 4, device=DEVICE, requires_grad=True),
+                                                          torch.randn(5, device=DEVICE, requires_grad=True)))
     qkv = torch.randn(2, 24, 5, 6, device=DEVICE, requires_grad=True)
     q, k, v = qkv.chunk(3, dim=1)
     torch.library.opcheck(attention_ops._attention_triton_op,
@@ -210,7 +225,7 @@ def test_whole_model_inference_and_training_match_the_reference(monkeypatch):
         expect = ref(x)
     assert rel_err(out.cpu(), expect) < 5e-5
     ran = moce_fast.ops.last_run()
-    for op in ("norm_linear", "depthwise", "dw_gate", "channel_attention", "moce_experts"):
+    for op in ("norm_linear", "depthwise", "gdfn_tail", "channel_attention", "moce_experts"):
         assert ran[op] == "triton", (op, ran)
     # training (noisy routing, batch statistics of nothing: the model has no BatchNorm): every gradient
     fast.train()
@@ -259,7 +274,7 @@ def test_whole_model_bfloat16_on_gpu():
     assert got.dtype == torch.bfloat16
     assert rel_err(got.cpu(), expected) < 5e-2
     ran = moce_fast.ops.last_run()
-    assert all(ran[op] == "triton" for op in ("norm_linear", "depthwise", "dw_gate", "channel_attention"))
+    assert all(ran[op] == "triton" for op in ("norm_linear", "depthwise", "gdfn_tail", "channel_attention"))
 
 
 def test_float32_dot_precision_follows_torch_setting():
@@ -296,4 +311,4 @@ def test_backbone_blocks_have_no_host_sync_on_gpu():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     ran = moce_fast.ops.last_run()
-    assert all(ran[op] == "triton" for op in ("norm_linear", "depthwise", "dw_gate", "channel_attention"))
+    assert all(ran[op] == "triton" for op in ("norm_linear", "depthwise", "gdfn_tail", "channel_attention"))

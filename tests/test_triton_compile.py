@@ -34,7 +34,7 @@ def test_every_kernel_compiles(arch, record_property, capsys):
                        "grouped_linear_kernel", "mix_channel_kernel", "mix_out_kernel", "mix_bwd_pix_kernel",
                        "mix_bwd_channel_kernel",
                        "ln_linear_kernel", "ln_linear_dx_kernel", "ln_linear_wgrad_kernel", "dwgate_kernel",
-                       "dwgate_bwd_kernel", "gram_kernel", "apply_kernel", "attn_softmax_kernel",
+                       "dwgate_bwd_kernel", "gate_out_kernel", "gate_wgrad_kernel", "gram_kernel", "apply_kernel", "attn_softmax_kernel",
                        "attn_softmax_bwd_kernel"}
     errors = [row for row in report if "error" in row]
     assert not errors, json.dumps(errors, indent=1)[:4000]

@@ -48,7 +48,7 @@ class FeedForward(ref.FeedForward):
 
     def from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The block after project_in (which the blocks fuse with the norm before it)."""
-        return ops.pointwise(ops.dw_gate(hidden, self.dwconv.weight, self.dwconv.bias), self.project_out.weight,
+        return ops.gdfn_tail(hidden, self.dwconv.weight, self.dwconv.bias, self.project_out.weight,
                              self.project_out.bias)
 
 

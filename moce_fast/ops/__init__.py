@@ -6,7 +6,7 @@ from ._backend import (BACKENDS, BackendUnavailableError, backend, current_backe
 from .adapter import AdapterParams, BatchStats, MixParams, adapter_mix, adaptir, grouped_linear, mix_tail
 from .attention import channel_attention
 from .conv import depthwise, pointwise
-from .gdfn import dw_gate, gdfn
+from .gdfn import dw_gate, gdfn, gdfn_tail
 from .grouped_dwconv import grouped_dwconv
 from .layer_norm import layer_norm, norm_linear
 from .moce_experts import ExpertWeights, expert_forward, moce_experts
@@ -33,6 +33,7 @@ __all__ = [
     "dw_gate",
     "expert_forward",
     "gdfn",
+    "gdfn_tail",
     "grouped_dwconv",
     "implementations",
     "last_run",

@@ -17,7 +17,23 @@ def gdfn(x, w_in, b_in, w_dw, b_dw, w_out, b_out) -> torch.Tensor:
     x: (B, C, H, W); w_in (2h, C, 1, 1); w_dw (2h, 1, 3, 3); w_out (C, h, 1, 1); biases or None.
     GELU is the exact (erf) one. Runs as pointwise -> :func:`dw_gate` -> pointwise.
     """
-    return pointwise(dw_gate(pointwise(x, w_in, b_in), w_dw, b_dw), w_out, b_out)
+    return gdfn_tail(pointwise(x, w_in, b_in), w_dw, b_dw, w_out, b_out)
+
+
+def gdfn_tail(hidden: torch.Tensor, w_dw: torch.Tensor, b_dw: Optional[torch.Tensor], w_out: torch.Tensor,
+              b_out: Optional[torch.Tensor]) -> torch.Tensor:
+    """The GDFN after project_in: project_out(dw_gate(hidden)); (B, 2h, H, W) -> (B, C, H, W).
+
+    The triton backend runs it as one kernel (the gated h-channel map is made on chip and never
+    written); its backward makes dg = W_out^T dy on chip too and recomputes the gate for W_out's
+    gradient, so neither the forward nor the backward stores the gated map.
+    """
+    return dispatch("gdfn_tail", hidden.device, hidden, w_dw, b_dw, w_out, b_out)
+
+
+@register("gdfn_tail", "torch")
+def _gdfn_tail_torch(hidden, w_dw, b_dw, w_out, b_out):
+    return pointwise(dw_gate(hidden, w_dw, b_dw), w_out, b_out)
 
 
 def dw_gate(hidden: torch.Tensor, w_dw: torch.Tensor, b_dw: Optional[torch.Tensor]) -> torch.Tensor:
@@ -53,7 +69,18 @@ def _dwgate_backward_op(dg: torch.Tensor, hidden: torch.Tensor, taps: torch.Tens
     from moce_fast.kernels import backbone as kernels
 
     dz = new_buffer(hidden.shape, hidden.device, torch.float32)  # float32: it feeds two reductions
-    kernels.dwgate(hidden, taps, bias, dz, backward_dg=dg)
+    kernels.dwgate_backward(hidden, taps, bias, dz, _prec(hidden), dg=dg)
+    return _through_dwconv(dz, hidden, taps, bias)
+
+
+def _prec(t: torch.Tensor) -> str:
+    from moce_fast.kernels import adapter as ak
+
+    return ak.precision(t.dtype)
+
+
+def _through_dwconv(dz, hidden, taps, bias):
+    """(d hidden, d taps, d bias) of the 3x3 depthwise conv, given dz = d(its output)."""
     dh = new_buffer(hidden.shape, hidden.device, hidden.dtype)
     flipped = taps.reshape(-1, 3, 3).flip(-1).flip(-2).reshape(-1, 9).contiguous()
     dwconv_launch(dz, flipped, torch.zeros_like(bias), 3, dh)
@@ -90,3 +117,70 @@ def _dw_gate_reason(hidden, w_dw, b_dw) -> Optional[str]:
 def _dw_gate_triton(hidden, w_dw, b_dw):
     bias = b_dw.float() if b_dw is not None else hidden.new_zeros(hidden.shape[1], dtype=torch.float32)
     return _dwgate_triton_op(hidden.contiguous(), _flat_taps(w_dw), bias)
+
+
+@torch.library.custom_op("moce_fast::gdfn_tail_triton", mutates_args=())
+def _gdfn_tail_triton_op(hidden: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, w_out: torch.Tensor,
+                         b_out: Optional[torch.Tensor]) -> torch.Tensor:
+    from moce_fast.kernels import backbone as kernels
+
+    b, _, h, w = hidden.shape
+    out = new_buffer((b, w_out.shape[0], h, w), hidden.device, hidden.dtype)
+    kernels.gate_out(hidden, taps, bias, w_out, b_out, out, _prec(hidden))
+    return out
+
+
+@_gdfn_tail_triton_op.register_fake
+def _(hidden, taps, bias, w_out, b_out):
+    b, _, h, w = hidden.shape
+    return hidden.new_empty((b, w_out.shape[0], h, w))
+
+
+@torch.library.custom_op("moce_fast::gdfn_tail_triton_backward", mutates_args=())
+def _gdfn_tail_backward_op(dy: torch.Tensor, hidden: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor,
+                           w_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from moce_fast.kernels import backbone as kernels
+
+    prec = _prec(hidden)
+    dz = new_buffer(hidden.shape, hidden.device, torch.float32)
+    kernels.dwgate_backward(hidden, taps, bias, dz, prec, dy=dy, w_out=w_out)
+    dh, dtaps, dbias = _through_dwconv(dz, hidden, taps, bias)
+    dw_out = kernels.gate_wgrad(dy, hidden, taps, bias, w_out.shape[0], prec,
+                                lambda shape: new_buffer(shape, hidden.device, torch.float32))
+    return dh, dtaps, dbias, dw_out
+
+
+@_gdfn_tail_backward_op.register_fake
+def _(dy, hidden, taps, bias, w_out):
+    return torch.empty_like(hidden), torch.empty_like(taps), torch.empty_like(bias), torch.empty_like(w_out)
+
+
+def _gdfn_tail_setup(ctx, inputs, output):
+    hidden, taps, bias, w_out, b_out = inputs
+    ctx.has_bias = b_out is not None
+    ctx.save_for_backward(hidden, taps, bias, w_out)
+
+
+def _gdfn_tail_backward(ctx, dy):
+    hidden, taps, bias, w_out = ctx.saved_tensors
+    dh, dtaps, dbias, dw_out = _gdfn_tail_backward_op(dy.contiguous(), hidden, taps, bias, w_out)
+    db_out = dy.float().sum(dim=(0, 2, 3)) if ctx.has_bias else None
+    return dh, dtaps, dbias, dw_out, db_out
+
+
+_gdfn_tail_triton_op.register_autograd(_gdfn_tail_backward, setup_context=_gdfn_tail_setup)
+
+
+def _gdfn_tail_reason(hidden, w_dw, b_dw, w_out, b_out) -> Optional[str]:
+    reason = _dw_gate_reason(hidden, w_dw, b_dw)
+    if reason is None and tuple(w_out.shape[1:]) != (hidden.shape[1] // 2, 1, 1):
+        reason = f"w_out: expected a 1x1 map (C, {hidden.shape[1] // 2}, 1, 1), got {tuple(w_out.shape)}"
+    return reason
+
+
+@register("gdfn_tail", "triton", supports=_gdfn_tail_reason)
+def _gdfn_tail_triton(hidden, w_dw, b_dw, w_out, b_out):
+    bias = b_dw.float() if b_dw is not None else hidden.new_zeros(hidden.shape[1], dtype=torch.float32)
+    return _gdfn_tail_triton_op(hidden.contiguous(), _flat_taps(w_dw), bias,
+                                w_out.reshape(w_out.shape[0], -1).float().contiguous(),
+                                b_out.float() if b_out is not None else None)
