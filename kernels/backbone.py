@@ -605,9 +605,9 @@ def _gram_parts(x, y, heads: int, norms: bool, prec: str, new):
     return part, sx, sy, groups
 
 
-def attention_forward(q, k, v, temperature, heads: int, out, prec: str, new):
-    """out = softmax((q/|q|)(k/|k|)^T t) v per head (3 launches). Returns (attn, g, rq, rk), the
-    float32 (B, heads, D, D) softmax and Gram matrix and the (B, heads, D) inverse row norms."""
+def attention_weights(q, k, temperature, heads: int, prec: str, new):
+    """attn = softmax((q/|q|)(k/|k|)^T t) per (image, head) (2 launches). Returns (attn, g, rq, rk):
+    the float32 (B, heads, D, D) softmax and Gram matrix q k^T, the (B, heads, D) inverse row norms."""
     b, c = q.shape[:2]
     d = c // heads
     attn, g, rq, rk = new((b, heads, d, d)), new((b, heads, d, d)), new((b, heads, d)), new((b, heads, d))
@@ -616,23 +616,38 @@ def attention_forward(q, k, v, temperature, heads: int, out, prec: str, new):
     part, sx, sy, groups = _gram_parts(q, k, heads, True, prec, new)
     attn_softmax_kernel[(b * heads,)](part, sx, sy, temperature, attn, g, rq, rk, d, groups, heads, NORM_EPS,
                                       **softmax_config(d))
-    apply(attn, v, out, prec)
     return attn, g, rq, rk
 
 
-def attention_backward(dout, q, k, v, attn, g, rq, rk, temperature, dq, dk, dv, prec: str, new):
-    """Fills dq, dk, dv; returns d temperature (heads,) float32 (5 launches)."""
+def attention_weights_backward(da_parts, groups: int, q, k, attn, g, rq, rk, temperature, dq, dk, prec: str, new):
+    """Fills dq, dk from dA given as (B, heads, groups, D, D) partial sums; returns d temperature
+    (heads,) float32 (3 launches)."""
     b, heads, d, _ = attn.shape
     if b == 0:
         return torch.zeros(heads, device=q.device, dtype=torch.float32)
-    apply(attn, dout, dv, prec, trans=True)
-    part, _, _, groups = _gram_parts(dout, v, heads, False, prec, new)
     dg, cq, ck, dt = new((b, heads, d, d)), new((b, heads, d)), new((b, heads, d)), new((b * heads,))
-    attn_softmax_bwd_kernel[(b * heads,)](part, attn, g, rq, rk, temperature, dg, cq, ck, dt, d, groups, heads,
+    attn_softmax_bwd_kernel[(b * heads,)](da_parts, attn, g, rq, rk, temperature, dg, cq, ck, dt, d, groups, heads,
                                           NORM_EPS, **softmax_config(d))
     apply(dg, k, dq, prec, diag=cq, y=q)
     apply(dg, q, dk, prec, diag=ck, y=k, trans=True)
     return dt.view(b, heads).sum(0)
+
+
+def attention_forward(q, k, v, temperature, heads: int, out, prec: str, new):
+    """out = attn v per head (3 launches); returns what :func:`attention_weights` returns."""
+    saved = attention_weights(q, k, temperature, heads, prec, new)
+    apply(saved[0], v, out, prec)
+    return saved
+
+
+def attention_backward(dout, q, k, v, attn, g, rq, rk, temperature, dq, dk, dv, prec: str, new):
+    """Fills dq, dk, dv; returns d temperature (heads,) float32 (5 launches)."""
+    b, heads = attn.shape[:2]
+    if b == 0:
+        return torch.zeros(heads, device=q.device, dtype=torch.float32)
+    apply(attn, dout, dv, prec, trans=True)
+    part, _, _, groups = _gram_parts(dout, v, heads, False, prec, new)
+    return attention_weights_backward(part, groups, q, k, attn, g, rq, rk, temperature, dq, dk, prec, new)
 
 
 NORM_EPS = 1e-12  # F.normalize's

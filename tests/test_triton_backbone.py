@@ -159,6 +159,45 @@ def test_channel_attention(heads, b, h, w):
     assert moce_fast.ops.last_run()["channel_attention"] == "triton"
 
 
+@pytest.mark.parametrize("heads", [1, 3, 8])
+@pytest.mark.parametrize("bias,residual", [(False, True), (True, False), (False, False)])
+def test_attention_project(heads, bias, residual):
+    # residual + project_out(attention): project_out folded into the per-head attention matrices
+    b, c, h, w = 2, 24, 5, 7
+    ins = [rand(b, 3 * c, h, w, seed=0), rand(heads, 1, 1, seed=1, scale=0.3, shift=1.0),
+           rand(16, c, 1, 1, seed=2, scale=0.3)]
+    ins += [rand(16, seed=3)] if bias else []
+    ins += [rand(b, 16, h, w, seed=4)] if residual else []
+
+    def fn(qkv, t, wp, *rest):
+        rest = list(rest)
+        bp = rest.pop(0) if bias else None
+        res = rest.pop(0) if residual else None
+        q, k, v = qkv.chunk(3, dim=1)
+        return ops.attention_project(q, k, v, t, heads, wp, bp, res)
+
+    compare(fn, ins)
+    assert moce_fast.ops.last_run()["attention_project"] == "triton"
+
+
+def test_attention_project_torch_is_the_reference_composition():
+    from moce_fast.reference.layers import transposed_attention
+
+    qkv, t = rand(2, 3 * 12, 4, 5, seed=0), rand(3, 1, 1, seed=1, shift=1.0)
+    wp, bp, res = rand(12, 12, 1, 1, seed=2), rand(12, seed=3), rand(2, 12, 4, 5, seed=4)
+    q, k, v = qkv.chunk(3, dim=1)
+    with moce_fast.backend("torch"):
+        out = ops.attention_project(q, k, v, t, 3, wp, bp, res)
+    expect = res + torch.nn.functional.conv2d(transposed_attention(q, k, v, t, 3), wp, bp)
+    torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-12)
+
+    def fn(qkv, t, wp, bp, res):
+        return ops.attention_project(*qkv.chunk(3, dim=1), t, 3, wp, bp, res)
+
+    with moce_fast.backend("torch"):
+        torch.autograd.gradcheck(fn, (qkv, t, wp, bp, res))
+
+
 def test_channel_attention_long_reduction_split_over_programs():
     # 40 x 40 pixels: 25 blocks of 64 split across pixel groups, then reduced
     ins = [rand(1, 3 * 8, 40, 40, seed=0), rand(2, 1, 1, seed=1, shift=1.0)]
@@ -204,6 +243,8 @@ def test_backbone_ops_opcheck():
     q, k, v = qkv.chunk(3, dim=1)
     torch.library.opcheck(attention_ops._attention_triton_op,
                           (q, k, v, torch.ones(2, 1, 1, device=DEVICE, requires_grad=True), 2))
+    torch.library.opcheck(attention_ops._attention_matrices_op,
+                          (q, k, torch.ones(2, 1, 1, device=DEVICE, requires_grad=True), 2))
 
 
 # ----------------------------------------------------------------------------- the whole model
@@ -225,7 +266,7 @@ def test_whole_model_inference_and_training_match_the_reference(monkeypatch):
         expect = ref(x)
     assert rel_err(out.cpu(), expect) < 5e-5
     ran = moce_fast.ops.last_run()
-    for op in ("norm_linear", "depthwise", "gdfn_tail", "channel_attention", "moce_experts"):
+    for op in ("norm_linear", "depthwise", "gdfn_tail", "attention_project", "moce_experts"):
         assert ran[op] == "triton", (op, ran)
     # training (noisy routing, batch statistics of nothing: the model has no BatchNorm): every gradient
     fast.train()
@@ -259,6 +300,12 @@ def test_backbone_bfloat16_on_gpu():
             dtype=torch.bfloat16, tol=TOL_BF16)
     compare(lambda qkv, t: ops.channel_attention(*qkv.chunk(3, dim=1), t, 2),
             [rand(2, 3 * 96, 33, 31, seed=0), rand(2, 1, 1, seed=1, shift=1.0)], dtype=torch.bfloat16, tol=TOL_BF16)
+    compare(lambda qkv, t, wp, res: ops.attention_project(*qkv.chunk(3, dim=1), t, 2, wp, None, res),
+            [rand(2, 3 * 96, 33, 31, seed=0), rand(2, 1, 1, seed=1, shift=1.0), rand(96, 96, 1, 1, seed=2, scale=0.1),
+             rand(2, 96, 33, 31, seed=3)], dtype=torch.bfloat16, tol=TOL_BF16)
+    compare(lambda hd, wd, wo: ops.gdfn_tail(hd, wd, None, wo, None),
+            [rand(2, 192, 33, 31, seed=0), rand(192, 1, 3, 3, seed=1, scale=0.5), rand(96, 96, 1, 1, seed=2, scale=0.1)],
+            dtype=torch.bfloat16, tol=TOL_BF16)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="bfloat16 kernels need a CUDA device (the interpreter computes bf16 wrongly)")
@@ -274,7 +321,7 @@ def test_whole_model_bfloat16_on_gpu():
     assert got.dtype == torch.bfloat16
     assert rel_err(got.cpu(), expected) < 5e-2
     ran = moce_fast.ops.last_run()
-    assert all(ran[op] == "triton" for op in ("norm_linear", "depthwise", "gdfn_tail", "channel_attention"))
+    assert all(ran[op] == "triton" for op in ("norm_linear", "depthwise", "gdfn_tail", "attention_project"))
 
 
 def test_float32_dot_precision_follows_torch_setting():
@@ -311,4 +358,4 @@ def test_backbone_blocks_have_no_host_sync_on_gpu():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     ran = moce_fast.ops.last_run()
-    assert all(ran[op] == "triton" for op in ("norm_linear", "depthwise", "gdfn_tail", "channel_attention"))
+    assert all(ran[op] == "triton" for op in ("norm_linear", "depthwise", "gdfn_tail", "attention_project"))

@@ -21,23 +21,25 @@ class Attention(ref.Attention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attend(ops.pointwise(x, self.qkv.weight, self.qkv.bias))
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        """The block after the qkv 1x1 map (which the blocks fuse with the norm before it)."""
+    def attend(self, qkv: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The block after the qkv 1x1 map (which the blocks fuse with the norm before it), plus
+        ``residual`` if given (added inside the projection's GEMM)."""
         q, k, v = ops.depthwise(qkv, self.qkv_dwconv.weight, self.qkv_dwconv.bias).chunk(3, dim=1)
-        out = ops.channel_attention(q, k, v, self.temperature, self.num_heads)
-        return ops.pointwise(out, self.project_out.weight, self.project_out.bias)
+        return ops.attention_project(q, k, v, self.temperature, self.num_heads, self.project_out.weight,
+                                     self.project_out.bias, residual)
 
 
 class CrossAttention(ref.CrossAttention):
     """Transposed attention, query from ``x``, keys and values from ``y``."""
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-attention of x (queries) over y (keys, values), plus ``residual`` if given."""
         q = ops.depthwise(ops.pointwise(x, self.q.weight, self.q.bias), self.q_dwconv.weight, self.q_dwconv.bias)
         kv = ops.depthwise(ops.pointwise(y, self.kv.weight, self.kv.bias), self.kv_dwconv.weight,
                            self.kv_dwconv.bias)
         k, v = kv.chunk(2, dim=1)
-        out = ops.channel_attention(q, k, v, self.temperature, self.num_heads)
-        return ops.pointwise(out, self.project_out.weight, self.project_out.bias)
+        return ops.attention_project(q, k, v, self.temperature, self.num_heads, self.project_out.weight,
+                                     self.project_out.bias, residual)
 
 
 class FeedForward(ref.FeedForward):
@@ -67,7 +69,7 @@ class EncoderBlock(ref.EncoderBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (qkv,) = norm_then(self.norms[0], x, [self.mixer.qkv])
-        x = x + self.mixer.attend(qkv)
+        x = self.mixer.attend(qkv, residual=x)
         (hidden,) = norm_then(self.norms[1], x, [self.ffn.project_in])
         return x + self.ffn.from_hidden(hidden)
 

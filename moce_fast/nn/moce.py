@@ -155,7 +155,7 @@ class MoCEBlock(ref_blocks.DecoderBlock):
         qkv, y1 = norm_then(self.norms[0], x, [self.proj[0], self.shared.qkv], [self.proj[1]])
         x_s = self.shared.attend(qkv)
         x_a = self.adapter(y1, freq_emb, x_s)
-        x = self.mixer(x_a, x_s) + x
+        x = self.mixer(x_a, x_s, residual=x)
         (hidden,) = norm_then(self.norms[1], x, [self.ffn.project_in])
         return x + self.ffn.from_hidden(hidden)
 

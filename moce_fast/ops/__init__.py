@@ -4,7 +4,7 @@ from . import _cuda
 from ._backend import (BACKENDS, BackendUnavailableError, backend, current_backend, implementations, last_run,
                        set_poison_outputs)
 from .adapter import AdapterParams, BatchStats, MixParams, adapter_mix, adaptir, grouped_linear, mix_tail
-from .attention import channel_attention
+from .attention import attention_project, channel_attention
 from .conv import depthwise, pointwise
 from .gdfn import dw_gate, gdfn, gdfn_tail
 from .grouped_dwconv import grouped_dwconv
@@ -24,6 +24,7 @@ __all__ = [
     "grouped_linear",
     "mix_tail",
     "BACKENDS",
+    "attention_project",
     "BackendUnavailableError",
     "ExpertWeights",
     "backend",

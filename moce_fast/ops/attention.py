@@ -6,16 +6,69 @@ H*W and a learned per-head temperature: ``softmax((q k^T) * t) v``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from ._backend import dispatch, new_buffer, register
+
+NORM_EPS = 1e-12  # F.normalize's
 
 
 def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
                       num_heads: int) -> torch.Tensor:
     """q, k, v: (B, C, H, W); temperature: (heads, 1, 1). Returns (B, C, H, W)."""
     return dispatch("channel_attention", q.device, q, k, v, temperature, num_heads)
+
+
+def attention_project(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor, num_heads: int,
+                      w_proj: torch.Tensor, b_proj: Optional[torch.Tensor] = None,
+                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + project_out(channel_attention(q, k, v))``: how the blocks run MDTA and the
+    cross-attention after their q/k/v maps. w_proj: (Cout, C, 1, 1); b_proj (Cout,) or None;
+    residual (B, Cout, H, W) or None.
+
+    The 1x1 project_out is linear in the attention output, so it is folded into the (d x d) attention
+    of each head: M = W_proj blockdiag(A_1..A_heads) is one (Cout x C) matrix per image and the
+    output is one batched GEMM over v (``baddbmm`` with the residual): the attention output map is
+    never formed, and q and k enter only through their Gram matrix and row norms, never normalised as
+    maps. Every backend runs it this way (triton makes the attention matrices with its kernels).
+    """
+    return dispatch("attention_project", q.device, q, k, v, temperature, num_heads, w_proj, b_proj, residual)
+
+
+def _attention_matrices_torch(q, k, temperature, num_heads):
+    b, c, h, w = q.shape
+    shape = (b, num_heads, c // num_heads, h * w)
+    qf, kf = q.reshape(shape), k.reshape(shape)
+    g = qf @ kf.transpose(-1, -2)
+    rq = 1.0 / torch.linalg.vector_norm(qf, dim=-1).clamp_min(NORM_EPS)
+    rk = 1.0 / torch.linalg.vector_norm(kf, dim=-1).clamp_min(NORM_EPS)
+    return torch.softmax(g * rq[..., :, None] * rk[..., None, :] * temperature.to(q.dtype), dim=-1)
+
+
+def _project_through(attn, v, w_proj, b_proj, residual, num_heads):
+    """residual + W_proj blockdiag(attn) v (+ b_proj) as one batched GEMM per image."""
+    b, c, h, w = v.shape
+    d = c // num_heads
+    c_out = w_proj.shape[0]
+    m = torch.einsum("ohi,bhij->bohj", w_proj.reshape(c_out, num_heads, d).to(attn.dtype), attn)
+    m = m.reshape(b, c_out, c).to(v.dtype)
+    vf = v.reshape(b, c, h * w)
+    if residual is None and b_proj is None:
+        return torch.bmm(m, vf).reshape(b, c_out, h, w)
+    base = residual.reshape(b, c_out, h * w) if residual is not None else None
+    if b_proj is not None:
+        bias = b_proj.to(v.dtype)[None, :, None]
+        base = bias.expand(b, c_out, h * w) if base is None else base + bias
+    return torch.baddbmm(base, m, vf).reshape(b, c_out, h, w)
+
+
+@register("attention_project", "torch")
+def _attention_project_torch(q, k, v, temperature, num_heads, w_proj, b_proj, residual):
+    attn = _attention_matrices_torch(q, k, temperature, num_heads)
+    return _project_through(attn, v, w_proj, b_proj, residual, num_heads)
 
 
 @register("channel_attention", "torch")
@@ -118,3 +171,66 @@ MAX_HEAD_DIM = 128
 def _channel_attention_triton(q, k, v, temperature, num_heads):
     out = _attention_triton_op(_planes(q), _planes(k), _planes(v), temperature, num_heads)[0]
     return out
+
+
+@torch.library.custom_op("moce_fast::attention_matrices_triton", mutates_args=())
+def _attention_matrices_op(q: torch.Tensor, k: torch.Tensor, temperature: torch.Tensor,
+                           num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(attn, g, rq, rk): the (B, heads, d, d) float32 attention matrices, and for the backward the
+    Gram matrix q k^T and the inverse row norms of q and k."""
+    from moce_fast.kernels import adapter as ak
+    from moce_fast.kernels import backbone as kernels
+
+    return kernels.attention_weights(q, k, temperature.reshape(-1).float().contiguous(), num_heads,
+                                     ak.precision(q.dtype), lambda s: _f32(s, q.device))
+
+
+@_attention_matrices_op.register_fake
+def _(q, k, temperature, num_heads):
+    b, c = q.shape[:2]
+    d = c // num_heads
+    mat = q.new_empty((b, num_heads, d, d), dtype=torch.float32)
+    vec = q.new_empty((b, num_heads, d), dtype=torch.float32)
+    return mat, mat.clone(), vec, vec.clone()
+
+
+@torch.library.custom_op("moce_fast::attention_matrices_triton_backward", mutates_args=())
+def _attention_matrices_backward_op(dattn: torch.Tensor, q: torch.Tensor, k: torch.Tensor, attn: torch.Tensor,
+                                    g: torch.Tensor, rq: torch.Tensor, rk: torch.Tensor, temperature: torch.Tensor
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from moce_fast.kernels import adapter as ak
+    from moce_fast.kernels import backbone as kernels
+
+    dq = new_buffer(q.shape, q.device, q.dtype)
+    dk = new_buffer(k.shape, k.device, k.dtype)
+    b, heads, d, _ = attn.shape
+    dt = kernels.attention_weights_backward(dattn.float().contiguous().view(b, heads, 1, d, d), 1, q, k, attn, g, rq,
+                                            rk, temperature.reshape(-1).float().contiguous(), dq, dk,
+                                            ak.precision(q.dtype), lambda s: _f32(s, q.device))
+    return dq, dk, dt
+
+
+@_attention_matrices_backward_op.register_fake
+def _(dattn, q, k, attn, g, rq, rk, temperature):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format), attn.new_empty((attn.shape[1],)))
+
+
+def _matrices_setup(ctx, inputs, output):
+    q, k, temperature, num_heads = inputs
+    ctx.save_for_backward(q, k, temperature, *output)
+
+
+def _matrices_backward(ctx, dattn, *_unused):
+    q, k, temperature, attn, g, rq, rk = ctx.saved_tensors
+    dq, dk, dt = _attention_matrices_backward_op(dattn, q, k, attn, g, rq, rk, temperature)
+    return dq, dk, dt.reshape(temperature.shape).to(temperature.dtype), None
+
+
+_attention_matrices_op.register_autograd(_matrices_backward, setup_context=_matrices_setup)
+
+
+@register("attention_project", "triton", supports=lambda q, k, v, t, heads, *_: _attention_reason(q, k, v, t, heads))
+def _attention_project_triton(q, k, v, temperature, num_heads, w_proj, b_proj, residual):
+    attn = _attention_matrices_op(_planes(q), _planes(k), temperature, num_heads)[0]
+    return _project_through(attn, v, w_proj, b_proj, residual, num_heads)
