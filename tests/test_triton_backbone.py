@@ -359,3 +359,21 @@ def test_backbone_blocks_have_no_host_sync_on_gpu():
             torch.cuda.set_sync_debug_mode("default")
     ran = moce_fast.ops.last_run()
     assert all(ran[op] == "triton" for op in ("norm_linear", "depthwise", "gdfn_tail", "attention_project"))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (CUDA graphs exist only there)")
+def test_whole_model_forward_captures_in_a_cuda_graph():
+    from conftest import SMALL
+
+    fast, _ = make_pair(SMALL, seed=2, dtype=torch.float32)
+    fast = fast.cuda().eval()
+    x = torch.rand(2, 3, 32, 32, device="cuda")
+    with torch.no_grad(), moce_fast.backend("triton"):
+        expected = fast(x)  # warm-up: compiles every kernel
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fast(x)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
