@@ -66,3 +66,22 @@ def test_debug_log_names_the_backend(caplog):
     with caplog.at_level("DEBUG", logger="moce_fast"), moce_fast.backend("torch"):
         moce_fast.ops.pointwise(torch.rand(1, 2, 3, 3), torch.rand(4, 2, 1, 1))
     assert "op pointwise: backend torch on cpu" in caplog.text
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_pointwise_large_nchw_map_runs_as_gemm_and_matches_conv(with_bias):
+    # CPU maps of >= 128 x 128 pixels take the GEMM path of the torch backend
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 128, 130, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
+    with moce_fast.backend("torch"):
+        out = moce_fast.ops.pointwise(x, w, b)
+    expect = torch.nn.functional.conv2d(x, w, b)
+    torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-12)
+    params = [x, w] + ([b] if with_bias else [])
+    up = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(expect, params, up)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    with torch.no_grad(), moce_fast.backend("torch"):  # the in-place bias add of the no-grad path
+        torch.testing.assert_close(moce_fast.ops.pointwise(x, w, b), expect, rtol=1e-12, atol=1e-12)
