@@ -209,11 +209,11 @@ def _gate(hb, w_ptr, b_ptr, ch, cmask, pix, pm, HID, H, W, BLOCK_CH: tl.constexp
 
 
 @triton.jit
-def gate_out_kernel(h_ptr, w_ptr, b_ptr, wo_ptr, bo_ptr, out_ptr, HID, N, H, W,
-                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                    PREC: tl.constexpr):
-    """The GDFN after project_in in one pass: out[b, n] = sum_c wo[n, c] gelu(z1[c]) z2[c] (+ bo[n]),
-    the gated map made BLOCK_K channels at a time on chip and never written."""
+def gate_out_kernel(h_ptr, w_ptr, b_ptr, wo_ptr, bo_ptr, res_ptr, out_ptr, HID, N, H, W,
+                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_P: tl.constexpr, PREC: tl.constexpr):
+    """The GDFN after project_in in one pass: out[b, n] = sum_c wo[n, c] gelu(z1[c]) z2[c] (+ bo[n])
+    (+ res[b, n]), the gated map made BLOCK_K channels at a time on chip and never written."""
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -232,8 +232,10 @@ def gate_out_kernel(h_ptr, w_ptr, b_ptr, wo_ptr, bo_ptr, out_ptr, HID, N, H, W,
         acc = tl.dot(wt, _gelu(z1) * z2, acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(bo_ptr + nn, mask=nmask, other=0.0)[:, None]
-    tl.store(out_ptr + (b * N + nn[:, None]) * hw + pix[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=nmask[:, None] & pm[None, :])
+    offs = (b * N + nn[:, None]) * hw + pix[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + offs, mask=nmask[:, None] & pm[None, :], other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=nmask[:, None] & pm[None, :])
 
 
 @triton.jit
@@ -561,16 +563,17 @@ def dwgate_backward(hidden, w, bias, dz, prec: str, dg=None, dy=None, w_out=None
                             w_out.shape[0] if fused else 0, h, wd, FROM_DY=fused, PREC=prec, **cfg)
 
 
-def gate_out(hidden, w, bias, w_out, b_out, out, prec: str) -> None:
-    """out (B, N, H, W) = w_out (N, hid) @ gate(hidden) (+ b_out): the GDFN after project_in."""
+def gate_out(hidden, w, bias, w_out, b_out, out, prec: str, residual=None) -> None:
+    """out (B, N, H, W) = w_out (N, hid) @ gate(hidden) (+ b_out) (+ residual, contiguous (B, N, H, W)):
+    the GDFN after project_in."""
     b, c2, h, wd = hidden.shape
     hid, hw, n = c2 // 2, h * wd, w_out.shape[0]
     if b == 0 or hw == 0:
         return
     cfg = gate_out_config(n, hidden.dtype == torch.float32)
     gate_out_kernel[(triton.cdiv(hw, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), b)](
-        hidden, w, bias, w_out, b_out if b_out is not None else w_out, out, hid, n, h, wd,
-        HAS_BIAS=b_out is not None, PREC=prec, **cfg)
+        hidden, w, bias, w_out, b_out if b_out is not None else w_out, residual if residual is not None else out, out,
+        hid, n, h, wd, HAS_BIAS=b_out is not None, HAS_RES=residual is not None, PREC=prec, **cfg)
 
 
 def gate_wgrad(dy, hidden, w, bias, n: int, prec: str, new) -> torch.Tensor:

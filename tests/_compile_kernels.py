@@ -227,9 +227,10 @@ def backbone_signatures(c, head_dim, xdt):
                                                                                        PREC=prec), warps
     consts, warps = split(BK.gate_out_config(c, xdt == "fp32"))
     yield BK.gate_out_kernel, {"h_ptr": x, "w_ptr": "*fp32", "b_ptr": "*fp32", "wo_ptr": "*fp32", "bo_ptr": "*fp32",
-                               "out_ptr": x, "HID": "i32", "N": "i32", "H": "i32", "W": "i32",
-                               "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-                               "BLOCK_P": "constexpr", "PREC": "constexpr"}, dict(consts, HAS_BIAS=False, PREC=prec), warps
+                               "res_ptr": x, "out_ptr": x, "HID": "i32", "N": "i32", "H": "i32", "W": "i32",
+                               "HAS_BIAS": "constexpr", "HAS_RES": "constexpr", "BLOCK_N": "constexpr",
+                               "BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "PREC": "constexpr"
+                               }, dict(consts, HAS_BIAS=False, HAS_RES=True, PREC=prec), warps
     consts, warps = split(BK.gate_wgrad_config(c, 2 * c))
     yield BK.gate_wgrad_kernel, {"dy_ptr": x, "h_ptr": x, "w_ptr": "*fp32", "b_ptr": "*fp32", "part_ptr": "*fp32",
                                  "HID": "i32", "N": "i32", "H": "i32", "W": "i32", "BLOCK_N": "constexpr",

@@ -127,15 +127,22 @@ def test_dw_gate(b, hid, h, w):
     assert moce_fast.ops.last_run()["dw_gate"] == "triton"
 
 
-@pytest.mark.parametrize("b,hid,n,h,w,bias", [(2, 6, 5, 5, 9, True), (1, 40, 150, 7, 3, False),
-                                              (2, 17, 24, 1, 1, True)])
-def test_gdfn_tail(b, hid, n, h, w, bias):
-    # the gate and project_out fused (the gated map is never written), and its backward
+@pytest.mark.parametrize("b,hid,n,h,w,bias,residual", [(2, 6, 5, 5, 9, True, True), (1, 40, 150, 7, 3, False, True),
+                                                       (2, 17, 24, 1, 1, True, False)])
+def test_gdfn_tail(b, hid, n, h, w, bias, residual):
+    # the gate, project_out and the residual fused (the gated map is never written), and the backward
     ins = [rand(b, 2 * hid, h, w, seed=0), rand(2 * hid, 1, 3, 3, seed=1, scale=0.5), rand(2 * hid, seed=2),
            rand(n, hid, 1, 1, seed=3, scale=0.3)]
-    if bias:
-        ins.append(rand(n, seed=4))
-    compare(lambda hd, wd, bd, wo, bo=None: ops.gdfn_tail(hd, wd, bd, wo, bo), ins)
+    ins += [rand(n, seed=4)] if bias else []
+    ins += [rand(b, n, h, w, seed=5)] if residual else []
+
+    def fn(hd, wd, bd, wo, *rest):
+        rest = list(rest)
+        bo = rest.pop(0) if bias else None
+        res = rest.pop(0) if residual else None
+        return ops.gdfn_tail(hd, wd, bd, wo, bo, res)
+
+    compare(fn, ins)
     assert moce_fast.ops.last_run()["gdfn_tail"] == "triton"
 
 
@@ -238,7 +245,8 @@ def test_backbone_ops_opcheck():
     torch.library.opcheck(gdfn_ops._dwgate_triton_op, (x, taps, torch.randn(8, device=DEVICE)))
     torch.library.opcheck(gdfn_ops._gdfn_tail_triton_op, (x, taps, torch.randn(8, device=DEVICE),
                                                           torch.randn(5, 4, device=DEVICE, requires_grad=True),
-                                                          torch.randn(5, device=DEVICE, requires_grad=True)))
+                                                          torch.randn(5, device=DEVICE, requires_grad=True),
+                                                          torch.randn(2, 5, 5, 6, device=DEVICE, requires_grad=True)))
     qkv = torch.randn(2, 24, 5, 6, device=DEVICE, requires_grad=True)
     q, k, v = qkv.chunk(3, dim=1)
     torch.library.opcheck(attention_ops._attention_triton_op,

@@ -48,10 +48,11 @@ class FeedForward(ref.FeedForward):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.from_hidden(ops.pointwise(x, self.project_in.weight, self.project_in.bias))
 
-    def from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The block after project_in (which the blocks fuse with the norm before it)."""
+    def from_hidden(self, hidden: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The block after project_in (which the blocks fuse with the norm before it), plus
+        ``residual`` if given (added in the same kernel on the triton backend)."""
         return ops.gdfn_tail(hidden, self.dwconv.weight, self.dwconv.bias, self.project_out.weight,
-                             self.project_out.bias)
+                             self.project_out.bias, residual)
 
 
 def norm_then(norm: LayerNorm, x: torch.Tensor, *chains) -> tuple[torch.Tensor, ...]:
@@ -71,7 +72,7 @@ class EncoderBlock(ref.EncoderBlock):
         (qkv,) = norm_then(self.norms[0], x, [self.mixer.qkv])
         x = self.mixer.attend(qkv, residual=x)
         (hidden,) = norm_then(self.norms[1], x, [self.ffn.project_in])
-        return x + self.ffn.from_hidden(hidden)
+        return self.ffn.from_hidden(hidden, residual=x)
 
 
 class EncoderResidualGroup(ref.EncoderResidualGroup):

@@ -157,7 +157,7 @@ class MoCEBlock(ref_blocks.DecoderBlock):
         x_a = self.adapter(y1, freq_emb, x_s)
         x = self.mixer(x_a, x_s, residual=x)
         (hidden,) = norm_then(self.norms[1], x, [self.ffn.project_in])
-        return x + self.ffn.from_hidden(hidden)
+        return self.ffn.from_hidden(hidden, residual=x)
 
 
 class DecoderResidualGroup(ref_blocks.DecoderResidualGroup):

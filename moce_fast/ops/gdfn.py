@@ -21,19 +21,20 @@ def gdfn(x, w_in, b_in, w_dw, b_dw, w_out, b_out) -> torch.Tensor:
 
 
 def gdfn_tail(hidden: torch.Tensor, w_dw: torch.Tensor, b_dw: Optional[torch.Tensor], w_out: torch.Tensor,
-              b_out: Optional[torch.Tensor]) -> torch.Tensor:
-    """The GDFN after project_in: project_out(dw_gate(hidden)); (B, 2h, H, W) -> (B, C, H, W).
+              b_out: Optional[torch.Tensor], residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The GDFN after project_in: project_out(dw_gate(hidden)) (+ residual); (B, 2h, H, W) -> (B, C, H, W).
 
     The triton backend runs it as one kernel (the gated h-channel map is made on chip and never
     written); its backward makes dg = W_out^T dy on chip too and recomputes the gate for W_out's
     gradient, so neither the forward nor the backward stores the gated map.
     """
-    return dispatch("gdfn_tail", hidden.device, hidden, w_dw, b_dw, w_out, b_out)
+    return dispatch("gdfn_tail", hidden.device, hidden, w_dw, b_dw, w_out, b_out, residual)
 
 
 @register("gdfn_tail", "torch")
-def _gdfn_tail_torch(hidden, w_dw, b_dw, w_out, b_out):
-    return pointwise(dw_gate(hidden, w_dw, b_dw), w_out, b_out)
+def _gdfn_tail_torch(hidden, w_dw, b_dw, w_out, b_out, residual):
+    out = pointwise(dw_gate(hidden, w_dw, b_dw), w_out, b_out)
+    return out if residual is None else residual + out
 
 
 def dw_gate(hidden: torch.Tensor, w_dw: torch.Tensor, b_dw: Optional[torch.Tensor]) -> torch.Tensor:
@@ -121,17 +122,17 @@ def _dw_gate_triton(hidden, w_dw, b_dw):
 
 @torch.library.custom_op("moce_fast::gdfn_tail_triton", mutates_args=())
 def _gdfn_tail_triton_op(hidden: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, w_out: torch.Tensor,
-                         b_out: Optional[torch.Tensor]) -> torch.Tensor:
+                         b_out: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> torch.Tensor:
     from moce_fast.kernels import backbone as kernels
 
     b, _, h, w = hidden.shape
     out = new_buffer((b, w_out.shape[0], h, w), hidden.device, hidden.dtype)
-    kernels.gate_out(hidden, taps, bias, w_out, b_out, out, _prec(hidden))
+    kernels.gate_out(hidden, taps, bias, w_out, b_out, out, _prec(hidden), residual)
     return out
 
 
 @_gdfn_tail_triton_op.register_fake
-def _(hidden, taps, bias, w_out, b_out):
+def _(hidden, taps, bias, w_out, b_out, residual):
     b, _, h, w = hidden.shape
     return hidden.new_empty((b, w_out.shape[0], h, w))
 
@@ -156,8 +157,8 @@ def _(dy, hidden, taps, bias, w_out):
 
 
 def _gdfn_tail_setup(ctx, inputs, output):
-    hidden, taps, bias, w_out, b_out = inputs
-    ctx.has_bias = b_out is not None
+    hidden, taps, bias, w_out, b_out, residual = inputs
+    ctx.has_bias, ctx.has_residual = b_out is not None, residual is not None
     ctx.save_for_backward(hidden, taps, bias, w_out)
 
 
@@ -165,13 +166,13 @@ def _gdfn_tail_backward(ctx, dy):
     hidden, taps, bias, w_out = ctx.saved_tensors
     dh, dtaps, dbias, dw_out = _gdfn_tail_backward_op(dy.contiguous(), hidden, taps, bias, w_out)
     db_out = dy.float().sum(dim=(0, 2, 3)) if ctx.has_bias else None
-    return dh, dtaps, dbias, dw_out, db_out
+    return dh, dtaps, dbias, dw_out, db_out, dy if ctx.has_residual else None
 
 
 _gdfn_tail_triton_op.register_autograd(_gdfn_tail_backward, setup_context=_gdfn_tail_setup)
 
 
-def _gdfn_tail_reason(hidden, w_dw, b_dw, w_out, b_out) -> Optional[str]:
+def _gdfn_tail_reason(hidden, w_dw, b_dw, w_out, b_out, residual=None) -> Optional[str]:
     reason = _dw_gate_reason(hidden, w_dw, b_dw)
     if reason is None and tuple(w_out.shape[1:]) != (hidden.shape[1] // 2, 1, 1):
         reason = f"w_out: expected a 1x1 map (C, {hidden.shape[1] // 2}, 1, 1), got {tuple(w_out.shape)}"
@@ -179,8 +180,9 @@ def _gdfn_tail_reason(hidden, w_dw, b_dw, w_out, b_out) -> Optional[str]:
 
 
 @register("gdfn_tail", "triton", supports=_gdfn_tail_reason)
-def _gdfn_tail_triton(hidden, w_dw, b_dw, w_out, b_out):
+def _gdfn_tail_triton(hidden, w_dw, b_dw, w_out, b_out, residual):
     bias = b_dw.float() if b_dw is not None else hidden.new_zeros(hidden.shape[1], dtype=torch.float32)
     return _gdfn_tail_triton_op(hidden.contiguous(), _flat_taps(w_dw), bias,
                                 w_out.reshape(w_out.shape[0], -1).float().contiguous(),
-                                b_out.float() if b_out is not None else None)
+                                b_out.float() if b_out is not None else None,
+                                residual.contiguous() if residual is not None else None)
