@@ -214,6 +214,20 @@ def backbone_signatures(c, head_dim, xdt):
                 "dy_ptr": x, "x_ptr": x, "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "part_ptr": "*fp32", "K": "i32",
                 "N": "i32", "HW": "i32", "CENTER": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                 "BLOCK_P": "constexpr", "PREC": "constexpr"}, dict(consts, CENTER=center, PREC=prec), warps
+    # the depthwise convs (MDTA's 3x3 on 3c channels, the cross-attention's 3x3 and 7x7) and their
+    # backward run on the MoCE stencil kernels, with the map's dtype; the GDFN backward feeds them float32 dz
+    for ks in (3, 7):
+        consts, warps = split(dict(K.launch_configs(c, 1, 64, 64, 4)["dwconv"], KS=ks))
+        for src, dst in ((x, x), ("*fp32", x)):
+            yield K.dwconv_kernel, {"in_ptr": src, "offsets_ptr": "*i64", "expert": "i32", "w_ptr": "*fp32",
+                                    "b_ptr": "*fp32", "out_ptr": dst, "NCH": "i32", "H": "i32", "W": "i32",
+                                    "KS": "constexpr", "BLOCK_CH": "constexpr", "BLOCK_P": "constexpr"}, consts, warps
+        consts, warps = split(dict(K.backward_configs(c, 1, 64, 64, 4)["dwconv_wgrad"], KS=ks))
+        for dout in (x, "*fp32"):
+            yield K.dwconv_wgrad_kernel, {"dout_ptr": dout, "in_ptr": x, "offsets_ptr": "*i64", "expert": "i32",
+                                          "part_ptr": "*fp32", "NCH": "i32", "H": "i32", "W": "i32",
+                                          "KS": "constexpr", "BLOCK_CH": "constexpr", "BLOCK_P": "constexpr"
+                                          }, consts, warps
     consts, warps = split(BK.dwgate_config())
     sig = {"h_ptr": x, "w_ptr": "*fp32", "b_ptr": "*fp32", "g_ptr": x, "HID": "i32", "H": "i32", "W": "i32",
            "BLOCK_CH": "constexpr", "BLOCK_P": "constexpr"}
