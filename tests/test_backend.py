@@ -85,3 +85,15 @@ def test_pointwise_large_nchw_map_runs_as_gemm_and_matches_conv(with_bias):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     with torch.no_grad(), moce_fast.backend("torch"):  # the in-place bias add of the no-grad path
         torch.testing.assert_close(moce_fast.ops.pointwise(x, w, b), expect, rtol=1e-12, atol=1e-12)
+
+
+def test_dispatch_traces_without_graph_breaks_under_torch_compile():
+    # the backend switch (and its debug logging) must not break a torch.compile graph at every op
+    from moce_fast.nn import EncoderBlock
+
+    torch.manual_seed(0)
+    block = EncoderBlock(16, 2, 2.0, False, "WithBias").eval()
+    x = torch.randn(2, 16, 8, 8)
+    compiled = torch.compile(block, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+    with torch.no_grad(), moce_fast.backend("torch"):
+        torch.testing.assert_close(compiled(x), block(x))

@@ -160,13 +160,16 @@ def resolve(op: str, device: torch.device, args: tuple = ()) -> tuple[str, Calla
             name = "torch"
     check = _SUPPORTS.get(op, {}).get(name)
     reason = check(*args) if check is not None else None
+    # (no logging while torch.compile traces: a logger call is a graph break at every op)
+    tracing = torch.compiler.is_compiling()
     if reason is not None:
         if _current != "auto":
             raise BackendUnavailableError(f"backend {name!r} cannot run op {op!r} on these inputs: {reason}")
-        log.debug("op %s: backend %s does not take these inputs (%s); torch runs it", op, name, reason)
+        if not tracing:
+            log.debug("op %s: backend %s does not take these inputs (%s); torch runs it", op, name, reason)
         name = "torch"
     _LAST_RUN[op] = name
-    if log.isEnabledFor(logging.DEBUG):
+    if not tracing and log.isEnabledFor(logging.DEBUG):
         log.debug("op %s: backend %s on %s", op, name, device)
     return name, impls[name]
 
