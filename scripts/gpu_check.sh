@@ -28,6 +28,7 @@ fi
 run bench_cuda_ops $PY -m pytest -q bench/bench_cuda_ops.py --benchmark-only --benchmark-json="$RESULTS/cuda_ops.json"
 run bench_moce_layer $PY -m pytest -q bench/bench_moce_layer.py --benchmark-only --benchmark-json="$RESULTS/moce_layer.json"
 run bench_adapter $PY -m pytest -q bench/bench_adapter.py --benchmark-only --benchmark-json="$RESULTS/adapter.json"
+run bench_backbone $PY -m pytest -q bench/bench_backbone.py --benchmark-only --benchmark-json="$RESULTS/backbone.json"
 run bench_model $PY -m pytest -q bench/bench_model.py --benchmark-only --benchmark-json="$RESULTS/model.json"
 cp -r "$RESULTS" "$OUT/" 2>/dev/null
 exit $status

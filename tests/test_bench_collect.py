@@ -14,5 +14,6 @@ def test_bench_suites_collect():
     proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                            str(ROOT / "bench")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for suite in ("bench_adapter.py", "bench_model.py", "bench_moce_layer.py", "bench_cuda_ops.py"):
+    for suite in ("bench_adapter.py", "bench_model.py", "bench_moce_layer.py", "bench_cuda_ops.py",
+                  "bench_backbone.py"):
         assert suite in proc.stdout, suite
