@@ -185,16 +185,20 @@ def _dw3x3(hb, w_ptr, b_ptr, ch, cmask, pix, pm, H, W, BLOCK_CH: tl.constexpr, B
 
 
 @triton.jit
-def dwgate_kernel(h_ptr, w_ptr, b_ptr, g_ptr, HID, H, W, BLOCK_CH: tl.constexpr, BLOCK_P: tl.constexpr):
-    """g[b, c] = gelu(dw(h[b, c]) + b[c]) * (dw(h[b, HID + c]) + b[HID + c])."""
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
+def _tile(N, H, W, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The (channel block x pixel block) of image program_id(2): grid axis 0 runs over pixel blocks
+    of the H x W map, axis 1 over blocks of N channels. Returns (b, hw, pix, pix mask, nn, nn mask)."""
     b = tl.program_id(2).to(tl.int64)
     hw = H * W
-    pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    pm = pix < hw
-    ch = pid_c * BLOCK_CH + tl.arange(0, BLOCK_CH)
-    cmask = ch < HID
+    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    nn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return b, hw, pix, pix < hw, nn, nn < N
+
+
+@triton.jit
+def dwgate_kernel(h_ptr, w_ptr, b_ptr, g_ptr, HID, H, W, BLOCK_CH: tl.constexpr, BLOCK_P: tl.constexpr):
+    """g[b, c] = gelu(dw(h[b, c]) + b[c]) * (dw(h[b, HID + c]) + b[HID + c])."""
+    b, hw, pix, pm, ch, cmask = _tile(HID, H, W, BLOCK_CH, BLOCK_P)
     z1, z2 = _gate(h_ptr + b * 2 * HID * hw, w_ptr, b_ptr, ch, cmask, pix, pm, HID, H, W, BLOCK_CH, BLOCK_P)
     tl.store(g_ptr + (b * HID + ch[:, None]) * hw + pix[None, :], (_gelu(z1) * z2).to(g_ptr.dtype.element_ty),
              mask=cmask[:, None] & pm[None, :])
@@ -214,14 +218,7 @@ def gate_out_kernel(h_ptr, w_ptr, b_ptr, wo_ptr, bo_ptr, res_ptr, out_ptr, HID, 
                     BLOCK_P: tl.constexpr, PREC: tl.constexpr):
     """The GDFN after project_in in one pass: out[b, n] = sum_c wo[n, c] gelu(z1[c]) z2[c] (+ bo[n])
     (+ res[b, n]), the gated map made BLOCK_K channels at a time on chip and never written."""
-    pid_p = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    hw = H * W
-    pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    pm = pix < hw
-    nn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = nn < N
+    b, hw, pix, pm, nn, nmask = _tile(N, H, W, BLOCK_N, BLOCK_P)
     hb = h_ptr + b * 2 * HID * hw
     acc = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
     for k0 in range(0, HID, BLOCK_K):
@@ -245,14 +242,7 @@ def dwgate_bwd_kernel(h_ptr, w_ptr, b_ptr, dg_ptr, wo_ptr, dz_ptr, HID, N, H, W,
     """dz[b, c] = dg * z2 * gelu'(z1), dz[b, HID + c] = dg * gelu(z1), z recomputed from h. With
     FROM_DY, dg_ptr is the gradient dy (B, N, H, W) of the fused project_out and dg = wo^T dy is
     made on chip."""
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    hw = H * W
-    pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    pm = pix < hw
-    ch = pid_c * BLOCK_CH + tl.arange(0, BLOCK_CH)
-    cmask = ch < HID
+    b, hw, pix, pm, ch, cmask = _tile(HID, H, W, BLOCK_CH, BLOCK_P)
     hb = h_ptr + b * 2 * HID * hw
     z1, z2 = _gate(hb, w_ptr, b_ptr, ch, cmask, pix, pm, HID, H, W, BLOCK_CH, BLOCK_P)
     m = cmask[:, None] & pm[None, :]
