@@ -385,3 +385,21 @@ def test_whole_model_forward_captures_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch_on_every_backbone_op():
+    x = torch.randn(0, 8, 5, 6, device=DEVICE)
+    with moce_fast.backend("triton"):
+        (y,) = ops.norm_linear(x, torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE),
+                               [[(torch.randn(12, 8, 1, 1, device=DEVICE), None)]])
+        assert y.shape == (0, 12, 5, 6)
+        assert ops.depthwise(x, torch.randn(8, 1, 3, 3, device=DEVICE), None).shape == (0, 8, 5, 6)
+        out = ops.gdfn_tail(x, torch.randn(8, 1, 3, 3, device=DEVICE), None, torch.randn(6, 4, 1, 1, device=DEVICE),
+                            None, torch.randn(0, 6, 5, 6, device=DEVICE))
+        assert out.shape == (0, 6, 5, 6)
+        qkv = torch.randn(0, 24, 5, 6, device=DEVICE)
+        out = ops.attention_project(*qkv.chunk(3, dim=1), torch.ones(2, 1, 1, device=DEVICE), 2,
+                                    torch.randn(8, 8, 1, 1, device=DEVICE))
+        assert out.shape == (0, 8, 5, 6)
+    ran = moce_fast.ops.last_run()
+    assert all(ran[op] == "triton" for op in ("norm_linear", "depthwise", "gdfn_tail", "attention_project"))
