@@ -431,10 +431,6 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(int(n)))
 
 
-MAX_HEAD_DIM = 128  # the attention's (d x d) block and its d x BLOCK_P tiles live on chip
-MAX_LN_CHANNELS = 1024
-
-
 # Block sizes take ``fp32``: float32 inputs run their dots in tf32x3 (each operand split in two),
 # which needs 8 warps (or narrower pixel blocks) to stay clear of register spills on sm_80.
 

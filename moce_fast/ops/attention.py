@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ._backend import dispatch, new_buffer, register
 
 NORM_EPS = 1e-12  # F.normalize's
+MAX_HEAD_DIM = 128  # the triton kernels hold a (d x d) block per head, and d x BLOCK_P tiles, on chip
 
 
 def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
@@ -162,9 +163,6 @@ def _attention_reason(q, k, v, temperature, num_heads) -> str | None:
     if d > MAX_HEAD_DIM:
         return f"channels per head: the triton kernel holds at most {MAX_HEAD_DIM}, got {d}"
     return None
-
-
-MAX_HEAD_DIM = 128
 
 
 @register("channel_attention", "triton", supports=_attention_reason)
