@@ -25,7 +25,9 @@ def _pointwise_torch(x, weight, bias):
         # oneDNN's 1x1 convolution of a large NCHW map is slow here (1 x 48 -> 96 x 256 x 256:
         # 28 ms against 8.7 ms as one GEMM; 8 x 48 -> 48 x 128 x 128: 31 vs 8 ms; at 64 x 64 and
         # below the convolution is as fast): those run as W @ x per image, in NCHW
-        y = torch.matmul(weight.reshape(weight.shape[0], c), x.reshape(b, c, h * w))
+        # (bmm over the expanded weight: torch.matmul, given a weight that requires grad, copies x
+        # into (B, HW, C) and the result back)
+        y = torch.bmm(weight.reshape(weight.shape[0], c).expand(b, -1, -1), x.reshape(b, c, h * w))
         if bias is not None:
             y = y.add_(bias[:, None]) if not torch.is_grad_enabled() else y + bias[:, None]
         return y.view(b, -1, h, w)

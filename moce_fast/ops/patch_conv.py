@@ -37,8 +37,10 @@ def circular_conv_patches(q: torch.Tensor, k: torch.Tensor, p: int, channels_las
     else:
         b, c, h, w = q.shape
         pad, hdim = (0, (-w) % p, 0, (-h) % p), 2
-    qp = F.pad(q.to(ct), pad)
-    kp = F.pad(k.to(ct), pad)
+    if any(pad):
+        qp, kp = F.pad(q.to(ct), pad), F.pad(k.to(ct), pad)
+    else:  # F.pad copies even when it pads nothing
+        qp, kp = q.to(ct), k.to(ct)
     nh, nw = qp.shape[hdim] // p, qp.shape[hdim + 1] // p
     shape = (b, nh, p, nw, p, c) if channels_last else (b, c, nh, p, nw, p)
     dims = (2, 4) if channels_last else (3, 5)
