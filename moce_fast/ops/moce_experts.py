@@ -55,20 +55,57 @@ def expert_forward(x: torch.Tensor, shared: torch.Tensor, w: ExpertWeights) -> t
     x, shared: (n, H, W, C) channels-last (NHWC) tensors; returns (n, H, W, C). In this layout every
     1x1 projection is one GEMM over the pixels, the LayerNorm normalises the contiguous last axis,
     and the depthwise convolutions take oneDNN's channels-last path: several times faster on a CPU
-    than NCHW, with no transposes between the steps.
+    than NCHW, with no transposes between the steps. (The grouped dispatch runs
+    :func:`expert_forward_nchw`, the same computation on the layer's NCHW tensors.)
     """
-    r = w.w_x.shape[0]
-    z = x @ w.w_x[:, :, 0, 0].t()
+    body = _expert_body(x @ w.w_x[:, :, 0, 0].t(), w)
+    # in place: no second full-size allocation (linear's backward does not need its output)
+    return F.linear(body * F.silu(shared @ w.w_s[:, :, 0, 0].t()), w.w_out[:, :, 0, 0]).add_(x)
+
+
+def _expert_body(z: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+    """The FFT attention body on proj0's output z (n, H, W, r) channels-last: (n, H, W, r)."""
+    r = z.shape[-1]
     q_lin = (z @ w.w_q[:, :, 0, 0].t()).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
     kv_lin = (z @ w.w_kv[:, :, 0, 0].t()).permute(0, 3, 1, 2)
     q = F.conv2d(q_lin, w.w_qdw, w.b_qdw, padding=1, groups=r).permute(0, 2, 3, 1)
     kv = F.conv2d(kv_lin, w.w_kvdw, w.b_kvdw, padding=3, groups=2 * r).permute(0, 2, 3, 1)
     k, v = kv[..., :r], kv[..., r:]
     a = circular_conv_patches(q, k, w.patch_size, channels_last=True)
-    t = (F.layer_norm(a, (r,), w.norm_w.to(a.dtype), w.norm_b.to(a.dtype), 1e-5) * v).to(x.dtype)
-    body = F.linear(t, w.w_po[:, :, 0, 0], w.b_po)
-    # in place: no second full-size allocation (linear's backward does not need its output)
-    return F.linear(body * F.silu(shared @ w.w_s[:, :, 0, 0].t()), w.w_out[:, :, 0, 0]).add_(x)
+    t = (F.layer_norm(a, (r,), w.norm_w.to(a.dtype), w.norm_b.to(a.dtype), 1e-5) * v).to(z.dtype)
+    return F.linear(t, w.w_po[:, :, 0, 0], w.b_po)
+
+
+def _nhwc_projection(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (n, C, H, W) NCHW through the 1x1 map w (r, C): (n, H, W, r) channels-last.
+
+    The NCHW input is never transposed as a whole: the map is x^T @ W^T with the transpose in the
+    GEMM's operand flag, or, for fewer than 16 outputs (where that GEMM is slow), W @ x per image with
+    its r channels transposed after. (Measured on this project's 2-core CPU, 2 images of 48 x 128 x
+    128: the NHWC copy of x alone took 2.6 ms; to 6 channels x^T @ W^T took 7.8 ms, W @ x and its
+    transpose 0.6 ms; to 18 channels 1.4 vs 1.7 ms, to 72 channels 3.4 vs 7.8 ms.) bmm over the
+    expanded weight, not torch.matmul: given a weight that requires grad, matmul copies x into
+    (n, P, C) first."""
+    n, c, hh, ww = x.shape
+    r = w.shape[0]
+    flat = x.reshape(n, c, hh * ww)
+    if r < 16:
+        return torch.bmm(w.expand(n, r, c), flat).view(n, r, hh, ww).permute(0, 2, 3, 1).contiguous()
+    return torch.bmm(flat.transpose(1, 2), w.t().expand(n, c, r)).view(n, hh, ww, r)
+
+
+def expert_forward_nchw(x: torch.Tensor, shared: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+    """:func:`expert_forward` on NCHW tensors: x, shared (n, C, H, W) -> (n, C, H, W) contiguous.
+
+    The r-channel body runs channels-last (:func:`_expert_body`); the C-channel ends stay in
+    NCHW: the projections of x and shared read it through the GEMM (:func:`_nhwc_projection`), and
+    proj2 writes NCHW with the shortcut added in the same product (one baddbmm per chunk)."""
+    n, c, hh, ww = x.shape
+    r = w.w_x.shape[0]
+    body = _expert_body(_nhwc_projection(x, w.w_x[:, :, 0, 0]), w)
+    g = (body * F.silu(_nhwc_projection(shared, w.w_s[:, :, 0, 0]))).view(n, hh * ww, r)
+    out = torch.baddbmm(x.reshape(n, c, hh * ww), w.w_out[:, :, 0, 0].expand(n, c, r), g.transpose(1, 2))
+    return out.view(n, c, hh, ww)
 
 
 # On a CPU, an expert's images run in chunks whose largest map (the gathered input or the 3r-channel
@@ -88,24 +125,19 @@ def _cpu_chunk(x: torch.Tensor, w: ExpertWeights) -> int:
 def _moce_experts_torch(x, shared, plan, experts):
     b = x.shape[0]
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
-    # The experts work in NHWC (see expert_forward): each chunk's images are gathered from the
-    # NCHW input (block copies) and then transposed, which is faster here than one strided gather
-    # (5.5 vs 8.7 ms for 4 images of 48 x 128 x 128).
-    def nhwc(t, img):
-        return t.index_select(0, img).permute(0, 2, 3, 1).contiguous()
-
     # One host sync for the per-expert batch sizes: the torch backend needs them to slice.
     counts = plan.counts.tolist()
     # Each (image, slot) pair's gated result goes straight to its row (the plan's order): no
-    # concatenation and no second gather.
-    per_pair = x.new_empty((b * plan.top_k, x.shape[2], x.shape[3], x.shape[1]), dtype=acc_dtype)
+    # concatenation and no second gather. NCHW throughout (expert_forward_nchw): the layer's
+    # proj_out then runs as one GEMM per image.
+    per_pair = x.new_empty((b * plan.top_k,) + tuple(x.shape[1:]), dtype=acc_dtype)
     start = 0
     for w, n in zip(experts, counts):
         step = _cpu_chunk(x, w) if x.device.type == "cpu" else max(n, 1)
         for lo in range(start, start + n, step):
             hi = min(lo + step, start + n)
             img = plan.image[lo:hi]
-            y = expert_forward(nhwc(x, img), nhwc(shared, img), w)
+            y = expert_forward_nchw(x.index_select(0, img), shared.index_select(0, img), w)
             per_pair.index_copy_(0, plan.order[lo:hi], (y * plan.gate[lo:hi, None, None, None].to(y.dtype)).to(
                 acc_dtype))
         start += n
@@ -114,7 +146,7 @@ def _moce_experts_torch(x, shared, plan, experts):
     # Sum each image's k slots in a fixed order (deterministic, no atomics).
     if plan.top_k > 1:
         per_pair = per_pair.view(b, plan.top_k, *per_pair.shape[1:]).sum(dim=1)
-    return per_pair.to(x.dtype).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
+    return per_pair.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------- triton
