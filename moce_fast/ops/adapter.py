@@ -211,6 +211,18 @@ def _per_image(p: torch.Tensor, task: torch.Tensor, single: bool) -> torch.Tenso
     return p[:1] if single else p.index_select(0, task)
 
 
+def _depthwise3x3(x: torch.Tensor, kern: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Depthwise 3x3, zero padding 1, on (N, C, H, W); returns a contiguous NCHW tensor.
+
+    On a CPU through oneDNN's channels-last kernel, its NCHW one being far slower at these widths
+    (measured on this project's 2-core CPU, both conversions included: 32 x 12 x 64 x 64 in 2.0 vs
+    8.6 ms, 8 x 12 x 64 x 64 0.5 vs 0.6 ms, 1 x 24 x 48 x 48 0.12 vs 0.17 ms)."""
+    if x.device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, kern, bias, padding=1, groups=x.shape[1]).contiguous()
+    return F.conv2d(x, kern, bias, padding=1, groups=x.shape[1])
+
+
 def adapter_mix(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mix: MixParams,
                 task: torch.Tensor) -> torch.Tensor:
     """u = c * (channel_gate * local + spatial_gate * global), (N, h, H, W), in torch: the h-space
@@ -230,10 +242,9 @@ def adapter_mix(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mix: 
     # local branch: depthwise 3x3 with the low-rank kernel A @ B (one kernel set per image's task)
     kern = (conv_a @ conv_b).reshape(-1, 1, 3, 3)
     if single:
-        loc = F.conv2d(x, kern, conv_bias[0], padding=1, groups=h)
+        loc = _depthwise3x3(x, kern, conv_bias[0])
     else:
-        loc = F.conv2d(x.reshape(1, n * h, hh, ww), kern, conv_bias.reshape(-1), padding=1,
-                       groups=n * h).view(n, h, hh, ww)
+        loc = _depthwise3x3(x.reshape(1, n * h, hh, ww), kern, conv_bias.reshape(-1)).view(n, h, hh, ww)
     # channel branch: attention pooling over the pixels, then proj
     xf = x.flatten(2)
     score = (torch.einsum("nc,ncp->np", comp_w.expand(n, h), xf) + comp_b.expand(n)[:, None]).softmax(-1)
