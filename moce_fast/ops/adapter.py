@@ -223,6 +223,20 @@ def _depthwise3x3(x: torch.Tensor, kern: torch.Tensor, bias: torch.Tensor) -> to
     return F.conv2d(x, kern, bias, padding=1, groups=x.shape[1])
 
 
+def _small_linear(v: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """v (N, I) through per-image weights w (N or 1, O, I) and bias b (N or 1, O): (N, O)."""
+    if w.shape[0] == 1:
+        return F.linear(v, w[0], b[0])
+    return torch.baddbmm(b[:, :, None], w, v[:, :, None]).squeeze(2)
+
+
+def _pixel_dot(w: torch.Tensor, b: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """sum_c w[n, c] m[n, c, p] + b[n]: (N, P), for per-image w (N or 1, h), b (N or 1,), m (N, h, P).
+    (bmm over an expanded w: torch.matmul would copy m to broadcast w; einsum costs more dispatch.)"""
+    n, h, _ = m.shape
+    return torch.bmm(w[:, None, :].expand(n, 1, h), m).squeeze(1) + b[:, None]
+
+
 def adapter_mix(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mix: MixParams,
                 task: torch.Tensor) -> torch.Tensor:
     """u = c * (channel_gate * local + spatial_gate * global), (N, h, H, W), in torch: the h-space
@@ -247,14 +261,12 @@ def adapter_mix(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mix: 
         loc = _depthwise3x3(x.reshape(1, n * h, hh, ww), kern, conv_bias.reshape(-1)).view(n, h, hh, ww)
     # channel branch: attention pooling over the pixels, then proj
     xf = x.flatten(2)
-    score = (torch.einsum("nc,ncp->np", comp_w.expand(n, h), xf) + comp_b.expand(n)[:, None]).softmax(-1)
-    pooled = torch.einsum("ncp,np->nc", xf, score)
-    c = torch.einsum("nij,nj->ni", p2w.expand(n, -1, -1),
-                     F.gelu(torch.einsum("nij,nj->ni", p1w.expand(n, -1, -1), pooled) + p1b)) + p2b
+    score = _pixel_dot(comp_w, comp_b, xf).softmax(-1)
+    pooled = torch.bmm(xf, score[:, :, None]).squeeze(2)
+    c = _small_linear(F.gelu(_small_linear(pooled, p1w, p1b)), p2w, p2b)
     gm = glob.mean(dim=(2, 3))
-    cg = torch.sigmoid(torch.einsum("nij,nj->ni", c2w.expand(n, -1, -1),
-                                    F.gelu(torch.einsum("nij,nj->ni", c1w.expand(n, -1, -1), gm) + c1b)) + c2b)
-    sg = torch.sigmoid(torch.einsum("nc,ncp->np", si_w.expand(n, h), loc.flatten(2)) + si_b.expand(n)[:, None])
+    cg = torch.sigmoid(_small_linear(F.gelu(_small_linear(gm, c1w, c1b)), c2w, c2b))
+    sg = torch.sigmoid(_pixel_dot(si_w, si_b, loc.flatten(2)))
     return c[:, :, None, None] * (cg[:, :, None, None] * loc + sg.view(n, 1, hh, ww) * glob)
 
 
