@@ -136,10 +136,11 @@ def test_dft_sizes_round_trip(side):
     assert rel_err(y.cpu(), expected) < TOL32
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_mixed_task_batch_one_grouped_launch(mode):
+def test_mixed_task_batch_one_grouped_launch(mode, backend):
     """Three tasks in one batch: each image equals the float64 reference of its task's adapter, and
-    in training each task's BatchNorm sees only its own images."""
+    in training each task's BatchNorm sees only its own images (both backends' grouped paths)."""
     host = torch.nn.Sequential(torch.nn.Identity())
     A.add_adapters(host, r"^0$", 56, variant="edt", layout="nhwc", tasks=("a", "b", "c"))
     site = host[0]
@@ -156,9 +157,9 @@ def test_mixed_task_batch_one_grouped_launch(mode):
     names = ["b", "a", "b", "b"]  # task "c" absent: its statistics must not move
     x = torch.randn(4, 56, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     xf = to_layout(x, "nhwc").float().to(DEVICE)
-    with torch.no_grad(), moce_fast.backend("triton"), A.tasks(names):
+    with torch.no_grad(), moce_fast.backend(backend), A.tasks(names):
         y = host(xf) - xf  # the Identity host adds x
-    assert _backend.last_run()["adaptir_mix_tail"] == "triton"
+    assert _backend.last_run()["adaptir_mix_tail"] == backend
     for task in "ab":
         idx = [i for i, n in enumerate(names) if n == task]
         ref = getattr(refs[task], mode)()
@@ -172,14 +173,17 @@ def test_mixed_task_batch_one_grouped_launch(mode):
     assert torch.equal(c.running_mean.cpu(), refs["c"].BN.running_mean.float())
 
 
-def test_torch_grouped_path_gradcheck():
-    """The torch backend's grouped (several tasks) path, in float64, in training: gradcheck."""
+@pytest.mark.parametrize("layout", ["lnc", "nhwc"])
+def test_torch_grouped_path_gradcheck(layout):
+    """The torch backend's grouped (several tasks) path, in float64, in training: gradcheck. (The
+    head of "nhwc" maps runs as a batched W @ x^T, that of "lnc" tokens as one row GEMM.)"""
     host = torch.nn.Sequential(torch.nn.Identity())
-    A.add_adapters(host, r"^0$", 56, variant="edt", layout="lnc", tasks=("a", "b"))
+    A.add_adapters(host, r"^0$", 56, variant="edt", layout=layout, tasks=("a", "b"))
     for i, ad in enumerate(host[0].adapters.values()):
         randomize_(ad, seed=20 + i)
     host.double().train()
-    x = torch.randn(9, 3, 56, dtype=torch.float64, requires_grad=True)
+    shape = (9, 3, 56) if layout == "lnc" else (3, 3, 3, 56)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     with moce_fast.backend("torch"), A.tasks(["a", "b", "a"]):
         assert torch.autograd.gradcheck(lambda t: host(t), (x,), eps=1e-6, atol=1e-6)
 

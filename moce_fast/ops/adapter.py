@@ -161,6 +161,15 @@ def _grouped_linear_torch(b, a, bias, task, order, out_dtype):
         if bias is not None:
             y = y + (bias[:1] if t == 1 else bias.index_select(0, task))[:, :, None].to(y.dtype)
         return y.to(out_dtype)
+    if order == "nmp" and b.is_contiguous():
+        # (N, P, K) rows in, (N, M, P) out (the head of an NHWC host): W @ b^T per image with the
+        # transpose in the GEMM's operand flag, the bias in the same call (here 1.2-1.7x faster than
+        # the row GEMM and a transposed copy of its result, measured at EDT's 180 -> 12 channels).
+        w = a[:1].expand(n, m, k) if t == 1 else a.index_select(0, task)
+        if bias is None:
+            return torch.bmm(w, b.transpose(1, 2)).to(out_dtype)
+        per = bias[:1] if t == 1 else bias.index_select(0, task)
+        return torch.baddbmm(per[:, :, None].to(b.dtype), w, b.transpose(1, 2)).to(out_dtype)
     # Every other case is one GEMM over the rows (pixels) in the input's own memory order, (N, P)
     # or (P, N) (IPT's tokens): no copy of the wide input, only of a narrow one where needed.
     if b.is_contiguous():
