@@ -187,10 +187,17 @@ def test_attention_project(heads, bias, residual):
     assert moce_fast.ops.last_run()["attention_project"] == "triton"
 
 
-def test_attention_project_torch_is_the_reference_composition():
+@pytest.mark.parametrize("memory", ["nchw", "channels_last"])
+def test_attention_project_torch_is_the_reference_composition(memory):
+    """The torch fold equals normalize + attention + 1x1 conv + residual, forward and gradients; on
+    channels-last q/k/v (chunks of a channels-last map, as oneDNN's convs give them) it reads them in
+    place (per-head GEMMs over strided views)."""
     from moce_fast.reference.layers import transposed_attention
 
     qkv, t = rand(2, 3 * 12, 4, 5, seed=0), rand(3, 1, 1, seed=1, shift=1.0)
+    if memory == "channels_last":
+        qkv = qkv.contiguous(memory_format=torch.channels_last).detach().requires_grad_()
+        assert ops.attention._pixel_rows(qkv.chunk(3, dim=1)[0]) is not None
     wp, bp, res = rand(12, 12, 1, 1, seed=2), rand(12, seed=3), rand(2, 12, 4, 5, seed=4)
     q, k, v = qkv.chunk(3, dim=1)
     with moce_fast.backend("torch"):

@@ -39,13 +39,36 @@ def attention_project(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tempera
     return dispatch("attention_project", q.device, q, k, v, temperature, num_heads, w_proj, b_proj, residual)
 
 
+def _pixel_rows(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A (B, H*W, C) view of a (B, C, H, W) tensor whose memory is channels-last (as oneDNN's convs
+    return it, q/k/v being channel slices of one such map); None when that needs a copy."""
+    b, c, h, w = x.shape
+    if h * w <= 1 or x.stride(1) != 1:
+        return None
+    try:
+        return x.permute(0, 2, 3, 1).view(b, h * w, c)
+    except RuntimeError:
+        return None
+
+
 def _attention_matrices_torch(q, k, temperature, num_heads):
     b, c, h, w = q.shape
-    shape = (b, num_heads, c // num_heads, h * w)
-    qf, kf = q.reshape(shape), k.reshape(shape)
-    g = qf @ kf.transpose(-1, -2)
-    rq = 1.0 / torch.linalg.vector_norm(qf, dim=-1).clamp_min(NORM_EPS)
-    rk = 1.0 / torch.linalg.vector_norm(kf, dim=-1).clamp_min(NORM_EPS)
+    d = c // num_heads
+    qr, kr = _pixel_rows(q), _pixel_rows(k)
+    if qr is not None and kr is not None:
+        # channels-last q and k read in place: each head's Gram matrix as one GEMM over strided
+        # views (a (B, heads, d, HW) reshape would copy both maps: 85 vs 61 ms for MDTA at 8 x 192 x
+        # 64 x 64 on this project's CPU)
+        g = torch.stack([torch.bmm(qr[:, :, i * d:(i + 1) * d].transpose(1, 2), kr[:, :, i * d:(i + 1) * d])
+                         for i in range(num_heads)], dim=1)
+        rq = 1.0 / torch.linalg.vector_norm(qr, dim=1).clamp_min(NORM_EPS).view(b, num_heads, d)
+        rk = 1.0 / torch.linalg.vector_norm(kr, dim=1).clamp_min(NORM_EPS).view(b, num_heads, d)
+    else:
+        shape = (b, num_heads, d, h * w)
+        qf, kf = q.reshape(shape), k.reshape(shape)
+        g = qf @ kf.transpose(-1, -2)
+        rq = 1.0 / torch.linalg.vector_norm(qf, dim=-1).clamp_min(NORM_EPS)
+        rk = 1.0 / torch.linalg.vector_norm(kf, dim=-1).clamp_min(NORM_EPS)
     return torch.softmax(g * rq[..., :, None] * rk[..., None, :] * temperature.to(q.dtype), dim=-1)
 
 
@@ -56,7 +79,8 @@ def _project_through(attn, v, w_proj, b_proj, residual, num_heads):
     c_out = w_proj.shape[0]
     m = torch.einsum("ohi,bhij->bohj", w_proj.reshape(c_out, num_heads, d).to(attn.dtype), attn)
     m = m.reshape(b, c_out, c).to(v.dtype)
-    vf = v.reshape(b, c, h * w)
+    vr = _pixel_rows(v)
+    vf = vr.transpose(1, 2) if vr is not None else v.reshape(b, c, h * w)  # the GEMM reads either layout
     if residual is None and b_proj is None:
         return torch.bmm(m, vf).reshape(b, c_out, h, w)
     base = residual.reshape(b, c_out, h * w) if residual is not None else None
