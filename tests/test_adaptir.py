@@ -58,6 +58,7 @@ def test_layouts_equal_reference(layout, variant, mode):
     ref.load_state_dict(adapter.state_dict())
     getattr(adapter, mode)(), getattr(ref, mode)()
     x, xl = _inputs(layout, dim)
+    x.requires_grad_(), xl.requires_grad_()
     y = adapter(xl)
     expected = ref(x)
     if layout == "nhwc":
@@ -68,6 +69,19 @@ def test_layouts_equal_reference(layout, variant, mode):
     assert rel_err(y, expected) < 1e-12
     if mode == "train":  # batch statistics update the running ones, as in the public adapter
         assert rel_err(adapter.BN.running_mean, ref.BN.running_mean) < 1e-12
+    # gradients of the input and of every parameter, from one random upstream gradient
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    y.backward(dy), expected.backward(dy)
+    dx = xl.grad
+    if layout == "nhwc":
+        dx = dx.permute(0, 3, 1, 2)
+    elif layout == "lnc":
+        dx = dx.permute(1, 2, 0).reshape(x.shape)
+    assert rel_err(dx, x.grad) < 1e-10
+    ref_params = dict(ref.named_parameters())
+    for name, p in adapter.named_parameters():
+        expect = ref_params[name].grad  # compress.bias: exactly 0 in exact arithmetic (softmax shift)
+        assert (p.grad - expect).abs().max() <= 1e-9 * max(1.0, expect.abs().max().item()), name
 
 
 def test_gradcheck_float64():
