@@ -93,8 +93,12 @@ def test_adapter(benchmark, impl, shape, batch, dtype, mode):
     # a fixed upstream gradient: the backward timed is the adapter's, not a loss's over the wide output
     grad = torch.randn(shape_x, device=DEVICE, dtype=dt) if train else None
 
+    leaves = [x, *fast.parameters(), *ref.parameters()]
+
     def run():
         if train:
+            for t in leaves:  # as a training loop's zero_grad(set_to_none=True): no accumulation timed
+                t.grad = None
             out = call()
             out.backward(grad)
         else:

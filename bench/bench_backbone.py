@@ -82,9 +82,13 @@ def test_backbone_op(benchmark, impl, op, level, batch, dtype, mode):
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if GPU else "CPU", impl=impl)
     grad = torch.randn_like(call()) if train else None
 
+    leaves = [x, *norm.parameters(), *attn.parameters(), *ffn.parameters()]
+
     def run():
         with moce_fast.backend("triton" if impl == "triton" else "torch"):
             if train:
+                for t in leaves:  # as a training loop's zero_grad(set_to_none=True): no accumulation timed
+                    t.grad = None
                 call().backward(grad)
             else:
                 with torch.no_grad():
