@@ -254,8 +254,11 @@ def _mix_tail_torch(y, scale, shift, mix, tail_w, task, order, out_dtype):
     return _grouped_linear_torch(u.view(n, hid, hh * ww).transpose(1, 2), tail_w, None, task, order, out_dtype)
 
 
-def _per_image(p: torch.Tensor, task: torch.Tensor, single: bool) -> torch.Tensor:
-    return p[:1] if single else p.index_select(0, task)
+def _per_image(p: torch.Tensor, task: torch.Tensor, single: bool, dtype: torch.dtype) -> torch.Tensor:
+    # one task: its (1, ...) parameters broadcast as they are; no-op calls skipped (at batch 1 on a
+    # small map the adapter is dispatch-bound)
+    q = p if single else p.index_select(0, task)
+    return q if q.dtype == dtype else q.to(dtype)
 
 
 def _depthwise3x3(x: torch.Tensor, kern: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -290,7 +293,7 @@ def adapter_mix(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mix: 
     body of :func:`mix_tail` (arguments as there)."""
     n, h, hh, ww = y.shape
     single = mix.amp_w.shape[0] == 1
-    g_ = [_per_image(p, task, single).to(y.dtype) for p in mix]
+    g_ = [_per_image(p, task, single, y.dtype) for p in mix]
     (conv_a, conv_b, conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w, comp_b, p1w, p1b, p2w, p2b,
      c1w, c1b, c2w, c2b, si_w, si_b) = g_
     x = y * scale[:, :, None, None] + shift[:, :, None, None]
