@@ -83,8 +83,11 @@ def test_layer_equals_reference_routed(num_experts, top_k, b):
         assert rel_err(y, y_ref) < 1e-12
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 @pytest.mark.parametrize("route", ["all-on-0", "all-on-last", "every-expert", "mixed-top2"])
-def test_layer_equals_reference_given_routes(route):
+def test_layer_equals_reference_given_routes(route, grad):
+    """Given routes, the layer equals the reference; without grad the torch backend writes the
+    experts' results straight into their rows where a chunk's images and rows form one run."""
     top_k = 2 if route == "mixed-top2" else 1
     fast, ref = make_layers(num_experts=4, top_k=top_k)
     b = 6
@@ -98,10 +101,28 @@ def test_layer_equals_reference_given_routes(route):
     else:
         idx = torch.tensor([[0, 3], [1, 2], [2, 0], [3, 1], [1, 0], [0, 2]])
     gates = torch.rand(b, top_k, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.1
-    y = fast(x, f, s, expert_indices=idx, expert_gates=gates)
+    with torch.set_grad_enabled(grad):
+        y = fast(x, f, s, expert_indices=idx, expert_gates=gates)
     y_ref = ref(x, f, s, expert_indices=idx, expert_gates=gates)
     assert rel_err(y, y_ref) < 1e-12
     assert fast.aux_loss.item() == 0.0
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 60000])
+def test_cpu_chunks_equal_reference_in_inference(monkeypatch, chunk_bytes):
+    """Chunks in inference: runs of consecutive images read as slices and written in place."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("moce_fast.ops.moce_experts"), "CPU_CHUNK_BYTES", chunk_bytes)
+    fast, ref = make_layers(num_experts=4, top_k=1)
+    b = 7
+    x, s, f = layer_inputs(b, h=11, w=6)
+    idx = torch.tensor([[0], [0], [0], [3], [0], [2], [3]])  # expert 0: images 0-2 a run, then 4
+    gates = torch.rand(b, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) + 0.1
+    with torch.no_grad(), moce_fast.backend("torch"):
+        y = fast(x, f, s, expert_indices=idx, expert_gates=gates)
+        y_ref = ref(x, f, s, expert_indices=idx, expert_gates=gates)
+    assert rel_err(y, y_ref) < 1e-12
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 60000])

@@ -3,7 +3,7 @@ and combined, before the layer's ``proj_out``."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,8 +94,10 @@ def _nhwc_projection(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.bmm(flat.transpose(1, 2), w.t().expand(n, c, r)).view(n, hh, ww, r)
 
 
-def expert_forward_nchw(x: torch.Tensor, shared: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
-    """:func:`expert_forward` on NCHW tensors: x, shared (n, C, H, W) -> (n, C, H, W) contiguous.
+def expert_forward_nchw(x: torch.Tensor, shared: torch.Tensor, w: ExpertWeights,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`expert_forward` on NCHW tensors: x, shared (n, C, H, W) -> (n, C, H, W) contiguous,
+    written into ``out`` (contiguous, x's shape and dtype; no autograd) when given.
 
     The r-channel body runs channels-last (:func:`_expert_body`); the C-channel ends stay in
     NCHW: the projections of x and shared read it through the GEMM (:func:`_nhwc_projection`), and
@@ -104,8 +106,11 @@ def expert_forward_nchw(x: torch.Tensor, shared: torch.Tensor, w: ExpertWeights)
     r = w.w_x.shape[0]
     body = _expert_body(_nhwc_projection(x, w.w_x[:, :, 0, 0]), w)
     g = (body * F.silu(_nhwc_projection(shared, w.w_s[:, :, 0, 0]))).view(n, hh * ww, r)
-    out = torch.baddbmm(x.reshape(n, c, hh * ww), w.w_out[:, :, 0, 0].expand(n, c, r), g.transpose(1, 2))
-    return out.view(n, c, hh, ww)
+    args = (x.reshape(n, c, hh * ww), w.w_out[:, :, 0, 0].expand(n, c, r), g.transpose(1, 2))
+    if out is not None:
+        torch.baddbmm(*args, out=out.view(n, c, hh * ww))
+        return out
+    return torch.baddbmm(*args).view(n, c, hh, ww)
 
 
 # On a CPU, an expert's images run in chunks whose largest map (the gathered input or the 3r-channel
@@ -131,15 +136,29 @@ def _moce_experts_torch(x, shared, plan, experts):
     # concatenation and no second gather. NCHW throughout (expert_forward_nchw): the layer's
     # proj_out then runs as one GEMM per image.
     per_pair = x.new_empty((b * plan.top_k,) + tuple(x.shape[1:]), dtype=acc_dtype)
+    cpu = x.device.type == "cpu"
+    # On a CPU the plan is read on the host at no cost: a chunk whose images (pair rows) form one
+    # ascending run is read (written) as a slice, with no gather (scatter) copy; in inference the
+    # expert then writes its result straight into its rows.
+    images, rows = (plan.image.tolist(), plan.order.tolist()) if cpu else (None, None)
+    direct = not torch.is_grad_enabled() and acc_dtype == x.dtype and x.is_contiguous() and shared.is_contiguous()
     start = 0
     for w, n in zip(experts, counts):
-        step = _cpu_chunk(x, w) if x.device.type == "cpu" else max(n, 1)
+        step = _cpu_chunk(x, w) if cpu else max(n, 1)
         for lo in range(start, start + n, step):
             hi = min(lo + step, start + n)
-            img = plan.image[lo:hi]
-            y = expert_forward_nchw(x.index_select(0, img), shared.index_select(0, img), w)
-            per_pair.index_copy_(0, plan.order[lo:hi], (y * plan.gate[lo:hi, None, None, None].to(y.dtype)).to(
-                acc_dtype))
+            gate = plan.gate[lo:hi, None, None, None]
+            i0, r0 = (images[lo], rows[lo]) if cpu else (None, None)
+            if cpu and images[lo:hi] == list(range(i0, i0 + hi - lo)):
+                xs, ss = x[i0:i0 + hi - lo], shared[i0:i0 + hi - lo]
+            else:
+                img = plan.image[lo:hi]
+                xs, ss = x.index_select(0, img), shared.index_select(0, img)
+            if cpu and rows[lo:hi] == list(range(r0, r0 + hi - lo)) and direct:
+                expert_forward_nchw(xs, ss, w, out=per_pair[r0:r0 + hi - lo]).mul_(gate.to(acc_dtype))
+                continue
+            y = expert_forward_nchw(xs, ss, w)
+            per_pair.index_copy_(0, plan.order[lo:hi], (y * gate.to(y.dtype)).to(acc_dtype))
         start += n
     if b == 0 or not experts:
         return x.new_zeros(x.shape)
