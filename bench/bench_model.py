@@ -10,10 +10,14 @@ Implementations:
 - fast: moce_fast.MoCEIR on the "auto" backend (cuda/triton kernels on a GPU, torch on a CPU; the
   backend each op ran on is in extra_info["backends"]);
 - compile: torch.compile of the reference (GPU only: on a 2-core CPU compilation dominates).
-Peak memory (CUDA max allocated during one run, above what was allocated before it) is recorded
-in extra_info["peak_bytes"] on a GPU; a CPU has no per-case equivalent (the process's peak RSS
-only grows), so none is recorded there. On a CPU only batch-1 inference and the MoCE-IR-S training
-step run (the full matrix takes too long there).
+Peak memory (the most tensor memory live during one run, above what was allocated before it) is
+recorded in extra_info["peak_bytes"]: on a GPU from the CUDA allocator's statistics, on a CPU from
+the CPU allocator's events as torch.profiler records them (profile_memory=True), summed in time
+order, in a separate untimed run (the process's peak RSS would not do: it only grows, and freed
+heap memory is reused unseen). The profiler cannot see the free of a block allocated before it
+started (e.g. the previous step's gradients, set to None at the start of a training step), so
+the CPU figure can exceed the GPU one's definition by that much, alike for every implementation. On a CPU only batch-1 inference and the MoCE-IR-S training step run
+(the full matrix takes too long there).
 Run: pytest bench/bench_model.py --benchmark-only [--benchmark-json=FILE]
 """
 
@@ -59,6 +63,28 @@ def _tf32_everywhere():
     torch.set_float32_matmul_precision(before)
 
 
+def peak_bytes(run) -> int:
+    """The most tensor memory live at once during ``run()``, above what was live before it."""
+    if GPU:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        run()
+        return torch.cuda.max_memory_allocated() - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    # each allocation (+bytes) and free (-bytes) of the CPU allocator, in time order
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 @pytest.mark.parametrize("case", ["infer-b1", "infer-b8", "train-b8"])
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("impl", IMPLS)
@@ -101,12 +127,7 @@ def test_model(benchmark, impl, model, case):
                 torch.cuda.synchronize()
 
     run()  # warm-up (and compilation), outside the peak-memory window
-    if GPU:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        run()
-        benchmark.extra_info["peak_bytes"] = torch.cuda.max_memory_allocated() - start
+    benchmark.extra_info["peak_bytes"] = peak_bytes(run)
     if impl == "fast":  # which backend each op of moce_fast ran on (auto: triton/cuda on a GPU)
         benchmark.extra_info["backends"] = moce_fast.ops.last_run()
     benchmark.pedantic(run, rounds=5 if GPU else 2, warmup_rounds=0)
