@@ -61,12 +61,13 @@ def _case(op, impl, norm, attn, ffn, x):
     return lambda: ffn.from_hidden(norm_then(norm, x, [ffn.project_in])[0], residual=x)
 
 
+# impl outermost: every implementation of one case runs back to back (this VM's speed drifts)
+@pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("level", LEVELS, ids=lambda lv: f"C{lv[0]}")
 @pytest.mark.parametrize("op", ["norm-qkv", "mdta", "gdfn"])
-@pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
 def test_backbone_op(benchmark, impl, op, level, batch, dtype, mode):
     if impl == "triton" and not GPU:
         pytest.skip("triton: needs a CUDA device")

@@ -85,9 +85,10 @@ def peak_bytes(run) -> int:
     return peak
 
 
+# impl outermost: every implementation of one case runs back to back (this VM's speed drifts)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", ["infer-b1", "infer-b8", "train-b8"])
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("impl", IMPLS)
 def test_model(benchmark, impl, model, case):
     reason = _skip_reason(impl, model, case)
     if reason:
