@@ -126,6 +126,13 @@ def _cpu_chunk(x: torch.Tensor, w: ExpertWeights) -> int:
     return max(1, CPU_CHUNK_BYTES // per_image)
 
 
+def _run_start(values: list, lo: int, hi: int):
+    """values[lo] when values[lo:hi] are consecutive ascending integers (a slice can stand for
+    them), else None."""
+    v0 = values[lo]
+    return v0 if values[lo:hi] == list(range(v0, v0 + hi - lo)) else None
+
+
 @register("moce_experts", "torch")
 def _moce_experts_torch(x, shared, plan, experts):
     b = x.shape[0]
@@ -141,20 +148,21 @@ def _moce_experts_torch(x, shared, plan, experts):
     # ascending run is read (written) as a slice, with no gather (scatter) copy; in inference the
     # expert then writes its result straight into its rows.
     images, rows = (plan.image.tolist(), plan.order.tolist()) if cpu else (None, None)
-    direct = not torch.is_grad_enabled() and acc_dtype == x.dtype and x.is_contiguous() and shared.is_contiguous()
+    direct = cpu and not torch.is_grad_enabled() and acc_dtype == x.dtype
     start = 0
     for w, n in zip(experts, counts):
         step = _cpu_chunk(x, w) if cpu else max(n, 1)
         for lo in range(start, start + n, step):
             hi = min(lo + step, start + n)
             gate = plan.gate[lo:hi, None, None, None]
-            i0, r0 = (images[lo], rows[lo]) if cpu else (None, None)
-            if cpu and images[lo:hi] == list(range(i0, i0 + hi - lo)):
+            i0 = _run_start(images, lo, hi) if cpu else None
+            if i0 is not None:
                 xs, ss = x[i0:i0 + hi - lo], shared[i0:i0 + hi - lo]
             else:
                 img = plan.image[lo:hi]
                 xs, ss = x.index_select(0, img), shared.index_select(0, img)
-            if cpu and rows[lo:hi] == list(range(r0, r0 + hi - lo)) and direct:
+            r0 = _run_start(rows, lo, hi) if direct else None
+            if r0 is not None:
                 expert_forward_nchw(xs, ss, w, out=per_pair[r0:r0 + hi - lo]).mul_(gate.to(acc_dtype))
                 continue
             y = expert_forward_nchw(xs, ss, w)
