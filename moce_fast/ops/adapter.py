@@ -577,11 +577,10 @@ def _mix_tail_backward(ctx, grad, *_unused):
     with torch.enable_grad():
         pl, gl = pooled.detach().requires_grad_(), gmean.detach().requires_grad_()
         w = [mix[i].detach().requires_grad_() for i in mlp_idx]
-        wi = [x[:1].expand(n, *x.shape[1:]) if t == 1 else x.index_select(0, task) for x in w]
+        wi = [x if t == 1 else x.index_select(0, task) for x in w]  # one task: broadcast by _small_linear
 
         def mlp(v, w1, b1, w2, b2):
-            return torch.einsum("nij,nj->ni", w2.to(f32),
-                                F.gelu(torch.einsum("nij,nj->ni", w1.to(f32), v) + b1.to(f32))) + b2.to(f32)
+            return _small_linear(F.gelu(_small_linear(v, w1.to(f32), b1.to(f32))), w2.to(f32), b2.to(f32))
 
         cc = mlp(pl, *wi[:4])
         cg = torch.sigmoid(mlp(gl, *wi[4:]))
