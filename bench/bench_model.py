@@ -16,8 +16,9 @@ the CPU allocator's events as torch.profiler records them (profile_memory=True),
 order, in a separate untimed run (the process's peak RSS would not do: it only grows, and freed
 heap memory is reused unseen). The profiler cannot see the free of a block allocated before it
 started (e.g. the previous step's gradients, set to None at the start of a training step), so
-the CPU figure can exceed the GPU one's definition by that much, alike for every implementation. On a CPU only batch-1 inference and the MoCE-IR-S training step run
-(the full matrix takes too long there).
+the CPU figure can exceed the GPU one's definition by that much, alike for every implementation.
+On a CPU only batch-1 inference and the MoCE-IR-S training step run (the full matrix takes too
+long there).
 Run: pytest bench/bench_model.py --benchmark-only [--benchmark-json=FILE]
 """
 
