@@ -344,3 +344,16 @@ def test_bad_inputs_raise_clear_errors():
         moce_fast.MoCELayer(16, top_k=5, num_experts=4)
     with pytest.raises(ValueError, match="num_experts"):
         moce_fast.MoCELayer(16, num_experts=1)
+
+
+def test_expert_forward_nhwc_equals_nchw_path():
+    """ops.expert_forward (public, channels-last tensors) and the NCHW path the grouped dispatch
+    runs compute the same expert, for narrow and wide ranks."""
+    from moce_fast.ops.moce_experts import expert_forward_nchw
+
+    fast, _ = make_layers(dim=32, num_experts=4, top_k=1)
+    x, s, _ = layer_inputs(2, dim=32, h=9, w=13)
+    for w in fast.expert_weights():
+        nchw = expert_forward_nchw(x, s, w)
+        nhwc = moce_fast.ops.expert_forward(x.permute(0, 2, 3, 1).contiguous(), s.permute(0, 2, 3, 1).contiguous(), w)
+        assert rel_err(nhwc.permute(0, 3, 1, 2), nchw) < 1e-12
