@@ -71,6 +71,7 @@ class EncoderBlock(ref.EncoderBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (qkv,) = norm_then(self.norms[0], x, [self.mixer.qkv])
         x = self.mixer.attend(qkv, residual=x)
+        del qkv  # in inference the 3C map is freed before the GDFN's 2x hidden map is made
         (hidden,) = norm_then(self.norms[1], x, [self.ffn.project_in])
         return self.ffn.from_hidden(hidden, residual=x)
 

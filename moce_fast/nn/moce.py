@@ -154,8 +154,11 @@ class MoCEBlock(ref_blocks.DecoderBlock):
         # folds proj0 into qkv and both maps into one matrix)
         qkv, y1 = norm_then(self.norms[0], x, [self.proj[0], self.shared.qkv], [self.proj[1]])
         x_s = self.shared.attend(qkv)
+        del qkv  # each map dropped once used: in inference it is freed then (peak memory)
         x_a = self.adapter(y1, freq_emb, x_s)
+        del y1
         x = self.mixer(x_a, x_s, residual=x)
+        del x_a, x_s
         (hidden,) = norm_then(self.norms[1], x, [self.ffn.project_in])
         return self.ffn.from_hidden(hidden, residual=x)
 
