@@ -172,13 +172,12 @@ class _RowsToChannels(torch.autograd.Function):
         b, w = ctx.saved_tensors
         db = None
         if ctx.needs_input_grad[0]:
-            if g.device.type == "cpu" and w.stride(0) == 0:
-                # one weight for all images: dy^T @ w as a 1x1 convolution of the channels-last
-                # gradient, oneDNN's kernel being ~3x faster than the GEMM with its 12-wide inner
-                # dimension (the same shape as the EDT tail's forward); it writes b's layout
+            if w.stride(0) == 0:
+                # one weight for all images: dy^T @ w over all rows at once, the same product as
+                # the tail's forward (_rows_linear picks oneDNN's 1x1 conv on a CPU for these wide
+                # outputs, ~3x faster than the GEMM with its 12-wide inner dimension)
                 n, m, p = g.shape
-                gcl = g.reshape(n, m, p, 1).contiguous(memory_format=torch.channels_last)
-                db = F.conv2d(gcl, w[0].t()[:, :, None, None]).permute(0, 2, 1, 3).reshape(n, p, -1)
+                db = _rows_linear(g.transpose(1, 2).reshape(n * p, m), w[0].t(), None).view(n, p, -1)
             else:
                 db = torch.bmm(g.transpose(1, 2), w)
         dw = torch.bmm(g, b) if ctx.needs_input_grad[1] else None
