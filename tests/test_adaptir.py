@@ -107,3 +107,54 @@ def test_bad_inputs():
         nhwc(torch.randn(2, 192, 4))
     with pytest.raises(ValueError, match="floating-point"):
         nhwc(torch.zeros(1, 4, 4, 192, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "lnc", "nhwc"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_inference_without_autograd_equals_reference(layout, n):
+    # no grad mode takes its own paths: the head's product without its autograd Function, and
+    # parameter views kept on the adapter between calls
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", layout)).double().eval()
+    ref = AdaptIR(56, "edt").double().eval()
+    ref.load_state_dict(adapter.state_dict())
+    for _ in range(2):  # the second call runs on the kept views
+        x, xl = _inputs(layout, 56, n=n)
+        with torch.no_grad():
+            y, expected = adapter(xl), ref(x)
+        if layout == "nhwc":
+            expected = expected.permute(0, 2, 3, 1)
+        elif layout == "lnc":
+            expected = expected.flatten(2).permute(2, 0, 1)
+        assert rel_err(y, expected) < 1e-12
+
+
+def test_kept_parameter_views_follow_every_change():
+    """The views kept for calls outside autograd see in-place updates, and are rebuilt when a
+    tensor is moved, converted or replaced (a stale view would silently compute with old weights)."""
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).double().eval()
+    ref = AdaptIR(56, "edt").double().eval()
+    x = torch.randn(2, 5, 5, 56, dtype=torch.float64)
+
+    def check(dtype=torch.float64, tol=1e-12):
+        ref.load_state_dict(adapter.state_dict())
+        ref.to(dtype)
+        with torch.no_grad():
+            y, expected = adapter(x.to(dtype)), ref(x.to(dtype).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        assert y.dtype == dtype and rel_err(y, expected) < tol
+
+    check()
+    with torch.no_grad():  # in place (an optimizer step, load_state_dict): the same storage
+        adapter.tail.weight.mul_(-2.0)
+        adapter.BN.running_var.add_(0.5)
+    check()
+    adapter.head.weight = torch.nn.Parameter(torch.randn_like(adapter.head.weight))  # a new parameter
+    check()
+    adapter.conv_weight_B.data = torch.randn_like(adapter.conv_weight_B)  # .data swapped, as Module.to does
+    check()
+    adapter.float()  # converted: every storage new
+    check(torch.float32, 1e-5)
+    adapter.double()
+    # autograd after no-grad calls: gradients reach the parameters (no kept views in the graph)
+    adapter(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in adapter.named_parameters()
+               if n != "compress.bias")
