@@ -29,7 +29,7 @@ def exact_real_bins(spec: torch.Tensor, h: int, w: int) -> torch.Tensor:
     im = torch.view_as_real(spec)[..., 1]
     # one strided fill: a step of h/2 (w/2) hits exactly rows 0 and h/2 (columns 0 and w/2) when
     # even, a step of h (w) only row (column) 0 when odd
-    im[..., ::h // 2 if h % 2 == 0 else h, ::w // 2 if w % 2 == 0 else w] = 0
+    im[..., ::h // 2 if h % 2 == 0 else h, ::w // 2 if w % 2 == 0 else w].fill_(0)  # no scalar tensor made
     return spec
 
 
