@@ -238,12 +238,14 @@ def _grouped_linear_torch(b, a, bias, task, order, out_dtype):
 
 # ------------------------------------------------------------------------------------------- mix
 
-def mix_tail(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mix: MixParams, tail_w: torch.Tensor,
+def mix_tail(y: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], mix: MixParams,
+             tail_w: torch.Tensor,
              task: torch.Tensor, order: str, out_dtype: torch.dtype) -> torch.Tensor:
     """The adapter's h-space body and its tail projection, on the head output.
 
     y: (N, h, H, W) float32 (or float64) head output before BatchNorm; scale, shift: (N, h), each
-    image's BatchNorm as an affine map; ``mix``: stacked over T tasks; tail_w (T, C, h); task (N,).
+    image's BatchNorm as an affine map, or both None when y is already normalised (eval BatchNorm
+    folded into the head); ``mix``: stacked over T tasks; tail_w (T, C, h); task (N,).
     Returns tail(u), u = c * (channel_gate * local + spatial_gate * global), in ``order``'s memory
     (see :func:`grouped_linear`) and ``out_dtype``.
     """
@@ -290,22 +292,33 @@ def _pixel_dot(w: torch.Tensor, b: torch.Tensor, m: torch.Tensor) -> torch.Tenso
     return torch.bmm(w[:, None, :].expand(n, 1, h), m).squeeze(1) + b[:, None]
 
 
-def adapter_mix(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mix: MixParams,
+def adapter_mix(y: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], mix: MixParams,
                 task: torch.Tensor) -> torch.Tensor:
     """u = c * (channel_gate * local + spatial_gate * global), (N, h, H, W), in torch: the h-space
-    body of :func:`mix_tail` (arguments as there)."""
+    body of :func:`mix_tail` (arguments as there).
+
+    Outside autograd (no grad mode) the elementwise steps run in place on their own temporaries:
+    no allocation (and, for large maps, no fresh pages) per step."""
     n, h, hh, ww = y.shape
     single = mix.amp_w.shape[0] == 1
     g_ = [_per_image(p, task, single, y.dtype) for p in mix]
     (conv_a, conv_b, conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w, comp_b, p1w, p1b, p2w, p2b,
      c1w, c1b, c2w, c2b, si_w, si_b) = g_
-    x = y * scale[:, :, None, None] + shift[:, :, None, None]
+    inplace = not torch.is_grad_enabled()
+    x = y if scale is None else y * scale[:, :, None, None] + shift[:, :, None, None]
     # global branch: orthonormal FFTs, magnitude and phase each through a per-channel affine map
     spec = exact_real_bins(torch.fft.rfft2(x, norm="ortho"), hh, ww)
-    mag = torch.abs(spec) * amp_w[:, :, None, None] + amp_b[:, :, None, None]
-    pha = torch.angle(spec) * pha_w[:, :, None, None] + pha_b[:, :, None, None]
-    glob = torch.fft.irfft2(torch.complex(mag * torch.cos(pha), mag * torch.sin(pha)), s=(hh, ww),
-                            norm="ortho").abs()
+    if inplace:
+        mag = torch.abs(spec).mul_(amp_w[:, :, None, None]).add_(amp_b[:, :, None, None])
+        pha = torch.angle(spec).mul_(pha_w[:, :, None, None]).add_(pha_b[:, :, None, None])
+        re = torch.cos(pha).mul_(mag)
+        polar = torch.complex(re, pha.sin_().mul_(mag))
+    else:
+        mag = torch.abs(spec) * amp_w[:, :, None, None] + amp_b[:, :, None, None]
+        pha = torch.angle(spec) * pha_w[:, :, None, None] + pha_b[:, :, None, None]
+        polar = torch.complex(mag * torch.cos(pha), mag * torch.sin(pha))
+    glob = torch.fft.irfft2(polar, s=(hh, ww), norm="ortho")
+    glob = glob.abs_() if inplace else glob.abs()
     # local branch: depthwise 3x3 with the low-rank kernel A @ B (one kernel set per image's task)
     kern = (conv_a @ conv_b).reshape(-1, 1, 3, 3)
     if single:
@@ -320,6 +333,8 @@ def adapter_mix(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mix: 
     gm = glob.mean(dim=(2, 3))
     cg = torch.sigmoid(_small_linear(F.gelu(_small_linear(gm, c1w, c1b)), c2w, c2b))
     sg = torch.sigmoid(_pixel_dot(si_w, si_b, loc.flatten(2)))
+    if inplace:
+        return loc.mul_(cg[:, :, None, None]).addcmul_(sg.view(n, 1, hh, ww), glob).mul_(c[:, :, None, None])
     return c[:, :, None, None] * (cg[:, :, None, None] * loc + sg.view(n, 1, hh, ww) * glob)
 
 
@@ -371,8 +386,17 @@ def adaptir(t: torch.Tensor, layout: str, p: AdapterParams, task: Optional[torch
         task = torch.zeros(n, dtype=torch.int64, device=t.device)
     hid = p.head_w.shape[1]
     acc = torch.promote_types(t.dtype, torch.float32)  # the h-space stages run in at least float32
-    y = grouped_linear(b, p.head_w, p.head_b, task, "nmp", acc).view(n, hid, hh, ww)
-    scale, shift, stats = batch_norm_affine(y, p, task, training, eps)
+    if training:
+        y = grouped_linear(b, p.head_w, p.head_b, task, "nmp", acc).view(n, hid, hh, ww)
+        scale, shift, stats = batch_norm_affine(y, p, task, training, eps)
+    else:
+        # eval BatchNorm is a fixed affine map per channel: folded into the head's weights and bias
+        # (per task), so the head writes the normalised map: no pass over it, fewer small ops
+        inv = torch.rsqrt(p.bn_var.to(acc) + eps) * p.bn_weight.to(acc)  # (T, h)
+        head_w = (p.head_w.to(acc) * inv[:, :, None]).to(p.head_w.dtype)
+        head_b = torch.addcmul(p.bn_bias.to(acc), p.head_b.to(acc) - p.bn_mean.to(acc), inv)
+        y = grouped_linear(b, head_w, head_b, task, "nmp", acc).view(n, hid, hh, ww)
+        scale = shift = stats = None
     out = mix_tail(y, scale, shift, p.mix, p.tail_w, task, OUT_ORDER[layout], t.dtype)
     return from_order(out, layout, hh, ww), stats
 
@@ -623,4 +647,7 @@ def _mix_tail_reason(y, scale, shift, mix, tail_w, task, order, out_dtype) -> Op
 
 @register("adaptir_mix_tail", "triton", supports=_mix_tail_reason)
 def _mix_tail_triton(y, scale, shift, mix, tail_w, task, order, out_dtype):
+    if scale is None:  # already normalised (eval BatchNorm folded into the head): the identity map
+        scale = y.new_ones(y.shape[:2], dtype=torch.float32)
+        shift = y.new_zeros(y.shape[:2], dtype=torch.float32)
     return _mix_tail_triton_op(y, scale, shift, list(mix), tail_w, task, order, out_dtype)[0]
