@@ -60,3 +60,11 @@ def _torch_backend_default():
     before = moce_fast.current_backend()
     yield
     moce_fast.backend(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark with ``gpu`` every test that skips without a CUDA device (its skip reason names one), so
+    that a session with a lent GPU can run those first: ``pytest -m gpu`` (scripts/gpu_check.sh)."""
+    for item in items:
+        if any("CUDA device" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)

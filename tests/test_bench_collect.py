@@ -44,3 +44,52 @@ def test_model_bench_peak_memory_counts_live_tensors():
         del b, c
 
     assert bench_model.peak_bytes(run) == 18_000_000
+
+
+def _pytest(args, env_extra=None):
+    import os
+
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600, env=env)
+
+
+def test_gpu_marker_selects_exactly_the_tests_that_need_cuda():
+    """`pytest -m gpu` (scripts/gpu_check.sh's first test step) holds every test whose skip reason
+    names a CUDA device, and nothing that runs here."""
+    proc = _pytest(["--collect-only", "-q", "-m", "gpu", "tests/test_triton_moce.py", "tests/test_cuda_ops.py"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    chosen = {line for line in proc.stdout.splitlines() if "::" in line}
+    assert "tests/test_triton_moce.py::test_triton_backward_has_no_host_sync" in chosen
+    assert "tests/test_cuda_ops.py::test_no_host_sync_in_cuda_routing_and_dwconv" in chosen
+    assert any(t.endswith("-cuda]") for t in chosen if "test_routing_plan_matches_torch" in t)
+    assert not any(t.endswith("-cpu]") or "[cpu" in t for t in chosen), sorted(chosen)[:5]
+    assert not any("test_triton_layer_matches_reference" in t or "test_triton_top2_odd_sizes" in t for t in chosen)
+
+
+def test_quick_benchmarks_keep_the_headline_cases():
+    proc = _pytest(["--collect-only", "-q", "bench/bench_moce_layer.py"], {"MOCE_FAST_BENCH_QUICK": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    chosen = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert chosen and all("[C48-128-8-" in t and "-fwd-" in t for t in chosen), chosen
+    assert {t.split("-")[3] for t in chosen} == {"mixed", "all"}  # mixed and all-largest
+    assert "deselected" in proc.stdout
+
+
+def test_benchmark_lines_are_written_as_each_case_ends(tmp_path):
+    """MOCE_FAST_BENCH_JSONL: one JSON line per finished case (a cut-off run keeps them), which
+    scripts/bench_table.py reads like pytest-benchmark's own JSON."""
+    import json
+
+    lines = tmp_path / "adapter.jsonl"
+    proc = _pytest(["-q", "bench/bench_adapter.py", "--benchmark-only", "-k", "ipt-576-16x16-1-fp32-fwd-"],
+                   {"MOCE_FAST_BENCH_JSONL": str(lines)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert sorted(r["extra_info"]["impl"] for r in records) == ["public", "torch"]
+    assert all(r["stats"]["median"] > 0 and r["stats"]["rounds"] >= 1 for r in records)
+    table = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_table.py"), str(lines)],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    pub, fast = (next(r["stats"]["median"] for r in records if r["extra_info"]["impl"] == i) for i in ("public", "torch"))
+    assert f"({pub / fast:.2f}x)" in table.stdout, table.stdout
