@@ -9,7 +9,7 @@
 #   2. gpu tests: pytest -m gpu (bf16, no host sync, CUDA graphs, the CUDA ops on the device: the
 #      tests that skip on a CPU)
 #   3. headline benchmarks: MOCE_FAST_BENCH_QUICK=1 (each issue's target cases, bench/conftest.py)
-#   4. the whole test suite
+#   4. the rest of the test suite (-m "not gpu")
 #   5. compute-sanitizer memcheck/racecheck on the CUDA ops
 #   6. the full benchmark matrix, only with GPU_CHECK_FULL_BENCH=1 (it needs a call of its own)
 # Benchmark JSON goes to bench/results/<device>/ (commit it): --benchmark-json for runs that finish,
@@ -75,7 +75,7 @@ bench adapter bench/bench_adapter.py quick
 bench backbone bench/bench_backbone.py quick
 bench model bench/bench_model.py quick
 bench cuda_ops bench/bench_cuda_ops.py
-step all_tests $PY -m pytest -q -rs tests
+step other_tests $PY -m pytest -q -rs -m "not gpu" tests
 if command -v compute-sanitizer > /dev/null; then
   step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -x tests/test_cuda_ops.py -k cuda
   step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $PY -m pytest -q -x tests/test_cuda_ops.py -k "cuda and (dwconv or routing)"
