@@ -158,3 +158,13 @@ def test_kept_parameter_views_follow_every_change():
     adapter(x).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in adapter.named_parameters()
                if n != "compress.bias")
+
+
+def test_no_grad_inference_traces_without_graph_breaks_under_torch_compile():
+    # the kept parameter views are plain Python state: skipped while dynamo traces (a graph break
+    # at every adapter would split a host model's graph)
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).eval()
+    x = torch.randn(2, 5, 5, 56)
+    compiled = torch.compile(adapter, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), adapter(x), rtol=1e-6, atol=1e-6)

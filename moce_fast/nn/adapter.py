@@ -85,16 +85,28 @@ def stack_params(adapters: Sequence[AdaptIR]) -> AdapterParams:
     if len(adapters) > 1:
         return _assemble([torch.stack([f(r[i]) if f else r[i] for r in raws]) for i, f in enumerate(_RESHAPE)])
     raw = raws[0]
-    cacheable = not torch.is_grad_enabled() or not any(t.requires_grad for t in raw)
-    if cacheable:
-        key = (raw[0].device, torch.is_inference_mode_enabled(), *[t.data_ptr() for t in raw])
+    key = _views_key(raw)
+    if key is not None:
         kept = adapters[0].__dict__.get("_moce_fast_views")
         if kept is not None and kept[0] == key:
             return kept[1]
     params = _assemble([(f(t) if f else t).unsqueeze(0) for t, f in zip(raw, _RESHAPE)])
-    if cacheable:
+    if key is not None:
         adapters[0].__dict__["_moce_fast_views"] = (key, params)
     return params
+
+
+def _views_key(raw: list[torch.Tensor]):
+    """What the kept views of these tensors are valid for, or None when they must not be kept: under
+    autograd (a parameter requires grad and grad mode is on), while torch.compile traces (views are
+    made in the graph; no Python state to guard on), or for tensors without storage (functorch
+    wrappers, fake tensors: no data_ptr)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in raw)):
+        return None
+    try:
+        return (raw[0].device, torch.is_inference_mode_enabled(), *[t.data_ptr() for t in raw])
+    except RuntimeError:
+        return None
 
 
 @torch.no_grad()
