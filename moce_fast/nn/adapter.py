@@ -80,7 +80,7 @@ def stack_params(adapters: Sequence[AdaptIR]) -> AdapterParams:
     took ~150 us of a ~1.2 ms call on this project's 2-core CPU. The views follow in-place updates
     of the parameters; a parameter replaced or moved (``.to``, ``.half``, a new ``nn.Parameter``)
     has another storage, so the views are rebuilt (the kept views hold the old storage, so its address
-    cannot be reused)."""
+    cannot be reused; that copy, 0.6% of a host's parameters, lives until the adapter's next call)."""
     raws = [_raw_tensors(a) for a in adapters]
     if len(adapters) > 1:
         return _assemble([torch.stack([f(r[i]) if f else r[i] for r in raws]) for i, f in enumerate(_RESHAPE)])

@@ -239,8 +239,7 @@ def _grouped_linear_torch(b, a, bias, task, order, out_dtype):
 # ------------------------------------------------------------------------------------------- mix
 
 def mix_tail(y: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], mix: MixParams,
-             tail_w: torch.Tensor,
-             task: torch.Tensor, order: str, out_dtype: torch.dtype) -> torch.Tensor:
+             tail_w: torch.Tensor, task: torch.Tensor, order: str, out_dtype: torch.dtype) -> torch.Tensor:
     """The adapter's h-space body and its tail projection, on the head output.
 
     y: (N, h, H, W) float32 (or float64) head output before BatchNorm; scale, shift: (N, h), each
