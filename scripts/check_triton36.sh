@@ -8,7 +8,7 @@
 # sm_80 and sm_90 by Triton 3.6's own compiler: what the GPU will run) and the interpreter tests of
 # the three kernel families. NumPy is held below 2.4 there: Triton 3.6's interpreter turns 1-element
 # arrays into loop bounds with int(), which NumPy 2.4 refuses (its interpreter only; the GPU path
-# does not use NumPy). Takes about 15 minutes on a 2-core machine.
+# does not use NumPy). Takes 8 minutes of tests on a 2-core machine, plus the venv the first time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/moce-fast-triton36}
