@@ -339,17 +339,13 @@ def adapter_mix(y: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[
 
 # --------------------------------------------------------------------------------- whole adapter
 
-def batch_norm_affine(y: torch.Tensor, p: AdapterParams, task: torch.Tensor, training: bool, eps: float
-                      ) -> tuple[torch.Tensor, torch.Tensor, Optional[BatchStats]]:
-    """Each image's BatchNorm as (scale, shift) of shape (N, h); in training, from the batch
+def batch_norm_affine(y: torch.Tensor, p: AdapterParams, task: torch.Tensor, eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, BatchStats]:
+    """Each image's training-mode BatchNorm as (scale, shift) of shape (N, h), from the batch
     statistics of the images of the same task (as running each task's adapter on its own images
-    would), returned as :class:`BatchStats` for the running-statistics update."""
+    would), and those statistics as :class:`BatchStats` for the running-statistics update. (In eval
+    :func:`adaptir` folds the BatchNorm into the head instead.)"""
     t = p.bn_weight.shape[0]
-    if not training:
-        f = y.dtype
-        inv = torch.rsqrt(p.bn_var.to(f) + eps) * p.bn_weight.to(f)
-        sh = p.bn_bias.to(f) - p.bn_mean.to(f) * inv
-        return inv.index_select(0, task), sh.index_select(0, task), None
     n, h, npix = y.shape[0], y.shape[1], y.shape[2] * y.shape[3]
     # Two passes (mean, then squared deviations): no cancellation when the mean is large.
     if t == 1:
@@ -387,7 +383,7 @@ def adaptir(t: torch.Tensor, layout: str, p: AdapterParams, task: Optional[torch
     acc = torch.promote_types(t.dtype, torch.float32)  # the h-space stages run in at least float32
     if training:
         y = grouped_linear(b, p.head_w, p.head_b, task, "nmp", acc).view(n, hid, hh, ww)
-        scale, shift, stats = batch_norm_affine(y, p, task, training, eps)
+        scale, shift, stats = batch_norm_affine(y, p, task, eps)
     else:
         # eval BatchNorm is a fixed affine map per channel: folded into the head's weights and bias
         # (per task), so the head writes the normalised map: no pass over it, fewer small ops
