@@ -12,10 +12,12 @@
 #   4. the rest of the test suite (-m "not gpu")
 #   5. compute-sanitizer memcheck/racecheck on the CUDA ops
 #   6. the full benchmark matrix, only with GPU_CHECK_FULL_BENCH=1 (it needs a call of its own)
-# Benchmark JSON goes to bench/results/<device>/ (commit it): --benchmark-json for runs that finish,
-# and <name>.jsonl with one line per finished case, which survives a cut-off run. Logs go to $OUT if
-# set (the device tool brings it back), else ./gpu_out. The last lines printed are a summary table.
-# Without a CUDA device it stops with an error, unless GPU_CHECK_DRY_RUN=1 (a walk-through on a CPU).
+# Benchmark JSON goes to $OUT/bench_results/<device>/ as each run goes (--benchmark-json for runs
+# that finish, and <name>.jsonl with one line per finished case, which survives a cut-off run), and
+# at the end to bench/results/<device>/ (commit it). Logs go to $OUT if set (the device tool brings it
+# back), else ./gpu_out. The last lines printed are a summary table.
+# Without a CUDA device it stops with an error, unless GPU_CHECK_DRY_RUN=1 (a walk-through on a CPU,
+# results under $OUT only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -24,7 +26,7 @@ PY=${PYTHON:-python}
 BUDGET=${GPU_CHECK_BUDGET:-540}
 START=$SECONDS
 DEVICE=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_') if torch.cuda.is_available() else '')")
-RESULTS=bench/results/$DEVICE
+FINAL=bench/results/$DEVICE
 if [ -z "$DEVICE" ]; then
   if [ "${GPU_CHECK_DRY_RUN:-0}" != 1 ]; then
     echo "gpu_check.sh: torch sees no CUDA device; this script is for a lent GPU (GPU_CHECK_DRY_RUN=1 walks" \
@@ -32,8 +34,11 @@ if [ -z "$DEVICE" ]; then
     exit 2
   fi
   DEVICE="dry-run-without-cuda"
-  RESULTS=$OUT/results-dry-run
+  FINAL=""
 fi
+# results are written under $OUT as they come (the device tool brings $OUT back even from a command
+# it had to stop), and copied to bench/results/<device>/ at the end
+RESULTS=$OUT/bench_results/$DEVICE
 mkdir -p "$RESULTS"
 status=0
 SUMMARY=()
@@ -85,7 +90,7 @@ fi
 if [ "${GPU_CHECK_FULL_BENCH:-0}" = 1 ]; then
   for b in moce_layer adapter backbone model; do bench "$b" "bench/bench_$b.py"; done
 fi
-[ "$RESULTS" = "$OUT/results-dry-run" ] || cp -r "$RESULTS" "$OUT/" 2>/dev/null
+[ -z "$FINAL" ] || { mkdir -p "$FINAL" && cp "$RESULTS"/* "$FINAL"/ 2>/dev/null; }
 
 echo "== summary ($DEVICE, $((SECONDS - START))s of ${BUDGET}s)"
 printf '%s\n' "${SUMMARY[@]}"
