@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite on the software of the lent GPUs' image (torch 2.11 with Triton 3.6), on a
+# machine without a GPU. CI and the development machines run torch 2.14.1 with Triton 3.8; this
+# catches an API that one of the two lacks before a GPU session spends device time on it.
+#
+# In a separate virtual environment (VENV, default /tmp/moce-fast-gpu-image): $TORCH_SPEC (default
+# torch==2.11.0, the image's release; pip takes its CUDA 13.0 build, about 3 GB, from PyPI, and it
+# pins triton 3.6.0), then a clone of this checkout's HEAD installed as on the image,
+# `pip install -e . --no-deps --no-build-isolation` (moce_fast._C compiled against that torch with
+# the local CUDA toolkit), then every test (`pytest`: the compile test builds each Triton kernel for
+# sm_80 and sm_90 with Triton 3.6's own compiler, the interpreter tests run its interpreter).
+# NumPy is held below 2.4: Triton 3.6's interpreter turns 1-element arrays into loop bounds with
+# int(), which NumPy 2.4 refuses (its interpreter only; the GPU path does not use NumPy).
+# About 10 minutes of tests on a 2-core machine, plus the venv the first time.
+# Last run (2026-11-26): torch 2.11.0+cu130, triton 3.6.0, Python 3.11: 313 passed, 80 skipped
+# (the CUDA-device tests), 557 s.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-/tmp/moce-fast-gpu-image}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.11.0}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q "$TORCH_SPEC" "setuptools>=70" wheel ninja pybind11 tqdm matplotlib safetensors \
+  scikit-image pytest pytest-benchmark hypothesis "numpy<2.4"
+"$VENV/bin/python" -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__" 2>/dev/null || \
+  "$VENV/bin/pip" install -q --no-deps --force-reinstall triton==3.6.0
+git clone -q . "$WORK/repo"
+cd "$WORK/repo"
+"$VENV/bin/pip" install -q -e . --no-deps --no-build-isolation
+"$VENV/bin/python" -c "import moce_fast, torch, triton, importlib.util as u; print('torch', torch.__version__, \
+'| triton', triton.__version__, '| moce_fast._C:', 'built' if u.find_spec('moce_fast._C') else 'not built')"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
