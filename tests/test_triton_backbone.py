@@ -204,6 +204,16 @@ def test_attention_project_torch_is_the_reference_composition(memory):
         out = ops.attention_project(q, k, v, t, 3, wp, bp, res)
     expect = res + torch.nn.functional.conv2d(transposed_attention(q, k, v, t, 3), wp, bp)
     torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-12)
+    # outside autograd the row norms take their own path; a channel of q that is zero everywhere
+    # divides by eps there as in F.normalize
+    with torch.no_grad():
+        qkv0 = qkv.detach().clone(memory_format=torch.preserve_format)
+        qkv0[:, 1] = 0.0
+        q0, k0, v0 = qkv0.chunk(3, dim=1)
+        with moce_fast.backend("torch"):
+            out0 = ops.attention_project(q0, k0, v0, t, 3, wp, bp, res)
+        expect0 = res + torch.nn.functional.conv2d(transposed_attention(q0, k0, v0, t, 3), wp, bp)
+    torch.testing.assert_close(out0, expect0, rtol=1e-12, atol=1e-12)
 
     def fn(qkv, t, wp, bp, res):
         return ops.attention_project(*qkv.chunk(3, dim=1), t, 3, wp, bp, res)
