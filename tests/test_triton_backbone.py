@@ -146,6 +146,29 @@ def test_gdfn_tail(b, hid, n, h, w, bias, residual):
     assert moce_fast.ops.last_run()["gdfn_tail"] == "triton"
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("memory", ["nchw", "channels_last"])
+def test_gdfn_tail_torch_inference_is_gate_conv_plus_residual(memory, bias):
+    """The torch backend outside autograd: a channels-last gate map with an NCHW residual runs
+    project_out as one GEMM per image with the residual as its addend (float32 on a CPU, the
+    path's only device); it equals residual + conv1x1(gate) of the float64 reference, in NCHW."""
+    b, hid, n, h, w = 2, 6, 5, 7, 9
+    hd, wd, bd = rand(b, 2 * hid, h, w, seed=0), rand(2 * hid, 1, 3, 3, seed=1, scale=0.5), rand(2 * hid, seed=2)
+    wo, bo, res = rand(n, hid, 1, 1, seed=3, scale=0.3), rand(n, seed=4) if bias else None, rand(b, n, h, w, seed=5)
+    with torch.no_grad():
+        x1, x2 = torch.nn.functional.conv2d(hd, wd, bd, padding=1, groups=2 * hid).chunk(2, dim=1)
+        expect = res + torch.nn.functional.conv2d(torch.nn.functional.gelu(x1) * x2, wo, bo)
+        f32 = [None if t is None else t.detach().float() for t in (hd, wd, bd, wo, bo, res)]
+        if memory == "channels_last":
+            f32[0] = f32[0].contiguous(memory_format=torch.channels_last)
+        with moce_fast.backend("torch"):
+            if memory == "channels_last":  # the gate keeps the channels-last layout: the fused path runs
+                assert conv_ops.pixel_rows(ops.dw_gate(*f32[:3])) is not None
+            out = ops.gdfn_tail(*f32)
+    assert out.shape == expect.shape and out.is_contiguous()
+    assert rel_err(out, expect) < TOL32
+
+
 def test_dw_gate_without_bias():
     compare(lambda h, w: ops.dw_gate(h, w, None), [rand(2, 8, 6, 7, seed=0), rand(8, 1, 3, 3, seed=1)])
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import dispatch, new_buffer, register
+from .conv import pixel_rows as _pixel_rows
 
 NORM_EPS = 1e-12  # F.normalize's
 MAX_HEAD_DIM = 128  # the triton kernels hold a (d x d) block per head, and d x BLOCK_P tiles, on chip
@@ -37,18 +38,6 @@ def attention_project(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tempera
     maps. Every backend runs it this way (triton makes the attention matrices with its kernels).
     """
     return dispatch("attention_project", q.device, q, k, v, temperature, num_heads, w_proj, b_proj, residual)
-
-
-def _pixel_rows(x: torch.Tensor) -> Optional[torch.Tensor]:
-    """A (B, H*W, C) view of a (B, C, H, W) tensor whose memory is channels-last (as oneDNN's convs
-    return it, q/k/v being channel slices of one such map); None when that needs a copy."""
-    b, c, h, w = x.shape
-    if h * w <= 1 or x.stride(1) != 1:
-        return None
-    try:
-        return x.permute(0, 2, 3, 1).view(b, h * w, c)
-    except RuntimeError:
-        return None
 
 
 def _inv_pixel_norms(rows: torch.Tensor) -> torch.Tensor:

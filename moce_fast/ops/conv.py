@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +18,18 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 def depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Depthwise k x k convolution with zero 'same' padding: weight (C, 1, k, k), k odd."""
     return dispatch("depthwise", x.device, x, weight, bias)
+
+
+def pixel_rows(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A (B, H*W, C) view of a (B, C, H, W) tensor whose memory is channels-last (as oneDNN's convs
+    return it; also a channel slice of one such map); None when that needs a copy."""
+    b, c, h, w = x.shape
+    if h * w <= 1 or x.stride(1) != 1:
+        return None
+    try:
+        return x.permute(0, 2, 3, 1).view(b, h * w, c)
+    except RuntimeError:
+        return None
 
 
 @register("pointwise", "torch")
