@@ -97,3 +97,23 @@ def test_dispatch_traces_without_graph_breaks_under_torch_compile():
     compiled = torch.compile(block, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
     with torch.no_grad(), moce_fast.backend("torch"):
         torch.testing.assert_close(compiled(x), block(x))
+
+
+def test_training_traces_without_graph_breaks_under_torch_compile():
+    # with gradients the torch backend runs its own autograd Functions (the attention's Gram matrices
+    # and norms): torch.compile must trace them whole, forward and backward, and match eager
+    from moce_fast.nn import EncoderBlock
+
+    torch.manual_seed(0)
+    block = EncoderBlock(16, 2, 2.0, False, "WithBias").train()
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    leaves = [x, *block.parameters()]
+    with moce_fast.backend("torch"):
+        want = block(x)
+        want_grads = torch.autograd.grad(want.square().sum(), leaves)
+        compiled = torch.compile(block, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+        got = compiled(x)
+        got_grads = torch.autograd.grad(got.square().sum(), leaves)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)

@@ -232,11 +232,23 @@ def test_attention_project_torch_is_the_reference_composition(memory):
     with torch.no_grad():
         qkv0 = qkv.detach().clone(memory_format=torch.preserve_format)
         qkv0[:, 1] = 0.0
+        qkv0[:, 12 + 2] = 0.0
         q0, k0, v0 = qkv0.chunk(3, dim=1)
         with moce_fast.backend("torch"):
             out0 = ops.attention_project(q0, k0, v0, t, 3, wp, bp, res)
         expect0 = res + torch.nn.functional.conv2d(transposed_attention(q0, k0, v0, t, 3), wp, bp)
     torch.testing.assert_close(out0, expect0, rtol=1e-12, atol=1e-12)
+    # and with gradients (the channels-last path has its own backward): a zero channel of q and of k
+    # gets the reference's gradient (the norm clamped at eps, no NaN)
+    qkv0.requires_grad_(True)
+    args = (t, wp, bp, res)
+    with moce_fast.backend("torch"):
+        got = torch.autograd.grad(ops.attention_project(*qkv0.chunk(3, dim=1), t, 3, wp, bp, res).square().sum(),
+                                  (qkv0, *args))
+    exp = torch.autograd.grad((res + torch.nn.functional.conv2d(transposed_attention(*qkv0.chunk(3, dim=1), t, 3),
+                                                                wp, bp)).square().sum(), (qkv0, *args))
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
     def fn(qkv, t, wp, bp, res):
         return ops.attention_project(*qkv.chunk(3, dim=1), t, 3, wp, bp, res)

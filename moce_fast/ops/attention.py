@@ -40,20 +40,54 @@ def attention_project(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tempera
     return dispatch("attention_project", q.device, q, k, v, temperature, num_heads, w_proj, b_proj, residual)
 
 
-def _inv_pixel_norms(rows: torch.Tensor) -> torch.Tensor:
-    """1 / max(||x||, eps) over the pixels (dim 1) of a (B, H*W, C) channels-last view: (B, C).
+def _head_grams(qr: torch.Tensor, kr: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Per head, q_h^T k_h from (B, HW, C) pixel rows: (B, heads, d, d), one GEMM per head over
+    strided views (a (B, heads, d, HW) reshape would copy both maps: 85 vs 61 ms for MDTA at 8 x 192
+    x 64 x 64 on this project's CPU)."""
+    d = qr.shape[2] // num_heads
+    return torch.stack([torch.bmm(qr[:, :, i * d:(i + 1) * d].transpose(1, 2), kr[:, :, i * d:(i + 1) * d])
+                        for i in range(num_heads)], dim=1)
 
-    Outside autograd as the sum of squares: on a CPU torch's vector_norm reduces over this outer
-    dimension 2.5-4x slower, and less accurately (measured on this project's 2-core CPU, the q
-    slice of a 3C-wide channels-last qkv map: 1 x 65536 x 48 in 1.7 vs 6.5 ms, max relative error
-    7e-8 vs 9e-6 against float64; 8 x 4096 x 96 in 1.0 vs 2.3 ms). Under autograd vector_norm stays:
-    its one-node backward was as fast or faster with the gradient (8 x 16384 x 48: 37.6 vs 44.6 ms
-    forward + backward)."""
-    if torch.is_grad_enabled() and rows.requires_grad:
-        norms = torch.linalg.vector_norm(rows, dim=1)
-    else:
-        norms = rows.square().sum(dim=1).sqrt_()
-    return 1.0 / norms.clamp_min(NORM_EPS)
+
+def _pixel_norms(rows: torch.Tensor) -> torch.Tensor:
+    """L2 norms over the pixels (dim 1) of (B, HW, C) pixel rows: (B, C). As the sum of squares: on a
+    CPU torch's vector_norm reduces over this outer dimension 2.5-4x slower, and less accurately
+    (measured on this project's 2-core CPU, the q slice of a 3C-wide channels-last qkv map: 1 x 65536
+    x 48 in 1.7 vs 6.5 ms, max relative error 7e-8 vs 9e-6 against float64)."""
+    return rows.square().sum(dim=1).sqrt_()
+
+
+class _GramsAndNorms(torch.autograd.Function):
+    """(per-head Gram matrices q_h^T k_h (B, heads, d, d), norms of q's and k's channels (B, C)) from
+    channels-last pixel rows q, k (B, HW, C) read in place, with its own backward: the gradient of q
+    (of k) is one GEMM of k (of q) with the block-diagonal (C x C) gradient of the Gram matrices,
+    added to the norms' term q * dn / n in the same call. Autograd of the per-head slices would
+    zero-fill a full-size map per head and per input and sum them (MDTA at 8 x 192 x 64 x 64 on this
+    project's CPU, forward + backward: fill and copy were a quarter of the time)."""
+
+    @staticmethod
+    def forward(ctx, qr, kr, num_heads):
+        ctx.num_heads = num_heads
+        nq, nk = _pixel_norms(qr), _pixel_norms(kr)
+        ctx.save_for_backward(qr, kr, nq, nk)
+        return _head_grams(qr, kr, num_heads), nq, nk
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dg, dnq, dnk):
+        qr, kr, nq, nk = ctx.saved_tensors
+        b, _, c = qr.shape
+        d = c // ctx.num_heads
+        blocks = dg.new_zeros(b, c, c)  # blockdiag(dg_1 .. dg_heads)
+        for i in range(ctx.num_heads):
+            blocks[:, i * d:(i + 1) * d, i * d:(i + 1) * d] = dg[:, i]
+
+        def norm_term(rows, dn, n):  # d||x||/dx = x / ||x|| (0 for a zero channel, as vector_norm)
+            return rows * torch.where(n > 0, dn / n, torch.zeros_like(n))[:, None, :]
+
+        dq = torch.baddbmm(norm_term(qr, dnq, nq), kr, blocks.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        dk = torch.baddbmm(norm_term(kr, dnk, nk), qr, blocks) if ctx.needs_input_grad[1] else None
+        return dq, dk, None
 
 
 def _attention_matrices_torch(q, k, temperature, num_heads):
@@ -61,13 +95,13 @@ def _attention_matrices_torch(q, k, temperature, num_heads):
     d = c // num_heads
     qr, kr = _pixel_rows(q), _pixel_rows(k)
     if qr is not None and kr is not None:
-        # channels-last q and k read in place: each head's Gram matrix as one GEMM over strided
-        # views (a (B, heads, d, HW) reshape would copy both maps: 85 vs 61 ms for MDTA at 8 x 192 x
-        # 64 x 64 on this project's CPU)
-        g = torch.stack([torch.bmm(qr[:, :, i * d:(i + 1) * d].transpose(1, 2), kr[:, :, i * d:(i + 1) * d])
-                         for i in range(num_heads)], dim=1)
-        rq = _inv_pixel_norms(qr).view(b, num_heads, d)
-        rk = _inv_pixel_norms(kr).view(b, num_heads, d)
+        # channels-last q and k read in place (oneDNN's convs give them)
+        if torch.is_grad_enabled() and (qr.requires_grad or kr.requires_grad):
+            g, nq, nk = _GramsAndNorms.apply(qr, kr, num_heads)
+        else:
+            g, nq, nk = _head_grams(qr, kr, num_heads), _pixel_norms(qr), _pixel_norms(kr)
+        rq = (1.0 / nq.clamp_min(NORM_EPS)).view(b, num_heads, d)
+        rk = (1.0 / nk.clamp_min(NORM_EPS)).view(b, num_heads, d)
     else:
         shape = (b, num_heads, d, h * w)
         qf, kf = q.reshape(shape), k.reshape(shape)
