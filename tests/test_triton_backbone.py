@@ -169,6 +169,23 @@ def test_gdfn_tail_torch_inference_is_gate_conv_plus_residual(memory, bias):
     assert rel_err(out, expect) < TOL32
 
 
+@pytest.mark.parametrize("memory", ["nchw", "channels_last"])
+def test_dw_gate_torch_gradients(memory):
+    """The torch backend's gate has its own backward (both halves' gradients written into one
+    tensor): gradcheck in float64, and equal to autograd of the plain composition."""
+    hd, wd, bd = rand(2, 8, 5, 6, seed=0), rand(8, 1, 3, 3, seed=1, scale=0.5), rand(8, seed=2)
+    if memory == "channels_last":
+        hd = hd.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    with moce_fast.backend("torch"):
+        torch.autograd.gradcheck(ops.dw_gate, (hd, wd, bd))
+        out = ops.dw_gate(hd, wd, bd)
+    x1, x2 = torch.nn.functional.conv2d(hd, wd, bd, padding=1, groups=8).chunk(2, dim=1)
+    expect = torch.nn.functional.gelu(x1) * x2
+    up = rand(*out.shape, seed=3).detach()
+    for a, e in zip(torch.autograd.grad(out, (hd, wd, bd), up), torch.autograd.grad(expect, (hd, wd, bd), up)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
 def test_dw_gate_without_bias():
     compare(lambda h, w: ops.dw_gate(h, w, None), [rand(2, 8, 6, 7, seed=0), rand(8, 1, 3, 3, seed=1)])
 

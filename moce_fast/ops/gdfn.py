@@ -63,13 +63,38 @@ def dw_gate(hidden: torch.Tensor, w_dw: torch.Tensor, b_dw: Optional[torch.Tenso
 
 @register("dw_gate", "torch")
 def _dw_gate_torch(hidden, w_dw, b_dw):
-    x1, x2 = F.conv2d(hidden, w_dw, b_dw, padding=1, groups=w_dw.shape[0]).chunk(2, dim=1)
-    if not torch.is_grad_enabled() or not x1.requires_grad:
-        # no autograd: the product written into gelu's output, no third map allocated (the largest
-        # tensors of the model: 3.8 -> 3.2 ms at 1 x 64 x 256 x 256, 26 -> 20 ms at 8 x 64 x 128 x
-        # 128, channels-last halves of the conv output, this project's CPU)
-        return F.gelu(x1).mul_(x2)
-    return F.gelu(x1) * x2
+    z = F.conv2d(hidden, w_dw, b_dw, padding=1, groups=w_dw.shape[0])
+    if torch.is_grad_enabled() and z.requires_grad:
+        return _GeluGate.apply(z)
+    # no autograd: the product written into gelu's output, no third map allocated (the largest
+    # tensors of the model: 3.8 -> 3.2 ms at 1 x 64 x 256 x 256, 26 -> 20 ms at 8 x 64 x 128 x 128,
+    # channels-last halves of the conv output, this project's CPU)
+    x1, x2 = z.chunk(2, dim=1)
+    return F.gelu(x1).mul_(x2)
+
+
+class _GeluGate(torch.autograd.Function):
+    """gelu(z1) * z2 for z = (z1, z2) split along the channels, with its own backward: dz1 and dz2
+    are written into the two halves of one tensor in z's memory layout. (Autograd of chunk allocates
+    both halves' gradients and concatenates them: a copy of the model's largest map per block.)"""
+
+    @staticmethod
+    def forward(ctx, z):
+        z1, z2 = z.chunk(2, dim=1)
+        a = F.gelu(z1)
+        ctx.save_for_backward(z, a)
+        return a * z2
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        z, a = ctx.saved_tensors
+        z1, z2 = z.chunk(2, dim=1)
+        dz = torch.empty_like(z)  # z's memory format
+        dz1, dz2 = dz.chunk(2, dim=1)
+        torch.mul(dy, a, out=dz2)
+        torch.ops.aten.gelu_backward.grad_input(dy * z2, z1, grad_input=dz1)
+        return dz
 
 
 @torch.library.custom_op("moce_fast::dwgate_triton", mutates_args=())
