@@ -168,3 +168,80 @@ def test_no_grad_inference_traces_without_graph_breaks_under_torch_compile():
     compiled = torch.compile(adapter, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), adapter(x), rtol=1e-6, atol=1e-6)
+
+
+def _mix_inputs(n, h, side_h, side_w, tasks, dtype, seed=0):
+    from moce_fast.ops.adapter import MixParams
+
+    g = torch.Generator().manual_seed(seed)
+    q, r = max(1, h // 4), max(1, h // 2)
+    shapes = dict(conv_a=(h, r), conv_b=(r, 9), conv_bias=(h,), amp_w=(h,), amp_b=(h,), pha_w=(h,), pha_b=(h,),
+                  comp_w=(h,), comp_b=(), proj1_w=(h // 2, h), proj1_b=(h // 2,), proj2_w=(h, h // 2),
+                  proj2_b=(h,), ci1_w=(q, h), ci1_b=(q,), ci2_w=(h, q), ci2_b=(h,), si_w=(h,), si_b=())
+    mix = MixParams(**{k: (torch.randn((tasks, *v), generator=g, dtype=torch.float64) * 0.5).to(dtype)
+                       .requires_grad_() for k, v in shapes.items()})
+    y = torch.randn(n, h, side_h, side_w, generator=g, dtype=torch.float64)
+    y[0] = 0  # an all-zero spectrum: |S| = 0 in every bin, where abs and angle have their zero-guarded gradients
+    y = y.to(dtype).requires_grad_()
+    scale = (torch.rand(n, h, generator=g, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
+    shift = torch.randn(n, h, generator=g, dtype=torch.float64).to(dtype)
+    shift[0] = 0
+    shift.requires_grad_()
+    task = torch.randint(0, tasks, (n,), generator=g)
+    du = torch.randn(n, h, side_h, side_w, generator=g, dtype=torch.float64).to(dtype)
+    return y, scale, shift, mix, task, du
+
+
+def _mix_grads(fn, y, scale, shift, mix, task, du):
+    leaves = [y, scale, shift, *mix]
+    for t in leaves:
+        t.grad = None
+    u = fn(y, scale, shift, mix, task)
+    u.backward(du)
+    return [u.detach()] + [t.grad for t in leaves]
+
+
+def _composition(y, scale, shift, mix, task):
+    from moce_fast.ops import adapter as ops
+
+    single = mix.amp_w.shape[0] == 1
+    x = y * scale[:, :, None, None] + shift[:, :, None, None]
+    return ops._mix_composition(x, [ops._per_image(p, task, single, y.dtype) for p in mix], single, False)
+
+
+@pytest.mark.parametrize("n,h,side_h,side_w,tasks", [(3, 8, 6, 6, 1), (2, 8, 7, 5, 1), (4, 12, 8, 9, 2),
+                                                     (3, 6, 5, 4, 3), (2, 4, 1, 6, 1), (2, 4, 5, 1, 2)])
+def test_mix_function_gradients_equal_autograd_of_the_composition(n, h, side_h, side_w, tasks):
+    # under autograd the torch backend's mix is one Function with a derived backward (complex abs,
+    # angle and polar, the rfft2 / irfft2 adjoints with their doubled columns, the gates and pooling)
+    from moce_fast.ops import MixParams, adapter_mix
+
+    names = ["u", "y", "scale", "shift", *MixParams._fields]
+    inputs = _mix_inputs(n, h, side_h, side_w, tasks, torch.float64)
+    fast = _mix_grads(adapter_mix, *inputs)
+    expect = _mix_grads(_composition, *inputs)
+    for name, a, b in zip(names, fast, expect):
+        assert a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        # comp_b's gradient is 0 in exact arithmetic (softmax shift invariance): compared absolutely
+        assert (a - b).abs().max() <= 1e-10 * max(1.0, b.abs().max().item()), name
+    # float32 through the Function against the float64 composition
+    fast32 = _mix_grads(adapter_mix, *_mix_inputs(n, h, side_h, side_w, tasks, torch.float32))
+    for name, a, b in zip(names, fast32, expect):
+        assert (a.double() - b).abs().max() <= 2e-5 * max(1.0, b.abs().max().item()), name
+
+
+def test_mix_function_gradcheck_float64():
+    from moce_fast.ops import adapter_mix
+
+    y, scale, shift, mix, task, _ = _mix_inputs(2, 4, 5, 6, 2, torch.float64, seed=3)
+    y = y.detach()
+    y[0] = torch.randn(y.shape[1:], dtype=torch.float64)  # gradcheck's finite differences need |S| > 0
+    y.requires_grad_()
+
+    def f(y, scale, shift, amp_w, pha_w, comp_w, ci2_w):
+        m = mix._replace(amp_w=amp_w, pha_w=pha_w, comp_w=comp_w, ci2_w=ci2_w)
+        return adapter_mix(y, scale, shift, m, task)
+
+    args = (y, scale, shift, mix.amp_w, mix.pha_w, mix.comp_w, mix.ci2_w)
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6)
