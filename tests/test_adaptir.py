@@ -245,3 +245,26 @@ def test_mix_function_gradcheck_float64():
 
     args = (y, scale, shift, mix.amp_w, mix.pha_w, mix.comp_w, mix.ci2_w)
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows,k,m", [(4608, 24, 576), (4608, 576, 24), (5000, 12, 180), (300, 24, 576)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_rows_linear_gradients_on_every_path(rows, k, m, bias):
+    # the head/tail product under autograd on a CPU: oneDNN's 1x1 conv or a GEMM forward (by shape),
+    # a GEMM backward with the weight gradient in either orientation, or oneDNN's input gradient for
+    # a narrow input of a wide output; float32 against float64 autograd of the plain product
+    from moce_fast.ops.adapter import _rows_linear
+
+    g = torch.Generator().manual_seed(rows + k)
+    x64 = torch.randn(rows, k, generator=g, dtype=torch.float64)
+    w64 = torch.randn(m, k, generator=g, dtype=torch.float64) / k ** 0.5
+    b64 = torch.randn(m, generator=g, dtype=torch.float64) if bias else None
+    dy = torch.randn(rows, m, generator=g, dtype=torch.float64)
+    leaves32 = [t.float().requires_grad_() for t in (x64, w64, b64) if t is not None]
+    leaves64 = [t.clone().requires_grad_() for t in (x64, w64, b64) if t is not None]
+    y32 = _rows_linear(*leaves32, *([None] if not bias else []))
+    y64 = leaves64[0] @ leaves64[1].t() + (leaves64[2] if bias else 0)
+    y32.backward(dy.float()), y64.backward(dy)
+    assert rel_err(y32, y64) < 1e-5
+    for a, b in zip(leaves32, leaves64):
+        assert rel_err(a.grad, b.grad) < 1e-5
