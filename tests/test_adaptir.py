@@ -268,3 +268,16 @@ def test_rows_linear_gradients_on_every_path(rows, k, m, bias):
     assert rel_err(y32, y64) < 1e-5
     for a, b in zip(leaves32, leaves64):
         assert rel_err(a.grad, b.grad) < 1e-5
+
+
+@pytest.mark.parametrize("layout,shape", [("nhwc", (0, 4, 4, 56)), ("lnc", (16, 0, 56)), ("nchw", (0, 56, 3, 5))])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch_gives_an_empty_result(layout, shape, backend):
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", layout)).eval()
+    x = torch.randn(shape, requires_grad=True)
+    with moce_fast.backend(backend):
+        y = adapter(x)
+        y.sum().backward()
+        with torch.no_grad():
+            assert adapter(x).shape == x.shape
+    assert y.shape == x.shape and x.grad.shape == x.shape

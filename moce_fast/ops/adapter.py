@@ -580,6 +580,8 @@ def adaptir(t: torch.Tensor, layout: str, p: AdapterParams, task: Optional[torch
     """
     b, hh, ww = as_npc(t, layout)
     n = b.shape[0]
+    if t.numel() == 0:  # an empty batch (or map): an empty result, still part of the autograd graph
+        return t * 0, None
     if task is None:
         task = torch.zeros(n, dtype=torch.int64, device=t.device)
     hid = p.head_w.shape[1]
