@@ -8,7 +8,8 @@ Cases (issue 5): IPT shapes (576 channels, (L, N, C) tokens of 16x16 and 48x48) 
   NCHW and back, as csguoh/AdaptIR's IPT and EDT wrappers do);
 - torch / triton: moce_fast.AdaptIRAdapter on that backend (triton on a GPU only: interpreter
   timings mean nothing);
-- compile: torch.compile of the public adapter (GPU only: on a 2-core CPU compilation dominates).
+- compile: torch.compile of the public adapter, compiled afresh for each case with static shapes
+  (bench/conftest.py CompileCase), on a CPU too (inductor's C++ code there).
 Run: pytest bench/bench_adapter.py --benchmark-only [--benchmark-json=FILE]
 """
 
@@ -27,7 +28,6 @@ DEVICE = torch.device("cuda" if GPU else "cpu")
 SHAPES = [("ipt", 576, "lnc", 16), ("ipt", 576, "lnc", 48), ("edt", 180, "nhwc", 64)]
 DTYPES = ["fp32", "bf16"] if GPU else ["fp32"]
 IMPLS = ["public", "torch", "triton", "compile"]
-_COMPILED = {}
 
 
 class PublicAdapter(torch.nn.Module):
@@ -59,8 +59,8 @@ def _randomize(module, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 8, 32])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}-{s[3]}x{s[3]}")
-def test_adapter(benchmark, impl, shape, batch, dtype, mode):
-    if impl in ("triton", "compile") and not GPU:
+def test_adapter(benchmark, compile_case, impl, shape, batch, dtype, mode):
+    if impl == "triton" and not GPU:
         pytest.skip(f"{impl}: needs a CUDA device")
     if impl in ("public", "compile") and dtype == "bf16":
         pytest.skip("the public adapter runs torch.fft on its input dtype, which has no bfloat16 FFT")
@@ -82,7 +82,7 @@ def test_adapter(benchmark, impl, shape, batch, dtype, mode):
     if impl in ("public", "compile"):
         module = PublicAdapter(ref, layout)
         if impl == "compile":
-            module = _COMPILED.setdefault((id(ref), layout), torch.compile(module))
+            module = compile_case.module(module)
 
         def call():
             return module(x)
@@ -109,4 +109,6 @@ def test_adapter(benchmark, impl, shape, batch, dtype, mode):
             torch.cuda.synchronize()
         return out
 
+    if impl == "compile":
+        compile_case.warm_up(run)
     benchmark.pedantic(run, rounds=10 if GPU else 5, warmup_rounds=1)

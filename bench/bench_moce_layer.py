@@ -8,12 +8,16 @@ the experts), "all-smallest" and "all-largest"; float32, and bfloat16 on a GPU; 
 - reference: the reference batched per expert (the public training path),
 - torch / triton: moce_fast.MoCELayer on that backend (triton on a GPU only: interpreter timings mean
   nothing),
-- torch-compile: torch.compile of the torch backend (GPU only: on a 2-core CPU compilation dominates).
+- torch-compile: torch.compile of the torch backend, compiled afresh for each case with static shapes
+  (bench/conftest.py CompileCase); on a CPU only with MOCE_FAST_BENCH_CPU_COMPILE=1 (20-60 s of
+  compilation per case on a 2-core machine).
 On a CPU only H = 128 in float32 runs (the full matrix would take hours there).
 Run: pytest bench/bench_moce_layer.py --benchmark-only [--benchmark-json=FILE]
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -22,12 +26,12 @@ import moce_fast
 from moce_fast.reference.moce import AdapterLayer
 
 GPU = torch.cuda.is_available()
+CPU_COMPILE = os.environ.get("MOCE_FAST_BENCH_CPU_COMPILE") == "1"  # see bench/conftest.py
 DEVICE = torch.device("cuda" if GPU else "cpu")
 LEVELS = [(192, 4), (96, 2), (48, 1)]  # (channels, downsampling of H)
 SIZES = [128, 256] if GPU else [128]
 DTYPES = ["fp32", "bf16"] if GPU else ["fp32"]
 IMPLS = ["public-eval", "reference", "torch", "triton", "torch-compile"]
-_COMPILED = {}
 
 
 def _routes(kind, batch):
@@ -39,8 +43,10 @@ def _routes(kind, batch):
 
 
 def _skip_reason(impl, dtype, mode):
-    if impl in ("triton", "torch-compile") and not GPU:
-        return f"{impl}: needs a CUDA device"
+    if impl == "triton" and not GPU:
+        return "triton: needs a CUDA device"
+    if impl == "torch-compile" and not GPU and not CPU_COMPILE:
+        return "torch-compile on a CPU: 20-60 s of compilation per case; MOCE_FAST_BENCH_CPU_COMPILE=1 runs it"
     if impl in ("public-eval", "reference") and dtype == "bf16":
         return "the reference runs float32 (the public code casts its FFT to float32)"
     return None
@@ -54,7 +60,7 @@ def _skip_reason(impl, dtype, mode):
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("level", LEVELS, ids=lambda lv: f"C{lv[0]}")
-def test_moce_layer(benchmark, impl, level, size, batch, route, dtype, mode):
+def test_moce_layer(benchmark, compile_case, impl, level, size, batch, route, dtype, mode):
     reason = _skip_reason(impl, dtype, mode)
     if reason:
         pytest.skip(reason)
@@ -85,7 +91,7 @@ def test_moce_layer(benchmark, impl, level, size, batch, route, dtype, mode):
         backend = "triton" if impl == "triton" else "torch"
         layer = fast
         if impl == "torch-compile":
-            layer = _COMPILED.setdefault(id(fast), torch.compile(fast))
+            layer = compile_case.module(fast)
 
         def call():
             with moce_fast.backend(backend):
@@ -106,4 +112,6 @@ def test_moce_layer(benchmark, impl, level, size, batch, route, dtype, mode):
             torch.cuda.synchronize()
         return out
 
+    if impl == "torch-compile":
+        compile_case.warm_up(run)
     benchmark.pedantic(run, rounds=5 if GPU else 9, warmup_rounds=1)  # this CPU VM is noisy: more rounds

@@ -9,7 +9,9 @@ Implementations:
 - reference: moce_fast.reference.MoCEIR (the public model's math; batched per expert);
 - fast: moce_fast.MoCEIR on the "auto" backend (cuda/triton kernels on a GPU, torch on a CPU; the
   backend each op ran on is in extra_info["backends"]);
-- compile: torch.compile of the reference (GPU only: on a 2-core CPU compilation dominates).
+- compile: torch.compile of the reference, compiled afresh for each case with static shapes
+  (bench/conftest.py CompileCase); on a CPU only with MOCE_FAST_BENCH_CPU_COMPILE=1 (minutes of
+  compilation per case on a 2-core machine).
 Peak memory (the most tensor memory live during one run, above what was allocated before it) is
 recorded in extra_info["peak_bytes"]: on a GPU from the CUDA allocator's statistics, on a CPU from
 the CPU allocator's events as torch.profiler records them (profile_memory=True), summed in time
@@ -24,6 +26,8 @@ Run: pytest bench/bench_model.py --benchmark-only [--benchmark-json=FILE]
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -31,15 +35,15 @@ import moce_fast
 from moce_fast.configs import get_config
 
 GPU = torch.cuda.is_available()
+CPU_COMPILE = os.environ.get("MOCE_FAST_BENCH_CPU_COMPILE") == "1"  # see bench/conftest.py
 DEVICE = torch.device("cuda" if GPU else "cpu")
 MODELS = ["MoCE_IR_S", "MoCE_IR"]
 IMPLS = ["reference", "fast", "compile"]
-_COMPILED = {}
 
 
 def _skip_reason(impl, model, case):
-    if impl == "compile" and not GPU:
-        return "compile: needs a CUDA device"
+    if impl == "compile" and not GPU and not CPU_COMPILE:
+        return "compile on a CPU: minutes of compilation per case; MOCE_FAST_BENCH_CPU_COMPILE=1 runs it"
     if not GPU and (case == "infer-b8" or (case == "train-b8" and model == "MoCE_IR")):
         return "CPU: only batch-1 inference and the MoCE-IR-S training step (time)"
     return None
@@ -90,14 +94,14 @@ def peak_bytes(run) -> int:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", ["infer-b1", "infer-b8", "train-b8"])
 @pytest.mark.parametrize("model", MODELS)
-def test_model(benchmark, impl, model, case):
+def test_model(benchmark, compile_case, impl, model, case):
     reason = _skip_reason(impl, model, case)
     if reason:
         pytest.skip(reason)
     fast, ref = _models(model)
     net = fast if impl == "fast" else ref
     if impl == "compile":
-        net = _COMPILED.setdefault((model, case), torch.compile(ref))
+        net = compile_case.module(ref)
     train = case.startswith("train")
     batch = 1 if case == "infer-b1" else 8
     side = 128 if train else 256
@@ -128,7 +132,9 @@ def test_model(benchmark, impl, model, case):
             if GPU:
                 torch.cuda.synchronize()
 
-    run()  # warm-up (and compilation), outside the peak-memory window
+    if impl == "compile":
+        compile_case.warm_up(run)  # compilation, outside the peak-memory window
+    run()  # warm-up, outside the peak-memory window
     benchmark.extra_info["peak_bytes"] = peak_bytes(run)
     if impl == "fast":  # which backend each op of moce_fast ran on (auto: triton/cuda on a GPU)
         benchmark.extra_info["backends"] = moce_fast.ops.last_run()

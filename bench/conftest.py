@@ -53,3 +53,38 @@ def pytest_runtest_call(item):
         record = meta.as_dict(include_data=False)
         with open(path, "a") as f:
             f.write(json.dumps(record, default=str) + "\n")
+
+
+# torch.compile on a CPU takes ~20-60 s per case on a 2-core machine, so the MoCE-layer and
+# whole-model benches leave it out of CPU runs unless MOCE_FAST_BENCH_CPU_COMPILE=1 (the adapter
+# bench, quick to compile, always runs it).
+
+
+class CompileCase:
+    """torch.compile for one benchmark case.
+
+    ``module(m)`` clears Dynamo's caches and compiles with static shapes, so the case runs code
+    specialised to its own shapes. (Compiled frames shared across cases made Dynamo mark shapes
+    dynamic from the second shape on and, past its recompile limit, torch._dynamo.config.
+    cache_size_limit, run the remaining cases eagerly without a word: their "compile" timings were
+    the eager ones.) ``warm_up(run)`` calls ``run()`` once, untimed, which compiles; a case that
+    torch.compile cannot compile is skipped, and the skip names the error."""
+
+    @staticmethod
+    def module(m):
+        torch._dynamo.reset()
+        return torch.compile(m, dynamic=False)
+
+    @staticmethod
+    def warm_up(run):
+        try:
+            run()
+        except Exception as e:  # a compiler failure (inductor / dynamo), not a timing
+            text = str(e).strip()
+            first = text.splitlines()[0][:200] if text else ""
+            pytest.skip(f"torch.compile (torch {torch.__version__}) fails on this case: {type(e).__name__}: {first}")
+
+
+@pytest.fixture
+def compile_case() -> CompileCase:
+    return CompileCase()

@@ -82,7 +82,7 @@ def test_benchmark_lines_are_written_as_each_case_ends(tmp_path):
     import json
 
     lines = tmp_path / "adapter.jsonl"
-    proc = _pytest(["-q", "bench/bench_adapter.py", "--benchmark-only", "-k", "ipt-576-16x16-1-fp32-fwd-"],
+    proc = _pytest(["-q", "bench/bench_adapter.py", "--benchmark-only", "-k", "ipt-576-16x16-1-fp32-fwd- and not compile"],
                    {"MOCE_FAST_BENCH_JSONL": str(lines)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in lines.read_text().splitlines()]
@@ -93,3 +93,22 @@ def test_benchmark_lines_are_written_as_each_case_ends(tmp_path):
     assert table.returncode == 0, table.stderr
     pub, fast = (next(r["stats"]["median"] for r in records if r["extra_info"]["impl"] == i) for i in ("public", "torch"))
     assert f"({pub / fast:.2f}x)" in table.stdout, table.stdout
+
+
+def test_compile_case_skips_a_case_the_compiler_rejects_and_names_the_error():
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("bench_conftest_under_test", ROOT / "bench" / "conftest.py")
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    calls = []
+    conf.CompileCase.warm_up(lambda: calls.append(1))  # a run that compiles fine: called once, no skip
+    assert calls == [1]
+
+    def broken():
+        raise RuntimeError("self.stride(-1) must be 1 to view ComplexFloat as Float\nmore lines")
+
+    with pytest.raises(pytest.skip.Exception, match="fails on this case: RuntimeError: self.stride"):
+        conf.CompileCase.warm_up(broken)
