@@ -137,8 +137,8 @@ def _rows_linear(rows: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tenso
     wide input (K >= 512), as a 1x1 convolution over rows viewed as a channels-last (1, K, R, 1) map: oneDNN runs these
     skinny products 1.2-2.7x faster than the BLAS GEMM here (measured on this project's 2-core CPU:
     the tail 18432x24 @ 24x576 in 14.8 vs 18.2 ms, 32768x12 @ 12x180 in 2.7 vs 7.4 ms; but the head
-    32768x180 @ 180x12 in 5.6 vs 3.8 ms, hence the thresholds; with gradients the convolution wins
-    there too, 12.8 vs 20.7 ms forward + backward)."""
+    32768x180 @ 180x12 in 5.6 vs 3.8 ms, hence the thresholds; with gradients the forward is the
+    convolution there too). Under autograd on a CPU the backward is :class:`_RowsLinear`'s."""
     r, k = rows.shape
     m = w.shape[0]
     training = torch.is_grad_enabled() and (rows.requires_grad or w.requires_grad or
@@ -323,10 +323,8 @@ def _depthwise3x3(x: torch.Tensor, kern: torch.Tensor, bias: torch.Tensor) -> to
     On a CPU through oneDNN's channels-last kernel, its NCHW one being far slower at these widths
     (measured on this project's 2-core CPU, both conversions included: 32 x 12 x 64 x 64 in 2.0 vs
     8.6 ms, 8 x 12 x 64 x 64 0.5 vs 0.6 ms, 1 x 24 x 48 x 48 0.12 vs 0.17 ms)."""
-    if x.device.type == "cpu":
-        x = x.contiguous(memory_format=torch.channels_last)
-        return F.conv2d(x, kern, bias, padding=1, groups=x.shape[1]).contiguous()
-    return F.conv2d(x, kern, bias, padding=1, groups=x.shape[1])
+    y = F.conv2d(_dw_input(x), kern, bias, padding=1, groups=x.shape[1])
+    return y.contiguous() if x.device.type == "cpu" else y
 
 
 def _small_linear(v: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
