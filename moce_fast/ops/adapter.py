@@ -352,12 +352,23 @@ def adapter_mix(y: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[
     g_ = [_per_image(p, task, single, y.dtype) for p in mix]
     inplace = not torch.is_grad_enabled()
     x = y if scale is None else y * scale[:, :, None, None] + shift[:, :, None, None]
-    if not inplace and not torch.compiler.is_compiling() and (x.requires_grad or any(p.requires_grad for p in g_)):
+    if not inplace and (x.requires_grad or any(p.requires_grad for p in g_)):
         # under autograd: one Function with a derived backward (fewer, larger passes than autograd
-        # of the composition, which torch.compile traces instead)
-        kern = (g_[0] @ g_[1]).reshape(-1, 1, 3, 3)
-        return _Mix.apply(x, kern, g_[2][0] if single else g_[2].reshape(-1), *g_[3:])
+        # of the composition). Under torch.compile it runs eagerly behind a graph break: inductor
+        # fails on the complex backward of the traced composition ("self.stride(-1) must be 1 to
+        # view ComplexFloat as Float", torch 2.14 on a CPU; the public adapter's too).
+        if torch.compiler.is_compiling():
+            return _mix_outside_the_graph(x, g_, single)
+        return _mix_function(x, g_, single)
     return _mix_composition(x, g_, single, inplace)
+
+
+def _mix_function(x: torch.Tensor, g_: list[torch.Tensor], single: bool) -> torch.Tensor:
+    kern = (g_[0] @ g_[1]).reshape(-1, 1, 3, 3)
+    return _Mix.apply(x, kern, g_[2][0] if single else g_[2].reshape(-1), *g_[3:])
+
+
+_mix_outside_the_graph = torch.compiler.disable(_mix_function)
 
 
 def _mix_composition(x: torch.Tensor, g_: list[torch.Tensor], single: bool, inplace: bool) -> torch.Tensor:
