@@ -371,13 +371,29 @@ def _mix_function(x: torch.Tensor, g_: list[torch.Tensor], single: bool) -> torc
 _mix_outside_the_graph = torch.compiler.disable(_mix_function)
 
 
+def _channel_branch_and_gates(x, loc, glob, comp_w, comp_b, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, si_w, si_b):
+    """The mix's channel branch and both gates from the normalised map x and the local and global
+    maps (parameters as in :class:`MixParams`, from comp_w on): attention pooling over the pixels
+    (score, pooled), proj (its hidden pre-activation a1, and c), the mean of the global map (gm),
+    the channel gate (hidden pre-activation b1, and cg) and the spatial gate sg."""
+    xf = x.flatten(2)
+    score = _pixel_dot(comp_w, comp_b, xf).softmax(-1)
+    pooled = torch.bmm(xf, score[:, :, None]).squeeze(2)
+    a1 = _small_linear(pooled, p1w, p1b)
+    c = _small_linear(F.gelu(a1), p2w, p2b)
+    gm = glob.mean(dim=(2, 3))
+    b1 = _small_linear(gm, c1w, c1b)
+    cg = torch.sigmoid(_small_linear(F.gelu(b1), c2w, c2b))
+    sg = torch.sigmoid(_pixel_dot(si_w, si_b, loc.flatten(2)))
+    return score, pooled, a1, c, gm, b1, cg, sg
+
+
 def _mix_composition(x: torch.Tensor, g_: list[torch.Tensor], single: bool, inplace: bool) -> torch.Tensor:
     """:func:`adapter_mix` on the normalised map x as a composition of torch ops: in place on its own
     temporaries when ``inplace`` (no autograd), else differentiable by autograd (and traceable).
     ``g_``: the :class:`MixParams` per image (N, ...), or shared (1, ...) when ``single``."""
     n, h, hh, ww = x.shape
-    (conv_a, conv_b, conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w, comp_b, p1w, p1b, p2w, p2b,
-     c1w, c1b, c2w, c2b, si_w, si_b) = g_
+    conv_a, conv_b, conv_bias, amp_w, amp_b, pha_w, pha_b = g_[:7]
     # global branch: orthonormal FFTs, magnitude and phase each through a per-channel affine map
     spec = exact_real_bins(torch.fft.rfft2(x, norm="ortho"), hh, ww)
     if inplace:
@@ -397,14 +413,7 @@ def _mix_composition(x: torch.Tensor, g_: list[torch.Tensor], single: bool, inpl
         loc = _depthwise3x3(x, kern, conv_bias[0])
     else:
         loc = _depthwise3x3(x.reshape(1, n * h, hh, ww), kern, conv_bias.reshape(-1)).view(n, h, hh, ww)
-    # channel branch: attention pooling over the pixels, then proj
-    xf = x.flatten(2)
-    score = _pixel_dot(comp_w, comp_b, xf).softmax(-1)
-    pooled = torch.bmm(xf, score[:, :, None]).squeeze(2)
-    c = _small_linear(F.gelu(_small_linear(pooled, p1w, p1b)), p2w, p2b)
-    gm = glob.mean(dim=(2, 3))
-    cg = torch.sigmoid(_small_linear(F.gelu(_small_linear(gm, c1w, c1b)), c2w, c2b))
-    sg = torch.sigmoid(_pixel_dot(si_w, si_b, loc.flatten(2)))
+    _, _, _, c, _, _, cg, sg = _channel_branch_and_gates(x, loc, glob, *g_[7:])
     if inplace:
         return loc.mul_(cg[:, :, None, None]).addcmul_(sg.view(n, 1, hh, ww), glob).mul_(c[:, :, None, None])
     return c[:, :, None, None] * (cg[:, :, None, None] * loc + sg.view(n, 1, hh, ww) * glob)
@@ -477,15 +486,8 @@ class _Mix(torch.autograd.Function):
         glob = torch.abs(gl)
         xin = _dw_input(x if kern.shape[0] == h else x.reshape(1, n * h, hh, ww))
         loc = F.conv2d(xin, kern, conv_bias, padding=1, groups=kern.shape[0]).contiguous().view(n, h, hh, ww)
-        xf = x.flatten(2)
-        score = _pixel_dot(comp_w, comp_b, xf).softmax(-1)
-        pooled = torch.bmm(xf, score[:, :, None]).squeeze(2)
-        a1 = _small_linear(pooled, p1w, p1b)
-        c = _small_linear(F.gelu(a1), p2w, p2b)
-        gm = glob.mean(dim=(2, 3))
-        b1 = _small_linear(gm, c1w, c1b)
-        cg = torch.sigmoid(_small_linear(F.gelu(b1), c2w, c2b))
-        sg = torch.sigmoid(_pixel_dot(si_w, si_b, loc.flatten(2)))
+        score, pooled, a1, c, gm, b1, cg, sg = _channel_branch_and_gates(
+            x, loc, glob, comp_w, comp_b, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, si_w, si_b)
         ctx.save_for_backward(x, xin, kern, unit, mag, inv, pha, m, e, gl, glob, loc, score, pooled, a1, gm, b1, cg,
                               sg, c, amp_w, pha_w, comp_w, p1w, p2w, c1w, c2w, si_w)
         return (loc * cg[:, :, None, None]).addcmul_(sg.view(n, 1, hh, ww), glob).mul_(c[:, :, None, None])
