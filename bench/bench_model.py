@@ -132,9 +132,11 @@ def test_model(benchmark, compile_case, impl, model, case):
             if GPU:
                 torch.cuda.synchronize()
 
+    # warm-up (for compile: the compilation), outside the peak-memory window
     if impl == "compile":
-        compile_case.warm_up(run)  # compilation, outside the peak-memory window
-    run()  # warm-up, outside the peak-memory window
+        compile_case.warm_up(run)
+    else:
+        run()
     benchmark.extra_info["peak_bytes"] = peak_bytes(run)
     if impl == "fast":  # which backend each op of moce_fast ran on (auto: triton/cuda on a GPU)
         benchmark.extra_info["backends"] = moce_fast.ops.last_run()

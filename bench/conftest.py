@@ -55,13 +55,12 @@ def pytest_runtest_call(item):
             f.write(json.dumps(record, default=str) + "\n")
 
 
-# torch.compile on a CPU takes ~20-60 s per case on a 2-core machine, so the MoCE-layer and
-# whole-model benches leave it out of CPU runs unless MOCE_FAST_BENCH_CPU_COMPILE=1 (the adapter
-# bench, quick to compile, always runs it).
-
-
 class CompileCase:
     """torch.compile for one benchmark case.
+
+    On a CPU compilation takes ~20-60 s per case on a 2-core machine, so the MoCE-layer and
+    whole-model benches leave it out of CPU runs unless MOCE_FAST_BENCH_CPU_COMPILE=1 (the adapter
+    bench, quick to compile, always runs it).
 
     ``module(m)`` clears Dynamo's caches and compiles with static shapes, so the case runs code
     specialised to its own shapes. (Compiled frames shared across cases made Dynamo mark shapes
