@@ -5,24 +5,34 @@
 #
 # Steps, most important first; each gets at most what the budget (GPU_CHECK_BUDGET seconds, default
 # 540) has left, and a step cut off by the budget is reported as such:
-#   1. install: pip install -e . --no-deps --no-build-isolation (builds the CUDA extension)
-#   2. gpu tests: pytest -m gpu (bf16, no host sync, CUDA graphs, the CUDA ops on the device: the
-#      tests that skip on a CPU)
-#   3. headline benchmarks: MOCE_FAST_BENCH_QUICK=1 (each issue's target cases, bench/conftest.py)
-#   4. the rest of the test suite (-m "not gpu")
-#   5. compute-sanitizer memcheck/racecheck on the CUDA ops
-#   6. the full benchmark matrix, only with GPU_CHECK_FULL_BENCH=1 (it needs a call of its own)
-# Benchmark JSON goes to $OUT/bench_results/<device>/ as each run goes (--benchmark-json for runs
+#   install      pip install -e . --no-deps --no-build-isolation (builds the CUDA extension, for the
+#                device's own architecture only unless TORCH_CUDA_ARCH_LIST is set)
+#   gpu_tests    pytest -m gpu (bf16, no host sync, CUDA graphs, the CUDA ops on the device: the
+#                tests that skip on a CPU)
+#   triton_tests the Triton kernels' correctness tests, which run on the GPU when there is one (on a
+#                CPU they go through the interpreter)
+#   bench_moce_layer bench_adapter bench_backbone bench_model
+#                headline benchmarks: MOCE_FAST_BENCH_QUICK=1 (each issue's target cases,
+#                bench/conftest.py)
+#   bench_cuda_ops the CUDA C++ ops against their torch equivalents
+#   other_tests  the rest of the test suite (-m "not gpu")
+#   sanitizer    compute-sanitizer memcheck/racecheck on the CUDA ops
+#   full_bench   the full benchmark matrix (it needs a call of its own)
+# GPU_CHECK_STEPS picks and orders them (default: all but full_bench, in the order above).
+# Benchmark JSON goes to <work>/bench_results/<device>/ as each run goes (--benchmark-json for runs
 # that finish, and <name>.jsonl with one line per finished case, which survives a cut-off run), and
-# at the end to bench/results/<device>/ (commit it). Logs go to $OUT if set (the device tool brings it
-# back), else ./gpu_out. The last lines printed are a summary table.
+# at the end to bench/results/<device>/ (commit it). Logs and results are packed at the end into one
+# file, $OUT/gpu_check.tar.gz (the device tool brings back at most 8 files from $OUT; without $OUT,
+# ./gpu_out). The last lines printed are a summary table.
 # Without a CUDA device it stops with an error, unless GPU_CHECK_DRY_RUN=1 (a walk-through on a CPU,
 # results under $OUT only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+WORK=$(mktemp -d)  # logs and results, packed into $OUT/gpu_check.tar.gz at the end
+PY=${PYTHON:-python3}
+STEPS=${GPU_CHECK_STEPS:-install gpu_tests triton_tests bench_moce_layer bench_adapter bench_backbone bench_model bench_cuda_ops other_tests sanitizer}
 BUDGET=${GPU_CHECK_BUDGET:-540}
 START=$SECONDS
 DEVICE=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_') if torch.cuda.is_available() else '')")
@@ -38,30 +48,40 @@ if [ -z "$DEVICE" ]; then
 fi
 # results are written under $OUT as they come (the device tool brings $OUT back even from a command
 # it had to stop), and copied to bench/results/<device>/ at the end
-RESULTS=$OUT/bench_results/$DEVICE
+RESULTS=$WORK/bench_results/$DEVICE
 mkdir -p "$RESULTS"
 status=0
 SUMMARY=()
+$PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null
+
+# Per-step caps in seconds (GPU_CHECK_CAPS="name=seconds ..." overrides or adds); a step without a
+# cap may take what the budget has left.
+declare -A CAPS=([install]=240 [gpu_tests]=150 [triton_tests]=150 [bench_moce_layer_quick]=150
+                 [bench_adapter_quick]=150 [bench_backbone_quick]=120)
+for kv in ${GPU_CHECK_CAPS:-}; do CAPS[${kv%%=*}]=${kv#*=}; done
 
 left() { echo $((BUDGET - (SECONDS - START))); }
 
 step() {  # step NAME CMD...: run within the budget left, log to $OUT/NAME.log, keep going on failure
   local name=$1; shift
-  local limit
+  local limit cap
   limit=$(left)
+  cap=${CAPS[$name]:-$limit}  # a step's own cap, so one slow step leaves time for the next
+  [ "$cap" -lt "$limit" ] && limit=$cap
   if [ "$limit" -lt 20 ]; then
     SUMMARY+=("$name: not run (budget spent)"); status=1; return
   fi
   echo "== $name (at most ${limit}s): $*"
   local t0=$SECONDS
-  timeout -s INT -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout -s INT -k 10 "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
   local took=$((SECONDS - t0))
   local result="ok"
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then result="CUT OFF by the budget"; status=1
   elif [ $rc -ne 0 ]; then result="FAILED (rc $rc)"; status=1; fi
-  SUMMARY+=("$name: $result in ${took}s; $(grep -E '(passed|failed|error)' "$OUT/$name.log" | tail -n 1)")
-  tail -n 3 "$OUT/$name.log"
+  SUMMARY+=("$name: $result in ${took}s; $(grep -E '(passed|failed|error|skipped)' "$WORK/$name.log" | tail -n 1)")
+  if [ "$result" = ok ]; then tail -n 3 "$WORK/$name.log"; else grep -E '^(FAILED|ERROR)' "$WORK/$name.log" | head -n 30; tail -n 8 "$WORK/$name.log"; fi
 }
 
 bench() {  # bench NAME FILE [quick]: one benchmark file, JSON and JSON lines into $RESULTS
@@ -73,23 +93,32 @@ bench() {  # bench NAME FILE [quick]: one benchmark file, JSON and JSON lines in
     --benchmark-json="$RESULTS/$name$suffix.json"
 }
 
-step install env MAX_JOBS=16 $PY -m pip install -e . --no-deps --no-build-isolation
-step gpu_tests $PY -m pytest -q -rs -m gpu tests
-bench moce_layer bench/bench_moce_layer.py quick
-bench adapter bench/bench_adapter.py quick
-bench backbone bench/bench_backbone.py quick
-bench model bench/bench_model.py quick
-bench cuda_ops bench/bench_cuda_ops.py
-step other_tests $PY -m pytest -q -rs -m "not gpu" tests
-if command -v compute-sanitizer > /dev/null; then
-  step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -x tests/test_cuda_ops.py -k cuda
-  step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $PY -m pytest -q -x tests/test_cuda_ops.py -k "cuda and (dwconv or routing)"
-else
-  SUMMARY+=("sanitizer: compute-sanitizer not found, memcheck/racecheck not run"); status=1
-fi
-if [ "${GPU_CHECK_FULL_BENCH:-0}" = 1 ]; then
-  for b in moce_layer adapter backbone model; do bench "$b" "bench/bench_$b.py"; done
-fi
+pack() { tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK" . 2>/dev/null; }
+trap pack EXIT
+for s in $STEPS; do
+  case $s in
+    install)
+      ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability()) if torch.cuda.is_available() else print('8.0;9.0')")
+      step install env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" \
+        $PY -m pip install -e . --no-deps --no-build-isolation ;;
+    gpu_tests) step gpu_tests $PY -m pytest -q -rfEs -m gpu tests ;;
+    triton_tests) step triton_tests $PY -m pytest -q -rfEs -m "not gpu" tests/test_triton_moce.py \
+        tests/test_triton_adapter.py tests/test_triton_backbone.py ;;
+    bench_moce_layer|bench_adapter|bench_backbone|bench_model) bench "${s#bench_}" "bench/${s}.py" quick ;;
+    bench_cuda_ops) bench cuda_ops bench/bench_cuda_ops.py ;;
+    other_tests) step other_tests $PY -m pytest -q -rfEs -m "not gpu" tests --ignore tests/test_triton_moce.py \
+        --ignore tests/test_triton_adapter.py --ignore tests/test_triton_backbone.py ;;
+    sanitizer)
+      if command -v compute-sanitizer > /dev/null; then
+        step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -x tests/test_cuda_ops.py -k cuda
+        step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $PY -m pytest -q -x tests/test_cuda_ops.py -k "cuda and (dwconv or routing)"
+      else
+        SUMMARY+=("sanitizer: compute-sanitizer not found, memcheck/racecheck not run"); status=1
+      fi ;;
+    full_bench) for b in moce_layer adapter backbone model; do bench "$b" "bench/bench_$b.py"; done ;;
+    *) echo "gpu_check.sh: unknown step '$s' in GPU_CHECK_STEPS" >&2; exit 2 ;;
+  esac
+done
 [ -z "$FINAL" ] || { mkdir -p "$FINAL" && cp "$RESULTS"/* "$FINAL"/ 2>/dev/null; }
 
 echo "== summary ($DEVICE, $((SECONDS - START))s of ${BUDGET}s)"
