@@ -36,7 +36,7 @@ import triton.language as tl
 def pos_gemm_kernel(in_ptr, in_index_ptr, w_ptr, add_ptr, add_index_ptr, scale_ptr, out_ptr, out_index_ptr,
                     offsets_ptr, expert, K, N, HW,
                     IN_INDEXED: tl.constexpr, HAS_ADD: tl.constexpr, OUT_INDEXED: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr):
     """out[o(s), n, pix] = (sum_k w[n, k] in[i(s), k, pix] (+ add[a(s), n, pix])) (* scale[s]) for
     one (N block, pixel block) of position s. Rows are read and written through index tensors
     (i = image, o = order), so no gather or scatter copy is made."""
@@ -61,7 +61,7 @@ def pos_gemm_kernel(in_ptr, in_index_ptr, w_ptr, add_ptr, add_index_ptr, scale_p
             wt = tl.load(w_ptr + nn[:, None] * K + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
             xt = tl.load(in_ptr + (in_row * K + kk[:, None]) * HW + pix[None, :],
                          mask=kmask[:, None] & pmask[None, :], other=0.0)
-            acc += tl.dot(wt, xt.to(tl.float32))
+            acc += tl.dot(wt, xt.to(tl.float32), input_precision=PREC)
         omask = nmask[:, None] & pmask[None, :]
         if HAS_ADD:
             add_row = tl.load(add_index_ptr + s).to(tl.int64)
@@ -178,7 +178,8 @@ def _ln_stats(a_ptr, s64, pix, pmask, RANK, HW, eps, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _hidden_parts(qkv_ptr, a_ptr, shared_ptr, nw_ptr, nb_ptr, wpo_ptr, bpo_ptr, ws_ptr, s64, img, pix, pmask, rr,
-                  rmask, C, HW, RANK, eps, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+                  rmask, C, HW, RANK, eps, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                  PREC: tl.constexpr):
     """For rank rows rr of position s: body = proj_out(LayerNorm(a) * v) + b and gl = proj1(shared),
     the two factors of h = body * silu(gl); the LayerNorm statistics run over all r channels."""
     mean, rstd = _ln_stats(a_ptr, s64, pix, pmask, RANK, HW, eps, BLOCK_K)
@@ -193,7 +194,7 @@ def _hidden_parts(qkv_ptr, a_ptr, shared_ptr, nw_ptr, nb_ptr, wpo_ptr, bpo_ptr, 
         nb = tl.load(nb_ptr + kk, mask=kmask, other=0.0)
         t = ((a - mean[None, :]) * rstd[None, :] * nw[:, None] + nb[:, None]) * v
         wpo = tl.load(wpo_ptr + rr[:, None] * RANK + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        body += tl.dot(wpo, t)
+        body += tl.dot(wpo, t, input_precision=PREC)
     body += tl.load(bpo_ptr + rr, mask=rmask, other=0.0)[:, None]
     gl = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_K):
@@ -202,14 +203,14 @@ def _hidden_parts(qkv_ptr, a_ptr, shared_ptr, nw_ptr, nb_ptr, wpo_ptr, bpo_ptr, 
         sh = tl.load(shared_ptr + (img * C + cc[:, None]) * HW + pix[None, :],
                      mask=cmask[:, None] & pmask[None, :], other=0.0)
         ws = tl.load(ws_ptr + rr[:, None] * C + cc[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        gl += tl.dot(ws, sh.to(tl.float32))
+        gl += tl.dot(ws, sh.to(tl.float32), input_precision=PREC)
     return body, gl
 
 
 @triton.jit
 def hidden_kernel(qkv_ptr, a_ptr, shared_ptr, image_ptr, offsets_ptr, expert, nw_ptr, nb_ptr, wpo_ptr, bpo_ptr,
                   ws_ptr, h_ptr, C, HW, RANK, eps,
-                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr):
     """h = (proj_out(LayerNorm(a) * v) + b) * silu(proj1(shared)) for one (rank block, pixel block)
     of position s; the LayerNorm statistics run over all r channels in chunks."""
     pid_p = tl.program_id(0)
@@ -225,7 +226,7 @@ def hidden_kernel(qkv_ptr, a_ptr, shared_ptr, image_ptr, offsets_ptr, expert, nw
         rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rr < RANK
         body, gl = _hidden_parts(qkv_ptr, a_ptr, shared_ptr, nw_ptr, nb_ptr, wpo_ptr, bpo_ptr, ws_ptr, s64, img, pix,
-                                 pmask, rr, rmask, C, HW, RANK, eps, BLOCK_R, BLOCK_K, BLOCK_P)
+                                 pmask, rr, rmask, C, HW, RANK, eps, BLOCK_R, BLOCK_K, BLOCK_P, PREC)
         h = body * (gl * tl.sigmoid(gl))
         tl.store(h_ptr + (s64 * RANK + rr[:, None]) * HW + pix[None, :], h, mask=rmask[:, None] & pmask[None, :])
 
@@ -238,7 +239,8 @@ def hidden_kernel(qkv_ptr, a_ptr, shared_ptr, image_ptr, offsets_ptr, expert, nw
 
 @triton.jit
 def out_bwd_kernel(dout_ptr, image_ptr, x_ptr, w2_ptr, h_ptr, gate_ptr, offsets_ptr, expert, dh_ptr, part_ptr,
-                   C, RANK, HW, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+                   C, RANK, HW, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                   PREC: tl.constexpr):
     """out_pair = gate * (w2 h + x): dh = gate * w2^T dout, and per-block partial sums of
     d gate = sum h * (w2^T dout) + sum x * dout (the latter in the first rank block)."""
     pid_p = tl.program_id(0)
@@ -261,7 +263,7 @@ def out_bwd_kernel(dout_ptr, image_ptr, x_ptr, w2_ptr, h_ptr, gate_ptr, offsets_
             m = cmask[:, None] & pmask[None, :]
             d = tl.load(dout_ptr + (img * C + cc[:, None]) * HW + pix[None, :], mask=m, other=0.0).to(tl.float32)
             w2t = tl.load(w2_ptr + cc[None, :] * RANK + rr[:, None], mask=rmask[:, None] & cmask[None, :], other=0.0)
-            g2 += tl.dot(w2t, d)
+            g2 += tl.dot(w2t, d, input_precision=PREC)
             if pid_r == 0:
                 xv = tl.load(x_ptr + (img * C + cc[:, None]) * HW + pix[None, :], mask=m, other=0.0).to(tl.float32)
                 xd += tl.sum(xv * d, axis=0)
@@ -278,7 +280,7 @@ def out_bwd_kernel(dout_ptr, image_ptr, x_ptr, w2_ptr, h_ptr, gate_ptr, offsets_
 @triton.jit
 def hidden_bwd_a_kernel(qkv_ptr, a_ptr, shared_ptr, image_ptr, offsets_ptr, expert, nw_ptr, nb_ptr, wpo_ptr,
                         bpo_ptr, ws_ptr, dh_ptr, dbody_ptr, dgl_ptr, part_ptr, C, HW, RANK, eps,
-                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr):
     """h = body * silu(gl): d body = dh * silu(gl), d gl = dh * body * silu'(gl) for one (rank block,
     pixel block) of position s (body and gl recomputed as in hidden_kernel); partial sums of d body
     for proj_out's bias."""
@@ -295,7 +297,7 @@ def hidden_bwd_a_kernel(qkv_ptr, a_ptr, shared_ptr, image_ptr, offsets_ptr, expe
         rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rr < RANK
         body, gl = _hidden_parts(qkv_ptr, a_ptr, shared_ptr, nw_ptr, nb_ptr, wpo_ptr, bpo_ptr, ws_ptr, s64, img, pix,
-                                 pmask, rr, rmask, C, HW, RANK, eps, BLOCK_R, BLOCK_K, BLOCK_P)
+                                 pmask, rr, rmask, C, HW, RANK, eps, BLOCK_R, BLOCK_K, BLOCK_P, PREC)
         m2 = rmask[:, None] & pmask[None, :]
         dst = (s64 * RANK + rr[:, None]) * HW + pix[None, :]
         dh = tl.load(dh_ptr + dst, mask=m2, other=0.0)
@@ -309,7 +311,7 @@ def hidden_bwd_a_kernel(qkv_ptr, a_ptr, shared_ptr, image_ptr, offsets_ptr, expe
 @triton.jit
 def hidden_bwd_b_kernel(qkv_ptr, a_ptr, offsets_ptr, expert, nw_ptr, nb_ptr, wpo_ptr, dbody_ptr, dqkv_ptr, da_ptr,
                         m_ptr, part_ptr, HW, RANK, eps, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_P: tl.constexpr):
+                        BLOCK_P: tl.constexpr, PREC: tl.constexpr):
     """body = w_po (LN(a) * v) + b: dm = w_po^T d body, dv = dm * LN(a), and the LayerNorm backward to
     da, for one pixel block of position s over all channels; also m = LN(a) * v (for w_po's gradient)
     and partial sums for the LayerNorm's weight and bias gradients."""
@@ -337,7 +339,7 @@ def hidden_bwd_b_kernel(qkv_ptr, a_ptr, offsets_ptr, expert, nw_ptr, nb_ptr, wpo
                              mask=rmask[:, None] & pmask[None, :], other=0.0)
                 wt = tl.load(wpo_ptr + rr[None, :] * RANK + kk[:, None], mask=kmask[:, None] & rmask[None, :],
                              other=0.0)
-                dm += tl.dot(wt, db)
+                dm += tl.dot(wt, db, input_precision=PREC)
             a = tl.load(a_ptr + (s64 * RANK + kk[:, None]) * HW + pix[None, :], mask=m, other=0.0)
             vo = (s64 * 3 * RANK + 2 * RANK + kk[:, None]) * HW + pix[None, :]
             v = tl.load(qkv_ptr + vo, mask=m, other=0.0)
@@ -442,7 +444,7 @@ def dwconv_wgrad_kernel(dout_ptr, in_ptr, offsets_ptr, expert, part_ptr, NCH, H,
 @triton.jit
 def pos_outer_kernel(a_ptr, a_index_ptr, b_ptr, b_index_ptr, scale_ptr, offsets_ptr, expert, part_ptr, M, N, HW,
                      A_INDEXED: tl.constexpr, B_INDEXED: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr):
     """Partial weight gradient of position s over its pixel blocks pid_g, pid_g + G, ...:
     part[s, g] = (scale[s]) * sum_p a[row_a(s), :, p] b[row_b(s), :, p]^T, (M x N) blocks."""
     pid_mn = tl.program_id(0)
@@ -471,7 +473,7 @@ def pos_outer_kernel(a_ptr, a_index_ptr, b_ptr, b_index_ptr, scale_ptr, offsets_
                          other=0.0).to(tl.float32)
             bt = tl.load(b_ptr + (row_b * N + nn[None, :]) * HW + pix[:, None], mask=pm[:, None] & nmask[None, :],
                          other=0.0).to(tl.float32)
-            acc += tl.dot(at, bt)
+            acc += tl.dot(at, bt, input_precision=PREC)
         if HAS_SCALE:
             acc *= tl.load(scale_ptr + s).to(tl.float32)
         out = part_ptr + ((s64 * tl.num_programs(1) + pid_g) * M + mm[:, None]) * N + nn[None, :]
@@ -500,15 +502,28 @@ def dft_matrices(p: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
     return _DFT_CACHE[key]
 
 
+def matmul_precision() -> str:
+    """tl.dot input precision of the projections and weight gradients (float32 operands). It follows
+    torch.get_float32_matmul_precision() as torch's own float32 matmuls do: "highest" (torch's
+    default) keeps float32 accuracy with tf32x3 (three TF32 products), "high" and "medium" take one
+    TF32 product. (On a GPU a plain tl.dot of float32 is one TF32 product, ~1e-3 relative error,
+    which torch's default would not give.) The patch convolution's DFTs stay at tf32x3 always: a
+    TF32 DFT of a 16-point patch loses about three digits."""
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 def launch_configs(c: int, r: int, h: int, w: int, p: int) -> dict:
     """Block sizes and warps of each kernel for one expert (the launchers and the compile test use it)."""
     pp = _pow2(p)
+    prec = matmul_precision()
     return {
-        "in_proj": dict(BLOCK_N=min(64, _pow2(3 * r)), BLOCK_K=min(32, _pow2(c)), BLOCK_P=64, num_warps=4),
+        "in_proj": dict(BLOCK_N=min(64, _pow2(3 * r)), BLOCK_K=min(32, _pow2(c)), BLOCK_P=64, PREC=prec,
+                        num_warps=4),
         "dwconv": dict(KS=7, BLOCK_CH=16, BLOCK_P=64, num_warps=4),
         "patch_conv": dict(PP=pp, PREC="tf32x3", num_warps=8 if pp >= 32 else 4),
-        "hidden": dict(BLOCK_R=min(32, _pow2(r)), BLOCK_K=min(32, _pow2(min(r, c))), BLOCK_P=64, num_warps=4),
-        "out_proj": dict(BLOCK_N=min(64, _pow2(c)), BLOCK_K=min(32, _pow2(r)), BLOCK_P=64, num_warps=4),
+        "hidden": dict(BLOCK_R=min(32, _pow2(r)), BLOCK_K=min(32, _pow2(min(r, c))), BLOCK_P=64, PREC=prec,
+                       num_warps=4),
+        "out_proj": dict(BLOCK_N=min(64, _pow2(c)), BLOCK_K=min(32, _pow2(r)), BLOCK_P=64, PREC=prec, num_warps=4),
     }
 
 
@@ -554,13 +569,16 @@ def expert_forward(x, shared, image, order, gate, offsets, expert: int, fold_w, 
 def backward_configs(c: int, r: int, h: int, w: int, p: int) -> dict:
     """Block sizes and warps of each backward kernel for one expert (launchers and compile test)."""
     pp = _pow2(p)
+    prec = matmul_precision()
     return {
-        "out_bwd": dict(BLOCK_R=min(32, _pow2(r)), BLOCK_K=min(32, _pow2(c)), BLOCK_P=64, num_warps=4),
-        "hidden_bwd_a": dict(BLOCK_R=min(32, _pow2(r)), BLOCK_K=min(32, _pow2(min(r, c))), BLOCK_P=64, num_warps=4),
-        "hidden_bwd_b": dict(BLOCK_R=min(32, _pow2(r)), BLOCK_K=min(32, _pow2(r)), BLOCK_P=32, num_warps=4),
+        "out_bwd": dict(BLOCK_R=min(32, _pow2(r)), BLOCK_K=min(32, _pow2(c)), BLOCK_P=64, PREC=prec, num_warps=4),
+        "hidden_bwd_a": dict(BLOCK_R=min(32, _pow2(r)), BLOCK_K=min(32, _pow2(min(r, c))), BLOCK_P=64, PREC=prec,
+                             num_warps=4),
+        "hidden_bwd_b": dict(BLOCK_R=min(32, _pow2(r)), BLOCK_K=min(32, _pow2(r)), BLOCK_P=32, PREC=prec,
+                             num_warps=4),
         "patch_conv_bwd": dict(PP=pp, PREC="tf32x3", num_warps=8 if pp >= 32 else 4),
         "dwconv_wgrad": dict(KS=7, BLOCK_CH=16, BLOCK_P=64, num_warps=4),
-        "outer": dict(BLOCK_P=32, num_warps=4),
+        "outer": dict(BLOCK_P=32, PREC=prec, num_warps=4),
     }
 
 

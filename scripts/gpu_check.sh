@@ -81,7 +81,10 @@ step() {  # step NAME CMD...: run within the budget left, log to $OUT/NAME.log, 
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then result="CUT OFF by the budget"; status=1
   elif [ $rc -ne 0 ]; then result="FAILED (rc $rc)"; status=1; fi
   SUMMARY+=("$name: $result in ${took}s; $(grep -E '(passed|failed|error|skipped)' "$WORK/$name.log" | tail -n 1)")
-  if [ "$result" = ok ]; then tail -n 3 "$WORK/$name.log"; else grep -E '^(FAILED|ERROR)' "$WORK/$name.log" | head -n 30; tail -n 8 "$WORK/$name.log"; fi
+  if [ "$result" = ok ]; then tail -n 3 "$WORK/$name.log"; else
+    grep -E '^(FAILED|ERROR)' "$WORK/$name.log" | head -n 30; tail -n 8 "$WORK/$name.log"
+    [ -s "$WORK/$name.failures" ] && head -c 3000 "$WORK/$name.failures"
+  fi
 }
 
 bench() {  # bench NAME FILE [quick]: one benchmark file, JSON and JSON lines into $RESULTS
@@ -93,6 +96,12 @@ bench() {  # bench NAME FILE [quick]: one benchmark file, JSON and JSON lines in
     --benchmark-json="$RESULTS/$name$suffix.json"
 }
 
+# pytest options of the test steps: short tracebacks, the failures and skips listed, and the tests
+# spread over GPU_CHECK_WORKERS processes (pytest-xdist, on the image) so that Triton's compilations,
+# which are CPU-bound, run side by side. Each failure is also appended to <step>.failures as it
+# happens (tests/conftest.py), which survives a step cut off by the budget.
+PT=(-q -rfEs --tb=short -p no:cacheprovider)
+if $PY -c "import xdist" 2> /dev/null && [ "${GPU_CHECK_WORKERS:-8}" -gt 1 ]; then PT+=(-n "${GPU_CHECK_WORKERS:-8}"); fi
 pack() { tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK" . 2>/dev/null; }
 trap pack EXIT
 for s in $STEPS; do
@@ -101,12 +110,14 @@ for s in $STEPS; do
       ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability()) if torch.cuda.is_available() else print('8.0;9.0')")
       step install env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" \
         $PY -m pip install -e . --no-deps --no-build-isolation ;;
-    gpu_tests) step gpu_tests $PY -m pytest -q -rfEs -m gpu tests ;;
-    triton_tests) step triton_tests $PY -m pytest -q -rfEs -m "not gpu" tests/test_triton_moce.py \
+    gpu_tests) MOCE_FAST_FAILURE_LOG=$WORK/gpu_tests.failures step gpu_tests $PY -m pytest "${PT[@]}" -m gpu tests ;;
+    triton_tests) MOCE_FAST_FAILURE_LOG=$WORK/triton_tests.failures step triton_tests $PY -m pytest "${PT[@]}" \
+        -m "not gpu" tests/test_triton_moce.py \
         tests/test_triton_adapter.py tests/test_triton_backbone.py ;;
     bench_moce_layer|bench_adapter|bench_backbone|bench_model) bench "${s#bench_}" "bench/${s}.py" quick ;;
     bench_cuda_ops) bench cuda_ops bench/bench_cuda_ops.py ;;
-    other_tests) step other_tests $PY -m pytest -q -rfEs -m "not gpu" tests --ignore tests/test_triton_moce.py \
+    other_tests) MOCE_FAST_FAILURE_LOG=$WORK/other_tests.failures step other_tests $PY -m pytest "${PT[@]}" \
+        -m "not gpu" tests --ignore tests/test_triton_moce.py \
         --ignore tests/test_triton_adapter.py --ignore tests/test_triton_backbone.py ;;
     sanitizer)
       if command -v compute-sanitizer > /dev/null; then

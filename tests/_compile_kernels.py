@@ -38,7 +38,8 @@ def signatures(c, r, p, xdt):
     gemm = {"in_ptr": x, "in_index_ptr": "*i64", "w_ptr": "*fp32", "add_ptr": x, "add_index_ptr": "*i64",
             "scale_ptr": x, "out_ptr": "*fp32", "out_index_ptr": "*i64", "offsets_ptr": "*i64", "expert": "i32",
             "K": "i32", "N": "i32", "HW": "i32", "IN_INDEXED": "constexpr", "HAS_ADD": "constexpr",
-            "OUT_INDEXED": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_P": "constexpr"}
+            "OUT_INDEXED": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_P": "constexpr",
+            "PREC": "constexpr"}
     consts, warps = split("in_proj")
     yield K.pos_gemm_kernel, gemm, dict(consts, IN_INDEXED=True, HAS_ADD=False, OUT_INDEXED=False), warps
     consts, warps = split("out_proj")
@@ -57,7 +58,7 @@ def signatures(c, r, p, xdt):
                             "offsets_ptr": "*i64", "expert": "i32", "nw_ptr": "*fp32", "nb_ptr": "*fp32",
                             "wpo_ptr": "*fp32", "bpo_ptr": "*fp32", "ws_ptr": "*fp32", "h_ptr": "*fp32",
                             "C": "i32", "HW": "i32", "RANK": "i32", "eps": "fp32", "BLOCK_R": "constexpr",
-                            "BLOCK_K": "constexpr", "BLOCK_P": "constexpr"}, consts, warps
+                            "BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "PREC": "constexpr"}, consts, warps
 
 
 def backward_signatures(c, r, p, xdt):
@@ -73,22 +74,22 @@ def backward_signatures(c, r, p, xdt):
     yield K.out_bwd_kernel, {"dout_ptr": x, "image_ptr": "*i64", "x_ptr": x, "w2_ptr": "*fp32", "h_ptr": "*fp32",
                              "gate_ptr": x, "offsets_ptr": "*i64", "expert": "i32", "dh_ptr": "*fp32",
                              "part_ptr": "*fp32", "C": "i32", "RANK": "i32", "HW": "i32", "BLOCK_R": "constexpr",
-                             "BLOCK_K": "constexpr", "BLOCK_P": "constexpr"}, consts, warps
+                             "BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "PREC": "constexpr"}, consts, warps
     consts, warps = split("hidden_bwd_a")
     names = ["qkv_ptr", "a_ptr", "shared_ptr", "image_ptr", "offsets_ptr", "nw_ptr", "nb_ptr", "wpo_ptr", "bpo_ptr",
              "ws_ptr", "dh_ptr", "dbody_ptr", "dgl_ptr", "part_ptr"]
     sig = {n: "*fp32" for n in names}
     sig.update(shared_ptr=x, image_ptr="*i64", offsets_ptr="*i64", expert="i32", C="i32", HW="i32", RANK="i32",
-               eps="fp32", BLOCK_R="constexpr", BLOCK_K="constexpr", BLOCK_P="constexpr")
+               eps="fp32", BLOCK_R="constexpr", BLOCK_K="constexpr", BLOCK_P="constexpr", PREC="constexpr")
     sig = {k: sig[k] for k in ["qkv_ptr", "a_ptr", "shared_ptr", "image_ptr", "offsets_ptr", "expert", "nw_ptr",
                                "nb_ptr", "wpo_ptr", "bpo_ptr", "ws_ptr", "dh_ptr", "dbody_ptr", "dgl_ptr", "part_ptr",
-                               "C", "HW", "RANK", "eps", "BLOCK_R", "BLOCK_K", "BLOCK_P"]}
+                               "C", "HW", "RANK", "eps", "BLOCK_R", "BLOCK_K", "BLOCK_P", "PREC"]}
     yield K.hidden_bwd_a_kernel, sig, consts, warps
     consts, warps = split("hidden_bwd_b")
     sig = {"qkv_ptr": "*fp32", "a_ptr": "*fp32", "offsets_ptr": "*i64", "expert": "i32", "nw_ptr": "*fp32",
            "nb_ptr": "*fp32", "wpo_ptr": "*fp32", "dbody_ptr": "*fp32", "dqkv_ptr": "*fp32", "da_ptr": "*fp32",
            "m_ptr": "*fp32", "part_ptr": "*fp32", "HW": "i32", "RANK": "i32", "eps": "fp32",
-           "BLOCK_R": "constexpr", "BLOCK_K": "constexpr", "BLOCK_P": "constexpr"}
+           "BLOCK_R": "constexpr", "BLOCK_K": "constexpr", "BLOCK_P": "constexpr", "PREC": "constexpr"}
     yield K.hidden_bwd_b_kernel, sig, consts, warps
     consts, warps = split("patch_conv_bwd")
     yield K.patch_conv_bwd_kernel, {"qkv_ptr": "*fp32", "da_ptr": "*fp32", "offsets_ptr": "*i64", "expert": "i32",
@@ -103,7 +104,7 @@ def backward_signatures(c, r, p, xdt):
     outer = {"a_ptr": "*fp32", "a_index_ptr": "*i64", "b_ptr": "*fp32", "b_index_ptr": "*i64", "scale_ptr": x,
              "offsets_ptr": "*i64", "expert": "i32", "part_ptr": "*fp32", "M": "i32", "N": "i32", "HW": "i32",
              "A_INDEXED": "constexpr", "B_INDEXED": "constexpr", "HAS_SCALE": "constexpr", "BLOCK_M": "constexpr",
-             "BLOCK_N": "constexpr", "BLOCK_P": "constexpr"}
+             "BLOCK_N": "constexpr", "BLOCK_P": "constexpr", "PREC": "constexpr"}
     # d proj2 (dout by image, scaled by the gate), d proj1 (shared by image), d proj_out, d fold (x by image)
     for sig, m, n, a_idx, b_idx, scale in ((dict(outer, a_ptr=x), c, r, True, False, True),
                                            (dict(outer, b_ptr=x), r, c, False, True, False),
@@ -116,7 +117,8 @@ def backward_signatures(c, r, p, xdt):
     gemm = {"in_ptr": "*fp32", "in_index_ptr": "*i64", "w_ptr": "*fp32", "add_ptr": x, "add_index_ptr": "*i64",
             "scale_ptr": x, "out_ptr": "*fp32", "out_index_ptr": "*i64", "offsets_ptr": "*i64", "expert": "i32",
             "K": "i32", "N": "i32", "HW": "i32", "IN_INDEXED": "constexpr", "HAS_ADD": "constexpr",
-            "OUT_INDEXED": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_P": "constexpr"}
+            "OUT_INDEXED": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_P": "constexpr",
+            "PREC": "constexpr"}
     for k in (r, 3 * r):
         consts = dict(fwd, BLOCK_K=min(32, K._pow2(k)))
         warps = consts.pop("num_warps")

@@ -50,7 +50,7 @@ def make_pair(config: dict, seed: int = 0, dtype=torch.float64, **overrides):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|, computed in float64."""
-    a, b = a.double(), b.double()
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
@@ -68,3 +68,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if any("CUDA device" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")):
             item.add_marker(pytest.mark.gpu)
+
+
+def pytest_runtest_logreport(report):
+    """With MOCE_FAST_FAILURE_LOG=FILE, append each failure to FILE as it happens (its node id and the
+    end of its report): a run cut off by a time limit (a lent GPU's lease) prints no summary."""
+    path = os.environ.get("MOCE_FAST_FAILURE_LOG")
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:  # once, from the controller
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext[-2500:]}\n")
