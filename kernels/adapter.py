@@ -417,11 +417,27 @@ def linear_config(p: int, m: int, k: int) -> dict:
     return dict(BLOCK_P=64, BLOCK_M=min(64, _pow2(m)), BLOCK_K=min(32, _pow2(k)), num_warps=4)
 
 
-def mix_config(h: int, w: int) -> dict:
+def mix_config(h: int, w: int, prec: str) -> dict:
+    """Tiles, warps and the DFT products' precision of the mix kernels for an H x W map whose host
+    runs its projections at ``prec`` (:func:`precision`).
+
+    Tiles of 64 rows or more (maps over 32 pixels high) with float32 accuracy asked for ("tf32x3")
+    take plain float32 FMAs ("ieee") for their DFT products, in column blocks of 8. Why: on an
+    H200 (Triton 3.6, 2026-11-26) tests/test_triton_adapter.py::test_dft_sizes_round_trip[34]
+    came out wrong (relative error 3.6 against float64) while 16 x 16 and 32 x 32 tiles passed at
+    2e-5; the compiled 64-row tiles are the only ones whose tf32x3 products run on wgmma, the smaller
+    ones use mma.sync. The global branch needs float32 accuracy there: the phase of a bin near the
+    negative real axis flips between +pi and -pi under a small error. The products are small (~2.4 M
+    multiply-adds per image and hidden channel at 64 x 64). Blocks of 8 columns keep ptxas's
+    spills for sm_90 near the tf32x3 version's (forward 1.7 KB, backward 3.2 KB, against 0.6 and
+    1.5 KB; blocks of 16 spilled 23 KB in the forward); for sm_80 the backward spills 33 KB. This
+    configuration has not yet run on a GPU: that test will say whether it mends the error."""
     bh, bw = _pow2(h), _pow2(w)
+    fma = bh >= 64 and prec == "tf32x3"
     # num_stages=1: the loop over spectrum-column blocks is not worth pipelining (each iteration is
     # a dozen dots), and staging its matrix loads would multiply shared memory past sm_80's 163 KB
-    return dict(BH=bh, BW=bw, BK=16, num_warps=8 if bh * bw >= 64 * 64 else 4, num_stages=1)
+    return dict(BH=bh, BW=bw, BK=8 if fma else 16, PREC="ieee" if fma else prec,
+                num_warps=8 if bh * bw >= 64 * 64 else 4, num_stages=1)
 
 
 def out_config(hid: int, m: int) -> dict:
@@ -503,9 +519,9 @@ def mix_tail(y, scale, shift, task, k9, mix: list, tail_w, out, out_strides, pre
         return
     dev = y.device
     loc, glob, pooled, gmean = scratch
-    cfg = mix_config(h, w)
+    cfg = mix_config(h, w, prec)
     mix_channel_kernel[(n * hid,)](y, scale, shift, task, k9, cbias, ampw, ampb, phaw, phab, compw, compb,
-                                   *dft_matrices(h, w, dev), loc, glob, pooled, gmean, hid, h, w, PREC=prec, **cfg)
+                                   *dft_matrices(h, w, dev), loc, glob, pooled, gmean, hid, h, w, **cfg)
     cfg = out_config(hid, m)
     warps = cfg.pop("num_warps")
     h2, q = p1w.shape[1], c1w.shape[1]
@@ -552,7 +568,7 @@ def mix_backward_channel(y, scale, shift, task, k9, mix: list, glob, dloc, dgabs
     n, hid, h, w = y.shape
     if n == 0 or h * w == 0:
         return
-    cfg = mix_config(h, w)
+    cfg = mix_config(h, w, prec)
     mix_bwd_channel_kernel[(n * hid,)](y, scale, shift, task, k9, ampw, ampb, phaw, phab, compw, compb,
                                        *dft_matrices(h, w, y.device), glob, dloc, dgabs, dpooled, dgmean, dy, scal,
-                                       hid, h, w, PREC=prec, **cfg)
+                                       hid, h, w, **cfg)

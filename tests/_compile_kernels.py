@@ -146,7 +146,7 @@ def adapter_signatures(c, hid, q, side, xdt):
         cfg = AK.linear_config(p, m, k)
         warps = cfg.pop("num_warps")
         yield AK.grouped_linear_kernel, sig, dict(cfg, HAS_BIAS=bias, PREC=prec), warps
-    cfg = AK.mix_config(side, side)
+    cfg = AK.mix_config(side, side, prec)
     warps = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     names = ["y_ptr", "scale_ptr", "shift_ptr", "task_ptr", "k9_ptr", "cbias_ptr", "ampw_ptr", "ampb_ptr", "phaw_ptr",
              "phab_ptr", "compw_ptr", "compb_ptr", "cw_ptr", "sw_ptr", "ch_ptr", "sh_ptr", "aw_ptr", "bw_ptr",
@@ -154,7 +154,7 @@ def adapter_signatures(c, hid, q, side, xdt):
     sig = {n: "*fp32" for n in names}
     sig.update(task_ptr="*i64", HID="i32", H="i32", W="i32", BH="constexpr", BW="constexpr", BK="constexpr",
                PREC="constexpr")
-    yield AK.mix_channel_kernel, sig, dict(cfg, PREC=prec), warps
+    yield AK.mix_channel_kernel, sig, dict(cfg), warps
     cfg = AK.out_config(hid, c)
     warps = cfg.pop("num_warps")
     names = ["loc_ptr", "glob_ptr", "pooled_ptr", "gmean_ptr", "task_ptr", "p1w_ptr", "p1b_ptr", "p2w_ptr",
@@ -173,7 +173,7 @@ def adapter_signatures(c, hid, q, side, xdt):
     sig.update(task_ptr="*i64", **{n: "i32" for n in ("HID", "P", "H2", "Q")}, BLOCK_HID="constexpr",
                BLOCK_H2="constexpr", BLOCK_Q="constexpr", BLOCK_P="constexpr")
     yield AK.mix_bwd_pix_kernel, sig, dict(cfg, BLOCK_H2=AK._pow2(hid // 2, 1), BLOCK_Q=AK._pow2(q, 1)), warps
-    cfg = AK.mix_config(side, side)
+    cfg = AK.mix_config(side, side, prec)
     warps = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     names = ["y_ptr", "scale_ptr", "shift_ptr", "task_ptr", "k9_ptr", "ampw_ptr", "ampb_ptr", "phaw_ptr", "phab_ptr",
              "compw_ptr", "compb_ptr", "cw_ptr", "sw_ptr", "ch_ptr", "sh_ptr", "aw_ptr", "bw_ptr", "glob_ptr",
@@ -181,7 +181,7 @@ def adapter_signatures(c, hid, q, side, xdt):
     sig = {n: "*fp32" for n in names}
     sig.update(task_ptr="*i64", HID="i32", H="i32", W="i32", BH="constexpr", BW="constexpr", BK="constexpr",
                PREC="constexpr")
-    yield AK.mix_bwd_channel_kernel, sig, dict(cfg, PREC=prec), warps
+    yield AK.mix_bwd_channel_kernel, sig, dict(cfg), warps
 
 
 def backbone_signatures(c, head_dim, xdt):

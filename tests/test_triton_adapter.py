@@ -16,6 +16,7 @@ import torch
 
 import moce_fast
 from moce_fast import adapters as A
+from moce_fast.kernels import adapter as adapter_kernels
 from moce_fast.ops import _backend
 from moce_fast.reference import AdaptIR
 from conftest import randomize_, rel_err
@@ -134,6 +135,10 @@ def test_dft_sizes_round_trip(side):
     with torch.no_grad():
         expected = ref(x).permute(0, 2, 3, 1)
     assert rel_err(y.cpu(), expected) < TOL32
+    # float32 hosts: 64-row tiles take float32 FMAs for their DFT products (an H200 got side 34,
+    # the first such tile, wrong through tf32x3 on wgmma: kernels.adapter.mix_config)
+    cfg = adapter_kernels.mix_config(side, side, adapter_kernels.precision(torch.float32))
+    assert (cfg["PREC"], cfg["BK"]) == (("ieee", 8) if side > 32 else ("tf32x3", 16))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
