@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .adapter import precision
+
 
 @triton.jit
 def pos_gemm_kernel(in_ptr, in_index_ptr, w_ptr, add_ptr, add_index_ptr, scale_ptr, out_ptr, out_index_ptr,
@@ -502,20 +504,12 @@ def dft_matrices(p: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
     return _DFT_CACHE[key]
 
 
-def matmul_precision() -> str:
-    """tl.dot input precision of the projections and weight gradients (float32 operands). It follows
-    torch.get_float32_matmul_precision() as torch's own float32 matmuls do: "highest" (torch's
-    default) keeps float32 accuracy with tf32x3 (three TF32 products), "high" and "medium" take one
-    TF32 product. (On a GPU a plain tl.dot of float32 is one TF32 product, ~1e-3 relative error,
-    which torch's default would not give.) The patch convolution's DFTs stay at tf32x3 always: a
-    TF32 DFT of a 16-point patch loses about three digits."""
-    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
 def launch_configs(c: int, r: int, h: int, w: int, p: int) -> dict:
     """Block sizes and warps of each kernel for one expert (the launchers and the compile test use it)."""
     pp = _pow2(p)
-    prec = matmul_precision()
+    # float32 operands (weights, and inputs cast on load) at torch's float32 matmul precision; the
+    # patch convolution's DFTs stay at tf32x3 always: a TF32 DFT of a 16-point patch loses ~3 digits
+    prec = precision(torch.float32)
     return {
         "in_proj": dict(BLOCK_N=min(64, _pow2(3 * r)), BLOCK_K=min(32, _pow2(c)), BLOCK_P=64, PREC=prec,
                         num_warps=4),
@@ -569,7 +563,7 @@ def expert_forward(x, shared, image, order, gate, offsets, expert: int, fold_w, 
 def backward_configs(c: int, r: int, h: int, w: int, p: int) -> dict:
     """Block sizes and warps of each backward kernel for one expert (launchers and compile test)."""
     pp = _pow2(p)
-    prec = matmul_precision()
+    prec = precision(torch.float32)  # as in launch_configs
     return {
         "out_bwd": dict(BLOCK_R=min(32, _pow2(r)), BLOCK_K=min(32, _pow2(c)), BLOCK_P=64, PREC=prec, num_warps=4),
         "hidden_bwd_a": dict(BLOCK_R=min(32, _pow2(r)), BLOCK_K=min(32, _pow2(min(r, c))), BLOCK_P=64, PREC=prec,
