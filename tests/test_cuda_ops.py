@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import moce_fast
 from moce_fast import routing
 from moce_fast.reference.layers import channel_layer_norm
+from conftest import rel_err
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("moce_fast._C") is None,
                                 reason="moce_fast._C was not built (needs a CUDA build of torch and nvcc)")
@@ -49,11 +50,6 @@ def _poison():
     _cuda.set_poison_outputs(False)
 
 
-def rel(a, b):
-    a, b = a.detach().cpu().double(), b.detach().cpu().double()  # the device result against the CPU reference
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
 def rand(*shape, dtype=torch.float64, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
@@ -74,13 +70,13 @@ def test_layer_norm_forward_backward(device, dtype, hw, with_bias):
     xf, wf, bf = (t.to(device, dtype).clone().requires_grad_() for t in (x, w, b))
     y, mean, rstd = torch.ops.moce_fast.channel_layer_norm(xf, wf, bf if with_bias else None, 1e-5)
     assert y.dtype == dtype and not torch.isnan(y).any()
-    assert rel(y, yr) < TOL[dtype]
-    assert rel(mean, x.mean(1)) < max(TOL[dtype], 1e-6)
+    assert rel_err(y, yr) < TOL[dtype]
+    assert rel_err(mean, x.mean(1)) < max(TOL[dtype], 1e-6)
     y.backward(dy.to(device, dtype))
-    assert rel(xf.grad, xr.grad) < 4 * TOL[dtype]
-    assert rel(wf.grad, wr.grad) < 4 * TOL[dtype]
+    assert rel_err(xf.grad, xr.grad) < 4 * TOL[dtype]
+    assert rel_err(wf.grad, wr.grad) < 4 * TOL[dtype]
     if with_bias:
-        assert rel(bf.grad, br.grad) < 4 * TOL[dtype]
+        assert rel_err(bf.grad, br.grad) < 4 * TOL[dtype]
     else:
         assert bf.grad is None
 
@@ -139,14 +135,14 @@ def test_grouped_dwconv_forward_backward(device, dtype, k, hw):
         assert y.shape == (b * top_k, c, *hw)
         assert not torch.isnan(y[lo:hi]).any()
         if hi > lo:
-            assert rel(y[lo:hi], yr) < TOL[dtype]
+            assert rel_err(y[lo:hi], yr) < TOL[dtype]
         (y[lo:hi].double() * dy[lo:hi].to(device)).sum().backward()
         if hi == lo:  # an expert with no image: zero gradients, allocated
             assert all(torch.count_nonzero(t.grad) == 0 for t in (xf, wf, bf))
             continue
-        assert rel(xf.grad, xr.grad) < 4 * TOL[dtype]
-        assert rel(wf.grad, wr.grad) < 8 * TOL[dtype]
-        assert rel(bf.grad, br.grad) < 8 * TOL[dtype]
+        assert rel_err(xf.grad, xr.grad) < 4 * TOL[dtype]
+        assert rel_err(wf.grad, wr.grad) < 8 * TOL[dtype]
+        assert rel_err(bf.grad, br.grad) < 8 * TOL[dtype]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -159,7 +155,7 @@ def test_grouped_dwconv_empty_group_and_all_on_one_expert(device):
     y0 = torch.ops.moce_fast.grouped_dwconv(x, image, offsets, 0, w, None)
     assert torch.isnan(y0).all()  # nothing written: every row stays poisoned
     y2 = torch.ops.moce_fast.grouped_dwconv(x, image, offsets, 2, w, None)
-    assert rel(y2, F.conv2d(x, w, padding=2, groups=c)) < 1e-5
+    assert rel_err(y2, F.conv2d(x, w, padding=2, groups=c)) < 1e-5
     dx, dw, db = torch.ops.moce_fast.grouped_dwconv_backward(torch.ones_like(y0), x, image, offsets, 0, w, True)
     assert torch.count_nonzero(dx) == 0 and torch.count_nonzero(dw) == 0 and torch.count_nonzero(db) == 0
 
@@ -187,7 +183,7 @@ def test_grouped_dwconv_op_and_bad_input():
     with moce_fast.backend("torch"):
         yt = moce_fast.ops.grouped_dwconv(x, plan.image, plan.offsets, 1, w)
     y = torch.ops.moce_fast.grouped_dwconv(x, plan.image, plan.offsets, 1, w, None)
-    assert rel(y[1:2], yt[1:2]) < 1e-6
+    assert rel_err(y[1:2], yt[1:2]) < 1e-6
     with pytest.raises(RuntimeError, match="weight: expected shape"):
         torch.ops.moce_fast.grouped_dwconv(x, plan.image, plan.offsets, 0, rand(3, 1, 4, 4, dtype=torch.float32),
                                            None)
@@ -206,12 +202,12 @@ def test_routing_plan_matches_torch(device, b, e, k):
     idx, gates, order, image, gate_sorted, counts, offsets = torch.ops.moce_fast.routing_plan(logits, k)
     g_ref, i_ref = logits.cpu().double().softmax(-1).topk(k, dim=-1)
     assert torch.equal(idx.cpu(), i_ref)
-    assert rel(gates.cpu(), g_ref) < 1e-6 if b else gates.numel() == 0
+    assert rel_err(gates.cpu(), g_ref) < 1e-6 if b else gates.numel() == 0
     plan = routing.make_plan(i_ref, g_ref.float(), e)
     for got, want in [(order, plan.order), (image, plan.image), (counts, plan.counts), (offsets, plan.offsets)]:
         assert torch.equal(got.cpu(), want)
     if b:
-        assert rel(gate_sorted.cpu(), plan.gate) < 1e-6
+        assert rel_err(gate_sorted.cpu(), plan.gate) < 1e-6
 
 
 def test_routing_plan_op_and_errors():
