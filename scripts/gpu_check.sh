@@ -107,6 +107,7 @@ bench() {  # bench NAME FILE [quick]: one benchmark file, JSON and JSON lines in
 # happens (tests/conftest.py), which survives a step cut off by the budget.
 PT=(-q -rfEs --tb=short -p no:cacheprovider)
 if $PY -c "import xdist" 2> /dev/null && [ "${GPU_CHECK_WORKERS:-8}" -gt 1 ]; then PT+=(-n "${GPU_CHECK_WORKERS:-8}"); fi
+TRITON_TESTS=(tests/test_triton_moce.py tests/test_triton_adapter.py tests/test_triton_backbone.py)
 pack() { tar -czf "$OUT/gpu_check.tar.gz" -C "$WORK" . 2>/dev/null; }
 trap pack EXIT
 for s in $STEPS; do
@@ -117,13 +118,11 @@ for s in $STEPS; do
         $PY -m pip install -e . --no-deps --no-build-isolation ;;
     gpu_tests) MOCE_FAST_FAILURE_LOG=$WORK/gpu_tests.failures step gpu_tests $PY -m pytest "${PT[@]}" -m gpu tests ;;
     triton_tests) MOCE_FAST_FAILURE_LOG=$WORK/triton_tests.failures step triton_tests $PY -m pytest "${PT[@]}" \
-        -m "not gpu" tests/test_triton_moce.py \
-        tests/test_triton_adapter.py tests/test_triton_backbone.py ;;
+        -m "not gpu" "${TRITON_TESTS[@]}" ;;
     bench_moce_layer|bench_adapter|bench_backbone|bench_model) bench "${s#bench_}" "bench/${s}.py" quick ;;
     bench_cuda_ops) bench cuda_ops bench/bench_cuda_ops.py ;;
     other_tests) MOCE_FAST_FAILURE_LOG=$WORK/other_tests.failures step other_tests $PY -m pytest "${PT[@]}" \
-        -m "not gpu" tests --ignore tests/test_triton_moce.py \
-        --ignore tests/test_triton_adapter.py --ignore tests/test_triton_backbone.py ;;
+        -m "not gpu" tests "${TRITON_TESTS[@]/#/--ignore=}" ;;
     sanitizer)
       if command -v compute-sanitizer > /dev/null; then
         step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -x tests/test_cuda_ops.py -k cuda
