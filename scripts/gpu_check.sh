@@ -11,6 +11,8 @@
 #                tests that skip on a CPU)
 #   triton_tests the Triton kernels' correctness tests, which run on the GPU when there is one (on a
 #                CPU they go through the interpreter)
+#   profile      scripts/gpu_profile.py: host time against GPU time (CUDA graphs, profiler) of the
+#                adapter and MoCE-layer headline cases, as profile.json
 #   bench_moce_layer bench_adapter bench_backbone bench_model
 #                headline benchmarks: MOCE_FAST_BENCH_QUICK=1 (each issue's target cases,
 #                bench/conftest.py)
@@ -37,7 +39,7 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)  # logs and results, packed into $OUT/gpu_check.tar.gz at the end
 PY=${PYTHON:-python3}
-STEPS=${GPU_CHECK_STEPS:-install gpu_tests triton_tests bench_moce_layer bench_adapter bench_backbone bench_model bench_cuda_ops other_tests sanitizer}
+STEPS=${GPU_CHECK_STEPS:-install gpu_tests triton_tests profile bench_moce_layer bench_adapter bench_backbone bench_model bench_cuda_ops other_tests sanitizer}
 BUDGET=${GPU_CHECK_BUDGET:-540}
 START=$SECONDS
 DEVICE=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_') if torch.cuda.is_available() else '')")
@@ -62,7 +64,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 
 # Per-step caps in seconds (GPU_CHECK_CAPS="name=seconds ..." overrides or adds); a step without a
 # cap may take what the budget has left.
-declare -A CAPS=([install]=240 [gpu_tests]=150 [triton_tests]=150 [bench_moce_layer_quick]=150
+declare -A CAPS=([install]=240 [gpu_tests]=150 [triton_tests]=150 [profile]=150 [bench_moce_layer_quick]=150
                  [bench_adapter_quick]=150 [bench_backbone_quick]=120)
 for kv in ${GPU_CHECK_CAPS:-}; do CAPS[${kv%%=*}]=${kv#*=}; done
 
@@ -119,6 +121,7 @@ for s in $STEPS; do
     gpu_tests) MOCE_FAST_FAILURE_LOG=$WORK/gpu_tests.failures step gpu_tests $PY -m pytest "${PT[@]}" -m gpu tests ;;
     triton_tests) MOCE_FAST_FAILURE_LOG=$WORK/triton_tests.failures step triton_tests $PY -m pytest "${PT[@]}" \
         -m "not gpu" "${TRITON_TESTS[@]}" ;;
+    profile) step profile $PY scripts/gpu_profile.py --json "$RESULTS/profile.json" ;;
     bench_moce_layer|bench_adapter|bench_backbone|bench_model) bench "${s#bench_}" "bench/${s}.py" quick ;;
     bench_cuda_ops) bench cuda_ops bench/bench_cuda_ops.py ;;
     other_tests) MOCE_FAST_FAILURE_LOG=$WORK/other_tests.failures step other_tests $PY -m pytest "${PT[@]}" \

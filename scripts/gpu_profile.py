@@ -1,0 +1,202 @@
+"""Where the time of the headline GPU cases goes: host overhead or GPU work.
+
+For each case (the AdaptIR adapter at issue 5's shapes, the MoCE layer at issue 3's headline case)
+and each implementation, four numbers per call, all from one process on one device:
+- ``sync_ms``: host clock around one call plus torch.cuda.synchronize() (what the benchmarks time);
+- ``queued_ms``: host clock over many calls issued back to back, one synchronize at the end: equal
+  to ``sync_ms`` when the host cannot keep the GPU busy;
+- ``graph_ms``: the same calls replayed from one CUDA graph (no Python, no launch overhead): the GPU's
+  own time, or "n/a: <reason>" when the path cannot be captured;
+- ``kernels_ms`` and ``launches``: device time of the kernels of one call, and how many (the torch
+  profiler), with the three costliest kernels.
+Prints a table and writes the records as JSON (--json FILE). Run on a CUDA device only:
+    python scripts/gpu_profile.py [--cases adapter,moce_layer] [--batch 8] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+
+def _timed(fn, reps: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def _sync_ms(fn, reps: int) -> float:
+    best = math.inf
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best
+
+
+def _graph_ms(fn, reps: int):
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+    except Exception as e:  # a path with a host sync or a CPU-side decision cannot be captured
+        return f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _kernels(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    per = {}
+    total, launches = 0.0, 0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            t = ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
+            total += t
+            launches += 1
+            per[ev.name] = per.get(ev.name, 0.0) + t
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:3]
+    return total / 1e3, launches, [(name[:60], round(t / 1e3, 4)) for name, t in top]
+
+
+def profile_case(name: str, impls: dict, reps: int) -> list[dict]:
+    rows = []
+    for impl, fn in impls.items():
+        rec = {"case": name, "impl": impl}
+        try:
+            fn()  # compiles / warms up
+            fn()
+            rec["sync_ms"] = round(_sync_ms(fn, reps), 4)
+            rec["queued_ms"] = round(_timed(fn, reps), 4)
+            g = _graph_ms(fn, reps)
+            rec["graph_ms"] = round(g, 4) if isinstance(g, float) else g
+            rec["kernels_ms"], rec["launches"], rec["top"] = _kernels(fn)
+            rec["kernels_ms"] = round(rec["kernels_ms"], 4)
+        except Exception as e:
+            rec["error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(rec)
+        print(json.dumps(rec), flush=True)
+    return rows
+
+
+def adapter_cases(batch: int, dtype):
+    import moce_fast
+    sys.path.insert(0, "bench")
+    from bench_adapter import SHAPES, PublicAdapter, _randomize
+    from moce_fast.reference import AdaptIR
+
+    for variant, dim, layout, side in SHAPES:
+        torch.manual_seed(0)
+        fast = moce_fast.AdaptIRAdapter(dim, variant, layout)
+        _randomize(fast)
+        ref = AdaptIR(dim, variant)
+        ref.load_state_dict(fast.state_dict())
+        fast, ref = fast.cuda().to(dtype).eval(), ref.cuda().to(dtype).eval()
+        pub = PublicAdapter(ref, layout)
+        shape = (side * side, batch, dim) if layout == "lnc" else (batch, side, side, dim)
+        x = torch.randn(shape, device="cuda", dtype=dtype)
+
+        def run(module, backend=None):
+            def call():
+                with torch.no_grad():
+                    if backend is None:
+                        return module(x)
+                    with moce_fast.backend(backend):
+                        return module(x)
+            return call
+
+        impls = {"public": run(pub), "torch": run(fast, "torch"), "triton": run(fast, "triton")}
+        yield f"adapter {variant} C={dim} {side}x{side} B={batch} {str(dtype)[6:]} fwd", impls
+
+
+def moce_layer_cases(batch: int, dtype):
+    import moce_fast
+    from moce_fast.reference.moce import AdapterLayer
+
+    dim, hw = 48, 128
+    torch.manual_seed(0)
+    fast = moce_fast.MoCELayer(dim, num_experts=4, top_k=1, freq_dim=384).cuda().to(dtype).eval()
+    ref = AdapterLayer(dim, 2, num_experts=4, top_k=1, freq_dim=384, depth_type="constant", rank_type="spread",
+                       complexity_scale="max").cuda().to(dtype).eval()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(batch, dim, hw, hw, device="cuda", dtype=dtype)
+    shared = torch.randn_like(x)
+    freq = torch.randn(batch, 384, device="cuda", dtype=dtype)
+    idx = (torch.arange(batch, device="cuda") % 4).view(batch, 1)
+    gates = torch.full((batch, 1), 0.9, device="cuda", dtype=dtype)
+
+    def fast_call(backend):
+        def call():
+            with torch.no_grad(), moce_fast.backend(backend):
+                return fast(x, freq, shared, idx, gates)
+        return call
+
+    def ref_call():
+        with torch.no_grad():
+            return ref(x, freq, shared, idx, gates)
+
+    impls = {"reference": ref_call, "torch": fast_call("torch"), "triton": fast_call("triton")}
+    yield f"moce_layer C={dim} {hw}x{hw} B={batch} mixed {str(dtype)[6:]} fwd", impls
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="adapter,moce_layer")
+    ap.add_argument("--batch", type=int, nargs="+", default=[8])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_profile.py: needs a CUDA device", file=sys.stderr)
+        return 2
+    gens = {"adapter": adapter_cases, "moce_layer": moce_layer_cases}
+    rows = []
+    for case in args.cases.split(","):
+        for b in args.batch:
+            for name, impls in gens[case](b, torch.float32):
+                rows += profile_case(name, impls, args.reps)
+    print(f"\n{'case':48} {'impl':10} {'sync':>8} {'queued':>8} {'graph':>8} {'kernels':>8} {'launch':>6}")
+    for r in rows:
+        g = r.get("graph_ms")
+        g = f"{g:8.3f}" if isinstance(g, float) else "     n/a"
+        if "error" in r:
+            print(f"{r['case']:48} {r['impl']:10} {r['error'][:80]}")
+            continue
+        print(f"{r['case']:48} {r['impl']:10} {r['sync_ms']:8.3f} {r['queued_ms']:8.3f} {g} "
+              f"{r['kernels_ms']:8.3f} {r['launches']:6d}  {r['top'][0][0] if r['top'] else ''}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
