@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, pow2
+
 MAX_SIDE = 64  # the mix kernel holds one H x W channel map on chip: H, W <= 64
 MAX_HIDDEN = 128
 
@@ -106,6 +108,16 @@ def _softmax_map(z, inside):
 
 
 @triton.jit
+def _dot_pair(a1, b1, a2, b2, acc, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr):
+    """acc + a1 @ b1 + a2 @ b2 (a: (M, K), b: (K, N)) as one product [a1 | a2] @ [b1; b2] of depth
+    2K: for column blocks of K = 8, which a single tl.dot does not take (Triton 3.6 asks for K >= 16;
+    3.8 takes 8)."""
+    a = tl.reshape(tl.permute(tl.join(a1, a2), (0, 2, 1)), (M, 2 * K))  # (M, K, 2) -> (M, 2, K) -> (M, 2K)
+    b = tl.reshape(tl.permute(tl.join(b1, b2), (2, 0, 1)), (2 * K, N))  # (K, N, 2) -> (2, K, N) -> (2K, N)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
 def _spectrum_block(x, cw_ptr, sw_ptr, ch_ptr, sh_ptr, wcol, BH: tl.constexpr, PREC: tl.constexpr):
     """Real and imaginary parts of one block of spectrum columns of rfft2(x) (ortho): the W-axis
     transform x @ [CW | -SW] at the (BW, BK) offsets wcol, then the H-axis DFT (CH - i SH), whose
@@ -123,9 +135,12 @@ def _spectrum_block(x, cw_ptr, sw_ptr, ch_ptr, sh_ptr, wcol, BH: tl.constexpr, P
 def mix_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr, ampw_ptr, ampb_ptr, phaw_ptr,
                        phab_ptr, compw_ptr, compb_ptr, cw_ptr, sw_ptr, ch_ptr, sh_ptr, aw_ptr, bw_ptr,
                        loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, HID, H, W,
-                       BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                       BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                       AFFINE: tl.constexpr):
     """Hidden channel c of image n: the local branch map, the global branch before its |.| (the
-    irfft2 result), the pooled value and the mean of |global|."""
+    irfft2 result), the pooled value and the mean of |global|. AFFINE: y is normalised on load with
+    the per-image (scale, shift) (training BatchNorm); without it y is taken as it is (eval
+    BatchNorm folded into the head) and scale_ptr, shift_ptr are not read."""
     pid = tl.program_id(0)
     n = pid // HID
     c = pid % HID
@@ -139,15 +154,18 @@ def mix_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr,
     # attention pooling: logits over all channels (BatchNorm applied on load), softmax over pixels
     z = tl.zeros((BH, BW), dtype=tl.float32) + tl.load(compb_ptr + t)
     for j in range(HID):
-        sc = tl.load(scale_ptr + n * HID + j)
-        sh = tl.load(shift_ptr + n * HID + j)
-        xj = tl.load(img + j * hw + offs, mask=inside, other=0.0) * sc + sh
+        xj = tl.load(img + j * hw + offs, mask=inside, other=0.0)
+        if AFFINE:
+            xj = xj * tl.load(scale_ptr + n * HID + j) + tl.load(shift_ptr + n * HID + j)
         z += tl.load(compw_ptr + t * HID + j) * xj
     s = _softmax_map(z, inside)
-    sc = tl.load(scale_ptr + n * HID + c)
-    sh = tl.load(shift_ptr + n * HID + c)
     chan = img + c * hw
-    x = tl.where(inside, tl.load(chan + offs, mask=inside, other=0.0) * sc + sh, 0.0)
+    x = tl.load(chan + offs, mask=inside, other=0.0)
+    if AFFINE:
+        sc = tl.load(scale_ptr + n * HID + c)
+        sh = tl.load(shift_ptr + n * HID + c)
+        x = x * sc + sh
+    x = tl.where(inside, x, 0.0)
     pooled = tl.sum(tl.sum(x * s, axis=1), axis=0)
     # local branch: depthwise 3x3 (kernel A @ B), zero padding of the normalised map
     loc = tl.zeros((BH, BW), dtype=tl.float32) + tl.load(cbias_ptr + t * HID + c)
@@ -156,7 +174,10 @@ def mix_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr,
             rr = rows[:, None] + (di - 1)
             cc = cols[None, :] + (dj - 1)
             ok = inside & (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
-            xs = tl.where(ok, tl.load(chan + rr * W + cc, mask=ok, other=0.0) * sc + sh, 0.0)
+            xs = tl.load(chan + rr * W + cc, mask=ok, other=0.0)
+            if AFFINE:
+                xs = xs * sc + sh
+            xs = tl.where(ok, xs, 0.0)
             loc += tl.load(k9_ptr + (t * HID + c) * 9 + di * 3 + dj) * xs
     out = (n.to(tl.int64) * HID + c) * hw + offs
     tl.store(loc_ptr + out, loc, mask=inside)  # stored now: not held in registers through the DFTs
@@ -179,8 +200,11 @@ def mix_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr,
         gi = tl.dot(_load_square(ch_ptr, BH), zi, input_precision=PREC)
         gi = tl.dot(_load_square(sh_ptr, BH), zr, gi, input_precision=PREC)
         wrow = (k0 + kk)[:, None] * BW + cols[None, :]  # (BK, BW) block of rows of AW, BW
-        g = tl.dot(gr, tl.load(aw_ptr + wrow), g, input_precision=PREC)
-        g -= tl.dot(gi, tl.load(bw_ptr + wrow), input_precision=PREC)
+        if BK < 16:  # g += [gr | gi] @ [AW; -BW] as one product (a tl.dot needs K >= 16)
+            g = _dot_pair(gr, tl.load(aw_ptr + wrow), gi, -tl.load(bw_ptr + wrow), g, BH, BK, BW, PREC)
+        else:
+            g = tl.dot(gr, tl.load(aw_ptr + wrow), g, input_precision=PREC)
+            g -= tl.dot(gi, tl.load(bw_ptr + wrow), input_precision=PREC)
     g = tl.where(inside, g, 0.0)
     tl.store(glob_ptr + out, g, mask=inside)  # signed: the backward needs the sign of the irfft2 result
     tl.store(pooled_ptr + pid, pooled)
@@ -386,8 +410,11 @@ def mix_bwd_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, ampw_p
         dre -= tl.dot(_load_square(sh_ptr, BH), dfi, input_precision=PREC)
         dim = tl.dot(_load_square(sh_ptr, BH), dfr, input_precision=PREC)
         dim = tl.dot(_load_square(ch_ptr, BH), dfi, dim, input_precision=PREC)
-        dx = tl.dot(dre, tl.load(cw_ptr + wcol_t), dx, input_precision=PREC)
-        dx -= tl.dot(dim, tl.load(sw_ptr + wcol_t), input_precision=PREC)
+        if BK < 16:  # dx += [dre | dim] @ [CW^T; -SW^T] as one product (a tl.dot needs K >= 16)
+            dx = _dot_pair(dre, tl.load(cw_ptr + wcol_t), dim, -tl.load(sw_ptr + wcol_t), dx, BH, BK, BW, PREC)
+        else:
+            dx = tl.dot(dre, tl.load(cw_ptr + wcol_t), dx, input_precision=PREC)
+            dx -= tl.dot(dim, tl.load(sw_ptr + wcol_t), input_precision=PREC)
     tl.store(sbase + 5, s_aw)
     tl.store(sbase + 6, s_ab)
     tl.store(sbase + 7, s_pw)
@@ -400,10 +427,6 @@ def mix_bwd_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, ampw_p
 
 # ------------------------------------------------------------------------------------- launchers
 
-def _pow2(n: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(int(n)))
-
-
 def precision(dtype: torch.dtype) -> str:
     """tl.dot input precision. float32 inputs follow torch.get_float32_matmul_precision(): "highest"
     (torch's default) keeps float32 accuracy (tf32x3, three TF32 products), "high"/"medium" take
@@ -414,7 +437,7 @@ def precision(dtype: torch.dtype) -> str:
 
 
 def linear_config(p: int, m: int, k: int) -> dict:
-    return dict(BLOCK_P=64, BLOCK_M=min(64, _pow2(m)), BLOCK_K=min(32, _pow2(k)), num_warps=4)
+    return dict(BLOCK_P=64, BLOCK_M=min(64, pow2(m)), BLOCK_K=min(32, pow2(k)), num_warps=4)
 
 
 def mix_config(h: int, w: int, prec: str) -> dict:
@@ -429,10 +452,13 @@ def mix_config(h: int, w: int, prec: str) -> dict:
     ones use mma.sync. The global branch needs float32 accuracy there: the phase of a bin near the
     negative real axis flips between +pi and -pi under a small error. The products are small (~2.4 M
     multiply-adds per image and hidden channel at 64 x 64). Blocks of 8 columns keep ptxas's
-    spills for sm_90 near the tf32x3 version's (forward 1.7 KB, backward 3.2 KB, against 0.6 and
-    1.5 KB; blocks of 16 spilled 23 KB in the forward); for sm_80 the backward spills 33 KB. This
-    configuration has not yet run on a GPU: that test will say whether it mends the error."""
-    bh, bw = _pow2(h), _pow2(w)
+    spills near the tf32x3 version's (sm_90: forward 1.7 KB, backward 3.0 KB, against 0.6 and
+    1.5 KB; sm_80: 1.6 and 3.1 KB); blocks of 16 put 23 KB of the forward in local memory. The two
+    products of depth 8 that close each block are paired into one of depth 16 (_dot_pair): Triton
+    3.6, the GPU image's, rejects a tl.dot of depth under 16 (the H200 run of 2026-11-26 failed to
+    compile the first version of this configuration; tests/test_triton_compile.py now checks every
+    dot's depth)."""
+    bh, bw = pow2(h), pow2(w)
     fma = bh >= 64 and prec == "tf32x3"
     # num_stages=1: the loop over spectrum-column blocks is not worth pipelining (each iteration is
     # a dozen dots), and staging its matrix loads would multiply shared memory past sm_80's 163 KB
@@ -441,7 +467,7 @@ def mix_config(h: int, w: int, prec: str) -> dict:
 
 
 def out_config(hid: int, m: int) -> dict:
-    return dict(BLOCK_HID=_pow2(hid), BLOCK_P=64, BLOCK_M=min(64, _pow2(m)), num_warps=4)
+    return dict(BLOCK_HID=pow2(hid), BLOCK_P=64, BLOCK_M=min(64, pow2(m)), num_warps=4)
 
 
 def grouped_linear(b: torch.Tensor, a: torch.Tensor, bias, task: torch.Tensor, out: torch.Tensor,
@@ -453,7 +479,7 @@ def grouped_linear(b: torch.Tensor, a: torch.Tensor, bias, task: torch.Tensor, o
         return
     cfg = linear_config(p, m, k)
     warps = cfg.pop("num_warps")
-    grid = (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(m, cfg["BLOCK_M"]), n)
+    grid = (cdiv(p, cfg["BLOCK_P"]), cdiv(m, cfg["BLOCK_M"]), n)
     grouped_linear_kernel[grid](b, a, bias if bias is not None else a, task, out, p, m, k, *b.stride(), *a.stride(),
                                 *out_strides, HAS_BIAS=bias is not None, PREC=prec, num_warps=warps, **cfg)
 
@@ -478,7 +504,7 @@ def dft_matrices(h: int, w: int, device) -> tuple[torch.Tensor, ...]:
     g = Gr @ AW - Gi @ BW (weights 1 for the DC and Nyquist columns, 2 for the others). Orthonormal."""
     key = (h, w, str(device))
     if key not in _DFT_CACHE:
-        bh, bw = _pow2(h), _pow2(w)
+        bh, bw = pow2(h), pow2(w)
         wh = w // 2 + 1
         kw, nw = torch.arange(wh), torch.arange(w)
         cos_w, sin_w = _exact_trig(nw, kw, w)  # (w, wh)
@@ -507,6 +533,9 @@ def dft_matrices(h: int, w: int, device) -> tuple[torch.Tensor, ...]:
 def mix_tail(y, scale, shift, task, k9, mix: list, tail_w, out, out_strides, prec: str, scratch) -> None:
     """The mix and tail stages: y (N, hid, H, W) float32 -> out (strided (N, P, C) by out_strides).
 
+    scale, shift: (N, hid) float32, each image's BatchNorm as an affine map applied to y on load, or
+    both None when y is already normalised.
+
     mix: conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w, comp_b, proj1_w, proj1_b, proj2_w, proj2_b,
     ci1_w, ci1_b, ci2_w, ci2_b, si_w, si_b, all float32 contiguous with a leading task axis;
     k9: (T, hid, 9) the local 3x3 kernels; scratch: float32 buffers (local, global: like y;
@@ -520,19 +549,21 @@ def mix_tail(y, scale, shift, task, k9, mix: list, tail_w, out, out_strides, pre
     dev = y.device
     loc, glob, pooled, gmean = scratch
     cfg = mix_config(h, w, prec)
-    mix_channel_kernel[(n * hid,)](y, scale, shift, task, k9, cbias, ampw, ampb, phaw, phab, compw, compb,
-                                   *dft_matrices(h, w, dev), loc, glob, pooled, gmean, hid, h, w, **cfg)
+    affine = scale is not None
+    mix_channel_kernel[(n * hid,)](y, scale if affine else y, shift if affine else y, task, k9, cbias, ampw, ampb,
+                                   phaw, phab, compw, compb, *dft_matrices(h, w, dev), loc, glob, pooled, gmean,
+                                   hid, h, w, AFFINE=affine, **cfg)
     cfg = out_config(hid, m)
     warps = cfg.pop("num_warps")
     h2, q = p1w.shape[1], c1w.shape[1]
-    grid = (triton.cdiv(h * w, cfg["BLOCK_P"]), triton.cdiv(m, cfg["BLOCK_M"]), n)
+    grid = (cdiv(h * w, cfg["BLOCK_P"]), cdiv(m, cfg["BLOCK_M"]), n)
     mix_out_kernel[grid](loc, glob, pooled, gmean, task, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib, tail_w,
-                         out, hid, h * w, m, h2, q, *out_strides, BLOCK_H2=_pow2(h2, 1), BLOCK_Q=_pow2(q, 1),
+                         out, hid, h * w, m, h2, q, *out_strides, BLOCK_H2=pow2(h2, 1), BLOCK_Q=pow2(q, 1),
                          PREC=prec, num_warps=warps, **cfg)
 
 
 def pix_config(hid: int) -> dict:
-    return dict(BLOCK_HID=_pow2(hid), BLOCK_P=64, num_warps=4)
+    return dict(BLOCK_HID=pow2(hid), BLOCK_P=64, num_warps=4)
 
 
 def mix_backward_pix(du, task, mix: list, saved, out) -> None:
@@ -551,9 +582,9 @@ def mix_backward_pix(du, task, mix: list, saved, out) -> None:
     cfg = pix_config(hid)
     warps = cfg.pop("num_warps")
     h2, q = p1w.shape[1], c1w.shape[1]
-    mix_bwd_pix_kernel[(triton.cdiv(h * w, cfg["BLOCK_P"]), n)](
+    mix_bwd_pix_kernel[(cdiv(h * w, cfg["BLOCK_P"]), n)](
         du, loc, glob, pooled, gmean, task, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib, dloc, dgabs, u, parts,
-        hid, h * w, h2, q, BLOCK_H2=_pow2(h2, 1), BLOCK_Q=_pow2(q, 1), num_warps=warps, **cfg)
+        hid, h * w, h2, q, BLOCK_H2=pow2(h2, 1), BLOCK_Q=pow2(q, 1), num_warps=warps, **cfg)
 
 
 def mix_backward_channel(y, scale, shift, task, k9, mix: list, glob, dloc, dgabs, dpooled, dgmean, prec: str,

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, pow2
+
 from .adapter import _gelu
 
 
@@ -427,23 +429,19 @@ def apply_kernel(m_ptr, x_ptr, c_ptr, y_ptr, out_ptr, D, HW, x_sb, y_sb, out_sb,
 
 # ------------------------------------------------------------------------------------- launchers
 
-def _pow2(n: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(int(n)))
-
-
 # Block sizes take ``fp32``: float32 inputs run their dots in tf32x3 (each operand split in two),
 # which needs 8 warps (or narrower pixel blocks) to stay clear of register spills on sm_80.
 
 def ln_linear_config(k: int, n: int, fp32: bool) -> dict:
-    return dict(BLOCK_N=min(64, _pow2(n)), BLOCK_K=min(32, _pow2(k)), BLOCK_P=64, num_warps=8 if fp32 else 4)
+    return dict(BLOCK_N=min(64, pow2(n)), BLOCK_K=min(32, pow2(k)), BLOCK_P=64, num_warps=8 if fp32 else 4)
 
 
 def ln_dx_config(k: int, n: int, fp32: bool) -> dict:
-    return dict(BLOCK_N=min(32, _pow2(n)), BLOCK_K=min(32, _pow2(k)), BLOCK_P=64, num_warps=8 if fp32 else 4)
+    return dict(BLOCK_N=min(32, pow2(n)), BLOCK_K=min(32, pow2(k)), BLOCK_P=64, num_warps=8 if fp32 else 4)
 
 
 def ln_wgrad_config(k: int, n: int) -> dict:
-    return dict(BLOCK_N=min(64, _pow2(n)), BLOCK_K=min(64, _pow2(k)), BLOCK_P=32, num_warps=4)
+    return dict(BLOCK_N=min(64, pow2(n)), BLOCK_K=min(64, pow2(k)), BLOCK_P=32, num_warps=4)
 
 
 def dwgate_config() -> dict:
@@ -452,13 +450,13 @@ def dwgate_config() -> dict:
 
 def dwgate_bwd_config(n: int, fused: bool) -> dict:
     if fused:  # the dg GEMM takes channel blocks of at least 16 (tl.dot)
-        return dict(BLOCK_CH=16, BLOCK_P=64, BLOCK_N=min(32, _pow2(n)), num_warps=8)
+        return dict(BLOCK_CH=16, BLOCK_P=64, BLOCK_N=min(32, pow2(n)), num_warps=8)
     return dict(BLOCK_CH=8, BLOCK_P=128, BLOCK_N=16, num_warps=8)
 
 
 def gate_out_config(n: int, fp32: bool) -> dict:
     # wide output blocks: every block of N outputs recomputes the gate (2 x 9 taps per value)
-    bn = min(128, _pow2(n))
+    bn = min(128, pow2(n))
     # num_stages=1: pipelining the loop would stage all 18 stencil loads of a block in shared
     # memory (over sm_80's 163 KB in float32); each iteration is compute-bound on the stencil anyway
     # (pixel blocks of 32 and 8 warps: no spills on sm_80/sm_90 for float32 or bfloat16)
@@ -466,11 +464,11 @@ def gate_out_config(n: int, fp32: bool) -> dict:
 
 
 def gate_wgrad_config(n: int, hid: int) -> dict:
-    return dict(BLOCK_N=min(64, _pow2(n)), BLOCK_K=min(32, _pow2(hid)), BLOCK_P=32, num_warps=8, num_stages=1)
+    return dict(BLOCK_N=min(64, pow2(n)), BLOCK_K=min(32, pow2(hid)), BLOCK_P=32, num_warps=8, num_stages=1)
 
 
 def attention_config(d: int, fp32: bool) -> dict:
-    bd = _pow2(d)
+    bd = pow2(d)
     if fp32:
         return dict(BLOCK_D=bd, BLOCK_P=32 if bd <= 64 else 16, num_warps=8)
     return dict(BLOCK_D=bd, BLOCK_P=64 if bd <= 64 else 32, num_warps=8)
@@ -479,13 +477,13 @@ def attention_config(d: int, fp32: bool) -> dict:
 def softmax_config(d: int) -> dict:
     """The per-(image, head) d x d kernels hold about six d x d float32 matrices: 4 warps at d <= 32,
     8 at 64, 16 at 128 keep them in registers."""
-    bd = _pow2(d)
+    bd = pow2(d)
     return dict(BLOCK_D=bd, num_warps={16: 4, 32: 4, 64: 8}.get(bd, 16))
 
 
 def pixel_groups(b: int, hw: int, per_image: int) -> int:
     """How many programs split one reduction over H*W: enough to fill ~256 programs in all."""
-    return max(1, min(triton.cdiv(hw, 64), triton.cdiv(256, max(1, b * per_image))))
+    return max(1, min(cdiv(hw, 64), cdiv(256, max(1, b * per_image))))
 
 
 def ln_linear(x, w, bias, center: bool, eps: float, out, mean, rstd, prec: str) -> None:
@@ -495,7 +493,7 @@ def ln_linear(x, w, bias, center: bool, eps: float, out, mean, rstd, prec: str) 
     if b == 0 or hw == 0:
         return
     cfg = ln_linear_config(k, n, x.dtype == torch.float32)
-    grid = (triton.cdiv(hw, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), b)
+    grid = (cdiv(hw, cfg["BLOCK_P"]), cdiv(n, cfg["BLOCK_N"]), b)
     ln_linear_kernel[grid](x, w, bias if bias is not None else w, out, mean, rstd, k, n, hw, eps, CENTER=center,
                            HAS_BIAS=bias is not None, PREC=prec, **cfg)
 
@@ -506,7 +504,7 @@ def ln_linear_dx(dy, w, x, mean, rstd, center: bool, dx, prec: str) -> None:
     if b == 0 or hw == 0:
         return
     cfg = ln_dx_config(k, n, x.dtype == torch.float32)
-    ln_linear_dx_kernel[(triton.cdiv(hw, cfg["BLOCK_P"]), b)](dy, w, x, mean, rstd, dx, k, n, hw, CENTER=center,
+    ln_linear_dx_kernel[(cdiv(hw, cfg["BLOCK_P"]), b)](dy, w, x, mean, rstd, dx, k, n, hw, CENTER=center,
                                                                PREC=prec, **cfg)
 
 
@@ -517,7 +515,7 @@ def ln_linear_wgrad(dy, x, mean, rstd, center: bool, n: int, prec: str, new) -> 
     if b == 0 or hw == 0:
         return torch.zeros(n, k, device=x.device, dtype=torch.float32)
     cfg = ln_wgrad_config(k, n)
-    blocks = triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(k, cfg["BLOCK_K"])
+    blocks = cdiv(n, cfg["BLOCK_N"]) * cdiv(k, cfg["BLOCK_K"])
     groups = pixel_groups(b, hw, blocks)
     part = new((b, groups, n, k))
     ln_linear_wgrad_kernel[(blocks, groups, b)](dy, x, mean, rstd, part, k, n, hw, CENTER=center, PREC=prec, **cfg)
@@ -531,7 +529,7 @@ def dwgate(hidden, w, bias, out) -> None:
     if b == 0 or hw == 0 or hid == 0:
         return
     cfg = dwgate_config()
-    dwgate_kernel[(triton.cdiv(hw, cfg["BLOCK_P"]), triton.cdiv(hid, cfg["BLOCK_CH"]), b)](
+    dwgate_kernel[(cdiv(hw, cfg["BLOCK_P"]), cdiv(hid, cfg["BLOCK_CH"]), b)](
         hidden, w, bias, out, hid, h, wd, **cfg)
 
 
@@ -544,7 +542,7 @@ def dwgate_backward(hidden, w, bias, dz, prec: str, dg=None, dy=None, w_out=None
         return
     fused = dy is not None
     cfg = dwgate_bwd_config(w_out.shape[0] if fused else 16, fused)
-    grid = (triton.cdiv(hw, cfg["BLOCK_P"]), triton.cdiv(hid, cfg["BLOCK_CH"]), b)
+    grid = (cdiv(hw, cfg["BLOCK_P"]), cdiv(hid, cfg["BLOCK_CH"]), b)
     dwgate_bwd_kernel[grid](hidden, w, bias, dy if fused else dg, w_out if fused else w, dz, hid,
                             w_out.shape[0] if fused else 0, h, wd, FROM_DY=fused, PREC=prec, **cfg)
 
@@ -557,7 +555,7 @@ def gate_out(hidden, w, bias, w_out, b_out, out, prec: str, residual=None) -> No
     if b == 0 or hw == 0:
         return
     cfg = gate_out_config(n, hidden.dtype == torch.float32)
-    gate_out_kernel[(triton.cdiv(hw, cfg["BLOCK_P"]), triton.cdiv(n, cfg["BLOCK_N"]), b)](
+    gate_out_kernel[(cdiv(hw, cfg["BLOCK_P"]), cdiv(n, cfg["BLOCK_N"]), b)](
         hidden, w, bias, w_out, b_out if b_out is not None else w_out, residual if residual is not None else out, out,
         hid, n, h, wd, HAS_BIAS=b_out is not None, HAS_RES=residual is not None, PREC=prec, **cfg)
 
@@ -569,7 +567,7 @@ def gate_wgrad(dy, hidden, w, bias, n: int, prec: str, new) -> torch.Tensor:
     if b == 0 or hw == 0 or hid == 0:
         return torch.zeros(n, hid, device=hidden.device, dtype=torch.float32)
     cfg = gate_wgrad_config(n, hid)
-    blocks = triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(hid, cfg["BLOCK_K"])
+    blocks = cdiv(n, cfg["BLOCK_N"]) * cdiv(hid, cfg["BLOCK_K"])
     groups = pixel_groups(b, hw, blocks)
     part = new((b, groups, n, hid))
     gate_wgrad_kernel[(blocks, groups, b)](dy, hidden, w, bias, part, hid, n, h, wd, PREC=prec, **cfg)
@@ -651,7 +649,7 @@ def apply(mat, x, out, prec: str, diag=None, y=None, trans: bool = False) -> Non
     if b == 0 or hw == 0:
         return
     cfg = attention_config(d, x.dtype == torch.float32)
-    grid = (triton.cdiv(hw, cfg["BLOCK_P"]), heads, b)
+    grid = (cdiv(hw, cfg["BLOCK_P"]), heads, b)
     apply_kernel[grid](mat, x, diag if diag is not None else mat, y if y is not None else x, out, d, hw,
                        x.stride(0), (y if y is not None else x).stride(0), out.stride(0), HAS_DIAG=diag is not None,
                        TRANS_M=trans, PREC=prec, **cfg)

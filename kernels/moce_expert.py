@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, pow2
+
 from .adapter import precision
 
 
@@ -484,10 +486,6 @@ def pos_outer_kernel(a_ptr, a_index_ptr, b_ptr, b_index_ptr, scale_ptr, offsets_
 
 # ------------------------------------------------------------------------------------- launchers
 
-def _pow2(n: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(int(n)))
-
-
 _DFT_CACHE: dict = {}
 
 
@@ -495,7 +493,7 @@ def dft_matrices(p: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Block-diagonal cos and sin matrices of the p-point DFT, PP x PP with PP = max(16, p)."""
     key = (p, str(device))
     if key not in _DFT_CACHE:
-        pp = _pow2(p)
+        pp = pow2(p)
         n = torch.arange(p, dtype=torch.float64)
         ang = 2 * math.pi * torch.outer(n, n) / p
         blocks = [torch.cos(ang)] * (pp // p), [torch.sin(ang)] * (pp // p)
@@ -506,18 +504,18 @@ def dft_matrices(p: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 def launch_configs(c: int, r: int, h: int, w: int, p: int) -> dict:
     """Block sizes and warps of each kernel for one expert (the launchers and the compile test use it)."""
-    pp = _pow2(p)
+    pp = pow2(p)
     # float32 operands (weights, and inputs cast on load) at torch's float32 matmul precision; the
     # patch convolution's DFTs stay at tf32x3 always: a TF32 DFT of a 16-point patch loses ~3 digits
     prec = precision(torch.float32)
     return {
-        "in_proj": dict(BLOCK_N=min(64, _pow2(3 * r)), BLOCK_K=min(32, _pow2(c)), BLOCK_P=64, PREC=prec,
+        "in_proj": dict(BLOCK_N=min(64, pow2(3 * r)), BLOCK_K=min(32, pow2(c)), BLOCK_P=64, PREC=prec,
                         num_warps=4),
         "dwconv": dict(KS=7, BLOCK_CH=16, BLOCK_P=64, num_warps=4),
         "patch_conv": dict(PP=pp, PREC="tf32x3", num_warps=8 if pp >= 32 else 4),
-        "hidden": dict(BLOCK_R=min(32, _pow2(r)), BLOCK_K=min(32, _pow2(min(r, c))), BLOCK_P=64, PREC=prec,
+        "hidden": dict(BLOCK_R=min(32, pow2(r)), BLOCK_K=min(32, pow2(min(r, c))), BLOCK_P=64, PREC=prec,
                        num_warps=4),
-        "out_proj": dict(BLOCK_N=min(64, _pow2(c)), BLOCK_K=min(32, _pow2(r)), BLOCK_P=64, PREC=prec, num_warps=4),
+        "out_proj": dict(BLOCK_N=min(64, pow2(c)), BLOCK_K=min(32, pow2(r)), BLOCK_P=64, PREC=prec, num_warps=4),
     }
 
 
@@ -538,37 +536,37 @@ def expert_forward(x, shared, image, order, gate, offsets, expert: int, fold_w, 
     qkv = scratch[1][:3 * size].view(npos, 3 * r, h, w)
     # The projections are dead once the depthwise convs ran: a and h reuse their buffer.
     a, hid = scratch[0][:size], scratch[0][size:2 * size]
-    grid_p = triton.cdiv(hw, 64)
+    grid_p = cdiv(hw, 64)
 
     c1 = cfg["in_proj"]
-    pos_gemm_kernel[(grid_p, triton.cdiv(3 * r, c1["BLOCK_N"]), npos)](
+    pos_gemm_kernel[(grid_p, cdiv(3 * r, c1["BLOCK_N"]), npos)](
         x, image, fold_w, x, image, gate, qkv_lin, order, offsets, expert, c, 3 * r, hw,
         IN_INDEXED=True, HAS_ADD=False, OUT_INDEXED=False, **c1)
     c2 = cfg["dwconv"]
-    dwconv_kernel[(grid_p, triton.cdiv(3 * r, c2["BLOCK_CH"]), npos)](
+    dwconv_kernel[(grid_p, cdiv(3 * r, c2["BLOCK_CH"]), npos)](
         qkv_lin, offsets, expert, dw_w, dw_b, qkv, 3 * r, h, w, **c2)
     c3 = cfg["patch_conv"]
     cos, sin, pp = dft_matrices(patch_size, x.device)
-    n_tiles = triton.cdiv(h, pp) * triton.cdiv(w, pp)
+    n_tiles = cdiv(h, pp) * cdiv(w, pp)
     patch_conv_kernel[(n_tiles, r, npos)](qkv, offsets, expert, cos, sin, a, r, h, w, 1.0 / patch_size ** 2, **c3)
     c4 = cfg["hidden"]
-    hidden_kernel[(grid_p, triton.cdiv(r, c4["BLOCK_R"]), npos)](
+    hidden_kernel[(grid_p, cdiv(r, c4["BLOCK_R"]), npos)](
         qkv, a, shared, image, offsets, expert, norm_w, norm_b, w_po, b_po, w_s, hid, c, hw, r, 1e-5, **c4)
     c5 = cfg["out_proj"]
-    pos_gemm_kernel[(grid_p, triton.cdiv(c, c5["BLOCK_N"]), npos)](
+    pos_gemm_kernel[(grid_p, cdiv(c, c5["BLOCK_N"]), npos)](
         hid, image, w_2, x, image, gate, out, order, offsets, expert, r, c, hw,
         IN_INDEXED=False, HAS_ADD=True, OUT_INDEXED=True, **c5)
 
 
 def backward_configs(c: int, r: int, h: int, w: int, p: int) -> dict:
     """Block sizes and warps of each backward kernel for one expert (launchers and compile test)."""
-    pp = _pow2(p)
+    pp = pow2(p)
     prec = precision(torch.float32)  # as in launch_configs
     return {
-        "out_bwd": dict(BLOCK_R=min(32, _pow2(r)), BLOCK_K=min(32, _pow2(c)), BLOCK_P=64, PREC=prec, num_warps=4),
-        "hidden_bwd_a": dict(BLOCK_R=min(32, _pow2(r)), BLOCK_K=min(32, _pow2(min(r, c))), BLOCK_P=64, PREC=prec,
+        "out_bwd": dict(BLOCK_R=min(32, pow2(r)), BLOCK_K=min(32, pow2(c)), BLOCK_P=64, PREC=prec, num_warps=4),
+        "hidden_bwd_a": dict(BLOCK_R=min(32, pow2(r)), BLOCK_K=min(32, pow2(min(r, c))), BLOCK_P=64, PREC=prec,
                              num_warps=4),
-        "hidden_bwd_b": dict(BLOCK_R=min(32, _pow2(r)), BLOCK_K=min(32, _pow2(r)), BLOCK_P=32, PREC=prec,
+        "hidden_bwd_b": dict(BLOCK_R=min(32, pow2(r)), BLOCK_K=min(32, pow2(r)), BLOCK_P=32, PREC=prec,
                              num_warps=4),
         "patch_conv_bwd": dict(PP=pp, PREC="tf32x3", num_warps=8 if pp >= 32 else 4),
         "dwconv_wgrad": dict(KS=7, BLOCK_CH=16, BLOCK_P=64, num_warps=4),
@@ -577,12 +575,12 @@ def backward_configs(c: int, r: int, h: int, w: int, p: int) -> dict:
 
 
 def _outer_blocks(m: int, n: int) -> dict:
-    return dict(BLOCK_M=min(64, _pow2(m)), BLOCK_N=min(64, _pow2(n)))
+    return dict(BLOCK_M=min(64, pow2(m)), BLOCK_N=min(64, pow2(n)))
 
 
 def pixel_groups(hw: int) -> int:
     """How many programs share one position's pixels in the weight-gradient reductions."""
-    return max(1, min(8, triton.cdiv(hw, 64)))
+    return max(1, min(8, cdiv(hw, 64)))
 
 
 def expert_backward(x, shared, image, order, gate, offsets, expert: int, fold_w, dw_w, dw_b, norm_w, norm_b,
@@ -600,10 +598,10 @@ def expert_backward(x, shared, image, order, gate, offsets, expert: int, fold_w,
     dev = x.device
     z = lambda *shape: torch.zeros(shape, device=dev, dtype=torch.float32)  # noqa: E731
     cfg, bc = launch_configs(c, r, h, w, patch_size), backward_configs(c, r, h, w, patch_size)
-    grid_p = triton.cdiv(hw, 64)
+    grid_p = cdiv(hw, 64)
     groups = pixel_groups(hw)
-    n_rb = triton.cdiv(r, bc["out_bwd"]["BLOCK_R"])
-    grid_ln = triton.cdiv(hw, bc["hidden_bwd_b"]["BLOCK_P"])
+    n_rb = cdiv(r, bc["out_bwd"]["BLOCK_R"])
+    grid_ln = cdiv(hw, bc["hidden_bwd_b"]["BLOCK_P"])
     parts = dict(gate=z(npos, grid_p, n_rb), w2=z(npos, groups, c, r), ws=z(npos, groups, r, c),
                  wpo=z(npos, groups, r, r), bpo=z(npos, grid_p, r), ln=z(npos, grid_ln, 2, r),
                  dw=z(npos, groups, 3 * r, 50), fold=z(npos, groups, 3 * r, c))
@@ -613,18 +611,18 @@ def expert_backward(x, shared, image, order, gate, offsets, expert: int, fold_w,
     qkv_lin, qkv = new((npos, 3 * r, h, w)), new((npos, 3 * r, h, w))
     a, hid = new((npos, r, h, w)), new((npos, r, h, w))
     c1 = cfg["in_proj"]
-    pos_gemm_kernel[(grid_p, triton.cdiv(3 * r, c1["BLOCK_N"]), npos)](
+    pos_gemm_kernel[(grid_p, cdiv(3 * r, c1["BLOCK_N"]), npos)](
         x, image, fold_w, x, image, gate, qkv_lin, order, offsets, expert, c, 3 * r, hw,
         IN_INDEXED=True, HAS_ADD=False, OUT_INDEXED=False, **c1)
     c2 = cfg["dwconv"]
-    dwconv_kernel[(grid_p, triton.cdiv(3 * r, c2["BLOCK_CH"]), npos)](
+    dwconv_kernel[(grid_p, cdiv(3 * r, c2["BLOCK_CH"]), npos)](
         qkv_lin, offsets, expert, dw_w, dw_b, qkv, 3 * r, h, w, **c2)
     c3 = cfg["patch_conv"]
     cos, sin, pp = dft_matrices(patch_size, dev)
-    n_tiles = triton.cdiv(h, pp) * triton.cdiv(w, pp)
+    n_tiles = cdiv(h, pp) * cdiv(w, pp)
     patch_conv_kernel[(n_tiles, r, npos)](qkv, offsets, expert, cos, sin, a, r, h, w, 1.0 / patch_size ** 2, **c3)
     c4 = cfg["hidden"]
-    hidden_kernel[(grid_p, triton.cdiv(r, c4["BLOCK_R"]), npos)](
+    hidden_kernel[(grid_p, cdiv(r, c4["BLOCK_R"]), npos)](
         qkv, a, shared, image, offsets, expert, norm_w, norm_b, w_po, b_po, w_s, hid, c, hw, r, 1e-5, **c4)
     # proj2, the shortcut and the gate
     dh = new((npos, r, h, w))
@@ -634,7 +632,7 @@ def expert_backward(x, shared, image, order, gate, offsets, expert: int, fold_w,
 
     def outer(a_t, a_idx, b_t, b_idx, scale, m, n, part):
         blk = _outer_blocks(m, n)
-        pos_outer_kernel[(triton.cdiv(m, blk["BLOCK_M"]) * triton.cdiv(n, blk["BLOCK_N"]), groups, npos)](
+        pos_outer_kernel[(cdiv(m, blk["BLOCK_M"]) * cdiv(n, blk["BLOCK_N"]), groups, npos)](
             a_t, a_idx if a_idx is not None else image, b_t, b_idx if b_idx is not None else image,
             scale if scale is not None else gate, offsets, expert, part, m, n, hw, A_INDEXED=a_idx is not None,
             B_INDEXED=b_idx is not None, HAS_SCALE=scale is not None, **blk, **co)
@@ -642,11 +640,11 @@ def expert_backward(x, shared, image, order, gate, offsets, expert: int, fold_w,
     outer(dout, image, hid, None, gate, c, r, parts["w2"])
     # silu gate and proj_out
     dbody, dgl = new((npos, r, h, w)), new((npos, r, h, w))
-    hidden_bwd_a_kernel[(grid_p, triton.cdiv(r, bc["hidden_bwd_a"]["BLOCK_R"]), npos)](
+    hidden_bwd_a_kernel[(grid_p, cdiv(r, bc["hidden_bwd_a"]["BLOCK_R"]), npos)](
         qkv, a, shared, image, offsets, expert, norm_w, norm_b, w_po, b_po, w_s, dh, dbody, dgl, parts["bpo"],
         c, hw, r, 1e-5, **bc["hidden_bwd_a"])
     c5 = dict(cfg["out_proj"])
-    pos_gemm_kernel[(grid_p, triton.cdiv(c, c5["BLOCK_N"]), npos)](
+    pos_gemm_kernel[(grid_p, cdiv(c, c5["BLOCK_N"]), npos)](
         dgl, image, w_s.t().contiguous(), x, image, gate, dshared_pairs, order, offsets, expert, r, c, hw,
         IN_INDEXED=False, HAS_ADD=False, OUT_INDEXED=True, **c5)
     outer(dgl, None, shared, image, None, r, c, parts["ws"])
@@ -660,13 +658,13 @@ def expert_backward(x, shared, image, order, gate, offsets, expert: int, fold_w,
                                               1.0 / patch_size ** 2, **bc["patch_conv_bwd"])
     dqkv_lin = new((npos, 3 * r, h, w))
     flipped = dw_w.flip(-1).flip(-2).contiguous()  # the transposed stencil
-    dwconv_kernel[(grid_p, triton.cdiv(3 * r, c2["BLOCK_CH"]), npos)](
+    dwconv_kernel[(grid_p, cdiv(3 * r, c2["BLOCK_CH"]), npos)](
         dqkv, offsets, expert, flipped, torch.zeros_like(dw_b), dqkv_lin, 3 * r, h, w, **c2)
     cw = bc["dwconv_wgrad"]
-    dwconv_wgrad_kernel[(groups, triton.cdiv(3 * r, cw["BLOCK_CH"]), npos)](
+    dwconv_wgrad_kernel[(groups, cdiv(3 * r, cw["BLOCK_CH"]), npos)](
         dqkv, qkv_lin, offsets, expert, parts["dw"], 3 * r, h, w, **cw)
-    c6 = dict(cfg["out_proj"], BLOCK_K=min(32, _pow2(3 * r)))
-    pos_gemm_kernel[(grid_p, triton.cdiv(c, c6["BLOCK_N"]), npos)](
+    c6 = dict(cfg["out_proj"], BLOCK_K=min(32, pow2(3 * r)))
+    pos_gemm_kernel[(grid_p, cdiv(c, c6["BLOCK_N"]), npos)](
         dqkv_lin, image, fold_w.t().contiguous(), x, image, gate, dx_pairs, order, offsets, expert, 3 * r, c, hw,
         IN_INDEXED=False, HAS_ADD=False, OUT_INDEXED=True, **c6)
     outer(dqkv_lin, None, x, image, None, 3 * r, c, parts["fold"])

@@ -120,7 +120,7 @@ def backward_signatures(c, r, p, xdt):
             "OUT_INDEXED": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_P": "constexpr",
             "PREC": "constexpr"}
     for k in (r, 3 * r):
-        consts = dict(fwd, BLOCK_K=min(32, K._pow2(k)))
+        consts = dict(fwd, BLOCK_K=min(32, K.pow2(k)))
         warps = consts.pop("num_warps")
         yield K.pos_gemm_kernel, gemm, dict(consts, IN_INDEXED=False, HAS_ADD=False, OUT_INDEXED=True), warps
 
@@ -153,8 +153,9 @@ def adapter_signatures(c, hid, q, side, xdt):
              "loc_ptr", "glob_ptr", "pooled_ptr", "gmean_ptr"]
     sig = {n: "*fp32" for n in names}
     sig.update(task_ptr="*i64", HID="i32", H="i32", W="i32", BH="constexpr", BW="constexpr", BK="constexpr",
-               PREC="constexpr")
-    yield AK.mix_channel_kernel, sig, dict(cfg), warps
+               PREC="constexpr", AFFINE="constexpr")
+    for affine in (True, False):  # training BatchNorm on load; eval (folded into the head)
+        yield AK.mix_channel_kernel, sig, dict(cfg, AFFINE=affine), warps
     cfg = AK.out_config(hid, c)
     warps = cfg.pop("num_warps")
     names = ["loc_ptr", "glob_ptr", "pooled_ptr", "gmean_ptr", "task_ptr", "p1w_ptr", "p1b_ptr", "p2w_ptr",
@@ -163,7 +164,7 @@ def adapter_signatures(c, hid, q, side, xdt):
     sig.update(task_ptr="*i64", out_ptr=x, **{n: "i32" for n in ("HID", "P", "M", "H2", "Q", "son", "sop", "som")},
                BLOCK_HID="constexpr", BLOCK_H2="constexpr", BLOCK_Q="constexpr", BLOCK_P="constexpr",
                BLOCK_M="constexpr", PREC="constexpr")
-    yield AK.mix_out_kernel, sig, dict(cfg, BLOCK_H2=AK._pow2(hid // 2, 1), BLOCK_Q=AK._pow2(q, 1), PREC=prec), warps
+    yield AK.mix_out_kernel, sig, dict(cfg, BLOCK_H2=AK.pow2(hid // 2, 1), BLOCK_Q=AK.pow2(q, 1), PREC=prec), warps
     cfg = AK.pix_config(hid)
     warps = cfg.pop("num_warps")
     names = ["du_ptr", "loc_ptr", "glob_ptr", "pooled_ptr", "gmean_ptr", "task_ptr", "p1w_ptr", "p1b_ptr", "p2w_ptr",
@@ -172,7 +173,7 @@ def adapter_signatures(c, hid, q, side, xdt):
     sig = {n: "*fp32" for n in names}
     sig.update(task_ptr="*i64", **{n: "i32" for n in ("HID", "P", "H2", "Q")}, BLOCK_HID="constexpr",
                BLOCK_H2="constexpr", BLOCK_Q="constexpr", BLOCK_P="constexpr")
-    yield AK.mix_bwd_pix_kernel, sig, dict(cfg, BLOCK_H2=AK._pow2(hid // 2, 1), BLOCK_Q=AK._pow2(q, 1)), warps
+    yield AK.mix_bwd_pix_kernel, sig, dict(cfg, BLOCK_H2=AK.pow2(hid // 2, 1), BLOCK_Q=AK.pow2(q, 1)), warps
     cfg = AK.mix_config(side, side, prec)
     warps = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     names = ["y_ptr", "scale_ptr", "shift_ptr", "task_ptr", "k9_ptr", "ampw_ptr", "ampb_ptr", "phaw_ptr", "phab_ptr",
@@ -290,6 +291,12 @@ def ptxas_info(ptx: str, arch: int):
     return (int(regs.group(1)) if regs else None, int(spill.group(1)) + int(spill.group(2)) if spill else None)
 
 
+def dot_depths(ttir: str) -> list[int]:
+    """The reduction depth K of every tt.dot in a kernel's TTIR (``tt.dot %a, %b, %c ... :
+    tensor<MxKx..> * tensor<KxNx..> -> ...``)."""
+    return sorted({int(m.group(1)) for m in re.finditer(r"tt\.dot [^:\n]*: tensor<\d+x(\d+)x", ttir)})
+
+
 def all_launches():
     """(row fields, kernel, signature, constexprs, num_warps) for every launch of every op."""
     for c in (192, 96, 48):
@@ -322,6 +329,7 @@ def main(arch: int):
                                options=options)
             row["shared_bytes"] = k.metadata.shared
             row["registers"], row["spill_bytes"] = ptxas_info(k.asm["ptx"], arch)
+            row["dot_k"] = dot_depths(k.asm["ttir"])
         except Exception as err:  # report every failure, do not stop at the first
             row["error"] = f"{type(err).__name__}: {err}"[:2000]
         report.append(row)

@@ -38,6 +38,11 @@ def test_every_kernel_compiles(arch, record_property, capsys):
                        "attn_softmax_bwd_kernel"}
     errors = [row for row in report if "error" in row]
     assert not errors, json.dumps(errors, indent=1)[:4000]
+    # Triton 3.6 (the GPU image's) rejects a tl.dot of depth K < 16 at compile time; this machine's
+    # Triton 3.8 takes K = 8, so the rule is checked here, on every dot of every specialization
+    shallow = [row for row in report if min(row["dot_k"], default=16) < 16]
+    assert not shallow, [(row["kernel"], row["dot_k"], {k: row.get(k) for k in ("BK", "PREC", "x", "p")})
+                         for row in shallow]
     too_big = [row for row in report if row["shared_bytes"] > SMEM_LIMIT[arch]]
     assert not too_big, too_big
     record_property(f"sm{arch}", report)
@@ -47,3 +52,17 @@ def test_every_kernel_compiles(arch, record_property, capsys):
             print(f"  {row['kernel']:<18} x={row['x']:<4} C={row['C']:<3} r={row['r']:<3} p={row['p']:<2} "
                   f"warps={row['num_warps']} smem={row['shared_bytes']:>6} regs={row['registers']} "
                   f"spills={row['spill_bytes']}B")
+
+
+def test_host_block_sizes_match_triton():
+    """kernels.pow2 and kernels.cdiv (plain integer code on the launch paths) agree with Triton's
+    own next_power_of_2 and cdiv."""
+    import triton
+
+    from moce_fast.kernels import cdiv, pow2
+
+    for n in range(0, 600):
+        for floor in (1, 16):
+            assert pow2(n, floor) == max(floor, triton.next_power_of_2(n)), (n, floor)
+        for d in (1, 3, 16, 64):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)

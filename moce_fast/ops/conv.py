@@ -65,8 +65,6 @@ def _batch_offsets(b: int, device) -> torch.Tensor:
 def dwconv_launch(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, ks: int, out: torch.Tensor) -> None:
     """Depthwise ks x ks (zero 'same' padding) of the contiguous (B, C, H, W) x into out, on the
     MoCE expert kernel (every image of the batch is one "position" of a single expert)."""
-    import triton
-
     from moce_fast.kernels import moce_expert as mk
 
     b, c, h, w = x.shape
@@ -74,14 +72,12 @@ def dwconv_launch(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, ks: i
         return
     offsets = _batch_offsets(b, x.device)
     cfg = dict(mk.launch_configs(c, 1, h, w, 4)["dwconv"], KS=ks)
-    mk.dwconv_kernel[(triton.cdiv(h * w, cfg["BLOCK_P"]), triton.cdiv(c, cfg["BLOCK_CH"]), b)](
+    mk.dwconv_kernel[(mk.cdiv(h * w, cfg["BLOCK_P"]), mk.cdiv(c, cfg["BLOCK_CH"]), b)](
         x, offsets, 0, taps, bias, out, c, h, w, **cfg)
 
 
 def dwconv_weight_grad(dout: torch.Tensor, x: torch.Tensor, ks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(d taps (C, ks*ks), d bias (C,)) float32 of a depthwise conv, given dout and its input x."""
-    import triton
-
     from moce_fast.kernels import moce_expert as mk
 
     b, c, h, w = x.shape
@@ -92,7 +88,7 @@ def dwconv_weight_grad(dout: torch.Tensor, x: torch.Tensor, ks: int) -> tuple[to
     cfg = dict(mk.backward_configs(c, 1, h, w, 4)["dwconv_wgrad"], KS=ks)
     groups = mk.pixel_groups(h * w)
     part = new_buffer((b, groups, c, ks * ks + 1), x.device, torch.float32)
-    mk.dwconv_wgrad_kernel[(groups, triton.cdiv(c, cfg["BLOCK_CH"]), b)](dout, x, offsets, 0, part, c, h, w, **cfg)
+    mk.dwconv_wgrad_kernel[(groups, mk.cdiv(c, cfg["BLOCK_CH"]), b)](dout, x, offsets, 0, part, c, h, w, **cfg)
     total = part.sum(dim=(0, 1))
     return total[:, :-1], total[:, -1]
 
