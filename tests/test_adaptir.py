@@ -151,6 +151,10 @@ def test_kept_parameter_views_follow_every_change():
     check()
     adapter.conv_weight_B.data = torch.randn_like(adapter.conv_weight_B)  # .data swapped, as Module.to does
     check()
+    adapter.proj[0] = randomize_(torch.nn.Linear(*adapter.proj[0].weight.shape[::-1]).double(), 5)  # a new module
+    check()
+    adapter.BN.running_mean = torch.randn_like(adapter.BN.running_mean)  # a new buffer
+    check()
     adapter.float()  # converted: every storage new
     check(torch.float32, 1e-5)
     adapter.double()
@@ -158,6 +162,23 @@ def test_kept_parameter_views_follow_every_change():
     adapter(x).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in adapter.named_parameters()
                if n != "compress.bias")
+
+
+def test_inference_mode_parameters_are_not_kept():
+    """Parameters made under torch.inference_mode keep no version counter: an in-place update of
+    them cannot be detected, so no folded parameters are kept for them (a stale fold would compute
+    with the old BatchNorm)."""
+    with torch.inference_mode():
+        adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).double().eval()
+        x = torch.randn(2, 5, 5, 56, dtype=torch.float64)
+        first = adapter(x)
+        adapter.BN.running_var.mul_(4.0)
+        adapter.tail.weight.mul_(-1.0)
+        ref = AdaptIR(56, "edt").double().eval()
+        ref.load_state_dict(adapter.state_dict())
+        second, expected = adapter(x), ref(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    assert "_moce_fast_folded" not in adapter.__dict__
+    assert rel_err(second, expected) < 1e-12 and rel_err(first, second) > 1e-3
 
 
 def test_no_grad_inference_traces_without_graph_breaks_under_torch_compile():

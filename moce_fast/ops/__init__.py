@@ -3,7 +3,8 @@
 from . import _cuda
 from ._backend import (BACKENDS, BackendUnavailableError, backend, current_backend, implementations, last_run,
                        set_poison_outputs)
-from .adapter import AdapterParams, BatchStats, MixParams, adapter_mix, adaptir, grouped_linear, mix_tail
+from .adapter import (AdapterParams, BatchStats, MixParams, adapter_mix, adaptir, fold_batch_norm, grouped_linear,
+                      mix_tail)
 from .attention import attention_project, channel_attention
 from .conv import depthwise, pointwise
 from .gdfn import dw_gate, gdfn, gdfn_tail
@@ -21,6 +22,7 @@ __all__ = [
     "MixParams",
     "adapter_mix",
     "adaptir",
+    "fold_batch_norm",
     "grouped_linear",
     "mix_tail",
     "BACKENDS",

@@ -18,6 +18,7 @@ level (logger ``moce_fast``) and returned by :func:`last_run`.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -54,9 +55,14 @@ _SUPPORTS: dict[str, dict[str, Callable]] = {}
 _LAST_RUN: dict[str, str] = {}
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_runtime_status() -> str | None:
     """None if Triton can run here, else the reason it cannot."""
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():  # looked up once per process (`with backend(...)` may run per call)
         return "the triton package is not installed"
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         return "no CUDA device, and TRITON_INTERPRET=1 is not set for the CPU interpreter"

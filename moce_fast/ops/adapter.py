@@ -580,14 +580,27 @@ def batch_norm_affine(y: torch.Tensor, p: AdapterParams, task: torch.Tensor, eps
     return inv.index_select(0, task), sh.index_select(0, task), BatchStats(mean.detach(), unbiased.detach(), count)
 
 
+def fold_batch_norm(p: AdapterParams, eps: float, acc: torch.dtype) -> AdapterParams:
+    """``p`` with its eval BatchNorm (a fixed affine map per channel) folded into the head's weights
+    and bias, per task, computed in ``acc`` (the dtype of the h-space stages: the input's, at least
+    float32): the head then writes the normalised map (no pass over it, fewer small ops). The
+    BatchNorm fields are left as they are; :func:`adaptir` with ``folded=True`` does not read them."""
+    inv = torch.rsqrt(p.bn_var.to(acc) + eps) * p.bn_weight.to(acc)  # (T, h)
+    head_w = (p.head_w.to(acc) * inv[:, :, None]).to(p.head_w.dtype)
+    head_b = torch.addcmul(p.bn_bias.to(acc), p.head_b.to(acc) - p.bn_mean.to(acc), inv)
+    return p._replace(head_w=head_w, head_b=head_b)
+
+
 def adaptir(t: torch.Tensor, layout: str, p: AdapterParams, task: Optional[torch.Tensor], training: bool,
-            eps: float = 1e-5) -> tuple[torch.Tensor, Optional[BatchStats]]:
+            eps: float = 1e-5, folded: bool = False) -> tuple[torch.Tensor, Optional[BatchStats]]:
     """The AdaptIR adapter of each image's task on ``t`` in the host's ``layout``.
 
     t: (N, C, H, W) for "nchw", (L, N, C) with L = H * W, H = W for "lnc", (N, H, W, C) for "nhwc";
     ``p``: the parameters of T tasks (:class:`AdapterParams`); task: (N,) int64 indices into the task
-    axis, or None when T == 1. Returns the adapter output in ``t``'s layout and dtype, and in
-    training the per-task batch statistics (the caller updates the running ones).
+    axis, or None when T == 1. ``folded``: in eval, ``p`` comes from :func:`fold_batch_norm` already
+    (a caller that keeps the folded parameters between calls). Returns the adapter output in ``t``'s
+    layout and dtype, and in training the per-task batch statistics (the caller updates the running
+    ones).
     """
     b, hh, ww = as_npc(t, layout)
     n = b.shape[0]
@@ -601,12 +614,9 @@ def adaptir(t: torch.Tensor, layout: str, p: AdapterParams, task: Optional[torch
         y = grouped_linear(b, p.head_w, p.head_b, task, "nmp", acc).view(n, hid, hh, ww)
         scale, shift, stats = batch_norm_affine(y, p, task, eps)
     else:
-        # eval BatchNorm is a fixed affine map per channel: folded into the head's weights and bias
-        # (per task), so the head writes the normalised map: no pass over it, fewer small ops
-        inv = torch.rsqrt(p.bn_var.to(acc) + eps) * p.bn_weight.to(acc)  # (T, h)
-        head_w = (p.head_w.to(acc) * inv[:, :, None]).to(p.head_w.dtype)
-        head_b = torch.addcmul(p.bn_bias.to(acc), p.head_b.to(acc) - p.bn_mean.to(acc), inv)
-        y = grouped_linear(b, head_w, head_b, task, "nmp", acc).view(n, hid, hh, ww)
+        if not folded:
+            p = fold_batch_norm(p, eps, acc)
+        y = grouped_linear(b, p.head_w, p.head_b, task, "nmp", acc).view(n, hid, hh, ww)
         scale = shift = stats = None
     out = mix_tail(y, scale, shift, p.mix, p.tail_w, task, OUT_ORDER[layout], t.dtype)
     return from_order(out, layout, hh, ww), stats
@@ -646,15 +656,30 @@ def _weight_grad(g: torch.Tensor, b: torch.Tensor, task: torch.Tensor, t: int) -
     return per_image.new_zeros((t,) + per_image.shape[1:]).index_add_(0, task, per_image)
 
 
-@torch.library.custom_op("moce_fast::adaptir_linear_triton", mutates_args=())
-def _linear_triton_op(b: torch.Tensor, a: torch.Tensor, bias: Optional[torch.Tensor], task: torch.Tensor,
-                      order: str, out_dtype: torch.dtype) -> torch.Tensor:
+def _through_op(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a triton stage runs through its registered custom op, which autograd (a tensor that
+    requires grad) and torch.compile's tracing need. Outside both the op adds only host time (its
+    Python dispatch, on a path whose GPU work at these shapes is tens of microseconds), so the
+    kernels are launched directly; the values are the same."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _linear_triton_run(b: torch.Tensor, a: torch.Tensor, bias: Optional[torch.Tensor], task: torch.Tensor,
+                       order: str, out_dtype: torch.dtype) -> torch.Tensor:
     from moce_fast.kernels import adapter as kernels
 
     n, p, _ = b.shape
     out = new_buffer(_SHAPE[order](n, p, a.shape[1]), b.device, out_dtype)
     kernels.grouped_linear(b, a, bias, task, out, _npm_strides(out, order), kernels.precision(b.dtype))
     return out
+
+
+@torch.library.custom_op("moce_fast::adaptir_linear_triton", mutates_args=())
+def _linear_triton_op(b: torch.Tensor, a: torch.Tensor, bias: Optional[torch.Tensor], task: torch.Tensor,
+                      order: str, out_dtype: torch.dtype) -> torch.Tensor:
+    return _linear_triton_run(b, a, bias, task, order, out_dtype)
 
 
 @_linear_triton_op.register_fake
@@ -696,22 +721,28 @@ def _triton_dtype_reason(x: torch.Tensor, name: str) -> Optional[str]:
 
 @register("adaptir_linear", "triton", supports=lambda b, a, *_: _triton_dtype_reason(b, "x"))
 def _grouped_linear_triton(b, a, bias, task, order, out_dtype):
-    return _linear_triton_op(b, a, bias, task, order, out_dtype)
+    if _through_op(b, a, bias):
+        return _linear_triton_op(b, a, bias, task, order, out_dtype)
+    return _linear_triton_run(b, a, bias, task, order, out_dtype)
 
 
 def _kernel_mix(mix) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The float32 tensors the mix kernels take: the low-rank 3x3 kernels A @ B as (T, h, 9), and the
     other parameters (conv_bias .. si_b) contiguous."""
-    f32 = torch.float32
-    return (mix[0].to(f32) @ mix[1].to(f32)).contiguous(), [m.to(f32).contiguous() for m in mix[2:]]
+    return (_f32(mix[0]) @ _f32(mix[1])).contiguous(), [_f32(m) for m in mix[2:]]
 
 
-@torch.library.custom_op("moce_fast::adaptir_mix_tail_triton", mutates_args=())
-def _mix_tail_triton_op(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mix: list[torch.Tensor],
-                        tail_w: torch.Tensor, task: torch.Tensor, order: str, out_dtype: torch.dtype
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous float32 tensor; t itself when it is one (no dispatched no-op call: the
+    triton path runs ~20 of these per call, and is host-bound on a GPU)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
+
+
+def _mix_tail_run(y: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                  mix: list[torch.Tensor], tail_w: torch.Tensor, task: torch.Tensor, order: str,
+                  out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, local map, global map before |.|, pooled, mean |global|): the last four are kept for
-    the backward."""
+    the backward. scale and shift None: y is already normalised."""
     from moce_fast.kernels import adapter as kernels
 
     n, hid, hh, ww = y.shape
@@ -720,10 +751,19 @@ def _mix_tail_triton_op(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
     out = new_buffer(_SHAPE[order](n, hh * ww, tail_w.shape[1]), y.device, out_dtype)
     scratch = (new_buffer(y.shape, y.device, f32), new_buffer(y.shape, y.device, f32),
                new_buffer((n, hid), y.device, f32), new_buffer((n, hid), y.device, f32))
-    kernels.mix_tail(y.contiguous(), scale.to(f32).contiguous(), shift.to(f32).contiguous(), task, k9, rest,
-                     tail_w.to(f32).contiguous(), out, _npm_strides(out, order), kernels.precision(out_dtype),
-                     scratch)
+    if scale is not None:
+        scale, shift = _f32(scale), _f32(shift)
+    kernels.mix_tail(y.contiguous(), scale, shift, task, k9, rest, _f32(tail_w), out,
+                     _npm_strides(out, order), kernels.precision(out_dtype), scratch)
     return (out, *scratch)
+
+
+@torch.library.custom_op("moce_fast::adaptir_mix_tail_triton", mutates_args=())
+def _mix_tail_triton_op(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mix: list[torch.Tensor],
+                        tail_w: torch.Tensor, task: torch.Tensor, order: str, out_dtype: torch.dtype
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_mix_tail_run` as a custom op (the backward takes scale and shift as tensors)."""
+    return _mix_tail_run(y, scale, shift, mix, tail_w, task, order, out_dtype)
 
 
 @_mix_tail_triton_op.register_fake
@@ -858,6 +898,8 @@ def _mix_tail_reason(y, scale, shift, mix, tail_w, task, order, out_dtype) -> Op
 
 @register("adaptir_mix_tail", "triton", supports=_mix_tail_reason)
 def _mix_tail_triton(y, scale, shift, mix, tail_w, task, order, out_dtype):
+    if not _through_op(y, scale, shift, tail_w, *mix):
+        return _mix_tail_run(y, scale, shift, list(mix), tail_w, task, order, out_dtype)[0]
     if scale is None:  # already normalised (eval BatchNorm folded into the head): the identity map
         scale = y.new_ones(y.shape[:2], dtype=torch.float32)
         shift = y.new_zeros(y.shape[:2], dtype=torch.float32)
