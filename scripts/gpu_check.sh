@@ -11,6 +11,8 @@
 #                tests that skip on a CPU)
 #   triton_tests the Triton kernels' correctness tests, which run on the GPU when there is one (on a
 #                CPU they go through the interpreter)
+#   pytest       the tests GPU_CHECK_PYTEST="pytest arguments" names (not in the default list: a
+#                short lease's pick, e.g. GPU_CHECK_PYTEST="tests/test_triton_adapter.py")
 #   profile      scripts/gpu_profile.py: host time against GPU time (CUDA graphs, profiler) of the
 #                adapter and MoCE-layer headline cases, as profile.json
 #   bench_moce_layer bench_adapter bench_backbone bench_model
@@ -121,7 +123,9 @@ for s in $STEPS; do
     gpu_tests) MOCE_FAST_FAILURE_LOG=$WORK/gpu_tests.failures step gpu_tests $PY -m pytest "${PT[@]}" -m gpu tests ;;
     triton_tests) MOCE_FAST_FAILURE_LOG=$WORK/triton_tests.failures step triton_tests $PY -m pytest "${PT[@]}" \
         -m "not gpu" "${TRITON_TESTS[@]}" ;;
-    profile) step profile $PY scripts/gpu_profile.py --json "$RESULTS/profile.json" ;;
+    pytest) read -ra ARGS <<< "${GPU_CHECK_PYTEST:?the pytest step runs GPU_CHECK_PYTEST=\"pytest arguments\"}"
+      MOCE_FAST_FAILURE_LOG=$WORK/pytest.failures step pytest $PY -m pytest "${PT[@]}" "${ARGS[@]}" ;;
+    profile) step profile $PY scripts/gpu_profile.py --compile --batch 8 32 --json "$RESULTS/profile.json" ;;
     bench_moce_layer|bench_adapter|bench_backbone|bench_model) bench "${s#bench_}" "bench/${s}.py" quick ;;
     bench_cuda_ops) bench cuda_ops bench/bench_cuda_ops.py ;;
     other_tests) MOCE_FAST_FAILURE_LOG=$WORK/other_tests.failures step other_tests $PY -m pytest "${PT[@]}" \

@@ -10,7 +10,7 @@ and each implementation, four numbers per call, all from one process on one devi
 - ``kernels_ms`` and ``launches``: device time of the kernels of one call, and how many (the torch
   profiler), with the three costliest kernels.
 Prints a table and writes the records as JSON (--json FILE). Run on a CUDA device only:
-    python scripts/gpu_profile.py [--cases adapter,moce_layer] [--batch 8] [--json FILE]
+    python scripts/gpu_profile.py [--cases adapter,moce_layer] [--batch 8] [--compile] [--json FILE]
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def profile_case(name: str, impls: dict, reps: int) -> list[dict]:
     return rows
 
 
-def adapter_cases(batch: int, dtype):
+def adapter_cases(batch: int, dtype, compile_too: bool):
     import moce_fast
     sys.path.insert(0, "bench")
     from bench_adapter import SHAPES, PublicAdapter, _randomize
@@ -134,10 +134,13 @@ def adapter_cases(batch: int, dtype):
             return call
 
         impls = {"public": run(pub), "torch": run(fast, "torch"), "triton": run(fast, "triton")}
+        if compile_too:  # as bench/conftest.py CompileCase: afresh per case, static shapes
+            torch._dynamo.reset()
+            impls["compile"] = run(torch.compile(pub, dynamic=False))
         yield f"adapter {variant} C={dim} {side}x{side} B={batch} {str(dtype)[6:]} fwd", impls
 
 
-def moce_layer_cases(batch: int, dtype):
+def moce_layer_cases(batch: int, dtype, compile_too: bool):
     import moce_fast
     from moce_fast.reference.moce import AdapterLayer
 
@@ -173,6 +176,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[8])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compile", action="store_true", help="also torch.compile of the public adapter")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("gpu_profile.py: needs a CUDA device", file=sys.stderr)
@@ -181,7 +185,7 @@ def main() -> int:
     rows = []
     for case in args.cases.split(","):
         for b in args.batch:
-            for name, impls in gens[case](b, torch.float32):
+            for name, impls in gens[case](b, torch.float32, args.compile):
                 rows += profile_case(name, impls, args.reps)
     print(f"\n{'case':48} {'impl':10} {'sync':>8} {'queued':>8} {'graph':>8} {'kernels':>8} {'launch':>6}")
     for r in rows:
