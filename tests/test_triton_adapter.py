@@ -171,6 +171,48 @@ def test_large_tile_gradients():
     assert_grads_close(fast, ref, xf, xr_layout, 1e-4)
 
 
+def _expected_nhwc(fast, x):
+    ref = AdaptIR(DIMS["edt"], "edt").double().eval()
+    ref.exact_phase = True
+    ref.load_state_dict({k: v.cpu() for k, v in fast.state_dict().items()})
+    with torch.no_grad():
+        return ref(x.cpu().double().permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def test_kept_values_follow_in_place_updates():
+    """Outside autograd the triton path keeps the BatchNorm fold and the 3x3 kernels (conv A @ B)
+    between calls: an in-place update of any factor (an optimizer step, load_state_dict) is seen."""
+    fast, _ = make_adapter("edt", "nhwc", seed=12)
+    fast.eval()
+    x = torch.randn(2, 6, 6, DIMS["edt"], generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    with torch.no_grad(), moce_fast.backend("triton"):
+        for update in (None, lambda: fast.conv_weight_A.mul_(-2.0), lambda: fast.conv_weight_B.add_(0.3),
+                       lambda: fast.BN.running_var.mul_(3.0), lambda: fast.head.weight.mul_(0.5)):
+            if update is not None:
+                update()
+            assert rel_err(fast(x).cpu(), _expected_nhwc(fast, x)) < TOL32
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (CUDA graphs)")
+def test_cuda_graph_replays_see_in_place_updates():
+    """Captured in a CUDA graph, the eval adapter folds its BatchNorm and forms its 3x3 kernels
+    inside the graph (nothing kept from before the capture): a replay after an in-place update of
+    the parameters computes with the new values."""
+    fast, _ = make_adapter("edt", "nhwc", seed=14)
+    fast.eval()
+    x = torch.randn(2, 6, 6, DIMS["edt"], generator=torch.Generator().manual_seed(15)).to(DEVICE)
+    with torch.no_grad(), moce_fast.backend("triton"):
+        fast(x)  # warm-up: compiles, and keeps values outside the graph
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fast(x)
+        fast.conv_weight_A.mul_(-2.0)
+        fast.BN.running_var.mul_(3.0)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out.cpu(), _expected_nhwc(fast, x)) < TOL32
+
+
 def test_outside_autograd_kernels_launch_without_the_custom_ops(monkeypatch):
     """Without autograd (no grad mode) the stages launch their kernels directly, not through the
     registered custom ops (whose dispatch is host time on a host-bound path), with the same values

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import ops
-from ..ops.adapter import AdapterParams, BatchStats, MixParams
+from ..ops.adapter import AdapterParams, BatchStats, MixParams, capturing
 from ..reference.adaptir import AdaptIR
 
 LAYOUTS = ("nchw", "lnc", "nhwc")
@@ -139,9 +139,12 @@ def folded_params(adapters: Sequence[AdaptIR], acc: torch.dtype, eps: float) -> 
     adapter is host-bound, and the fold is a dozen small ops). The fold is a copy: it is valid while
     every tensor is the same storage at the same version (an in-place update, as an optimizer step or
     load_state_dict, bumps the version), and is recomputed otherwise. Inference tensors keep no
-    version counter: for them nothing is kept."""
+    version counter: for them nothing is kept. Nor while a CUDA graph is captured: the fold is then
+    part of the graph, and each replay folds the parameters as they are."""
     raws = [t for a in adapters for t in _raw_tensors(a)]
     key = _views_key(raws)
+    if key is not None and capturing(raws[0]):  # a CUDA graph's replays must fold afresh
+        key = None
     if key is not None:
         try:
             key = (key, acc, eps, *[t._version for t in raws])

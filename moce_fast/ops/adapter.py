@@ -16,6 +16,7 @@ loop over tasks.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -580,6 +581,19 @@ def batch_norm_affine(y: torch.Tensor, p: AdapterParams, task: torch.Tensor, eps
     return inv.index_select(0, task), sh.index_select(0, task), BatchStats(mean.detach(), unbiased.detach(), count)
 
 
+def _single_task(n: int, device: torch.device) -> torch.Tensor:
+    """The task index of a batch of n images of one task: zeros (n,) int64. Kept per (n, device)
+    outside torch.compile (one launch less per call on a host-bound path); the ops only read it."""
+    if torch.compiler.is_compiling():
+        return torch.zeros(n, dtype=torch.int64, device=device)
+    return _kept_single_task(n, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_single_task(n: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int64, device=device)
+
+
 def fold_batch_norm(p: AdapterParams, eps: float, acc: torch.dtype) -> AdapterParams:
     """``p`` with its eval BatchNorm (a fixed affine map per channel) folded into the head's weights
     and bias, per task, computed in ``acc`` (the dtype of the h-space stages: the input's, at least
@@ -607,7 +621,7 @@ def adaptir(t: torch.Tensor, layout: str, p: AdapterParams, task: Optional[torch
     if t.numel() == 0:  # an empty batch (or map): an empty result, still part of the autograd graph
         return t * 0, None
     if task is None:
-        task = torch.zeros(n, dtype=torch.int64, device=t.device)
+        task = _single_task(n, t.device)
     hid = p.head_w.shape[1]
     acc = torch.promote_types(t.dtype, torch.float32)  # the h-space stages run in at least float32
     if training:
@@ -729,7 +743,34 @@ def _grouped_linear_triton(b, a, bias, task, order, out_dtype):
 def _kernel_mix(mix) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The float32 tensors the mix kernels take: the low-rank 3x3 kernels A @ B as (T, h, 9), and the
     other parameters (conv_bias .. si_b) contiguous."""
-    return (_f32(mix[0]) @ _f32(mix[1])).contiguous(), [_f32(m) for m in mix[2:]]
+    return _kernels_3x3(mix[0], mix[1]), [_f32(m) for m in mix[2:]]
+
+
+# conv_a -> (conv_b, their versions, conv_a @ conv_b): the 3x3 kernels of the last call per adapter,
+# reused while both factors are the same tensors at the same versions (one launch less per call)
+_K9: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on t's device's current stream: kept values must
+    not be used then, since a replay would not see later in-place updates of the parameters they
+    come from."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _kernels_3x3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling() or capturing(a):
+        return (_f32(a) @ _f32(b)).contiguous()
+    try:
+        versions = (a._version, b._version)
+    except RuntimeError:  # inference tensors keep no version counter: nothing is kept for them
+        return (_f32(a) @ _f32(b)).contiguous()
+    kept = _K9.get(a)
+    if kept is not None and kept[0] is b and kept[1] == versions:
+        return kept[2]
+    k9 = (_f32(a) @ _f32(b)).contiguous()
+    _K9[a] = (b, versions, k9)
+    return k9
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
