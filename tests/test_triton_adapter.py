@@ -200,12 +200,15 @@ def test_cuda_graph_replays_see_in_place_updates():
     the parameters computes with the new values."""
     fast, _ = make_adapter("edt", "nhwc", seed=14)
     fast.eval()
-    x = torch.randn(2, 6, 6, DIMS["edt"], generator=torch.Generator().manual_seed(15)).to(DEVICE)
+    x = torch.randn(3, 6, 6, DIMS["edt"], generator=torch.Generator().manual_seed(15)).to(DEVICE)
     with torch.no_grad(), moce_fast.backend("triton"):
-        fast(x)  # warm-up: compiles, and keeps values outside the graph
+        fast(x[:2])  # warm-up: compiles, and keeps values outside the graph
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph):  # a batch size not run before: its task index made in the graph
             out = fast(x)
+        eager = fast(x)  # before any replay: nothing kept from the capture (it is filled only at replay)
+        torch.cuda.synchronize()
+        assert rel_err(eager.cpu(), _expected_nhwc(fast, x)) < TOL32
         fast.conv_weight_A.mul_(-2.0)
         fast.BN.running_var.mul_(3.0)
         graph.replay()

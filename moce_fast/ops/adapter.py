@@ -583,8 +583,9 @@ def batch_norm_affine(y: torch.Tensor, p: AdapterParams, task: torch.Tensor, eps
 
 def _single_task(n: int, device: torch.device) -> torch.Tensor:
     """The task index of a batch of n images of one task: zeros (n,) int64. Kept per (n, device)
-    outside torch.compile (one launch less per call on a host-bound path); the ops only read it."""
-    if torch.compiler.is_compiling():
+    (one launch less per call on a host-bound path; the ops only read it), except under
+    torch.compile and during CUDA-graph capture, where a new one would be filled only at replay."""
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return torch.zeros(n, dtype=torch.int64, device=device)
     return _kept_single_task(n, device)
 
