@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import ops
-from ..ops.adapter import AdapterParams, BatchStats, MixParams, capturing
+from ..ops.adapter import AdapterParams, BatchStats, MixParams, kept_versions
 from ..reference.adaptir import AdaptIR
 
 LAYOUTS = ("nchw", "lnc", "nhwc")
@@ -143,15 +143,11 @@ def folded_params(adapters: Sequence[AdaptIR], acc: torch.dtype, eps: float) -> 
     part of the graph, and each replay folds the parameters as they are."""
     raws = [t for a in adapters for t in _raw_tensors(a)]
     key = _views_key(raws)
-    if key is not None and capturing(raws[0]):  # a CUDA graph's replays must fold afresh
-        key = None
+    versions = kept_versions(raws) if key is not None else None
+    key = None if versions is None else (key, acc, eps, versions)
     if key is not None:
-        try:
-            key = (key, acc, eps, *[t._version for t in raws])
-        except RuntimeError:  # "Inference tensors do not track version counter"
-            key = None
         kept = adapters[0].__dict__.get("_moce_fast_folded")
-        if key is not None and kept is not None and kept[0] == key:
+        if kept is not None and kept[0] == key:
             return kept[1]
     params = ops.fold_batch_norm(stack_params(adapters), eps, acc)
     if key is not None:

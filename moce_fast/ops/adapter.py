@@ -585,7 +585,7 @@ def _single_task(n: int, device: torch.device) -> torch.Tensor:
     """The task index of a batch of n images of one task: zeros (n,) int64. Kept per (n, device)
     (one launch less per call on a host-bound path; the ops only read it), except under
     torch.compile and during CUDA-graph capture, where a new one would be filled only at replay."""
-    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling() or capturing(device):
         return torch.zeros(n, dtype=torch.int64, device=device)
     return _kept_single_task(n, device)
 
@@ -752,25 +752,32 @@ def _kernel_mix(mix) -> tuple[torch.Tensor, list[torch.Tensor]]:
 _K9: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
 
 
-def capturing(t: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on t's device's current stream: kept values must
-    not be used then, since a replay would not see later in-place updates of the parameters they
-    come from."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the device's current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def kept_versions(tensors: list[torch.Tensor]) -> Optional[tuple[int, ...]]:
+    """The version counters of ``tensors``: a value computed from them and kept between calls is
+    valid while they are unchanged (an in-place update bumps its tensor's version). None when
+    nothing may be kept: while torch.compile traces (no Python state to guard on), during CUDA-graph
+    capture (a replay would not see later updates), or for inference tensors (no version counter)."""
+    if torch.compiler.is_compiling() or capturing(tensors[0].device):
+        return None
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
 
 
 def _kernels_3x3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling() or capturing(a):
-        return (_f32(a) @ _f32(b)).contiguous()
-    try:
-        versions = (a._version, b._version)
-    except RuntimeError:  # inference tensors keep no version counter: nothing is kept for them
-        return (_f32(a) @ _f32(b)).contiguous()
-    kept = _K9.get(a)
+    versions = kept_versions([a, b])
+    kept = _K9.get(a) if versions is not None else None
     if kept is not None and kept[0] is b and kept[1] == versions:
         return kept[2]
     k9 = (_f32(a) @ _f32(b)).contiguous()
-    _K9[a] = (b, versions, k9)
+    if versions is not None:
+        _K9[a] = (b, versions, k9)
     return k9
 
 
