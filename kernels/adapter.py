@@ -457,7 +457,7 @@ def mix_config(h: int, w: int, prec: str) -> dict:
     products of depth 8 that close each block are paired into one of depth 16 (_dot_pair): Triton
     3.6, the GPU image's, rejects a tl.dot of depth under 16 (the H200 run of 2026-11-26 failed to
     compile the first version of this configuration; tests/test_triton_compile.py now checks every
-    dot's depth)."""
+    dot's depth). With the pairs, test_dft_sizes_round_trip[34] passed on the H200 (Triton 3.6)."""
     bh, bw = pow2(h), pow2(w)
     fma = bh >= 64 and prec == "tf32x3"
     # num_stages=1: the loop over spectrum-column blocks is not worth pipelining (each iteration is
