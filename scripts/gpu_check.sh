@@ -23,11 +23,13 @@
 #   sanitizer    compute-sanitizer memcheck/racecheck on the CUDA ops
 #   full_bench   the full benchmark matrix (it needs a call of its own)
 # GPU_CHECK_STEPS picks and orders them (default: all but full_bench, in the order above).
-# Measured on an H200 (2026-11-26, two calls): install 44-46 s; gpu_tests 145 s on one process for
+# Measured on an H200 (2026-11-26, four calls): install 44-52 s; gpu_tests 145 s on one process for
 # 75 of the 80 tests, and 77 of 80 in 100 s with 8 xdist workers; triton_tests only 25 of 85 in
-# 130 s with 8 workers. Triton's compilation of each kernel specialisation dominates, so a 15-minute
-# lease does not hold everything: give a call to the steps the last one did not finish, e.g.
-# GPU_CHECK_STEPS="install triton_tests" GPU_CHECK_CAPS="triton_tests=420".
+# 130 s with 8 workers; tests/test_triton_adapter.py alone 24 of 26 in 130 s with 14 workers;
+# profile 50 s (97 s with --compile and batch 32). Triton's compilation of each kernel
+# specialisation dominates, so a 15-minute lease does not hold everything: give a call to the steps
+# the last one did not finish, e.g. GPU_CHECK_STEPS="install pytest" GPU_CHECK_CAPS="pytest=420"
+# GPU_CHECK_PYTEST="tests/test_triton_moce.py tests/test_triton_backbone.py" GPU_CHECK_WORKERS=14.
 # Benchmark JSON goes to <work>/bench_results/<device>/ as each run goes (--benchmark-json for runs
 # that finish, and <name>.jsonl with one line per finished case, which survives a cut-off run), and
 # at the end to bench/results/<device>/ (commit it). Logs and results are packed at the end into one
