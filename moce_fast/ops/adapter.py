@@ -913,13 +913,13 @@ def _mix_tail_backward(ctx, grad, *_unused):
         cg = torch.sigmoid(mlp(gl, *wi[4:]))
         dmlp = torch.autograd.grad((cc, cg), [pl, gl, *w], (dcc, dcg), allow_unused=True)
     dpooled, dgmean, *dw = [torch.zeros_like(x) if d is None else d for d, x in zip(dmlp, [pl, gl, *w])]
-    dy, scal = _mix_bwd_channel_op(y.contiguous(), scale.to(f32).contiguous(), shift.to(f32).contiguous(), task,
+    dy, scal = _mix_bwd_channel_op(y.contiguous(), _f32(scale), _f32(shift), task,
                                    k9, rest, glob, dloc, dgabs, dpooled.contiguous(), dgmean.contiguous(),
                                    grad.dtype == f32)
     dtail = _weight_grad(g, u.view(n, hid, hh * ww).transpose(1, 2), task, t)
     per_task = _per_task(scal, task, t)  # (T, hid, 18)
     dk9 = per_task[:, :, 9:]
-    a, b = mix[0].to(f32), mix[1].to(f32)
+    a, b = _f32(mix[0]), _f32(mix[1])
     dmix = [dk9 @ b.transpose(1, 2), a.transpose(1, 2) @ dk9,  # conv_weight_A, conv_weight_B
             per_task[:, :, 4], per_task[:, :, 5], per_task[:, :, 6], per_task[:, :, 7], per_task[:, :, 8],
             per_task[:, :, 2], per_task[:, 0, 3],  # comp_w, comp_b
