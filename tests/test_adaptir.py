@@ -321,3 +321,51 @@ def test_empty_batch_gives_an_empty_result(layout, shape, backend):
         with torch.no_grad():
             assert adapter(x).shape == x.shape
     assert y.shape == x.shape and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("hh,ww", [(16, 16), (5, 7), (6, 4), (1, 8), (9, 1), (2, 2), (12, 21)])
+def test_dft_tables_equal_torch_fft(hh, ww):
+    # the dense global branch's matrices: rfft2 and irfft2 (ortho) of (hh, ww) maps as real products
+    from moce_fast.ops.adapter import dft_tables
+
+    fwd, inv, nb, s, order = dft_tables(hh, ww, torch.float64, torch.device("cpu"))
+    g = torch.Generator().manual_seed(hh * 100 + ww)
+    x = torch.randn(3, hh * ww, generator=g, dtype=torch.float64)
+    spec = torch.fft.rfft2(x.view(3, hh, ww), norm="ortho").reshape(3, nb)
+    parts = x @ fwd.t()  # (3, 2 nb - s): real parts of all bins, then imaginary parts of the first nb - s
+    re, im = parts[:, :nb], torch.cat([parts[:, nb:], parts.new_zeros(3, s)], 1)
+    assert sorted(order.tolist()) == list(range(nb))  # the table's bin order is a permutation
+    assert (re - spec.real[:, order]).abs().max() < 1e-13
+    assert (im - spec.imag[:, order]).abs().max() < 1e-13
+    assert (spec.imag[:, order[nb - s:]].abs().max() if s else 0) < 1e-13  # the last s bins are self-conjugate
+    # the inverse, on a spectrum that is not Hermitian (the adapter's phase map breaks the symmetry)
+    z = torch.randn(3, nb, generator=g, dtype=torch.complex128)
+    z_ordered = torch.empty_like(z)
+    z_ordered[:, order] = z
+    want = torch.fft.irfft2(z_ordered.view(3, hh, ww // 2 + 1), s=(hh, ww), norm="ortho").reshape(3, -1)
+    got = torch.cat([z.real, z.imag[:, :nb - s]], 1) @ inv
+    assert (got - want).abs().max() < 1e-13
+
+
+@pytest.mark.parametrize("n,h,hh,ww,tasks", [(1, 24, 16, 16, 1), (3, 8, 6, 6, 1), (4, 12, 5, 7, 2), (2, 4, 1, 6, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dense_global_branch_equals_the_fft_one(n, h, hh, ww, tasks, dtype):
+    from moce_fast.ops import adapter as ops
+
+    _, _, _, mix, task, _ = _mix_inputs(n, h, hh, ww, tasks, torch.float64, seed=n + h)
+    # random maps (no zero bins: the phase of an exactly zero bin is the sign of its zeros, which
+    # no two FFT algorithms share), with every self-conjugate bin a negative real number: its phase
+    # is pi exactly (imaginary part +0), and pha_fuse maps pi and -pi to different outputs
+    y = torch.randn(n, h, hh, ww, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    rows = torch.tensor([(-1.0) ** i for i in range(hh)])[:, None]
+    cols = torch.tensor([(-1.0) ** j for j in range(ww)])[None, :]
+    y -= 3 * (1 + rows * (hh % 2 == 0) + cols * (ww % 2 == 0) + rows * cols * (hh % 2 == 0 and ww % 2 == 0))
+    with torch.no_grad():
+        p = [ops._per_image(q.detach(), task, tasks == 1, dtype) for q in mix]
+        x = y.detach().to(dtype)
+        dense = ops._global_branch_dense(x, *p[3:7])
+        fft = ops._global_branch_fft(x, *p[3:7], True)
+        ref = ops._global_branch_fft(y.detach(), *[q.double() for q in p[3:7]], True)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert rel_err(dense, ref) < tol
+    assert rel_err(fft, ref) < tol
