@@ -110,15 +110,16 @@ def test_bad_inputs():
 
 
 @pytest.mark.parametrize("layout", ["nchw", "lnc", "nhwc"])
-@pytest.mark.parametrize("n", [1, 3])
-def test_inference_without_autograd_equals_reference(layout, n):
-    # no grad mode takes its own paths: the head's product without its autograd Function, and
-    # parameter views kept on the adapter between calls
+@pytest.mark.parametrize("n,side", [(1, 5), (3, 5), (1, 17), (2, 17)])
+def test_inference_without_autograd_equals_reference(layout, n, side):
+    # no grad mode takes its own paths: the head's product without its autograd Function, parameter
+    # views kept on the adapter between calls, the dense DFT products up to 16x16 (side 5: dense,
+    # 17: FFT), and for one image its pixel-major path (ops.adapter._adaptir_one_image)
     adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", layout)).double().eval()
     ref = AdaptIR(56, "edt").double().eval()
     ref.load_state_dict(adapter.state_dict())
     for _ in range(2):  # the second call runs on the kept views
-        x, xl = _inputs(layout, 56, n=n)
+        x, xl = _inputs(layout, 56, n=n, side=side)
         with torch.no_grad():
             y, expected = adapter(xl), ref(x)
         if layout == "nhwc":

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.adaptir import exact_real_bins
-from ._backend import dispatch, new_buffer, register
+from ._backend import dispatch, new_buffer, register, resolve
 
 LAYOUTS = ("nchw", "lnc", "nhwc")
 
@@ -703,6 +703,8 @@ def adaptir(t: torch.Tensor, layout: str, p: AdapterParams, task: Optional[torch
         task = _single_task(n, t.device)
     hid = p.head_w.shape[1]
     acc = torch.promote_types(t.dtype, torch.float32)  # the h-space stages run in at least float32
+    if not training and n == 1 and _one_image_in_torch(t, p):
+        return _adaptir_one_image(b[0], layout, p if folded else fold_batch_norm(p, eps, acc), hh, ww), None
     if training:
         y = grouped_linear(b, p.head_w, p.head_b, task, "nmp", acc).view(n, hid, hh, ww)
         scale, shift, stats = batch_norm_affine(y, p, task, eps)
@@ -713,6 +715,64 @@ def adaptir(t: torch.Tensor, layout: str, p: AdapterParams, task: Optional[torch
         scale = shift = stats = None
     out = mix_tail(y, scale, shift, p.mix, p.tail_w, task, OUT_ORDER[layout], t.dtype)
     return from_order(out, layout, hh, ww), stats
+
+
+def _one_image_in_torch(t: torch.Tensor, p: AdapterParams) -> bool:
+    """Whether an eval call on one image takes :func:`_adaptir_one_image`: the torch backend runs
+    both stages, outside autograd (no grad mode) and torch.compile, one task, float32 or float64."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or p.head_w.shape[0] != 1:
+        return False
+    if t.dtype not in (torch.float32, torch.float64):
+        return False
+    dev = t.device
+    return resolve("adaptir_linear", dev)[0] == "torch" and resolve("adaptir_mix_tail", dev)[0] == "torch"
+
+
+def _adaptir_one_image(rows: torch.Tensor, layout: str, p: AdapterParams, hh: int, ww: int) -> torch.Tensor:
+    """The eval adapter (BatchNorm folded into ``p``'s head) on one image's pixels ``rows`` (P, C),
+    any strides, in torch: the result in the host's layout, (1, C, H, W), (P, 1, C) or (1, H, W, C).
+
+    At batch 1 on a small map the adapter is bound by the number of ops it dispatches (each costs
+    several microseconds on a CPU whatever its size), so this path keeps the h-space map pixel-major,
+    (P, h), from the head to the tail, where the staged path transposes between the GEMMs' and the
+    FFT's layouts: the head writes it as one GEMM with its bias; the dense DFT products read and
+    write it as it is; the depthwise conv reads it as a channels-last map and writes one; the
+    pooling and the gates are matrix-vector products; the tail reads it as rows. The values are
+    those of the staged path (``adaptir`` on a batch of one)."""
+    dt = rows.dtype
+    hid = p.head_w.shape[1]
+    m = [q if q.dtype == dt else q.to(dt) for q in p.mix]
+    conv_a, conv_b, conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w, comp_b = m[:9]
+    y = torch.addmm(p.head_b[0].to(dt), rows, p.head_w[0].to(dt).t())  # (P, h)
+    if _dense_dft(hh, ww, rows.device):
+        fwd, inv, nb, s, _ = dft_tables(hh, ww, dt, rows.device)
+        buf = y.new_empty(2 * nb, hid)
+        buf[2 * nb - s:].zero_()
+        torch.mm(fwd, y, out=buf[:2 * nb - s])
+        re, im = buf[:nb], buf[nb:]
+        mag = torch.hypot(re, im).mul_(amp_w).add_(amp_b)
+        pha = torch.atan2(im, re).mul_(pha_w).add_(pha_b)
+        torch.cos(pha, out=re)
+        torch.sin(pha, out=im)
+        buf.view(2, nb, hid).mul_(mag)
+        glob = torch.mm(inv.t(), buf[:2 * nb - s]).abs_()  # (P, h)
+    else:
+        glob = _global_branch_fft(y.t().view(1, hid, hh, ww), amp_w, amp_b, pha_w, pha_b, True)
+        glob = glob.view(hid, hh * ww).t()
+    kern = (conv_a[0] @ conv_b[0]).view(hid, 1, 3, 3)
+    loc = F.conv2d(y.view(1, hh, ww, hid).permute(0, 3, 1, 2), kern, conv_bias[0], padding=1, groups=hid)
+    loc = loc.permute(0, 2, 3, 1).reshape(hh * ww, hid)  # a view when the conv wrote channels-last
+    score = torch.addmv(comp_b, y, comp_w[0]).softmax(0)
+    pooled = torch.mv(y.t(), score)
+    c = F.linear(F.gelu(F.linear(pooled, m[9][0], m[10][0])), m[11][0], m[12][0])
+    cg = torch.sigmoid(F.linear(F.gelu(F.linear(glob.mean(0), m[13][0], m[14][0])), m[15][0], m[16][0]))
+    sg = torch.sigmoid(torch.addmv(m[18], loc, m[17][0]))
+    u = loc.mul_(cg).addcmul_(sg[:, None], glob).mul_(c)
+    tail_w = p.tail_w[0].to(dt)
+    if layout == "nchw":
+        return torch.mm(tail_w, u.t()).view(1, -1, hh, ww)
+    out = torch.mm(u, tail_w.t())
+    return out.view(hh * ww, 1, -1) if layout == "lnc" else out.view(1, hh, ww, -1)
 
 
 # ---------------------------------------------------------------------------------------- triton
