@@ -252,10 +252,16 @@ def _composition(y, scale, shift, mix, task):
 
 @pytest.mark.parametrize("n,h,side_h,side_w,tasks", [(3, 8, 6, 6, 1), (2, 8, 7, 5, 1), (4, 12, 8, 9, 2),
                                                      (3, 6, 5, 4, 3), (2, 4, 1, 6, 1), (2, 4, 5, 1, 2)])
-def test_mix_function_gradients_equal_autograd_of_the_composition(n, h, side_h, side_w, tasks):
+@pytest.mark.parametrize("dft", ["dense", "fft"])
+def test_mix_function_gradients_equal_autograd_of_the_composition(n, h, side_h, side_w, tasks, dft, monkeypatch):
     # under autograd the torch backend's mix is one Function with a derived backward (complex abs,
-    # angle and polar, the rfft2 / irfft2 adjoints with their doubled columns, the gates and pooling)
+    # angle and polar, the rfft2 / irfft2 adjoints with their doubled columns, the gates and pooling;
+    # or for small maps the dense DFT products and their transposes); the composition runs torch.fft
     from moce_fast.ops import MixParams, adapter_mix
+    from moce_fast.ops import adapter as ops
+
+    if dft == "fft":
+        monkeypatch.setattr(ops, "DENSE_DFT_MAX_PIXELS", 0)
 
     names = ["u", "y", "scale", "shift", *MixParams._fields]
     inputs = _mix_inputs(n, h, side_h, side_w, tasks, torch.float64)
@@ -272,8 +278,13 @@ def test_mix_function_gradients_equal_autograd_of_the_composition(n, h, side_h, 
         assert (a.double() - b).abs().max() <= 2e-5 * max(1.0, b.abs().max().item()), name
 
 
-def test_mix_function_gradcheck_float64():
+@pytest.mark.parametrize("dft", ["dense", "fft"])
+def test_mix_function_gradcheck_float64(dft, monkeypatch):
     from moce_fast.ops import adapter_mix
+    from moce_fast.ops import adapter as ops
+
+    if dft == "fft":
+        monkeypatch.setattr(ops, "DENSE_DFT_MAX_PIXELS", 0)
 
     y, scale, shift, mix, task, _ = _mix_inputs(2, 4, 5, 6, 2, torch.float64, seed=3)
     y = y.detach()

@@ -532,6 +532,92 @@ def _mlp_backward(v: torch.Tensor, a: torch.Tensor, w1: torch.Tensor, w2: torch.
             dout[:, :, None] * hid[:, None, :], dout)
 
 
+def _global_forward_fft(x, amp_w, amp_b, pha_w, pha_b):
+    """The global branch's map gl (before |.|) by torch.fft, and what its backward keeps."""
+    n, h, hh, ww = x.shape
+    spec = exact_real_bins(torch.fft.rfft2(x, norm="ortho"), hh, ww)
+    mag = torch.abs(spec)
+    pha = torch.angle(spec)
+    inv = torch.nan_to_num_(mag.reciprocal(), posinf=0.0)  # 1 / |S|, 0 where S = 0
+    unit = spec.mul_(inv)  # S / |S|
+    m = torch.addcmul(amp_b[:, :, None, None], mag, amp_w[:, :, None, None])
+    p = torch.addcmul(pha_b[:, :, None, None], pha, pha_w[:, :, None, None])
+    e = torch.complex(torch.cos(p), p.sin_())  # e^{ip} (torch.polar is 2-3x slower on a CPU)
+    gl = torch.fft.irfft2(e * m, s=(hh, ww), norm="ortho")
+    return (unit, mag, inv, pha, m, e), gl
+
+
+def _global_backward_fft(state, dgl, amp_w, pha_w):
+    """Gradients (x, amp_w, amp_b, pha_w, pha_b) per image of :func:`_global_forward_fft` from the
+    gradient of gl (see :class:`_Mix`)."""
+    unit, mag, inv, pha, m, e = state
+    hh, ww = dgl.shape[2:]
+    dp = torch.fft.rfft2(dgl, norm="ortho")
+    edge = ww - dp.shape[-1]  # columns 1 .. edge stand for two bins of the full spectrum
+    if edge > 0:
+        dp[..., 1:1 + edge].mul_(2)
+    wv = torch.view_as_real(dp.mul_(e.conj()))  # conj(E) dP = dm + i dp / m
+    dm, dpm = wv[..., 0], wv[..., 1]
+    dpp = dpm * m  # gradient of the phase map
+    d_amp_b, d_amp_w = dm.sum(dim=(2, 3)), (dm * mag).sum(dim=(2, 3))
+    d_pha_b, d_pha_w = dpp.sum(dim=(2, 3)), (dpp * pha).sum(dim=(2, 3))
+    ds = torch.complex(dm * amp_w[:, :, None, None], dpp.mul_(inv).mul_(pha_w[:, :, None, None])).mul_(unit)
+    # (exact_real_bins' zeroing of Im S at the self-conjugate bins needs no step back: irfft2
+    # ignores the imaginary part of exactly those bins)
+    if edge > 0:
+        ds[..., 1:1 + edge].mul_(0.5)
+    return torch.fft.irfft2(ds, s=(hh, ww), norm="ortho"), d_amp_w, d_amp_b, d_pha_w, d_pha_b
+
+
+def _global_forward_dense(x, amp_w, amp_b, pha_w, pha_b):
+    """:func:`_global_forward_fft` for a small map as the dense DFT products of :func:`dft_tables`
+    (as :func:`_global_branch_dense`), on (bins, N, h) buffers; the self-conjugate bins' imaginary
+    parts are +0 and constant (no gradient flows to or from them)."""
+    n, h, hh, ww = x.shape
+    fwd, inv_t, nb, s, _ = dft_tables(hh, ww, x.dtype, x.device)
+    rows, k = n * h, 2 * nb - s
+    unit = x.new_empty(2 * nb, rows)  # (Re S, Im S), then S / |S| in place
+    unit[k:].zero_()
+    torch.mm(fwd, x.reshape(rows, hh * ww).t(), out=unit[:k])
+    re, im = unit[:nb].view(nb, n, h), unit[nb:].view(nb, n, h)
+    mag = torch.hypot(re, im)
+    pha = torch.atan2(im, re)
+    inv = torch.nan_to_num_(mag.reciprocal(), posinf=0.0)  # 1 / |S|, 0 where S = 0
+    unit.view(2, nb, n, h).mul_(inv)
+    m = torch.addcmul(amp_b, mag, amp_w)
+    p = torch.addcmul(pha_b, pha, pha_w)
+    cos, sin = torch.cos(p), p.sin_()
+    z = x.new_empty(k, rows)  # the real and imaginary parts of m e^{ip} that the inverse reads
+    torch.mul(m, cos, out=z[:nb].view(nb, n, h))
+    torch.mul(m[:nb - s], sin[:nb - s], out=z[nb:].view(nb - s, n, h))
+    gl = torch.mm(z.t(), inv_t).view(n, h, hh, ww)
+    return (unit, mag, inv, pha, m, cos, sin), gl
+
+
+def _global_backward_dense(state, dgl, amp_w, pha_w):
+    """:func:`_global_backward_fft` for :func:`_global_forward_dense`: the adjoints of the dense
+    products are their transposes; dm + i dp / m = conj(e^{ip}) dP in real parts."""
+    unit, mag, inv, pha, m, cos, sin = state
+    n, h, hh, ww = dgl.shape
+    fwd, inv_t, nb, s, _ = dft_tables(hh, ww, dgl.dtype, dgl.device)
+    rows, k = n * h, 2 * nb - s
+    dz = torch.mm(inv_t, dgl.reshape(rows, hh * ww).t())  # (k, rows): gradients of Re P, Im P
+    d_re, d_im = dz[:nb].view(nb, n, h), dz[nb:].view(nb - s, n, h)
+    dm = d_re * cos
+    dm[:nb - s].addcmul_(d_im, sin[:nb - s])
+    dpp = (d_re * sin).neg_()
+    dpp[:nb - s].addcmul_(d_im, cos[:nb - s])
+    dpp.mul_(m)  # gradient of the phase map
+    d_amp_b, d_amp_w = dm.sum(0), (dm * mag).sum(0)
+    d_pha_b, d_pha_w = dpp.sum(0), (dpp * pha).sum(0)
+    a, b = dm.mul_(amp_w), dpp.mul_(inv).mul_(pha_w)  # dS = (a + i b) S / |S|
+    ure, uim = unit[:nb].view(nb, n, h), unit[nb:].view(nb, n, h)
+    ds = unit.new_empty(k, rows)
+    torch.mul(a, ure, out=ds[:nb].view(nb, n, h)).addcmul_(b, uim, value=-1)
+    torch.mul(a[:nb - s], uim[:nb - s], out=ds[nb:].view(nb - s, n, h)).addcmul_(b[:nb - s], ure[:nb - s])
+    return torch.mm(ds.t(), fwd).view(n, h, hh, ww), d_amp_w, d_amp_b, d_pha_w, d_pha_b
+
+
 class _Mix(torch.autograd.Function):
     """:func:`adapter_mix` on the normalised map x (N, h, H, W) under autograd, with a derived backward.
 
@@ -553,29 +639,25 @@ class _Mix(torch.autograd.Function):
     def forward(ctx, x, kern, conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w, comp_b, p1w, p1b, p2w, p2b,
                 c1w, c1b, c2w, c2b, si_w, si_b):
         n, h, hh, ww = x.shape
-        spec = exact_real_bins(torch.fft.rfft2(x, norm="ortho"), hh, ww)
-        mag = torch.abs(spec)
-        pha = torch.angle(spec)
-        inv = torch.nan_to_num_(mag.reciprocal(), posinf=0.0)  # 1 / |S|, 0 where S = 0
-        unit = spec.mul_(inv)  # S / |S|
-        m = torch.addcmul(amp_b[:, :, None, None], mag, amp_w[:, :, None, None])
-        p = torch.addcmul(pha_b[:, :, None, None], pha, pha_w[:, :, None, None])
-        e = torch.complex(torch.cos(p), p.sin_())  # e^{ip} (torch.polar is 2-3x slower on a CPU)
-        gl = torch.fft.irfft2(e * m, s=(hh, ww), norm="ortho")
+        ctx.dense = _dense_dft(hh, ww, x.device)
+        state, gl = (_global_forward_dense if ctx.dense else _global_forward_fft)(x, amp_w, amp_b, pha_w, pha_b)
+        ctx.n_state = len(state)
         glob = torch.abs(gl)
         xin = _dw_input(x if kern.shape[0] == h else x.reshape(1, n * h, hh, ww))
         loc = F.conv2d(xin, kern, conv_bias, padding=1, groups=kern.shape[0]).contiguous().view(n, h, hh, ww)
         score, pooled, a1, c, gm, b1, cg, sg = _channel_branch_and_gates(
             x, loc, glob, comp_w, comp_b, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, si_w, si_b)
-        ctx.save_for_backward(x, xin, kern, unit, mag, inv, pha, m, e, gl, glob, loc, score, pooled, a1, gm, b1, cg,
-                              sg, c, amp_w, pha_w, comp_w, p1w, p2w, c1w, c2w, si_w)
+        ctx.save_for_backward(*state, x, xin, kern, gl, glob, loc, score, pooled, a1, gm, b1, cg, sg, c, amp_w, pha_w,
+                              comp_w, p1w, p2w, c1w, c2w, si_w)
         return (loc * cg[:, :, None, None]).addcmul_(sg.view(n, 1, hh, ww), glob).mul_(c[:, :, None, None])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, du):
-        (x, xin, kern, unit, mag, inv, pha, m, e, gl, glob, loc, score, pooled, a1, gm, b1, cg, sg, c, amp_w, pha_w,
-         comp_w, p1w, p2w, c1w, c2w, si_w) = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        state = saved[:ctx.n_state]
+        (x, xin, kern, gl, glob, loc, score, pooled, a1, gm, b1, cg, sg, c, amp_w, pha_w, comp_w, p1w, p2w, c1w, c2w,
+         si_w) = saved[ctx.n_state:]
         n, h, hh, ww = x.shape
         npix = hh * ww
         du = du.contiguous()
@@ -597,21 +679,8 @@ class _Mix(torch.autograd.Function):
         # global branch: glob = |gl|, gl = irfft2(m e^{ip})
         dgl = (du * sg.view(n, 1, hh, ww)).mul_(c[:, :, None, None]).add_((dgm / npix)[:, :, None, None])
         dgl.mul_(torch.sign(gl))
-        dp = torch.fft.rfft2(dgl, norm="ortho")
-        edge = ww - dp.shape[-1]  # columns 1 .. edge stand for two bins of the full spectrum
-        if edge > 0:
-            dp[..., 1:1 + edge].mul_(2)
-        wv = torch.view_as_real(dp.mul_(e.conj()))  # conj(E) dP = dm + i dp / m
-        dm, dpm = wv[..., 0], wv[..., 1]
-        dpp = dpm * m  # gradient of the phase map
-        d_amp_b, d_amp_w = dm.sum(dim=(2, 3)), (dm * mag).sum(dim=(2, 3))
-        d_pha_b, d_pha_w = dpp.sum(dim=(2, 3)), (dpp * pha).sum(dim=(2, 3))
-        ds = torch.complex(dm * amp_w[:, :, None, None], dpp.mul_(inv).mul_(pha_w[:, :, None, None])).mul_(unit)
-        # (exact_real_bins' zeroing of Im S at the self-conjugate bins needs no step back: irfft2
-        # ignores the imaginary part of exactly those bins)
-        if edge > 0:
-            ds[..., 1:1 + edge].mul_(0.5)
-        dx = torch.fft.irfft2(ds, s=(hh, ww), norm="ortho")
+        dx, d_amp_w, d_amp_b, d_pha_w, d_pha_b = (_global_backward_dense if ctx.dense else _global_backward_fft)(
+            state, dgl, amp_w, pha_w)
         # depthwise conv
         dxc, dkern, dbias = _depthwise3x3_backward(dloc.view(xin.shape), xin, kern)
         dx.add_(dxc.view(n, h, hh, ww))  # (channels-last on a CPU: added as it is, no copy back to NCHW)
