@@ -129,12 +129,13 @@ def test_inference_without_autograd_equals_reference(layout, n, side):
         assert rel_err(y, expected) < 1e-12
 
 
-def test_kept_parameter_views_follow_every_change():
+@pytest.mark.parametrize("n", [1, 2])  # 1: the kept one-image plan (ops.adapter.OneImagePlan) too
+def test_kept_parameter_views_follow_every_change(n):
     """The views kept for calls outside autograd see in-place updates, and are rebuilt when a
     tensor is moved, converted or replaced (a stale view would silently compute with old weights)."""
     adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).double().eval()
     ref = AdaptIR(56, "edt").double().eval()
-    x = torch.randn(2, 5, 5, 56, dtype=torch.float64)
+    x = torch.randn(n, 5, 5, 56, dtype=torch.float64)
 
     def check(dtype=torch.float64, tol=1e-12):
         ref.load_state_dict(adapter.state_dict())
@@ -165,13 +166,14 @@ def test_kept_parameter_views_follow_every_change():
                if n != "compress.bias")
 
 
-def test_inference_mode_parameters_are_not_kept():
+@pytest.mark.parametrize("n", [1, 2])
+def test_inference_mode_parameters_are_not_kept(n):
     """Parameters made under torch.inference_mode keep no version counter: an in-place update of
     them cannot be detected, so no folded parameters are kept for them (a stale fold would compute
     with the old BatchNorm)."""
     with torch.inference_mode():
         adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).double().eval()
-        x = torch.randn(2, 5, 5, 56, dtype=torch.float64)
+        x = torch.randn(n, 5, 5, 56, dtype=torch.float64)
         first = adapter(x)
         adapter.BN.running_var.mul_(4.0)
         adapter.tail.weight.mul_(-1.0)

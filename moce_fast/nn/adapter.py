@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import ops
-from ..ops.adapter import AdapterParams, BatchStats, MixParams, kept_versions
+from ..ops.adapter import AdapterParams, BatchStats, MixParams, OneImagePlan, kept_versions, one_image_plan
 from ..reference.adaptir import AdaptIR
 
 LAYOUTS = ("nchw", "lnc", "nhwc")
@@ -131,9 +131,11 @@ def _views_key(raw: list[torch.Tensor]):
         return None
 
 
-def folded_params(adapters: Sequence[AdaptIR], acc: torch.dtype, eps: float) -> AdapterParams:
+def folded_params(adapters: Sequence[AdaptIR], acc: torch.dtype, eps: float
+                  ) -> tuple[AdapterParams, Optional[OneImagePlan]]:
     """The eval parameters of these adapters (one per task) with BatchNorm folded into the head
-    (:func:`moce_fast.ops.adapter.fold_batch_norm`, in ``acc``).
+    (:func:`moce_fast.ops.adapter.fold_batch_norm`, in ``acc``), and for one adapter, when they are
+    kept, their :func:`moce_fast.ops.adapter.one_image_plan` (else None).
 
     Outside autograd the result is kept on the first adapter between calls (at batch 8 on a GPU the
     adapter is host-bound, and the fold is a dozen small ops). The fold is a copy: it is valid while
@@ -148,11 +150,13 @@ def folded_params(adapters: Sequence[AdaptIR], acc: torch.dtype, eps: float) -> 
     if key is not None:
         kept = adapters[0].__dict__.get("_moce_fast_folded")
         if kept is not None and kept[0] == key:
-            return kept[1]
+            return kept[1], kept[2]
     params = ops.fold_batch_norm(stack_params(adapters), eps, acc)
-    if key is not None:
-        adapters[0].__dict__["_moce_fast_folded"] = (key, params)
-    return params
+    if key is None:
+        return params, None
+    plan = one_image_plan(params, acc) if len(adapters) == 1 else None
+    adapters[0].__dict__["_moce_fast_folded"] = (key, params, plan)
+    return params, plan
 
 
 @torch.no_grad()
@@ -191,8 +195,8 @@ def run_adapters(adapters: Sequence[AdaptIR], x: torch.Tensor, task: Optional[to
     if training:
         out, stats = ops.adaptir(x, layout, stack_params(adapters), task, True, first.BN.eps)
     else:
-        params = folded_params(adapters, torch.promote_types(x.dtype, torch.float32), first.BN.eps)
-        out, stats = ops.adaptir(x, layout, params, task, False, first.BN.eps, folded=True)
+        params, plan = folded_params(adapters, torch.promote_types(x.dtype, torch.float32), first.BN.eps)
+        out, stats = ops.adaptir(x, layout, params, task, False, first.BN.eps, folded=True, plan=plan)
     if stats is not None and first.BN.track_running_stats:
         _update_running_stats(adapters, stats)
     return out

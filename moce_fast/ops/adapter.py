@@ -754,13 +754,16 @@ def fold_batch_norm(p: AdapterParams, eps: float, acc: torch.dtype) -> AdapterPa
 
 
 def adaptir(t: torch.Tensor, layout: str, p: AdapterParams, task: Optional[torch.Tensor], training: bool,
-            eps: float = 1e-5, folded: bool = False) -> tuple[torch.Tensor, Optional[BatchStats]]:
+            eps: float = 1e-5, folded: bool = False, plan: Optional["OneImagePlan"] = None
+            ) -> tuple[torch.Tensor, Optional[BatchStats]]:
     """The AdaptIR adapter of each image's task on ``t`` in the host's ``layout``.
 
     t: (N, C, H, W) for "nchw", (L, N, C) with L = H * W, H = W for "lnc", (N, H, W, C) for "nhwc";
     ``p``: the parameters of T tasks (:class:`AdapterParams`); task: (N,) int64 indices into the task
     axis, or None when T == 1. ``folded``: in eval, ``p`` comes from :func:`fold_batch_norm` already
-    (a caller that keeps the folded parameters between calls). Returns the adapter output in ``t``'s
+    (a caller that keeps the folded parameters between calls); ``plan``: :func:`one_image_plan` of
+    those, kept with them, for an eval call on one image in torch (made here when not given).
+    Returns the adapter output in ``t``'s
     layout and dtype, and in training the per-task batch statistics (the caller updates the running
     ones).
     """
@@ -773,7 +776,9 @@ def adaptir(t: torch.Tensor, layout: str, p: AdapterParams, task: Optional[torch
     hid = p.head_w.shape[1]
     acc = torch.promote_types(t.dtype, torch.float32)  # the h-space stages run in at least float32
     if not training and n == 1 and _one_image_in_torch(t, p):
-        return _adaptir_one_image(b[0], layout, p if folded else fold_batch_norm(p, eps, acc), hh, ww), None
+        if plan is None or plan.head_w.dtype != t.dtype:
+            plan = one_image_plan(p if folded else fold_batch_norm(p, eps, acc), t.dtype)
+        return _adaptir_one_image(b[0], layout, plan, hh, ww), None
     if training:
         y = grouped_linear(b, p.head_w, p.head_b, task, "nmp", acc).view(n, hid, hh, ww)
         scale, shift, stats = batch_norm_affine(y, p, task, eps)
@@ -797,50 +802,88 @@ def _one_image_in_torch(t: torch.Tensor, p: AdapterParams) -> bool:
     return resolve("adaptir_linear", dev)[0] == "torch" and resolve("adaptir_mix_tail", dev)[0] == "torch"
 
 
-def _adaptir_one_image(rows: torch.Tensor, layout: str, p: AdapterParams, hh: int, ww: int) -> torch.Tensor:
-    """The eval adapter (BatchNorm folded into ``p``'s head) on one image's pixels ``rows`` (P, C),
-    any strides, in torch: the result in the host's layout, (1, C, H, W), (P, 1, C) or (1, H, W, C).
+class OneImagePlan(NamedTuple):
+    """One task's eval parameters (BatchNorm folded into the head) as :func:`_adaptir_one_image`
+    reads them, in one dtype: no per-call reshapes, and the two channel MLPs (proj on the pooled
+    vector, channel_interaction on the global map's mean) as one block-diagonal MLP on both vectors.
+
+    head_w (h, C), head_b (h,); kern (h, 1, 3, 3) = A @ B; conv_bias, amp_w, amp_b, pha_w, pha_b,
+    comp_w (h,); comp_b (); mlp1_w (h/2 + q, 2h) = diag(proj.0, channel_interaction.1), mlp1_b;
+    mlp2_w (2h, h/2 + q) = diag(proj.2, channel_interaction.3), mlp2_b (2h,); si_w (h,); si_b ();
+    tail_w (C, h)."""
+
+    head_w: torch.Tensor
+    head_b: torch.Tensor
+    kern: torch.Tensor
+    conv_bias: torch.Tensor
+    amp_w: torch.Tensor
+    amp_b: torch.Tensor
+    pha_w: torch.Tensor
+    pha_b: torch.Tensor
+    comp_w: torch.Tensor
+    comp_b: torch.Tensor
+    mlp1_w: torch.Tensor
+    mlp1_b: torch.Tensor
+    mlp2_w: torch.Tensor
+    mlp2_b: torch.Tensor
+    si_w: torch.Tensor
+    si_b: torch.Tensor
+    tail_w: torch.Tensor
+
+
+def one_image_plan(p: AdapterParams, dtype: torch.dtype) -> OneImagePlan:
+    """:class:`OneImagePlan` of the folded one-task parameters ``p`` (:func:`fold_batch_norm`), in
+    ``dtype``. A caller that keeps the folded parameters between calls keeps this with them."""
+    g = [t[0].to(dtype) for t in (p.head_w, p.head_b, *p.mix, p.tail_w)]
+    head_w, head_b, conv_a, conv_b, conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w, comp_b = g[:11]
+    p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, si_w, si_b, tail_w = g[11:]
+    return OneImagePlan(head_w, head_b, (conv_a @ conv_b).view(-1, 1, 3, 3), conv_bias, amp_w, amp_b, pha_w, pha_b,
+                        comp_w, comp_b, torch.block_diag(p1w, c1w), torch.cat([p1b, c1b]), torch.block_diag(p2w, c2w),
+                        torch.cat([p2b, c2b]), si_w, si_b, tail_w)
+
+
+def _adaptir_one_image(rows: torch.Tensor, layout: str, q: OneImagePlan, hh: int, ww: int) -> torch.Tensor:
+    """The eval adapter (:class:`OneImagePlan` ``q``, in ``rows``' dtype) on one image's pixels
+    ``rows`` (P, C), any strides, in torch: the result in the host's layout, (1, C, H, W),
+    (P, 1, C) or (1, H, W, C).
 
     At batch 1 on a small map the adapter is bound by the number of ops it dispatches (each costs
     several microseconds on a CPU whatever its size), so this path keeps the h-space map pixel-major,
     (P, h), from the head to the tail, where the staged path transposes between the GEMMs' and the
     FFT's layouts: the head writes it as one GEMM with its bias; the dense DFT products read and
     write it as it is; the depthwise conv reads it as a channels-last map and writes one; the
-    pooling and the gates are matrix-vector products; the tail reads it as rows. The values are
-    those of the staged path (``adaptir`` on a batch of one)."""
-    dt = rows.dtype
-    hid = p.head_w.shape[1]
-    m = [q if q.dtype == dt else q.to(dt) for q in p.mix]
-    conv_a, conv_b, conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w, comp_b = m[:9]
-    y = torch.addmm(p.head_b[0].to(dt), rows, p.head_w[0].to(dt).t())  # (P, h)
+    pooling and the gates are matrix-vector products, the two channel MLPs one; the tail reads it
+    as rows. The values are those of the staged path (``adaptir`` on a batch of one)."""
+    hid = q.head_w.shape[0]
+    y = torch.addmm(q.head_b, rows, q.head_w.t())  # (P, h)
     if _dense_dft(hh, ww, rows.device):
-        fwd, inv, nb, s, _ = dft_tables(hh, ww, dt, rows.device)
+        fwd, inv, nb, s, _ = dft_tables(hh, ww, rows.dtype, rows.device)
         buf = y.new_empty(2 * nb, hid)
         buf[2 * nb - s:].zero_()
         torch.mm(fwd, y, out=buf[:2 * nb - s])
         re, im = buf[:nb], buf[nb:]
-        mag = torch.hypot(re, im).mul_(amp_w).add_(amp_b)
-        pha = torch.atan2(im, re).mul_(pha_w).add_(pha_b)
+        mag = torch.hypot(re, im).mul_(q.amp_w).add_(q.amp_b)
+        pha = torch.atan2(im, re).mul_(q.pha_w).add_(q.pha_b)
         torch.cos(pha, out=re)
         torch.sin(pha, out=im)
         buf.view(2, nb, hid).mul_(mag)
         glob = torch.mm(inv.t(), buf[:2 * nb - s]).abs_()  # (P, h)
     else:
-        glob = _global_branch_fft(y.t().view(1, hid, hh, ww), amp_w, amp_b, pha_w, pha_b, True)
+        glob = _global_branch_fft(y.t().view(1, hid, hh, ww), q.amp_w[None], q.amp_b[None], q.pha_w[None],
+                                  q.pha_b[None], True)
         glob = glob.view(hid, hh * ww).t()
-    kern = (conv_a[0] @ conv_b[0]).view(hid, 1, 3, 3)
-    loc = F.conv2d(y.view(1, hh, ww, hid).permute(0, 3, 1, 2), kern, conv_bias[0], padding=1, groups=hid)
+    loc = F.conv2d(y.view(1, hh, ww, hid).permute(0, 3, 1, 2), q.kern, q.conv_bias, padding=1, groups=hid)
     loc = loc.permute(0, 2, 3, 1).reshape(hh * ww, hid)  # a view when the conv wrote channels-last
-    score = torch.addmv(comp_b, y, comp_w[0]).softmax(0)
-    pooled = torch.mv(y.t(), score)
-    c = F.linear(F.gelu(F.linear(pooled, m[9][0], m[10][0])), m[11][0], m[12][0])
-    cg = torch.sigmoid(F.linear(F.gelu(F.linear(glob.mean(0), m[13][0], m[14][0])), m[15][0], m[16][0]))
-    sg = torch.sigmoid(torch.addmv(m[18], loc, m[17][0]))
-    u = loc.mul_(cg).addcmul_(sg[:, None], glob).mul_(c)
-    tail_w = p.tail_w[0].to(dt)
+    # [pooled; mean of glob] through both channel MLPs at once: [c; channel gate before its sigmoid]
+    v = y.new_empty(2 * hid)
+    torch.mv(y.t(), torch.addmv(q.comp_b, y, q.comp_w).softmax(0), out=v[:hid])
+    torch.mean(glob, 0, out=v[hid:])
+    cc = torch.addmv(q.mlp2_b, q.mlp2_w, F.gelu(torch.addmv(q.mlp1_b, q.mlp1_w, v)))
+    sg = torch.sigmoid(torch.addmv(q.si_b, loc, q.si_w))
+    u = loc.mul_(cc[hid:].sigmoid_()).addcmul_(sg[:, None], glob).mul_(cc[:hid])
     if layout == "nchw":
-        return torch.mm(tail_w, u.t()).view(1, -1, hh, ww)
-    out = torch.mm(u, tail_w.t())
+        return torch.mm(q.tail_w, u.t()).view(1, -1, hh, ww)
+    out = torch.mm(u, q.tail_w.t())
     return out.view(hh * ww, 1, -1) if layout == "lnc" else out.view(1, hh, ww, -1)
 
 
