@@ -383,3 +383,29 @@ def test_dense_global_branch_equals_the_fft_one(n, h, hh, ww, tasks, dtype):
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     assert rel_err(dense, ref) < tol
     assert rel_err(fft, ref) < tol
+
+
+@pytest.mark.parametrize("layout", ["nchw", "lnc", "nhwc"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_adaptir_op_with_unfolded_parameters_equals_reference(layout, n):
+    # the op itself, as a caller without the module's kept fold calls it: BatchNorm folded per call
+    # (at batch 1 into the one-image plan it makes for the call)
+    from moce_fast import ops
+    from moce_fast.nn.adapter import stack_params
+
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", layout)).double().eval()
+    with torch.no_grad():
+        adapter.BN.running_mean.normal_()
+        adapter.BN.running_var.uniform_(0.5, 1.5)
+    ref = AdaptIR(56, "edt").double().eval()
+    ref.load_state_dict(adapter.state_dict())
+    x, xl = _inputs(layout, 56, n=n, side=6)
+    with torch.no_grad():
+        y, stats = ops.adaptir(xl, layout, stack_params([adapter]), None, False, adapter.BN.eps)
+        expected = ref(x)
+    if layout == "nhwc":
+        expected = expected.permute(0, 2, 3, 1)
+    elif layout == "lnc":
+        expected = expected.flatten(2).permute(2, 0, 1)
+    assert stats is None and y.shape == xl.shape
+    assert rel_err(y, expected) < 1e-12

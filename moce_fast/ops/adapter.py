@@ -781,14 +781,14 @@ def adaptir(t: torch.Tensor, layout: str, p: AdapterParams, task: Optional[torch
     n = b.shape[0]
     if t.numel() == 0:  # an empty batch (or map): an empty result, still part of the autograd graph
         return t * 0, None
+    if not training and n == 1 and _one_image_in_torch(t, p):
+        if plan is None or plan.head_w.dtype != t.dtype:
+            plan = one_image_plan(p if folded else fold_batch_norm(p, eps, t.dtype), t.dtype)
+        return _adaptir_one_image(b[0], layout, plan, hh, ww), None
     if task is None:
         task = _single_task(n, t.device)
     hid = p.head_w.shape[1]
     acc = torch.promote_types(t.dtype, torch.float32)  # the h-space stages run in at least float32
-    if not training and n == 1 and _one_image_in_torch(t, p):
-        if plan is None or plan.head_w.dtype != t.dtype:
-            plan = one_image_plan(p if folded else fold_batch_norm(p, eps, acc), t.dtype)
-        return _adaptir_one_image(b[0], layout, plan, hh, ww), None
     if training:
         y = grouped_linear(b, p.head_w, p.head_b, task, "nmp", acc).view(n, hid, hh, ww)
         scale, shift, stats = batch_norm_affine(y, p, task, eps)
