@@ -409,3 +409,27 @@ def test_adaptir_op_with_unfolded_parameters_equals_reference(layout, n):
         expected = expected.flatten(2).permute(2, 0, 1)
     assert stats is None and y.shape == xl.shape
     assert rel_err(y, expected) < 1e-12
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_training_after_inference_mode_calls(n):
+    # the task index kept between calls is made outside inference mode even when the first call runs
+    # in it (autograd cannot save an inference tensor for the backward); the DFT tables made there
+    # serve the training step's dense products (inputs only, never saved)
+    from moce_fast.ops import adapter as ops
+
+    ops.dft_tables.cache_clear()
+    ops._kept_single_task.cache_clear()
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).double().eval()
+    x = torch.randn(n, 6, 7, 56, dtype=torch.float64)
+    with torch.inference_mode():
+        adapter(x)
+    ref = AdaptIR(56, "edt").double().train()
+    ref.load_state_dict(adapter.state_dict())
+    adapter.train()
+    xl = x.clone().requires_grad_()
+    x_ref = x.permute(0, 3, 1, 2).clone().requires_grad_()
+    y, expected = adapter(xl), ref(x_ref).permute(0, 2, 3, 1)
+    y.sum().backward(), expected.sum().backward()
+    assert rel_err(y, expected) < 1e-12
+    assert rel_err(xl.grad, x_ref.grad.permute(0, 2, 3, 1)) < 1e-10

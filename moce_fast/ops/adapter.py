@@ -749,7 +749,10 @@ def _single_task(n: int, device: torch.device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _kept_single_task(n: int, device: torch.device) -> torch.Tensor:
-    return torch.zeros(n, dtype=torch.int64, device=device)
+    # kept for later calls, which may save it for a backward: never an inference tensor, even when
+    # the first call runs under torch.inference_mode
+    with torch.inference_mode(False):
+        return torch.zeros(n, dtype=torch.int64, device=device)
 
 
 def fold_batch_norm(p: AdapterParams, eps: float, acc: torch.dtype) -> AdapterParams:
