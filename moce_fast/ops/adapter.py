@@ -820,7 +820,8 @@ class OneImagePlan(NamedTuple):
     reads them, in one dtype: no per-call reshapes, and the two channel MLPs (proj on the pooled
     vector, channel_interaction on the global map's mean) as one block-diagonal MLP on both vectors.
 
-    head_w (h, C), head_b (h,); kern (h, 1, 3, 3) = A @ B; conv_bias, amp_w, amp_b, pha_w, pha_b,
+    head_w (h, C), head_b (h,); kern (h, 1, 3, 3) = A @ B, taps (9, 1, h) the same weights per tap;
+    conv_bias, amp_w, amp_b, pha_w, pha_b,
     comp_w (h,); comp_b (); mlp1_w (h/2 + q, 2h) = diag(proj.0, channel_interaction.1), mlp1_b;
     mlp2_w (2h, h/2 + q) = diag(proj.2, channel_interaction.3), mlp2_b (2h,); si_w (h,); si_b ();
     tail_w (C, h)."""
@@ -828,6 +829,7 @@ class OneImagePlan(NamedTuple):
     head_w: torch.Tensor
     head_b: torch.Tensor
     kern: torch.Tensor
+    taps: torch.Tensor
     conv_bias: torch.Tensor
     amp_w: torch.Tensor
     amp_b: torch.Tensor
@@ -850,9 +852,26 @@ def one_image_plan(p: AdapterParams, dtype: torch.dtype) -> OneImagePlan:
     g = [t[0].to(dtype) for t in (p.head_w, p.head_b, *p.mix, p.tail_w)]
     head_w, head_b, conv_a, conv_b, conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w, comp_b = g[:11]
     p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, si_w, si_b, tail_w = g[11:]
-    return OneImagePlan(head_w, head_b, (conv_a @ conv_b).view(-1, 1, 3, 3), conv_bias, amp_w, amp_b, pha_w, pha_b,
+    k9 = conv_a @ conv_b
+    return OneImagePlan(head_w, head_b, k9.view(-1, 1, 3, 3), k9.t().contiguous()[:, None, :], conv_bias, amp_w,
+                        amp_b, pha_w, pha_b,
                         comp_w, comp_b, torch.block_diag(p1w, c1w), torch.cat([p1b, c1b]), torch.block_diag(p2w, c2w),
                         torch.cat([p2b, c2b]), si_w, si_b, tail_w)
+
+
+@functools.lru_cache(maxsize=32)
+def _tap_rows(hh: int, ww: int, device: torch.device) -> torch.Tensor:
+    """For each of the 3x3 taps (row-major, as a conv2d kernel) and each pixel of an (hh, ww) map,
+    the row of the pixel it reads in the map's pixel-major rows, or hh * ww (a zero row) outside the
+    map: (9 * hh * ww,) int64."""
+    i = torch.arange(hh)[:, None]
+    j = torch.arange(ww)[None, :]
+    taps = []
+    for di in (-1, 0, 1):
+        for dj in (-1, 0, 1):
+            inside = (i + di >= 0) & (i + di < hh) & (j + dj >= 0) & (j + dj < ww)
+            taps.append(torch.where(inside, (i + di) * ww + (j + dj), hh * ww).reshape(-1))
+    return torch.cat(taps).to(device)
 
 
 def _adaptir_one_image(rows: torch.Tensor, layout: str, q: OneImagePlan, hh: int, ww: int) -> torch.Tensor:
@@ -864,12 +883,20 @@ def _adaptir_one_image(rows: torch.Tensor, layout: str, q: OneImagePlan, hh: int
     several microseconds on a CPU whatever its size), so this path keeps the h-space map pixel-major,
     (P, h), from the head to the tail, where the staged path transposes between the GEMMs' and the
     FFT's layouts: the head writes it as one GEMM with its bias; the dense DFT products read and
-    write it as it is; the depthwise conv reads it as a channels-last map and writes one; the
+    write it as it is; the depthwise conv gathers its taps from it (small maps) or reads it as a
+    channels-last map and writes one; the
     pooling and the gates are matrix-vector products, the two channel MLPs one; the tail reads it
     as rows. The values are those of the staged path (``adaptir`` on a batch of one)."""
     hid = q.head_w.shape[0]
-    y = torch.addmm(q.head_b, rows, q.head_w.t())  # (P, h)
-    if _dense_dft(hh, ww, rows.device):
+    npix = hh * ww
+    dense = _dense_dft(hh, ww, rows.device)
+    if dense:  # a zero row after the map, for the depthwise conv's taps outside it
+        y_pad = rows.new_empty(npix + 1, hid)
+        y_pad[npix].zero_()
+        y = torch.addmm(q.head_b, rows, q.head_w.t(), out=y_pad[:npix])  # (P, h)
+    else:
+        y = torch.addmm(q.head_b, rows, q.head_w.t())
+    if dense:
         fwd, inv, nb, s, _ = dft_tables(hh, ww, rows.dtype, rows.device)
         buf = y.new_empty(2 * nb, hid)
         buf[2 * nb - s:].zero_()
@@ -885,8 +912,15 @@ def _adaptir_one_image(rows: torch.Tensor, layout: str, q: OneImagePlan, hh: int
         glob = _global_branch_fft(y.t().view(1, hid, hh, ww), q.amp_w[None], q.amp_b[None], q.pha_w[None],
                                   q.pha_b[None], True)
         glob = glob.view(hid, hh * ww).t()
-    loc = F.conv2d(y.view(1, hh, ww, hid).permute(0, 3, 1, 2), q.kern, q.conv_bias, padding=1, groups=hid)
-    loc = loc.permute(0, 2, 3, 1).reshape(hh * ww, hid)  # a view when the conv wrote channels-last
+    if dense:
+        # the depthwise 3x3 as its 9 taps gathered from the padded rows, weighted and summed: on
+        # this project's 2-core CPU ~70 us less per call than oneDNN's conv in context at 16x16
+        # (whose fixed cost is most of its time there); for larger maps the gather costs more
+        loc = y_pad.index_select(0, _tap_rows(hh, ww, rows.device)).view(9, npix, hid)
+        loc = loc.mul_(q.taps).sum(0).add_(q.conv_bias)
+    else:
+        loc = F.conv2d(y.view(1, hh, ww, hid).permute(0, 3, 1, 2), q.kern, q.conv_bias, padding=1, groups=hid)
+        loc = loc.permute(0, 2, 3, 1).reshape(npix, hid)  # a view when the conv wrote channels-last
     # [pooled; mean of glob] through both channel MLPs at once: [c; channel gate before its sigmoid]
     v = y.new_empty(2 * hid)
     torch.mv(y.t(), torch.addmv(q.comp_b, y, q.comp_w).softmax(0), out=v[:hid])
