@@ -377,11 +377,13 @@ def test_dense_global_branch_equals_the_fft_one(n, h, hh, ww, tasks, dtype):
     with torch.no_grad():
         p = [ops._per_image(q.detach(), task, tasks == 1, dtype) for q in mix]
         x = y.detach().to(dtype)
-        dense = ops._global_branch_dense(x, *p[3:7])
+        dense = ops._global_branch_dense(x.reshape(n * h, hh * ww).t(), n, h, hh, ww, *p[3:7]).view(n, h, hh, ww)
+        dense_pm = ops._global_branch_dense(x.reshape(n * h, hh * ww).t(), n, h, hh, ww, *p[3:7], pixel_major=True)
         fft = ops._global_branch_fft(x, *p[3:7], True)
         ref = ops._global_branch_fft(y.detach(), *[q.double() for q in p[3:7]], True)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     assert rel_err(dense, ref) < tol
+    assert rel_err(dense_pm.t().reshape(n, h, hh, ww), ref) < tol  # the (pixels, N h) orientation
     assert rel_err(fft, ref) < tol
 
 
@@ -433,3 +435,26 @@ def test_training_after_inference_mode_calls(n):
     y.sum().backward(), expected.sum().backward()
     assert rel_err(y, expected) < 1e-12
     assert rel_err(xl.grad, x_ref.grad.permute(0, 2, 3, 1)) < 1e-10
+
+
+def test_one_image_path_runs_only_where_torch_runs_both_stages(monkeypatch):
+    # the fused torch path at batch 1 stands in for both stages' torch implementations: taken under
+    # "torch" and under "auto" on a CPU (and recorded as torch in last_run), never for another
+    # backend (on a CPU: triton through its interpreter, when TRITON_INTERPRET=1)
+    from moce_fast.nn.adapter import stack_params
+    from moce_fast.ops import _backend
+    from moce_fast.ops import adapter as ops
+
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).eval()
+    x = torch.randn(1, 4, 4, 56)
+    taken = []
+    monkeypatch.setattr(ops, "_adaptir_one_image", lambda *a: taken.append(1) or torch.zeros_like(x))
+    for name in ("torch", "auto"):
+        _backend._LAST_RUN.clear()
+        with torch.no_grad(), moce_fast.backend(name):
+            adapter(x)
+        assert len(taken) == 1 and _backend.last_run() == {"adaptir_linear": "torch", "adaptir_mix_tail": "torch"}
+        taken.clear()
+    with torch.no_grad(), moce_fast.backend("triton"):
+        assert not ops._one_image_in_torch(x, stack_params([adapter]))
+    assert not taken

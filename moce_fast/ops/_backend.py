@@ -199,6 +199,21 @@ def new_buffer(shape, device, dtype) -> torch.Tensor:
     return torch.empty(tuple(shape), device=device, dtype=dtype)
 
 
+def runs_on_torch(ops: tuple[str, ...], device: torch.device) -> bool:
+    """Whether ``ops`` run their torch implementations on ``device`` whatever their inputs (the
+    backend is "torch", or "auto" on a device other than CUDA), for a caller that then runs their
+    torch math fused into one path; if so they are recorded as run on torch (:func:`last_run`, the
+    debug log), as :func:`resolve` would."""
+    if not (_current == "torch" or (_current == "auto" and device.type != "cuda")):
+        return False
+    tracing = torch.compiler.is_compiling()
+    for op in ops:
+        _LAST_RUN[op] = "torch"
+        if not tracing and log.isEnabledFor(logging.DEBUG):
+            log.debug("op %s: backend torch on %s", op, device)
+    return True
+
+
 def last_run() -> dict[str, str]:
     """For every op called so far in this process, the backend its last call ran on."""
     return dict(_LAST_RUN)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.adaptir import exact_real_bins
-from ._backend import dispatch, new_buffer, register, resolve
+from ._backend import dispatch, new_buffer, register, runs_on_torch
 
 LAYOUTS = ("nchw", "lnc", "nhwc")
 
@@ -397,7 +397,8 @@ def _mix_composition(x: torch.Tensor, g_: list[torch.Tensor], single: bool, inpl
     conv_a, conv_b, conv_bias, amp_w, amp_b, pha_w, pha_b = g_[:7]
     # global branch: orthonormal FFTs, magnitude and phase each through a per-channel affine map
     if inplace and _dense_dft(hh, ww, x.device):
-        glob = _global_branch_dense(x, amp_w, amp_b, pha_w, pha_b)
+        glob = _global_branch_dense(x.reshape(n * h, hh * ww).t(), n, h, hh, ww, amp_w, amp_b, pha_w,
+                                    pha_b).view(n, h, hh, ww)
     else:
         glob = _global_branch_fft(x, amp_w, amp_b, pha_w, pha_b, inplace)
     # local branch: depthwise 3x3 with the low-rank kernel A @ B (one kernel set per image's task)
@@ -456,28 +457,30 @@ def dft_tables(hh: int, ww: int, dtype: torch.dtype, device: torch.device
     return fwd.to(device, dtype).contiguous(), inv.to(device, dtype).contiguous(), nb, len(conj), order
 
 
-def _global_branch_dense(x: torch.Tensor, amp_w: torch.Tensor, amp_b: torch.Tensor, pha_w: torch.Tensor,
-                         pha_b: torch.Tensor) -> torch.Tensor:
-    """|irfft2(polar(amp(|S|), pha(angle S)))|, S = rfft2(x), for a small map x (N, h, H, W) outside
-    autograd, as two matrix products with :func:`dft_tables` and real passes on a (bins, N, h)
-    buffer: magnitude and phase from hypot and atan2 of the real and imaginary parts (the complex
-    abs and angle are 3-4x slower per element here), cos and sin written into the buffer in place.
-    The self-conjugate bins' imaginary parts are exactly +0 (their rows are zero-filled, not
-    computed), so their phase is exact, as :func:`exact_real_bins` makes it on the FFT path. Affine
-    parameters (N or 1, h)."""
-    n, h, hh, ww = x.shape
-    fwd, inv, nb, s, _ = dft_tables(hh, ww, x.dtype, x.device)
-    rows = n * h
-    buf = x.new_empty(2 * nb, rows)
+def _global_branch_dense(cols: torch.Tensor, n: int, h: int, hh: int, ww: int, amp_w: torch.Tensor,
+                         amp_b: torch.Tensor, pha_w: torch.Tensor, pha_b: torch.Tensor,
+                         pixel_major: bool = False) -> torch.Tensor:
+    """|irfft2(polar(amp(|S|), pha(angle S)))|, S = rfft2(x), for small (hh, ww) maps outside autograd,
+    as two matrix products with :func:`dft_tables` and real passes on a (bins, N, h) buffer:
+    magnitude and phase from hypot and atan2 of the real and imaginary parts (the complex abs and
+    angle are 3-4x slower per element here), cos and sin written into the buffer in place. The
+    self-conjugate bins' imaginary parts are exactly +0 (their rows are zero-filled, not computed),
+    so their phase is exact, as :func:`exact_real_bins` makes it on the FFT path.
+
+    cols: the N x h maps as a (pixels, N * h) matrix (any strides a GEMM reads); affine parameters
+    broadcast against (N, h). Returns (N * h, pixels), or (pixels, N * h) when ``pixel_major``."""
+    fwd, inv, nb, s, _ = dft_tables(hh, ww, cols.dtype, cols.device)
+    buf = cols.new_empty(2 * nb, n * h)
     buf[2 * nb - s:].zero_()
-    torch.mm(fwd, x.reshape(rows, hh * ww).t(), out=buf[:2 * nb - s])
+    torch.mm(fwd, cols, out=buf[:2 * nb - s])
     re, im = buf[:nb].view(nb, n, h), buf[nb:].view(nb, n, h)
     mag = torch.hypot(re, im).mul_(amp_w).add_(amp_b)
     pha = torch.atan2(im, re).mul_(pha_w).add_(pha_b)
     torch.cos(pha, out=re)
     torch.sin(pha, out=im)
     buf.view(2, nb, n, h).mul_(mag)
-    return torch.mm(buf[:2 * nb - s].t(), inv).abs_().view(n, h, hh, ww)
+    z = buf[:2 * nb - s]
+    return (torch.mm(inv.t(), z) if pixel_major else torch.mm(z.t(), inv)).abs_()
 
 
 def _global_branch_fft(x: torch.Tensor, amp_w: torch.Tensor, amp_b: torch.Tensor, pha_w: torch.Tensor,
@@ -811,8 +814,7 @@ def _one_image_in_torch(t: torch.Tensor, p: AdapterParams) -> bool:
         return False
     if t.dtype not in (torch.float32, torch.float64):
         return False
-    dev = t.device
-    return resolve("adaptir_linear", dev)[0] == "torch" and resolve("adaptir_mix_tail", dev)[0] == "torch"
+    return runs_on_torch(("adaptir_linear", "adaptir_mix_tail"), t.device)
 
 
 class OneImagePlan(NamedTuple):
@@ -897,17 +899,7 @@ def _adaptir_one_image(rows: torch.Tensor, layout: str, q: OneImagePlan, hh: int
     else:
         y = torch.addmm(q.head_b, rows, q.head_w.t())
     if dense:
-        fwd, inv, nb, s, _ = dft_tables(hh, ww, rows.dtype, rows.device)
-        buf = y.new_empty(2 * nb, hid)
-        buf[2 * nb - s:].zero_()
-        torch.mm(fwd, y, out=buf[:2 * nb - s])
-        re, im = buf[:nb], buf[nb:]
-        mag = torch.hypot(re, im).mul_(q.amp_w).add_(q.amp_b)
-        pha = torch.atan2(im, re).mul_(q.pha_w).add_(q.pha_b)
-        torch.cos(pha, out=re)
-        torch.sin(pha, out=im)
-        buf.view(2, nb, hid).mul_(mag)
-        glob = torch.mm(inv.t(), buf[:2 * nb - s]).abs_()  # (P, h)
+        glob = _global_branch_dense(y, 1, hid, hh, ww, q.amp_w, q.amp_b, q.pha_w, q.pha_b, pixel_major=True)
     else:
         glob = _global_branch_fft(y.t().view(1, hid, hh, ww), q.amp_w[None], q.amp_b[None], q.pha_w[None],
                                   q.pha_b[None], True)
