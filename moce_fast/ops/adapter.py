@@ -917,7 +917,10 @@ def _adaptir_one_image(rows: torch.Tensor, layout: str, q: OneImagePlan, hh: int
     v = y.new_empty(2 * hid)
     torch.mv(y.t(), torch.addmv(q.comp_b, y, q.comp_w).softmax(0), out=v[:hid])
     torch.mean(glob, 0, out=v[hid:])
-    cc = torch.addmv(q.mlp2_b, q.mlp2_w, F.gelu(torch.addmv(q.mlp1_b, q.mlp1_w, v)))
+    a = torch.addmv(q.mlp1_b, q.mlp1_w, v)
+    # GELU by its definition, a (1 + erf(a / sqrt 2)) / 2: F.gelu costs ~12 us on these few values on
+    # this project's CPU, these four small ops less (the whole call 1.08x faster, IPT 16x16)
+    cc = torch.addmv(q.mlp2_b, q.mlp2_w, torch.erf(a * math.sqrt(0.5)).add_(1).mul_(a).mul_(0.5))
     sg = torch.sigmoid(torch.addmv(q.si_b, loc, q.si_w))
     u = loc.mul_(cc[hid:].sigmoid_()).addcmul_(sg[:, None], glob).mul_(cc[:hid])
     if layout == "nchw":
