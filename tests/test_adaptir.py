@@ -337,7 +337,7 @@ def test_empty_batch_gives_an_empty_result(layout, shape, backend):
     assert y.shape == x.shape and x.grad.shape == x.shape
 
 
-@pytest.mark.parametrize("hh,ww", [(16, 16), (5, 7), (6, 4), (1, 8), (9, 1), (2, 2), (12, 21)])
+@pytest.mark.parametrize("hh,ww", [(16, 16), (5, 7), (6, 4), (1, 8), (9, 1), (2, 2), (1, 1), (12, 21)])
 def test_dft_tables_equal_torch_fft(hh, ww):
     # the dense global branch's matrices: rfft2 and irfft2 (ortho) of (hh, ww) maps as real products
     from moce_fast.ops.adapter import dft_tables
