@@ -457,6 +457,19 @@ def dft_tables(hh: int, ww: int, dtype: torch.dtype, device: torch.device
     return fwd.to(device, dtype).contiguous(), inv.to(device, dtype).contiguous(), nb, len(conj), order
 
 
+def _dense_spectrum(cols: torch.Tensor, rows: int, hh: int, ww: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The spectra of ``rows`` (hh, ww) maps given as a (pixels, rows) matrix ``cols``, by the dense
+    product of :func:`dft_tables`: (buf, inv, nb, s) with buf (2 nb, rows) the real parts of the nb
+    bins, then their imaginary parts (those of the last s, the self-conjugate bins, exactly +0), and
+    inv the inverse table."""
+    fwd, inv, nb, s, _ = dft_tables(hh, ww, cols.dtype, cols.device)
+    buf = cols.new_empty(2 * nb, rows)
+    buf[2 * nb - s:].zero_()
+    torch.mm(fwd, cols, out=buf[:2 * nb - s])
+    return buf, inv, nb, s
+
+
 def _global_branch_dense(cols: torch.Tensor, n: int, h: int, hh: int, ww: int, amp_w: torch.Tensor,
                          amp_b: torch.Tensor, pha_w: torch.Tensor, pha_b: torch.Tensor,
                          pixel_major: bool = False) -> torch.Tensor:
@@ -469,10 +482,7 @@ def _global_branch_dense(cols: torch.Tensor, n: int, h: int, hh: int, ww: int, a
 
     cols: the N x h maps as a (pixels, N * h) matrix (any strides a GEMM reads); affine parameters
     broadcast against (N, h). Returns (N * h, pixels), or (pixels, N * h) when ``pixel_major``."""
-    fwd, inv, nb, s, _ = dft_tables(hh, ww, cols.dtype, cols.device)
-    buf = cols.new_empty(2 * nb, n * h)
-    buf[2 * nb - s:].zero_()
-    torch.mm(fwd, cols, out=buf[:2 * nb - s])
+    buf, inv, nb, s = _dense_spectrum(cols, n * h, hh, ww)
     re, im = buf[:nb].view(nb, n, h), buf[nb:].view(nb, n, h)
     mag = torch.hypot(re, im).mul_(amp_w).add_(amp_b)
     pha = torch.atan2(im, re).mul_(pha_w).add_(pha_b)
@@ -587,16 +597,14 @@ def _global_forward_dense(x, amp_w, amp_b, pha_w, pha_b):
     (as :func:`_global_branch_dense`), on (bins, N, h) buffers; the self-conjugate bins' imaginary
     parts are +0 and constant (no gradient flows to or from them)."""
     n, h, hh, ww = x.shape
-    fwd, inv_t, nb, s, _ = dft_tables(hh, ww, x.dtype, x.device)
-    rows, k = n * h, 2 * nb - s
-    unit = x.new_empty(2 * nb, rows)  # (Re S, Im S), then S / |S| in place
-    unit[k:].zero_()
-    torch.mm(fwd, x.reshape(rows, hh * ww).t(), out=unit[:k])
+    rows = n * h
+    unit, inv_t, nb, s = _dense_spectrum(x.reshape(rows, hh * ww).t(), rows, hh, ww)  # (Re S, Im S)
+    k = 2 * nb - s
     re, im = unit[:nb].view(nb, n, h), unit[nb:].view(nb, n, h)
     mag = torch.hypot(re, im)
     pha = torch.atan2(im, re)
     inv = torch.nan_to_num_(mag.reciprocal(), posinf=0.0)  # 1 / |S|, 0 where S = 0
-    unit.view(2, nb, n, h).mul_(inv)
+    unit.view(2, nb, n, h).mul_(inv)  # S / |S|
     m = torch.addcmul(amp_b, mag, amp_w)
     p = torch.addcmul(pha_b, pha, pha_w)
     cos, sin = torch.cos(p), p.sin_()
@@ -823,8 +831,7 @@ class OneImagePlan(NamedTuple):
     vector, channel_interaction on the global map's mean) as one block-diagonal MLP on both vectors.
 
     head_w (h, C), head_b (h,); kern (h, 1, 3, 3) = A @ B, taps (9, 1, h) the same weights per tap;
-    conv_bias, amp_w, amp_b, pha_w, pha_b,
-    comp_w (h,); comp_b (); mlp1_w (h/2 + q, 2h) = diag(proj.0, channel_interaction.1), mlp1_b;
+    conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w (h,); comp_b (); mlp1_w (h/2 + q, 2h) = diag(proj.0, channel_interaction.1), mlp1_b;
     mlp2_w (2h, h/2 + q) = diag(proj.2, channel_interaction.3), mlp2_b (2h,); si_w (h,); si_b ();
     tail_w (C, h)."""
 
@@ -855,10 +862,9 @@ def one_image_plan(p: AdapterParams, dtype: torch.dtype) -> OneImagePlan:
     head_w, head_b, conv_a, conv_b, conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w, comp_b = g[:11]
     p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, si_w, si_b, tail_w = g[11:]
     k9 = conv_a @ conv_b
-    return OneImagePlan(head_w, head_b, k9.view(-1, 1, 3, 3), k9.t().contiguous()[:, None, :], conv_bias, amp_w,
-                        amp_b, pha_w, pha_b,
-                        comp_w, comp_b, torch.block_diag(p1w, c1w), torch.cat([p1b, c1b]), torch.block_diag(p2w, c2w),
-                        torch.cat([p2b, c2b]), si_w, si_b, tail_w)
+    return OneImagePlan(head_w, head_b, k9.view(-1, 1, 3, 3), k9.t().contiguous()[:, None, :], conv_bias,
+                        amp_w, amp_b, pha_w, pha_b, comp_w, comp_b, torch.block_diag(p1w, c1w), torch.cat([p1b, c1b]),
+                        torch.block_diag(p2w, c2w), torch.cat([p2b, c2b]), si_w, si_b, tail_w)
 
 
 @functools.lru_cache(maxsize=32)
@@ -886,9 +892,9 @@ def _adaptir_one_image(rows: torch.Tensor, layout: str, q: OneImagePlan, hh: int
     (P, h), from the head to the tail, where the staged path transposes between the GEMMs' and the
     FFT's layouts: the head writes it as one GEMM with its bias; the dense DFT products read and
     write it as it is; the depthwise conv gathers its taps from it (small maps) or reads it as a
-    channels-last map and writes one; the
-    pooling and the gates are matrix-vector products, the two channel MLPs one; the tail reads it
-    as rows. The values are those of the staged path (``adaptir`` on a batch of one)."""
+    channels-last map and writes one; the pooling and the gates are matrix-vector products, the two
+    channel MLPs one; the tail reads it as rows. The values are those of the staged path
+    (``adaptir`` on a batch of one)."""
     hid = q.head_w.shape[0]
     npix = hh * ww
     dense = _dense_dft(hh, ww, rows.device)
@@ -896,11 +902,9 @@ def _adaptir_one_image(rows: torch.Tensor, layout: str, q: OneImagePlan, hh: int
         y_pad = rows.new_empty(npix + 1, hid)
         y_pad[npix].zero_()
         y = torch.addmm(q.head_b, rows, q.head_w.t(), out=y_pad[:npix])  # (P, h)
-    else:
-        y = torch.addmm(q.head_b, rows, q.head_w.t())
-    if dense:
         glob = _global_branch_dense(y, 1, hid, hh, ww, q.amp_w, q.amp_b, q.pha_w, q.pha_b, pixel_major=True)
     else:
+        y = torch.addmm(q.head_b, rows, q.head_w.t())
         glob = _global_branch_fft(y.t().view(1, hid, hh, ww), q.amp_w[None], q.amp_b[None], q.pha_w[None],
                                   q.pha_b[None], True)
         glob = glob.view(hid, hh * ww).t()
