@@ -458,3 +458,24 @@ def test_one_image_path_runs_only_where_torch_runs_both_stages(monkeypatch):
     with torch.no_grad(), moce_fast.backend("triton"):
         assert not ops._one_image_in_torch(x, stack_params([adapter]))
     assert not taken
+
+
+def test_one_image_plan_is_made_on_first_use_and_follows_updates():
+    # the fold is kept for any batch; the one-image plan is added to it at the first batch-1 call,
+    # kept while the parameters are unchanged, and made again (at the next batch-1 call) after an
+    # in-place update
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).double().eval()
+    ref = AdaptIR(56, "edt").double().eval()
+    g = torch.Generator().manual_seed(4)
+    for step, n in enumerate([2, 1, 1, 2, 1]):
+        if step == 3:
+            with torch.no_grad():
+                adapter.conv_weight_A.mul_(-1.5)
+                adapter.proj[2].bias.add_(1.0)
+        ref.load_state_dict(adapter.state_dict())
+        x = torch.randn(n, 6, 6, 56, dtype=torch.float64, generator=g)
+        with torch.no_grad():
+            y, expected = adapter(x), ref(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        assert rel_err(y, expected) < 1e-12, step
+        plan = adapter.__dict__["_moce_fast_folded"][2]
+        assert (plan is None) == (step in (0, 3)), step  # none until a batch-1 call after each (re)fold

@@ -131,11 +131,12 @@ def _views_key(raw: list[torch.Tensor]):
         return None
 
 
-def folded_params(adapters: Sequence[AdaptIR], acc: torch.dtype, eps: float
+def folded_params(adapters: Sequence[AdaptIR], acc: torch.dtype, eps: float, with_plan: bool = False
                   ) -> tuple[AdapterParams, Optional[OneImagePlan]]:
     """The eval parameters of these adapters (one per task) with BatchNorm folded into the head
-    (:func:`moce_fast.ops.adapter.fold_batch_norm`, in ``acc``), and for one adapter, when they are
-    kept, their :func:`moce_fast.ops.adapter.one_image_plan` (else None).
+    (:func:`moce_fast.ops.adapter.fold_batch_norm`, in ``acc``), and, asked ``with_plan`` for one
+    adapter whose fold is kept, its :func:`moce_fast.ops.adapter.one_image_plan` (made on first
+    request and kept with the fold; else None).
 
     Outside autograd the result is kept on the first adapter between calls (at batch 8 on a GPU the
     adapter is host-bound, and the fold is a dozen small ops). The fold is a copy: it is valid while
@@ -147,14 +148,15 @@ def folded_params(adapters: Sequence[AdaptIR], acc: torch.dtype, eps: float
     key = _views_key(raws)
     versions = kept_versions(raws) if key is not None else None
     key = None if versions is None else (key, acc, eps, versions)
-    if key is not None:
-        kept = adapters[0].__dict__.get("_moce_fast_folded")
-        if kept is not None and kept[0] == key:
-            return kept[1], kept[2]
-    params = ops.fold_batch_norm(stack_params(adapters), eps, acc)
+    kept = adapters[0].__dict__.get("_moce_fast_folded") if key is not None else None
+    if kept is not None and kept[0] == key:
+        params, plan = kept[1], kept[2]
+    else:
+        params, plan = ops.fold_batch_norm(stack_params(adapters), eps, acc), None
     if key is None:
         return params, None
-    plan = one_image_plan(params, acc) if len(adapters) == 1 else None
+    if with_plan and plan is None and len(adapters) == 1:
+        plan = one_image_plan(params, acc)
     adapters[0].__dict__["_moce_fast_folded"] = (key, params, plan)
     return params, plan
 
@@ -195,7 +197,8 @@ def run_adapters(adapters: Sequence[AdaptIR], x: torch.Tensor, task: Optional[to
     if training:
         out, stats = ops.adaptir(x, layout, stack_params(adapters), task, True, first.BN.eps)
     else:
-        params, plan = folded_params(adapters, torch.promote_types(x.dtype, torch.float32), first.BN.eps)
+        one_image = (x.shape[1] if layout == "lnc" else x.shape[0]) == 1  # (ops.adaptir's one-image path)
+        params, plan = folded_params(adapters, torch.promote_types(x.dtype, torch.float32), first.BN.eps, one_image)
         out, stats = ops.adaptir(x, layout, params, task, False, first.BN.eps, folded=True, plan=plan)
     if stats is not None and first.BN.track_running_stats:
         _update_running_stats(adapters, stats)
