@@ -39,7 +39,7 @@ def test_new_adapter_is_an_exact_no_op(variant):
 def _inputs(layout, dim, n=2, side=5):
     x = torch.randn(n, dim, side, side, dtype=torch.float64)
     if layout == "nchw":
-        return x, x
+        return x, x.clone()  # two leaves: each call's input gradient is its own
     if layout == "nhwc":
         return x, x.permute(0, 2, 3, 1).contiguous()
     return x, x.flatten(2).permute(2, 0, 1).contiguous()  # (L, N, C), row-major tokens
@@ -479,3 +479,130 @@ def test_one_image_plan_is_made_on_first_use_and_follows_updates():
         assert rel_err(y, expected) < 1e-12, step
         plan = adapter.__dict__["_moce_fast_folded"][2]
         assert (plan is None) == (step in (0, 3)), step  # none until a batch-1 call after each (re)fold
+
+
+def _to_layout(x, layout):
+    """(N, C, H, W) ``x`` as a new leaf in ``layout`` (lnc: N = 1 or any, tokens row-major)."""
+    if layout == "nhwc":
+        x = x.permute(0, 2, 3, 1)
+    elif layout == "lnc":
+        x = x.flatten(2).permute(2, 0, 1)
+    return x.detach().clone().requires_grad_()
+
+
+def _from_layout(y, layout, shape):
+    if layout == "nhwc":
+        return y.permute(0, 3, 1, 2)
+    if layout == "lnc":
+        return y.permute(1, 2, 0).reshape(shape)
+    return y
+
+
+def _one_image_training_case(layout, hh, ww, zero=False, seed=0):
+    """A random EDT-variant adapter (float64, random running statistics) and the reference with the
+    same state, both in training mode, and one image of (hh, ww) in ``layout`` and as NCHW. With
+    ``zero``, the image, the head bias and the BatchNorm shift are 0, so the normalised map is
+    exactly 0 (a map constant but not 0 has rounding noise for spectrum bins, whose phases, and so
+    the reference's output, are noise too)."""
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", layout), seed).double().train()
+    with torch.no_grad():
+        adapter.BN.running_mean.normal_()
+        adapter.BN.running_var.uniform_(0.5, 1.5)
+        if zero:
+            adapter.head.bias.zero_()
+            adapter.BN.bias.zero_()
+    ref = AdaptIR(56, "edt").double().train()
+    ref.load_state_dict(adapter.state_dict())
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1, 56, hh, ww, generator=g, dtype=torch.float64) * (0 if zero else 1)
+    return adapter, ref, _to_layout(x, layout), x.clone().requires_grad_()
+
+
+@pytest.mark.parametrize("layout,hh,ww", [("nchw", 5, 5), ("lnc", 5, 5), ("nhwc", 5, 5), ("nchw", 3, 7),
+                                          ("nhwc", 7, 4), ("nchw", 17, 17), ("lnc", 17, 17), ("nhwc", 9, 30),
+                                          ("nhwc", 1, 6), ("nchw", 16, 16)])
+@pytest.mark.parametrize("zero", [False, True])
+def test_one_image_training_equals_reference(layout, hh, ww, zero):
+    # batch 1 in training runs the whole adapter as one Function (ops.adapter._OneImageTrain), pixel-
+    # major, with a derived backward: dense DFT products and the 3x3 as gathered taps up to 256
+    # pixels (5x5, 3x7, 7x4, 1x6, 16x16), torch.fft and the conv beyond (17x17, 9x30); a zero map
+    # makes the head output's variance 0 and every spectrum bin 0, where BatchNorm divides by
+    # sqrt(eps) and abs and angle have their zero-guarded gradients
+    adapter, ref, xl, x = _one_image_training_case(layout, hh, ww, zero)
+    y, expected = adapter(xl), ref(x)
+    assert type(y.grad_fn).__name__ == "_OneImageTrainBackward"
+    assert rel_err(_from_layout(y, layout, x.shape), expected) < 1e-12
+    # the running statistics updated from the image's batch statistics, as the public adapter does
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        got, want = getattr(adapter.BN, name), getattr(ref.BN, name)
+        assert (got - want).abs().max() <= 1e-13 * max(1.0, want.abs().max().item()), name
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    y.backward(dy), expected.backward(_from_layout(dy, layout, x.shape))
+    assert rel_err(_from_layout(xl.grad, layout, x.shape), x.grad) < 1e-10
+    ref_params = dict(ref.named_parameters())
+    for name, p in adapter.named_parameters():
+        expect = ref_params[name].grad
+        assert p.grad.shape == expect.shape, name
+        assert (p.grad - expect).abs().max() <= 1e-9 * max(1.0, expect.abs().max().item()), name
+
+
+@pytest.mark.parametrize("dft", ["dense", "fft"])
+def test_one_image_training_gradcheck_float64(dft, monkeypatch):
+    from moce_fast.ops import adapter as ops
+
+    if dft == "fft":
+        monkeypatch.setattr(ops, "DENSE_DFT_MAX_PIXELS", 0)
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).double().train()
+    x = torch.randn(1, 4, 5, 56, dtype=torch.float64, requires_grad=True)
+    assert type(adapter(x).grad_fn).__name__ == "_OneImageTrainBackward"
+    names = [name for name, _ in adapter.named_parameters()]
+
+    def functional(x, *values):  # the parameters as gradcheck's inputs too
+        return torch.func.functional_call(adapter, dict(zip(names, values)), (x,))
+
+    values = tuple(p.detach().clone().requires_grad_() for p in adapter.parameters())
+    assert type(functional(x, *values).grad_fn).__name__ == "_OneImageTrainBackward"
+    # (the FFT path's float64 depthwise conv is ~10x slower here than the taps: a random projection
+    # of its Jacobian, gradcheck's fast mode, in place of the whole one)
+    assert torch.autograd.gradcheck(functional, (x, *values), eps=1e-6, atol=1e-6, fast_mode=dft == "fft")
+
+
+def test_one_image_training_op_and_input_without_grad():
+    # ops.adaptir on one image with stacked (task-axis) parameters takes the same Function, its
+    # parameter gradients in those shapes; an input without requires_grad gets no gradient computed
+    from moce_fast.nn.adapter import stack_params
+    from moce_fast.ops import adapter as ops
+
+    adapter, ref, xl, x = _one_image_training_case("nhwc", 6, 6)
+    p = stack_params([adapter])
+    y, stats = ops.adaptir(xl.detach(), "nhwc", p, None, True, adapter.BN.eps)
+    assert type(y.grad_fn).__name__ == "_OneImageTrainBackward"
+    expected = ref(x.detach())
+    assert rel_err(y.permute(0, 3, 1, 2), expected) < 1e-12
+    # the statistics the op returns: the image's head output's mean and unbiased variance
+    head = torch.nn.functional.conv2d(x.detach(), adapter.head.weight, adapter.head.bias)
+    assert rel_err(stats.mean[0], head.mean(dim=(0, 2, 3))) < 1e-12
+    assert rel_err(stats.var[0], head.var(dim=(0, 2, 3))) < 1e-12 and stats.count.tolist() == [36.0]
+    dy = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(dy), expected.backward(dy.permute(0, 3, 1, 2))
+    ref_params = dict(ref.named_parameters())
+    for name, q in adapter.named_parameters():
+        assert (q.grad - ref_params[name].grad).abs().max() <= 1e-9 * max(1.0, ref_params[name].grad.abs().max()), name
+
+
+def test_one_image_training_runs_only_where_torch_runs_both_stages():
+    from moce_fast.ops import _backend
+
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).train()
+    x = torch.randn(1, 4, 4, 56, requires_grad=True)
+    for name in ("torch", "auto"):
+        _backend._LAST_RUN.clear()
+        with moce_fast.backend(name):
+            y = adapter(x)
+        assert type(y.grad_fn).__name__ == "_OneImageTrainBackward"
+        assert _backend.last_run() == {"adaptir_linear": "torch", "adaptir_mix_tail": "torch"}
+    # not for two images, nor for an input in another dtype than the parameters (the staged path
+    # promotes), nor bfloat16
+    assert type(adapter(torch.randn(2, 4, 4, 56)).grad_fn).__name__ != "_OneImageTrainBackward"
+    assert type(adapter(x.double()).grad_fn).__name__ != "_OneImageTrainBackward"
+    assert type(adapter.bfloat16()(x.bfloat16()).grad_fn).__name__ != "_OneImageTrainBackward"

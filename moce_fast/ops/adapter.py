@@ -556,16 +556,24 @@ def _mlp_backward(v: torch.Tensor, a: torch.Tensor, w1: torch.Tensor, w2: torch.
 
 
 def _global_forward_fft(x, amp_w, amp_b, pha_w, pha_b):
-    """The global branch's map gl (before |.|) by torch.fft, and what its backward keeps."""
+    """The global branch's map gl (before |.|) by torch.fft, and what its backward keeps. As in the
+    eval branch (:func:`_global_branch_fft`), magnitude and phase are hypot and atan2 of the
+    spectrum's real and imaginary parts copied apart, not the complex abs and angle: this forward
+    1.2-1.3x faster on this project's 2-core CPU at h = 24, 48x48 and h = 12, 64x64 (batch 1 and 8),
+    the same values bit for bit."""
     n, h, hh, ww = x.shape
     spec = exact_real_bins(torch.fft.rfft2(x, norm="ortho"), hh, ww)
-    mag = torch.abs(spec)
-    pha = torch.angle(spec)
+    parts = torch.view_as_real(spec).permute(4, 0, 1, 2, 3).contiguous()  # (2, N, h, H, W/2 + 1): Re S, Im S
+    mag = torch.hypot(parts[0], parts[1])
+    pha = torch.atan2(parts[1], parts[0])
     inv = torch.nan_to_num_(mag.reciprocal(), posinf=0.0)  # 1 / |S|, 0 where S = 0
     unit = spec.mul_(inv)  # S / |S|
     m = torch.addcmul(amp_b[:, :, None, None], mag, amp_w[:, :, None, None])
     p = torch.addcmul(pha_b[:, :, None, None], pha, pha_w[:, :, None, None])
-    e = torch.complex(torch.cos(p), p.sin_())  # e^{ip} (torch.polar is 2-3x slower on a CPU)
+    e = torch.empty(*mag.shape, 2, dtype=x.dtype, device=x.device)  # e^{ip}, interleaved
+    torch.cos(p, out=e[..., 0])
+    torch.sin(p, out=e[..., 1])
+    e = torch.view_as_complex(e)
     gl = torch.fft.irfft2(e * m, s=(hh, ww), norm="ortho")
     return (unit, mag, inv, pha, m, e), gl
 
@@ -592,13 +600,18 @@ def _global_backward_fft(state, dgl, amp_w, pha_w):
     return torch.fft.irfft2(ds, s=(hh, ww), norm="ortho"), d_amp_w, d_amp_b, d_pha_w, d_pha_b
 
 
-def _global_forward_dense(x, amp_w, amp_b, pha_w, pha_b):
+def _global_forward_dense(x, amp_w, amp_b, pha_w, pha_b, map_shape: Optional[tuple[int, int]] = None):
     """:func:`_global_forward_fft` for a small map as the dense DFT products of :func:`dft_tables`
     (as :func:`_global_branch_dense`), on (bins, N, h) buffers; the self-conjugate bins' imaginary
-    parts are +0 and constant (no gradient flows to or from them)."""
-    n, h, hh, ww = x.shape
+    parts are +0 and constant (no gradient flows to or from them). Given ``map_shape`` (H, W), x is
+    one image pixel-major, (H * W, h), and so is gl."""
+    if map_shape is None:
+        n, h, hh, ww = x.shape
+        cols = x.reshape(n * h, hh * ww).t()
+    else:
+        (hh, ww), n, h, cols = map_shape, 1, x.shape[1], x
     rows = n * h
-    unit, inv_t, nb, s = _dense_spectrum(x.reshape(rows, hh * ww).t(), rows, hh, ww)  # (Re S, Im S)
+    unit, inv_t, nb, s = _dense_spectrum(cols, rows, hh, ww)  # (Re S, Im S)
     k = 2 * nb - s
     re, im = unit[:nb].view(nb, n, h), unit[nb:].view(nb, n, h)
     mag = torch.hypot(re, im)
@@ -611,18 +624,23 @@ def _global_forward_dense(x, amp_w, amp_b, pha_w, pha_b):
     z = x.new_empty(k, rows)  # the real and imaginary parts of m e^{ip} that the inverse reads
     torch.mul(m, cos, out=z[:nb].view(nb, n, h))
     torch.mul(m[:nb - s], sin[:nb - s], out=z[nb:].view(nb - s, n, h))
-    gl = torch.mm(z.t(), inv_t).view(n, h, hh, ww)
+    gl = torch.mm(inv_t.t(), z) if map_shape is not None else torch.mm(z.t(), inv_t).view(n, h, hh, ww)
     return (unit, mag, inv, pha, m, cos, sin), gl
 
 
-def _global_backward_dense(state, dgl, amp_w, pha_w):
+def _global_backward_dense(state, dgl, amp_w, pha_w, map_shape: Optional[tuple[int, int]] = None):
     """:func:`_global_backward_fft` for :func:`_global_forward_dense`: the adjoints of the dense
-    products are their transposes; dm + i dp / m = conj(e^{ip}) dP in real parts."""
+    products are their transposes; dm + i dp / m = conj(e^{ip}) dP in real parts. Given
+    ``map_shape`` (H, W), dgl and the map's gradient are one image pixel-major, (H * W, h)."""
     unit, mag, inv, pha, m, cos, sin = state
-    n, h, hh, ww = dgl.shape
+    if map_shape is None:
+        n, h, hh, ww = dgl.shape
+        cols = dgl.reshape(n * h, hh * ww).t()
+    else:
+        (hh, ww), n, h, cols = map_shape, 1, dgl.shape[1], dgl
     fwd, inv_t, nb, s, _ = dft_tables(hh, ww, dgl.dtype, dgl.device)
     rows, k = n * h, 2 * nb - s
-    dz = torch.mm(inv_t, dgl.reshape(rows, hh * ww).t())  # (k, rows): gradients of Re P, Im P
+    dz = torch.mm(inv_t, cols)  # (k, rows): gradients of Re P, Im P
     d_re, d_im = dz[:nb].view(nb, n, h), dz[nb:].view(nb - s, n, h)
     dm = d_re * cos
     dm[:nb - s].addcmul_(d_im, sin[:nb - s])
@@ -636,7 +654,8 @@ def _global_backward_dense(state, dgl, amp_w, pha_w):
     ds = unit.new_empty(k, rows)
     torch.mul(a, ure, out=ds[:nb].view(nb, n, h)).addcmul_(b, uim, value=-1)
     torch.mul(a[:nb - s], uim[:nb - s], out=ds[nb:].view(nb - s, n, h)).addcmul_(b[:nb - s], ure[:nb - s])
-    return torch.mm(ds.t(), fwd).view(n, h, hh, ww), d_amp_w, d_amp_b, d_pha_w, d_pha_b
+    dx = torch.mm(fwd.t(), ds) if map_shape is not None else torch.mm(ds.t(), fwd).view(n, h, hh, ww)
+    return dx, d_amp_w, d_amp_b, d_pha_w, d_pha_b
 
 
 class _Mix(torch.autograd.Function):
@@ -795,6 +814,8 @@ def adaptir(t: torch.Tensor, layout: str, p: AdapterParams, task: Optional[torch
     n = b.shape[0]
     if t.numel() == 0:  # an empty batch (or map): an empty result, still part of the autograd graph
         return t * 0, None
+    if training and n == 1 and p.head_w.shape[0] == 1 and one_image_training(t, _param_list(p)):
+        return adaptir_one_image_train(t, layout, p, eps)
     if not training and n == 1 and _one_image_in_torch(t, p):
         if plan is None or plan.head_w.dtype != t.dtype:
             plan = one_image_plan(p if folded else fold_batch_norm(p, eps, t.dtype), t.dtype)
@@ -931,6 +952,189 @@ def _adaptir_one_image(rows: torch.Tensor, layout: str, q: OneImagePlan, hh: int
         return torch.mm(q.tail_w, u.t()).view(1, -1, hh, ww)
     out = torch.mm(u, q.tail_w.t())
     return out.view(hh * ww, 1, -1) if layout == "lnc" else out.view(1, hh, ww, -1)
+
+
+def _param_list(p: AdapterParams) -> list[torch.Tensor]:
+    return [*p[:6], *p.mix, p.tail_w]
+
+
+def one_image_training(t: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
+    """Whether a training call on one image takes :class:`_OneImageTrain`: the torch backend runs
+    both stages, outside torch.compile, float32 or float64 with every parameter in that dtype."""
+    if torch.compiler.is_compiling() or t.dtype not in (torch.float32, torch.float64):
+        return False
+    if any(p.dtype != t.dtype or p.device != t.device for p in tensors):
+        return False
+    return runs_on_torch(("adaptir_linear", "adaptir_mix_tail"), t.device)
+
+
+def adaptir_one_image_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: float
+                            ) -> tuple[torch.Tensor, BatchStats]:
+    """The training adapter on one image ``t`` (batch 1, in ``layout``) as one autograd Function,
+    :class:`_OneImageTrain`: the adapter output in ``t``'s layout and the image's BatchNorm
+    statistics. ``p``: one task's parameters, with the task axis or as the modules store them
+    (:func:`moce_fast.nn.adapter.run_adapters` passes those, no views), all in ``t``'s dtype and
+    on its device (:func:`one_image_training`)."""
+    _, hh, ww = as_npc(t, layout)
+    mix = list(p.mix)
+    out, mean, var = _OneImageTrain.apply(t, layout, hh, ww, eps, p.head_w, p.head_b, p.bn_weight, p.bn_bias,
+                                          *mix, p.tail_w)
+    count = torch.full((1,), float(hh * ww), device=t.device, dtype=t.dtype)
+    return out, BatchStats(mean[None], var[None], count)
+
+
+class _OneImageTrain(torch.autograd.Function):
+    """The whole adapter in training mode on one image, with a derived backward.
+
+    At batch 1 on a small map a training step is bound by the number of ops it dispatches, and
+    autograd adds a node per op to the forward and runs each in the backward: the staged path (head
+    Function, BatchNorm as ~15 autograd ops, :class:`_Mix`, tail Function, the parameter views) is
+    ~230 ops. This Function keeps the map pixel-major, (P, h), from head to tail as
+    :func:`_adaptir_one_image` does (head GEMM, BatchNorm from its batch statistics, the dense DFT
+    products or torch.fft for larger maps, the depthwise 3x3 as 9 gathered taps up to 256 pixels,
+    the two channel MLPs as one block-diagonal one, tail GEMM), and its backward is those steps'
+    adjoints: the 3x3's adjoint is the same gather with the taps mirrored, BatchNorm's is
+    istd * w * (dy - mean(dy) - xhat * mean(dy * xhat)), the global branch's as in :class:`_Mix`.
+
+    Inputs: t (the image in ``layout``), layout, H, W, eps, then head_w, head_b, bn_weight, bn_bias,
+    the :class:`MixParams` fields and tail_w in any shapes of the right sizes (their gradients come
+    back in those shapes). Outputs: the adapter output in ``t``'s layout, and the batch mean and
+    unbiased variance (h,) of the head output (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, t, layout, hh, ww, eps, head_w, head_b, bn_w, bn_b, conv_a, conv_b, conv_bias, amp_w, amp_b,
+                pha_w, pha_b, comp_w, comp_b, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, si_w, si_b, tail_w):
+        shapes = [x.shape for x in (head_w, head_b, bn_w, bn_b, conv_a, conv_b, conv_bias, amp_w, amp_b, pha_w, pha_b,
+                                    comp_w, comp_b, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, si_w, si_b, tail_w)]
+        rows = as_npc(t, layout)[0][0]  # (P, C), a view in the host's layout
+        npix, hid = hh * ww, head_b.numel()
+        h2 = p1w.numel() // hid  # proj's hidden width
+        wh, tw = head_w.reshape(hid, -1), tail_w.reshape(-1, hid)
+        bn_w, bn_b = bn_w.reshape(hid), bn_b.reshape(hid)
+        dense = _dense_dft(hh, ww, t.device)
+        # head and BatchNorm on the batch statistics
+        # (two passes, the mean then the squared deviations, as batch_norm_affine; var_mean along the
+        # pixel axis is 4-6x slower on a CPU than these ops at 256 and 2304 pixels)
+        xhat = torch.addmm(head_b.reshape(hid), rows, wh.t())
+        mean = xhat.mean(0)
+        sq = torch.linalg.vecdot(xhat.sub_(mean), xhat, dim=0)  # sum over pixels of squared deviations
+        istd = sq.div(npix).add_(eps).rsqrt_()
+        xhat.mul_(istd)
+        y_pad = t.new_empty(npix + 1, hid)  # a zero row after the map: the 3x3's taps outside it
+        y_pad[npix].zero_()
+        y = torch.addcmul(bn_b, xhat, bn_w, out=y_pad[:npix])
+        # global branch
+        amp = (amp_w.reshape(1, hid), amp_b.reshape(1, hid), pha_w.reshape(1, hid), pha_b.reshape(1, hid))
+        if dense:
+            state, gl = _global_forward_dense(y, *amp, map_shape=(hh, ww))
+        else:
+            state, gl = _global_forward_fft(y.t().view(1, hid, hh, ww), *amp)
+            gl = gl.view(hid, npix).t()
+        glob = gl.abs()
+        # local branch: the depthwise 3x3 of kernel A @ B
+        k9 = torch.mm(conv_a.reshape(hid, -1), conv_b.reshape(-1, 9))  # (h, 9)
+        if dense:
+            taps = y_pad.index_select(0, _tap_rows(hh, ww, t.device)).view(9, npix, hid)
+            loc = (taps * k9.t()[:, None, :]).sum(0).add_(conv_bias.reshape(hid))
+        else:
+            taps = y.view(1, hh, ww, hid).permute(0, 3, 1, 2)  # a channels-last map
+            loc = F.conv2d(taps, k9.view(hid, 1, 3, 3), conv_bias.reshape(hid), padding=1, groups=hid)
+            loc = loc.permute(0, 2, 3, 1).reshape(npix, hid)
+        # attention pooling and the mean of glob, through both channel MLPs at once
+        score = torch.softmax(torch.addmv(comp_b.reshape(()), y, comp_w.reshape(hid)), 0)
+        v = t.new_empty(2 * hid)
+        torch.mv(y.t(), score, out=v[:hid])
+        torch.mean(glob, 0, out=v[hid:])
+        w1 = torch.block_diag(p1w.reshape(h2, hid), c1w.reshape(-1, hid))
+        w2 = torch.block_diag(p2w.reshape(hid, h2), c2w.reshape(hid, -1))
+        a1 = torch.addmv(torch.cat([p1b.reshape(-1), c1b.reshape(-1)]), w1, v)
+        hdn = F.gelu(a1)
+        cc = torch.addmv(torch.cat([p2b.reshape(-1), c2b.reshape(-1)]), w2, hdn)
+        c, cg = cc[:hid], cc[hid:].sigmoid()
+        sg = torch.sigmoid(torch.addmv(si_b.reshape(()), loc, si_w.reshape(hid)))
+        u = torch.mul(loc, cg).addcmul_(sg[:, None], glob).mul_(c)
+        if layout == "nchw":
+            out = torch.mm(tw, u.t()).view(1, -1, hh, ww)
+        else:
+            out = torch.mm(u, tw.t())
+            out = out.view(npix, 1, -1) if layout == "lnc" else out.view(1, hh, ww, -1)
+        ctx.meta = (layout, hh, ww, h2, dense, t.shape, shapes)
+        # views of the inputs through save_for_backward (an in-place change before the backward is an
+        # error), the intermediates (h-space, freed with the graph) as attributes: unpacking each saved
+        # tensor costs a few microseconds
+        ctx.save_for_backward(rows, wh, tw, bn_w, amp[0], amp[2], comp_w, si_w, conv_a, conv_b)
+        ctx.inter = (state, xhat, istd, y, gl, glob, taps, k9, loc, score, v, a1, hdn, cg, c, sg, u, w1, w2)
+        ctx.mark_non_differentiable(mean, sq)
+        return out, mean, sq.div_(max(npix - 1, 1))  # the unbiased variance
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, _dmean, _dvar):
+        layout, hh, ww, h2, dense, t_shape, shapes = ctx.meta
+        rows, wh, tw, bn_w, amp_w, pha_w, comp_w, si_w, conv_a, conv_b = ctx.saved_tensors
+        state, xhat, istd, y, gl, glob, taps, k9, loc, score, v, a1, hdn, cg, c, sg, u, w1, w2 = ctx.inter
+        npix, hid = hh * ww, xhat.shape[1]
+        # tail: out = u tw^T (pixel rows), or tw u^T (channel rows, "nchw")
+        if layout == "nchw":
+            d = dout.reshape(-1, npix)  # (C, P)
+            du, dtw = torch.mm(d.t(), tw), torch.mm(d, u)
+        else:
+            d = dout.reshape(npix, -1)  # (P, C)
+            du, dtw = torch.mm(d, tw), torch.mm(d.t(), u)
+        # u = c (cg loc + sg glob)
+        dul = torch.linalg.vecdot(du, loc, dim=0)
+        dug = du * glob
+        dsg = torch.mv(dug, c)
+        dcc = du.new_empty(2 * hid)  # gradients of cc = [c; channel gate before its sigmoid]
+        torch.addmv(cg * dul, dug.t(), sg, out=dcc[:hid])
+        torch.mul(c * dul, cg * (1 - cg), out=dcc[hid:])
+        dsz = dsg.mul_(sg * (1 - sg))  # through the spatial gate's sigmoid
+        dloc_pad = du.new_empty(npix + 1, hid)
+        dloc_pad[npix].zero_()
+        dloc = torch.addr(du * (c * cg), dsz, si_w.reshape(hid), out=dloc_pad[:npix])
+        dsiw, dsib = torch.mv(loc.t(), dsz), dsz.sum()
+        # the block-diagonal MLP
+        dw2 = torch.outer(dcc, hdn)
+        da1 = torch.ops.aten.gelu_backward(torch.mv(w2.t(), dcc), a1)
+        dw1 = torch.outer(da1, v)
+        dv = torch.mv(w1.t(), da1)
+        # global branch: glob = |gl|, feeding the spatial gate's product and the channel gate's mean
+        dgl = (du * sg[:, None]).mul_(c).add_(dv[hid:] / npix).mul_(torch.sign(gl))
+        if dense:
+            dy, d_amp_w, d_amp_b, d_pha_w, d_pha_b = _global_backward_dense(state, dgl, amp_w, pha_w, (hh, ww))
+        else:
+            dy, d_amp_w, d_amp_b, d_pha_w, d_pha_b = _global_backward_fft(state, dgl.t().view(1, hid, hh, ww),
+                                                                          amp_w, pha_w)
+            dy = dy.view(hid, npix).t()
+        # local branch
+        if dense:  # the adjoint of the tap gather: the same gather of dloc with the taps mirrored
+            mirrored = dloc_pad.index_select(0, _tap_rows(hh, ww, du.device)).view(9, npix, hid)
+            dy = dy + (mirrored * k9.t().flip(0)[:, None, :]).sum(0)
+            dk9 = torch.linalg.vecdot(taps, dloc[None], dim=1).t()  # (h, 9)
+            dbias = dloc.sum(0)
+        else:
+            dxc, dkern, dbias = _depthwise3x3_backward(dloc.view(1, hh, ww, hid).permute(0, 3, 1, 2), taps,
+                                                       k9.view(hid, 1, 3, 3))
+            dy = dy + dxc.permute(0, 2, 3, 1).reshape(npix, hid)
+            dk9 = dkern.view(hid, 9)
+        # attention pooling: pooled = y^T score, score = softmax(y comp_w + comp_b)
+        dpooled = dv[:hid]
+        dscore = torch.mv(y, dpooled)
+        dz = score * (dscore - torch.dot(score, dscore))
+        dcw, dcb = torch.mv(y.t(), dz), dz.sum()
+        dy.addr_(score, dpooled).addr_(dz, comp_w.reshape(hid))
+        # BatchNorm on the batch statistics, then the head
+        dbn_b, dbn_w = dy.sum(0), torch.linalg.vecdot(dy, xhat, dim=0)
+        dy0 = dy.sub_(dbn_b / npix).addcmul_(xhat, dbn_w / npix, value=-1).mul_(bn_w * istd)
+        dwh, dbh = torch.mm(dy0.t(), rows), dy0.sum(0)
+        dt = None
+        if ctx.needs_input_grad[0]:
+            dt = (torch.mm(wh.t(), dy0.t()) if layout == "nchw" else torch.mm(dy0, wh)).view(t_shape)
+        grads = (dwh, dbh, dbn_w, dbn_b, torch.mm(dk9, conv_b.reshape(-1, 9).t()),
+                 torch.mm(conv_a.reshape(hid, -1).t(), dk9), dbias, d_amp_w, d_amp_b, d_pha_w, d_pha_b, dcw, dcb,
+                 dw1[:h2, :hid], da1[:h2], dw2[:hid, :h2], dcc[:hid], dw1[h2:, hid:], da1[h2:], dw2[hid:, h2:],
+                 dcc[hid:], dsiw, dsib, dtw)
+        return (dt, None, None, None, None, *[g if g.shape == s else g.reshape(s) for g, s in zip(grads, shapes)])
 
 
 # ---------------------------------------------------------------------------------------- triton
