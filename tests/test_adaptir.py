@@ -606,3 +606,21 @@ def test_one_image_training_runs_only_where_torch_runs_both_stages():
     assert type(adapter(torch.randn(2, 4, 4, 56)).grad_fn).__name__ != "_OneImageTrainBackward"
     assert type(adapter(x.double()).grad_fn).__name__ != "_OneImageTrainBackward"
     assert type(adapter.bfloat16()(x.bfloat16()).grad_fn).__name__ != "_OneImageTrainBackward"
+
+
+@pytest.mark.parametrize("momentum", [None, 0.3])
+@pytest.mark.parametrize("n", [1, 2])
+def test_running_statistics_follow_batchnorm_momentum(momentum, n):
+    # one adapter's update (three ops) and the stacked one, with a momentum and with the cumulative
+    # average (momentum None: 1 / num_batches_tracked), over several steps
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).double().train()
+    ref = AdaptIR(56, "edt").double().train()
+    ref.load_state_dict(adapter.state_dict())
+    adapter.BN.momentum = ref.BN.momentum = momentum
+    g = torch.Generator().manual_seed(3)
+    for step in range(3):
+        x = torch.randn(n, 5, 6, 56, dtype=torch.float64, generator=g) * (step + 1) + step
+        adapter(x), ref(x.permute(0, 3, 1, 2))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            got, want = getattr(adapter.BN, name), getattr(ref.BN, name)
+            assert (got - want).abs().max() <= 1e-13 * max(1.0, want.abs().max().item()), (step, name)

@@ -167,6 +167,14 @@ def _update_running_stats(adapters: Sequence[AdaptIR], stats: BatchStats) -> Non
     """BatchNorm's running-statistics update for the tasks present in the batch (count > 0), all
     tasks at once (no loop of small ops per task on the device)."""
     bns = [a.BN for a in adapters]
+    if len(bns) == 1 and stats.count.device.type == "cpu" and stats.count.item() > 0:
+        # one adapter that saw the batch (a CPU check): three ops, not the stacked update's fifteen
+        bn = bns[0]
+        bn.num_batches_tracked.add_(1)
+        m = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
+        bn.running_mean.lerp_(stats.mean[0].to(bn.running_mean.dtype), m)
+        bn.running_var.lerp_(stats.var[0].to(bn.running_var.dtype), m)
+        return
     seen = stats.count > 0
     tracked = torch.stack([bn.num_batches_tracked for bn in bns]) + seen.long()
     momentum = bns[0].momentum
