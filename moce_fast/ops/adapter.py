@@ -1109,13 +1109,13 @@ class _OneImageTrain(torch.autograd.Function):
         # local branch
         if dense:  # the adjoint of the tap gather: the same gather of dloc with the taps mirrored
             mirrored = dloc_pad.index_select(0, _tap_rows(hh, ww, du.device)).view(9, npix, hid)
-            dy = dy + (mirrored * k9.t().flip(0)[:, None, :]).sum(0)
+            dy.add_((mirrored * k9.t().flip(0)[:, None, :]).sum(0))
             dk9 = torch.linalg.vecdot(taps, dloc[None], dim=1).t()  # (h, 9)
             dbias = dloc.sum(0)
         else:
             dxc, dkern, dbias = _depthwise3x3_backward(dloc.view(1, hh, ww, hid).permute(0, 3, 1, 2), taps,
                                                        k9.view(hid, 1, 3, 3))
-            dy = dy + dxc.permute(0, 2, 3, 1).reshape(npix, hid)
+            dy.add_(dxc.permute(0, 2, 3, 1).reshape(npix, hid))
             dk9 = dkern.view(hid, 9)
         # attention pooling: pooled = y^T score, score = softmax(y comp_w + comp_b)
         dpooled = dv[:hid]
