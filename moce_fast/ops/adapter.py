@@ -1065,12 +1065,15 @@ class _OneImageTrain(torch.autograd.Function):
         ctx.save_for_backward(rows, wh, tw, bn_w, amp[0], amp[2], comp_w, si_w, conv_a, conv_b)
         ctx.inter = (state, xhat, istd, y, gl, glob, taps, k9, loc, score, v, a1, hdn, cg, c, sg, u, w1, w2)
         ctx.mark_non_differentiable(mean, sq)
+        ctx.set_materialize_grads(False)  # (no zero gradients made for the statistics)
         return out, mean, sq.div_(max(npix - 1, 1))  # the unbiased variance
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dmean, _dvar):
         layout, hh, ww, h2, dense, t_shape, shapes = ctx.meta
+        if dout is None:  # no gradient reached the output (grads are not materialised)
+            return (None,) * (5 + len(shapes))
         rows, wh, tw, bn_w, amp_w, pha_w, comp_w, si_w, conv_a, conv_b = ctx.saved_tensors
         state, xhat, istd, y, gl, glob, taps, k9, loc, score, v, a1, hdn, cg, c, sg, u, w1, w2 = ctx.inter
         npix, hid = hh * ww, xhat.shape[1]
@@ -1093,10 +1096,9 @@ class _OneImageTrain(torch.autograd.Function):
         dloc_pad[npix].zero_()
         dloc = torch.addr(du * (c * cg), dsz, si_w.reshape(hid), out=dloc_pad[:npix])
         dsiw, dsib = torch.mv(loc.t(), dsz), dsz.sum()
-        # the block-diagonal MLP
-        dw2 = torch.outer(dcc, hdn)
+        # the block-diagonal MLP (each block's weight gradient its own contiguous product: no copy
+        # by autograd's gradient accumulation)
         da1 = torch.ops.aten.gelu_backward(torch.mv(w2.t(), dcc), a1)
-        dw1 = torch.outer(da1, v)
         dv = torch.mv(w1.t(), da1)
         # global branch: glob = |gl|, feeding the spatial gate's product and the channel gate's mean
         dgl = (du * sg[:, None]).mul_(c).add_(dv[hid:] / npix).mul_(torch.sign(gl))
@@ -1132,8 +1134,9 @@ class _OneImageTrain(torch.autograd.Function):
             dt = (torch.mm(wh.t(), dy0.t()) if layout == "nchw" else torch.mm(dy0, wh)).view(t_shape)
         grads = (dwh, dbh, dbn_w, dbn_b, torch.mm(dk9, conv_b.reshape(-1, 9).t()),
                  torch.mm(conv_a.reshape(hid, -1).t(), dk9), dbias, d_amp_w, d_amp_b, d_pha_w, d_pha_b, dcw, dcb,
-                 dw1[:h2, :hid], da1[:h2], dw2[:hid, :h2], dcc[:hid], dw1[h2:, hid:], da1[h2:], dw2[hid:, h2:],
-                 dcc[hid:], dsiw, dsib, dtw)
+                 torch.outer(da1[:h2], v[:hid]), da1[:h2], torch.outer(dcc[:hid], hdn[:h2]), dcc[:hid],
+                 torch.outer(da1[h2:], v[hid:]), da1[h2:], torch.outer(dcc[hid:], hdn[h2:]), dcc[hid:], dsiw, dsib,
+                 dtw)
         return (dt, None, None, None, None, *[g if g.shape == s else g.reshape(s) for g, s in zip(grads, shapes)])
 
 
