@@ -624,3 +624,33 @@ def test_running_statistics_follow_batchnorm_momentum(momentum, n):
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             got, want = getattr(adapter.BN, name), getattr(ref.BN, name)
             assert (got - want).abs().max() <= 1e-13 * max(1.0, want.abs().max().item()), (step, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the torch backend's one-image paths "
+                                                          "on CUDA tensors)")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("layout,side", [("nhwc", 5), ("lnc", 16), ("nchw", 17)])
+def test_one_image_paths_on_cuda_with_the_torch_backend(layout, side, dtype, tol, monkeypatch):
+    # under backend("torch") a CUDA device runs the same one-image eval path and training Function
+    # as a CPU (dense products and taps up to 16x16, torch.fft and the conv beyond); float32 at its
+    # own precision (cuDNN's TF32 off, as torch's matmuls are by default)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    adapter, ref, xl, x = _one_image_training_case(layout, side, side)
+    adapter.to("cuda", dtype)
+    xc = xl.detach().to("cuda", dtype).requires_grad_()
+    with moce_fast.backend("torch"):
+        y = adapter(xc)
+        assert type(y.grad_fn).__name__ == "_OneImageTrainBackward"
+        expected = ref(x)
+        dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        y.backward(dy.to("cuda", dtype)), expected.backward(_from_layout(dy, layout, x.shape))
+        assert rel_err(_from_layout(y.cpu().double(), layout, x.shape), expected) < tol
+        assert rel_err(_from_layout(xc.grad.cpu().double(), layout, x.shape), x.grad) < tol
+        ref_params = dict(ref.named_parameters())
+        for name, p in adapter.named_parameters():  # (head.bias, compress.bias: 0 in exact arithmetic)
+            expect = ref_params[name].grad
+            assert (p.grad.cpu().double() - expect).abs().max() <= tol * 10 * max(1.0, expect.abs().max()), name
+        adapter.eval(), ref.eval()
+        with torch.no_grad():
+            y, expected = adapter(xc), ref(x)
+        assert rel_err(_from_layout(y.cpu().double(), layout, x.shape), expected) < tol
