@@ -988,8 +988,9 @@ class _OneImageTrain(torch.autograd.Function):
 
     At batch 1 on a small map a training step is bound by the number of ops it dispatches, and
     autograd adds a node per op to the forward and runs each in the backward: the staged path (head
-    Function, BatchNorm as ~15 autograd ops, :class:`_Mix`, tail Function, the parameter views) is
-    ~230 ops. This Function keeps the map pixel-major, (P, h), from head to tail as
+    Function, BatchNorm as ~15 autograd ops, :class:`_Mix`, tail Function, the parameter views) made
+    383 aten calls (nested ones counted) and 109 autograd nodes per IPT 16x16 step, this Function 223
+    and 26. It keeps the map pixel-major, (P, h), from head to tail as
     :func:`_adaptir_one_image` does (head GEMM, BatchNorm from its batch statistics, the dense DFT
     products or torch.fft for larger maps, the depthwise 3x3 as 9 gathered taps up to 256 pixels,
     the two channel MLPs as one block-diagonal one, tail GEMM), and its backward is those steps'
