@@ -487,7 +487,7 @@ def _to_layout(x, layout):
         x = x.permute(0, 2, 3, 1)
     elif layout == "lnc":
         x = x.flatten(2).permute(2, 0, 1)
-    return x.detach().clone().requires_grad_()
+    return x.detach().clone(memory_format=torch.contiguous_format).requires_grad_()
 
 
 def _from_layout(y, layout, shape):
@@ -498,7 +498,7 @@ def _from_layout(y, layout, shape):
     return y
 
 
-def _one_image_training_case(layout, hh, ww, zero=False, seed=0):
+def _one_image_training_case(layout, hh, ww, zero=False, seed=0, n=1):
     """A random EDT-variant adapter (float64, random running statistics) and the reference with the
     same state, both in training mode, and one image of (hh, ww) in ``layout`` and as NCHW. With
     ``zero``, the image, the head bias and the BatchNorm shift are 0, so the normalised map is
@@ -514,23 +514,25 @@ def _one_image_training_case(layout, hh, ww, zero=False, seed=0):
     ref = AdaptIR(56, "edt").double().train()
     ref.load_state_dict(adapter.state_dict())
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(1, 56, hh, ww, generator=g, dtype=torch.float64) * (0 if zero else 1)
+    x = torch.randn(n, 56, hh, ww, generator=g, dtype=torch.float64) * (0 if zero else 1)
     return adapter, ref, _to_layout(x, layout), x.clone().requires_grad_()
 
 
-@pytest.mark.parametrize("layout,hh,ww", [("nchw", 5, 5), ("lnc", 5, 5), ("nhwc", 5, 5), ("nchw", 3, 7),
-                                          ("nhwc", 7, 4), ("nchw", 17, 17), ("lnc", 17, 17), ("nhwc", 9, 30),
-                                          ("nhwc", 1, 6), ("nchw", 16, 16)])
+@pytest.mark.parametrize("layout,hh,ww,n", [("nchw", 5, 5, 1), ("lnc", 5, 5, 1), ("nhwc", 5, 5, 1), ("nchw", 3, 7, 1),
+                                            ("nhwc", 7, 4, 1), ("nchw", 17, 17, 1), ("lnc", 17, 17, 1),
+                                            ("nhwc", 9, 30, 1), ("nhwc", 1, 6, 1), ("nchw", 16, 16, 1),
+                                            ("lnc", 5, 5, 3), ("lnc", 16, 16, 4), ("lnc", 1, 1, 4)])
 @pytest.mark.parametrize("zero", [False, True])
-def test_one_image_training_equals_reference(layout, hh, ww, zero):
-    # batch 1 in training runs the whole adapter as one Function (ops.adapter._OneImageTrain), pixel-
-    # major, with a derived backward: dense DFT products and the 3x3 as gathered taps up to 256
-    # pixels (5x5, 3x7, 7x4, 1x6, 16x16), torch.fft and the conv beyond (17x17, 9x30); a zero map
-    # makes the head output's variance 0 and every spectrum bin 0, where BatchNorm divides by
-    # sqrt(eps) and abs and angle have their zero-guarded gradients
-    adapter, ref, xl, x = _one_image_training_case(layout, hh, ww, zero)
+def test_fused_training_equals_reference(layout, hh, ww, n, zero):
+    # training on one image, or on N images of one task in "lnc" on maps up to 256 pixels, runs the
+    # whole adapter as one Function (ops.adapter._FusedTrain), rows pixel-major, with a derived
+    # backward: dense DFT products and the 3x3 as gathered taps up to 256 pixels (5x5, 3x7, 7x4, 1x6,
+    # 16x16, 1x1), torch.fft and the conv beyond (17x17, 9x30); a zero map makes the head output's
+    # variance 0 and every spectrum bin 0, where BatchNorm divides by sqrt(eps) and abs and angle
+    # have their zero-guarded gradients
+    adapter, ref, xl, x = _one_image_training_case(layout, hh, ww, zero, n=n)
     y, expected = adapter(xl), ref(x)
-    assert type(y.grad_fn).__name__ == "_OneImageTrainBackward"
+    assert type(y.grad_fn).__name__ == "_FusedTrainBackward"
     assert rel_err(_from_layout(y, layout, x.shape), expected) < 1e-12
     # the running statistics updated from the image's batch statistics, as the public adapter does
     for name in ("running_mean", "running_var", "num_batches_tracked"):
@@ -546,28 +548,30 @@ def test_one_image_training_equals_reference(layout, hh, ww, zero):
         assert (p.grad - expect).abs().max() <= 1e-9 * max(1.0, expect.abs().max().item()), name
 
 
-@pytest.mark.parametrize("dft", ["dense", "fft"])
-def test_one_image_training_gradcheck_float64(dft, monkeypatch):
+@pytest.mark.parametrize("dft,layout", [("dense", "nhwc"), ("fft", "nhwc"), ("dense", "lnc")])
+def test_fused_training_gradcheck_float64(dft, layout, monkeypatch):
+    # one image (nhwc), and two images in "lnc"
     from moce_fast.ops import adapter as ops
 
     if dft == "fft":
         monkeypatch.setattr(ops, "DENSE_DFT_MAX_PIXELS", 0)
-    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).double().train()
-    x = torch.randn(1, 4, 5, 56, dtype=torch.float64, requires_grad=True)
-    assert type(adapter(x).grad_fn).__name__ == "_OneImageTrainBackward"
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", layout)).double().train()
+    shape = (1, 4, 5, 56) if layout == "nhwc" else (9, 2, 56)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    assert type(adapter(x).grad_fn).__name__ == "_FusedTrainBackward"
     names = [name for name, _ in adapter.named_parameters()]
 
     def functional(x, *values):  # the parameters as gradcheck's inputs too
         return torch.func.functional_call(adapter, dict(zip(names, values)), (x,))
 
     values = tuple(p.detach().clone().requires_grad_() for p in adapter.parameters())
-    assert type(functional(x, *values).grad_fn).__name__ == "_OneImageTrainBackward"
+    assert type(functional(x, *values).grad_fn).__name__ == "_FusedTrainBackward"
     # (the FFT path's float64 depthwise conv is ~10x slower here than the taps: a random projection
     # of its Jacobian, gradcheck's fast mode, in place of the whole one)
     assert torch.autograd.gradcheck(functional, (x, *values), eps=1e-6, atol=1e-6, fast_mode=dft == "fft")
 
 
-def test_one_image_training_op_and_input_without_grad():
+def test_fused_training_op_and_input_without_grad():
     # ops.adaptir on one image with stacked (task-axis) parameters takes the same Function, its
     # parameter gradients in those shapes; an input without requires_grad gets no gradient computed
     from moce_fast.nn.adapter import stack_params
@@ -576,7 +580,7 @@ def test_one_image_training_op_and_input_without_grad():
     adapter, ref, xl, x = _one_image_training_case("nhwc", 6, 6)
     p = stack_params([adapter])
     y, stats = ops.adaptir(xl.detach(), "nhwc", p, None, True, adapter.BN.eps)
-    assert type(y.grad_fn).__name__ == "_OneImageTrainBackward"
+    assert type(y.grad_fn).__name__ == "_FusedTrainBackward"
     expected = ref(x.detach())
     assert rel_err(y.permute(0, 3, 1, 2), expected) < 1e-12
     # the statistics the op returns: the image's head output's mean and unbiased variance
@@ -590,7 +594,7 @@ def test_one_image_training_op_and_input_without_grad():
         assert (q.grad - ref_params[name].grad).abs().max() <= 1e-9 * max(1.0, ref_params[name].grad.abs().max()), name
 
 
-def test_one_image_training_runs_only_where_torch_runs_both_stages():
+def test_fused_training_runs_only_where_torch_runs_both_stages():
     from moce_fast.ops import _backend
 
     adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).train()
@@ -599,13 +603,19 @@ def test_one_image_training_runs_only_where_torch_runs_both_stages():
         _backend._LAST_RUN.clear()
         with moce_fast.backend(name):
             y = adapter(x)
-        assert type(y.grad_fn).__name__ == "_OneImageTrainBackward"
+        assert type(y.grad_fn).__name__ == "_FusedTrainBackward"
         assert _backend.last_run() == {"adaptir_linear": "torch", "adaptir_mix_tail": "torch"}
-    # not for two images, nor for an input in another dtype than the parameters (the staged path
-    # promotes), nor bfloat16
-    assert type(adapter(torch.randn(2, 4, 4, 56)).grad_fn).__name__ != "_OneImageTrainBackward"
-    assert type(adapter(x.double()).grad_fn).__name__ != "_OneImageTrainBackward"
-    assert type(adapter.bfloat16()(x.bfloat16()).grad_fn).__name__ != "_OneImageTrainBackward"
+    # not for two images but in "lnc" on a small map whose L and N axes merge, up to 1024 rows
+    # (ops.adapter.FUSED_TRAIN_MAX_ROWS), nor for an input in
+    # another dtype than the parameters (the staged path promotes), nor bfloat16
+    assert type(adapter(torch.randn(2, 4, 4, 56)).grad_fn).__name__ != "_FusedTrainBackward"
+    lnc = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "lnc")).train()
+    assert type(lnc(torch.randn(16, 2, 56)).grad_fn).__name__ == "_FusedTrainBackward"
+    assert type(lnc(torch.randn(17 * 17, 2, 56)).grad_fn).__name__ != "_FusedTrainBackward"  # (FFT size)
+    assert type(lnc(torch.randn(256, 5, 56)).grad_fn).__name__ != "_FusedTrainBackward"  # (1280 rows)
+    assert type(lnc(torch.randn(2, 16, 56).transpose(0, 1)).grad_fn).__name__ != "_FusedTrainBackward"
+    assert type(adapter(x.double()).grad_fn).__name__ != "_FusedTrainBackward"
+    assert type(adapter.bfloat16()(x.bfloat16()).grad_fn).__name__ != "_FusedTrainBackward"
 
 
 @pytest.mark.parametrize("momentum", [None, 0.3])
@@ -640,7 +650,7 @@ def test_one_image_paths_on_cuda_with_the_torch_backend(layout, side, dtype, tol
     xc = xl.detach().to("cuda", dtype).requires_grad_()
     with moce_fast.backend("torch"):
         y = adapter(xc)
-        assert type(y.grad_fn).__name__ == "_OneImageTrainBackward"
+        assert type(y.grad_fn).__name__ == "_FusedTrainBackward"
         expected = ref(x)
         dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
         y.backward(dy.to("cuda", dtype)), expected.backward(_from_layout(dy, layout, x.shape))

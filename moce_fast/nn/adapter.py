@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 import torch
 
 from .. import ops
-from ..ops.adapter import (AdapterParams, BatchStats, MixParams, OneImagePlan, adaptir_one_image_train, kept_versions,
-                           one_image_plan, one_image_training)
+from ..ops.adapter import (AdapterParams, BatchStats, MixParams, OneImagePlan, adaptir_fused_train, fused_training,
+                           kept_versions, one_image_plan)
 from ..reference.adaptir import AdaptIR
 
 LAYOUTS = ("nchw", "lnc", "nhwc")
@@ -205,11 +205,11 @@ def run_adapters(adapters: Sequence[AdaptIR], x: torch.Tensor, task: Optional[to
                              f"{tuple(x.shape)}")
     one_image = (x.shape[1] if layout == "lnc" else x.shape[0]) == 1  # (ops.adaptir's one-image paths)
     if training:
-        raw = _raw_tensors(first) if one_image and len(adapters) == 1 else None
-        if raw is not None and x.numel() > 0 and one_image_training(x, raw):
+        raw = _raw_tensors(first) if len(adapters) == 1 else None
+        if raw is not None and fused_training(x, layout, raw):
             # the stored tensors as they are: no views, whose autograd nodes would cost as much as
-            # a tenth of this path's step
-            out, stats = adaptir_one_image_train(x, layout, _assemble(raw), first.BN.eps)
+            # a tenth of this path's step at batch 1
+            out, stats = adaptir_fused_train(x, layout, _assemble(raw), first.BN.eps)
         else:
             out, stats = ops.adaptir(x, layout, stack_params(adapters), task, True, first.BN.eps)
     else:

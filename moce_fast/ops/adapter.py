@@ -418,6 +418,12 @@ def _mix_composition(x: torch.Tensor, g_: list[torch.Tensor], single: bool, inpl
 #: channels): 16x16 maps 1.46x (batch 1), 1.74x (8), 2.5x (32) faster than the FFT and complex-valued
 #: passes; 24x24 at batch 1 0.9x (the products grow as pixels squared), hence 256.
 DENSE_DFT_MAX_PIXELS = 256
+# N > 1 images of one task in "lnc" take the fused training Function (_FusedTrain) up to this many
+# rows (pixels x images), on maps of at most DENSE_DFT_MAX_PIXELS. Measured on this project's 2-core
+# CPU against the staged path, IPT 16x16 training steps: 1.45x faster at 2 images, 1.25x at 4, none
+# at 8 or 32 (0.9-1.0x: the (9, rows, h) tap gathers and the per-image broadcasts there cost what
+# the staged path's extra ops do)
+FUSED_TRAIN_MAX_ROWS = 1024
 
 
 def _dense_dft(hh: int, ww: int, device: torch.device) -> bool:
@@ -604,12 +610,13 @@ def _global_forward_dense(x, amp_w, amp_b, pha_w, pha_b, map_shape: Optional[tup
     """:func:`_global_forward_fft` for a small map as the dense DFT products of :func:`dft_tables`
     (as :func:`_global_branch_dense`), on (bins, N, h) buffers; the self-conjugate bins' imaginary
     parts are +0 and constant (no gradient flows to or from them). Given ``map_shape`` (H, W), x is
-    one image pixel-major, (H * W, h), and so is gl."""
+    N images pixel-major, (H * W, N * h) (h: amp_w's last size), and so is gl."""
     if map_shape is None:
         n, h, hh, ww = x.shape
         cols = x.reshape(n * h, hh * ww).t()
     else:
-        (hh, ww), n, h, cols = map_shape, 1, x.shape[1], x
+        (hh, ww), h, cols = map_shape, amp_w.shape[-1], x
+        n = x.shape[1] // h
     rows = n * h
     unit, inv_t, nb, s = _dense_spectrum(cols, rows, hh, ww)  # (Re S, Im S)
     k = 2 * nb - s
@@ -631,13 +638,14 @@ def _global_forward_dense(x, amp_w, amp_b, pha_w, pha_b, map_shape: Optional[tup
 def _global_backward_dense(state, dgl, amp_w, pha_w, map_shape: Optional[tuple[int, int]] = None):
     """:func:`_global_backward_fft` for :func:`_global_forward_dense`: the adjoints of the dense
     products are their transposes; dm + i dp / m = conj(e^{ip}) dP in real parts. Given
-    ``map_shape`` (H, W), dgl and the map's gradient are one image pixel-major, (H * W, h)."""
+    ``map_shape`` (H, W), dgl and the map's gradient are N images pixel-major, (H * W, N * h)."""
     unit, mag, inv, pha, m, cos, sin = state
     if map_shape is None:
         n, h, hh, ww = dgl.shape
         cols = dgl.reshape(n * h, hh * ww).t()
     else:
-        (hh, ww), n, h, cols = map_shape, 1, dgl.shape[1], dgl
+        (hh, ww), h, cols = map_shape, amp_w.shape[-1], dgl
+        n = dgl.shape[1] // h
     fwd, inv_t, nb, s, _ = dft_tables(hh, ww, dgl.dtype, dgl.device)
     rows, k = n * h, 2 * nb - s
     dz = torch.mm(inv_t, cols)  # (k, rows): gradients of Re P, Im P
@@ -814,8 +822,8 @@ def adaptir(t: torch.Tensor, layout: str, p: AdapterParams, task: Optional[torch
     n = b.shape[0]
     if t.numel() == 0:  # an empty batch (or map): an empty result, still part of the autograd graph
         return t * 0, None
-    if training and n == 1 and p.head_w.shape[0] == 1 and one_image_training(t, _param_list(p)):
-        return adaptir_one_image_train(t, layout, p, eps)
+    if training and p.head_w.shape[0] == 1 and fused_training(t, layout, _param_list(p)):
+        return adaptir_fused_train(t, layout, p, eps)
     if not training and n == 1 and _one_image_in_torch(t, p):
         if plan is None or plan.head_w.dtype != t.dtype:
             plan = one_image_plan(p if folded else fold_batch_norm(p, eps, t.dtype), t.dtype)
@@ -889,10 +897,15 @@ def one_image_plan(p: AdapterParams, dtype: torch.dtype) -> OneImagePlan:
 
 
 @functools.lru_cache(maxsize=32)
-def _tap_rows(hh: int, ww: int, device: torch.device) -> torch.Tensor:
+def _tap_rows(hh: int, ww: int, device: torch.device, n: int = 1) -> torch.Tensor:
     """For each of the 3x3 taps (row-major, as a conv2d kernel) and each pixel of an (hh, ww) map,
     the row of the pixel it reads in the map's pixel-major rows, or hh * ww (a zero row) outside the
-    map: (9 * hh * ww,) int64."""
+    map: (9 * hh * ww,) int64. For ``n`` images with rows pixel by pixel, image by image within a
+    pixel ((P, N) rows, as "lnc"): (9 * hh * ww * n,), the zero row hh * ww * n."""
+    if n > 1:
+        one = _tap_rows(hh, ww, device)
+        img = torch.arange(n, device=device)
+        return torch.where(one[:, None] < hh * ww, one[:, None] * n + img, hh * ww * n).reshape(-1)
     i = torch.arange(hh)[:, None]
     j = torch.arange(ww)[None, :]
     taps = []
@@ -958,46 +971,55 @@ def _param_list(p: AdapterParams) -> list[torch.Tensor]:
     return [*p[:6], *p.mix, p.tail_w]
 
 
-def one_image_training(t: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
-    """Whether a training call on one image takes :class:`_OneImageTrain`: the torch backend runs
-    both stages, outside torch.compile, float32 or float64 with every parameter in that dtype."""
-    if torch.compiler.is_compiling() or t.dtype not in (torch.float32, torch.float64):
+def fused_training(t: torch.Tensor, layout: str, tensors: list[torch.Tensor]) -> bool:
+    """Whether a training call takes :class:`_FusedTrain`: one image, or N images in "lnc" (rows
+    pixel-major already, L and N mergeable into one axis), at most ``FUSED_TRAIN_MAX_ROWS`` rows, on
+    a map of at most ``DENSE_DFT_MAX_PIXELS``; the torch backend runs both stages, outside torch.compile, float32 or
+    float64 with every parameter in that dtype (one task's: the caller checks)."""
+    if torch.compiler.is_compiling() or t.dtype not in (torch.float32, torch.float64) or t.numel() == 0:
+        return False
+    b, hh, ww = as_npc(t, layout)
+    n = b.shape[0]
+    if n > 1 and not (layout == "lnc" and t.stride(0) == n * t.stride(1) and n * hh * ww <= FUSED_TRAIN_MAX_ROWS
+                      and _dense_dft(hh, ww, t.device)):
         return False
     if any(p.dtype != t.dtype or p.device != t.device for p in tensors):
         return False
     return runs_on_torch(("adaptir_linear", "adaptir_mix_tail"), t.device)
 
 
-def adaptir_one_image_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: float
-                            ) -> tuple[torch.Tensor, BatchStats]:
-    """The training adapter on one image ``t`` (batch 1, in ``layout``) as one autograd Function,
-    :class:`_OneImageTrain`: the adapter output in ``t``'s layout and the image's BatchNorm
-    statistics. ``p``: one task's parameters, with the task axis or as the modules store them
+def adaptir_fused_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: float
+                        ) -> tuple[torch.Tensor, BatchStats]:
+    """The training adapter of one task on ``t`` (see :func:`fused_training`) as one autograd
+    Function, :class:`_FusedTrain`: the adapter output in ``t``'s layout and the batch's BatchNorm
+    statistics. ``p``: the task's parameters, with the task axis or as the modules store them
     (:func:`moce_fast.nn.adapter.run_adapters` passes those, no views), all in ``t``'s dtype and
-    on its device (:func:`one_image_training`)."""
-    _, hh, ww = as_npc(t, layout)
+    on its device."""
+    b, hh, ww = as_npc(t, layout)
     mix = list(p.mix)
-    out, mean, var = _OneImageTrain.apply(t, layout, hh, ww, eps, p.head_w, p.head_b, p.bn_weight, p.bn_bias,
-                                          *mix, p.tail_w)
-    count = torch.full((1,), float(hh * ww), device=t.device, dtype=t.dtype)
+    out, mean, var = _FusedTrain.apply(t, layout, hh, ww, eps, p.head_w, p.head_b, p.bn_weight, p.bn_bias,
+                                       *mix, p.tail_w)
+    count = torch.full((1,), float(b.shape[0] * hh * ww), device=t.device, dtype=t.dtype)
     return out, BatchStats(mean[None], var[None], count)
 
 
-class _OneImageTrain(torch.autograd.Function):
-    """The whole adapter in training mode on one image, with a derived backward.
+class _FusedTrain(torch.autograd.Function):
+    """The whole adapter in training mode on one image (or on N images of one task in the "lnc"
+    layout, whose rows are pixel-major already), with a derived backward.
 
     At batch 1 on a small map a training step is bound by the number of ops it dispatches, and
     autograd adds a node per op to the forward and runs each in the backward: the staged path (head
     Function, BatchNorm as ~15 autograd ops, :class:`_Mix`, tail Function, the parameter views) made
     383 aten calls (nested ones counted) and 109 autograd nodes per IPT 16x16 step, this Function 223
-    and 26. It keeps the map pixel-major, (P, h), from head to tail as
-    :func:`_adaptir_one_image` does (head GEMM, BatchNorm from its batch statistics, the dense DFT
-    products or torch.fft for larger maps, the depthwise 3x3 as 9 gathered taps up to 256 pixels,
-    the two channel MLPs as one block-diagonal one, tail GEMM), and its backward is those steps'
-    adjoints: the 3x3's adjoint is the same gather with the taps mirrored, BatchNorm's is
-    istd * w * (dy - mean(dy) - xhat * mean(dy * xhat)), the global branch's as in :class:`_Mix`.
+    and 26. It keeps the map as rows, pixel by pixel (and image by image within a pixel: (P, N, h)),
+    from head to tail as :func:`_adaptir_one_image` does (head GEMM, BatchNorm from the batch
+    statistics, the dense DFT products or torch.fft for larger maps of one image, the depthwise 3x3
+    as 9 gathered taps up to 256 pixels, the two channel MLPs as one block-diagonal one, tail GEMM),
+    and its backward is those steps' adjoints: the 3x3's adjoint is the same gather with the taps
+    mirrored, BatchNorm's is istd * w * (dy - mean(dy) - xhat * mean(dy * xhat)), the global
+    branch's as in :class:`_Mix`.
 
-    Inputs: t (the image in ``layout``), layout, H, W, eps, then head_w, head_b, bn_weight, bn_bias,
+    Inputs: t (the images in ``layout``), layout, H, W, eps, then head_w, head_b, bn_weight, bn_bias,
     the :class:`MixParams` fields and tail_w in any shapes of the right sizes (their gradients come
     back in those shapes). Outputs: the adapter output in ``t``'s layout, and the batch mean and
     unbiased variance (h,) of the head output (not differentiable)."""
@@ -1007,8 +1029,10 @@ class _OneImageTrain(torch.autograd.Function):
                 pha_w, pha_b, comp_w, comp_b, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, si_w, si_b, tail_w):
         shapes = [x.shape for x in (head_w, head_b, bn_w, bn_b, conv_a, conv_b, conv_bias, amp_w, amp_b, pha_w, pha_b,
                                     comp_w, comp_b, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, si_w, si_b, tail_w)]
-        rows = as_npc(t, layout)[0][0]  # (P, C), a view in the host's layout
-        npix, hid = hh * ww, head_b.numel()
+        b = as_npc(t, layout)[0]
+        n, npix, hid = b.shape[0], hh * ww, head_b.numel()
+        rows = t.view(npix * n, -1) if n > 1 else b[0]  # (P N, C), a view in the host's layout
+        nrow = npix * n
         h2 = p1w.numel() // hid  # proj's hidden width
         wh, tw = head_w.reshape(hid, -1), tail_w.reshape(-1, hid)
         bn_w, bn_b = bn_w.reshape(hid), bn_b.reshape(hid)
@@ -1019,47 +1043,47 @@ class _OneImageTrain(torch.autograd.Function):
         xhat = torch.addmm(head_b.reshape(hid), rows, wh.t())
         mean = xhat.mean(0)
         sq = torch.linalg.vecdot(xhat.sub_(mean), xhat, dim=0)  # sum over pixels of squared deviations
-        istd = sq.div(npix).add_(eps).rsqrt_()
+        istd = sq.div(nrow).add_(eps).rsqrt_()
         xhat.mul_(istd)
-        y_pad = t.new_empty(npix + 1, hid)  # a zero row after the map: the 3x3's taps outside it
-        y_pad[npix].zero_()
-        y = torch.addcmul(bn_b, xhat, bn_w, out=y_pad[:npix])
+        y_pad = t.new_empty(nrow + 1, hid)  # a zero row after the map: the 3x3's taps outside it
+        y_pad[nrow].zero_()
+        y = torch.addcmul(bn_b, xhat, bn_w, out=y_pad[:nrow])
         # global branch
         amp = (amp_w.reshape(1, hid), amp_b.reshape(1, hid), pha_w.reshape(1, hid), pha_b.reshape(1, hid))
         if dense:
-            state, gl = _global_forward_dense(y, *amp, map_shape=(hh, ww))
-        else:
+            state, gl = _global_forward_dense(y.view(npix, n * hid), *amp, map_shape=(hh, ww))
+            gl = gl.view(nrow, hid)
+        else:  # (one image)
             state, gl = _global_forward_fft(y.t().view(1, hid, hh, ww), *amp)
             gl = gl.view(hid, npix).t()
         glob = gl.abs()
         # local branch: the depthwise 3x3 of kernel A @ B
         k9 = torch.mm(conv_a.reshape(hid, -1), conv_b.reshape(-1, 9))  # (h, 9)
         if dense:
-            taps = y_pad.index_select(0, _tap_rows(hh, ww, t.device)).view(9, npix, hid)
+            taps = y_pad.index_select(0, _tap_rows(hh, ww, t.device, n)).view(9, nrow, hid)
             loc = (taps * k9.t()[:, None, :]).sum(0).add_(conv_bias.reshape(hid))
-        else:
-            taps = y.view(1, hh, ww, hid).permute(0, 3, 1, 2)  # a channels-last map
+        else:  # (one image) a channels-last map
+            taps = y.view(hh, ww, n, hid).permute(2, 3, 0, 1)
             loc = F.conv2d(taps, k9.view(hid, 1, 3, 3), conv_bias.reshape(hid), padding=1, groups=hid)
-            loc = loc.permute(0, 2, 3, 1).reshape(npix, hid)
-        # attention pooling and the mean of glob, through both channel MLPs at once
-        score = torch.softmax(torch.addmv(comp_b.reshape(()), y, comp_w.reshape(hid)), 0)
-        v = t.new_empty(2 * hid)
-        torch.mv(y.t(), score, out=v[:hid])
-        torch.mean(glob, 0, out=v[hid:])
+            loc = loc.permute(2, 3, 0, 1).reshape(nrow, hid)
+        # attention pooling per image and the mean of glob, through both channel MLPs at once
+        score = torch.softmax(torch.addmv(comp_b.reshape(()), y, comp_w.reshape(hid)).view(npix, n), 0)
+        pooled = torch.bmm(score.t()[:, None, :], y.view(npix, n, hid).transpose(0, 1))[:, 0]
+        v = torch.cat([pooled, glob.view(npix, n, hid).mean(0)], 1)  # (N, 2h)
         w1 = torch.block_diag(p1w.reshape(h2, hid), c1w.reshape(-1, hid))
         w2 = torch.block_diag(p2w.reshape(hid, h2), c2w.reshape(hid, -1))
-        a1 = torch.addmv(torch.cat([p1b.reshape(-1), c1b.reshape(-1)]), w1, v)
+        a1 = torch.addmm(torch.cat([p1b.reshape(-1), c1b.reshape(-1)]), v, w1.t())
         hdn = F.gelu(a1)
-        cc = torch.addmv(torch.cat([p2b.reshape(-1), c2b.reshape(-1)]), w2, hdn)
-        c, cg = cc[:hid], cc[hid:].sigmoid()
-        sg = torch.sigmoid(torch.addmv(si_b.reshape(()), loc, si_w.reshape(hid)))
-        u = torch.mul(loc, cg).addcmul_(sg[:, None], glob).mul_(c)
+        cc = torch.addmm(torch.cat([p2b.reshape(-1), c2b.reshape(-1)]), hdn, w2.t())
+        c, cg = cc[:, :hid], cc[:, hid:].sigmoid()
+        sg = torch.sigmoid(torch.addmv(si_b.reshape(()), loc, si_w.reshape(hid))).view(npix, n, 1)
+        u = torch.mul(loc.view(npix, n, hid), cg).addcmul_(sg, glob.view(npix, n, hid)).mul_(c).view(nrow, hid)
         if layout == "nchw":
             out = torch.mm(tw, u.t()).view(1, -1, hh, ww)
         else:
             out = torch.mm(u, tw.t())
-            out = out.view(npix, 1, -1) if layout == "lnc" else out.view(1, hh, ww, -1)
-        ctx.meta = (layout, hh, ww, h2, dense, t.shape, shapes)
+            out = out.view(npix, n, -1) if layout == "lnc" else out.view(1, hh, ww, -1)
+        ctx.meta = (layout, hh, ww, n, h2, dense, t.shape, shapes)
         # views of the inputs through save_for_backward (an in-place change before the backward is an
         # error), the intermediates (h-space, freed with the graph) as attributes: unpacking each saved
         # tensor costs a few microseconds
@@ -1067,79 +1091,85 @@ class _OneImageTrain(torch.autograd.Function):
         ctx.inter = (state, xhat, istd, y, gl, glob, taps, k9, loc, score, v, a1, hdn, cg, c, sg, u, w1, w2)
         ctx.mark_non_differentiable(mean, sq)
         ctx.set_materialize_grads(False)  # (no zero gradients made for the statistics)
-        return out, mean, sq.div_(max(npix - 1, 1))  # the unbiased variance
+        return out, mean, sq.div_(max(nrow - 1, 1))  # the unbiased variance
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dmean, _dvar):
-        layout, hh, ww, h2, dense, t_shape, shapes = ctx.meta
+        layout, hh, ww, n, h2, dense, t_shape, shapes = ctx.meta
         if dout is None:  # no gradient reached the output (grads are not materialised)
             return (None,) * (5 + len(shapes))
         rows, wh, tw, bn_w, amp_w, pha_w, comp_w, si_w, conv_a, conv_b = ctx.saved_tensors
         state, xhat, istd, y, gl, glob, taps, k9, loc, score, v, a1, hdn, cg, c, sg, u, w1, w2 = ctx.inter
         npix, hid = hh * ww, xhat.shape[1]
+        nrow = npix * n
         # tail: out = u tw^T (pixel rows), or tw u^T (channel rows, "nchw")
         if layout == "nchw":
             d = dout.reshape(-1, npix)  # (C, P)
             du, dtw = torch.mm(d.t(), tw), torch.mm(d, u)
         else:
-            d = dout.reshape(npix, -1)  # (P, C)
+            d = dout.reshape(nrow, -1)  # (P N, C)
             du, dtw = torch.mm(d, tw), torch.mm(d.t(), u)
-        # u = c (cg loc + sg glob)
-        dul = torch.linalg.vecdot(du, loc, dim=0)
-        dug = du * glob
-        dsg = torch.mv(dug, c)
-        dcc = du.new_empty(2 * hid)  # gradients of cc = [c; channel gate before its sigmoid]
-        torch.addmv(cg * dul, dug.t(), sg, out=dcc[:hid])
-        torch.mul(c * dul, cg * (1 - cg), out=dcc[hid:])
-        dsz = dsg.mul_(sg * (1 - sg))  # through the spatial gate's sigmoid
-        dloc_pad = du.new_empty(npix + 1, hid)
-        dloc_pad[npix].zero_()
-        dloc = torch.addr(du * (c * cg), dsz, si_w.reshape(hid), out=dloc_pad[:npix])
+        # u = c (cg loc + sg glob), per image: (P, N, h) against (N, h) and (P, N, 1)
+        du3, loc3, glob3 = du.view(npix, n, hid), loc.view(npix, n, hid), glob.view(npix, n, hid)
+        dul = torch.linalg.vecdot(du3, loc3, dim=0)  # (N, h)
+        dug = du3 * glob3
+        dsz = torch.linalg.vecdot(dug, c, dim=2).mul_(sg[..., 0] * (1 - sg[..., 0]))  # through the spatial gate
+        # gradients of cc = [c; channel gate before its sigmoid]
+        dcc = torch.cat([torch.linalg.vecdot(dug, sg, dim=0).addcmul_(cg, dul), c * dul * (cg * (1 - cg))], 1)
+        dloc_pad = du.new_empty(nrow + 1, hid)
+        dloc_pad[nrow].zero_()
+        dloc = torch.addcmul(du3 * (c * cg), dsz[..., None], si_w.reshape(hid),
+                             out=dloc_pad[:nrow].view(npix, n, hid)).view(nrow, hid)
+        dsz = dsz.view(nrow)
         dsiw, dsib = torch.mv(loc.t(), dsz), dsz.sum()
         # the block-diagonal MLP (each block's weight gradient its own contiguous product: no copy
         # by autograd's gradient accumulation)
-        da1 = torch.ops.aten.gelu_backward(torch.mv(w2.t(), dcc), a1)
-        dv = torch.mv(w1.t(), da1)
+        da1 = torch.ops.aten.gelu_backward(torch.mm(dcc, w2), a1)
+        dv = torch.mm(da1, w1)
+        db1, db2 = da1.sum(0), dcc.sum(0)
         # global branch: glob = |gl|, feeding the spatial gate's product and the channel gate's mean
-        dgl = (du * sg[:, None]).mul_(c).add_(dv[hid:] / npix).mul_(torch.sign(gl))
+        dgl = (du3 * sg).mul_(c).add_(dv[:, hid:] / npix).view(nrow, hid).mul_(torch.sign(gl))
         if dense:
-            dy, d_amp_w, d_amp_b, d_pha_w, d_pha_b = _global_backward_dense(state, dgl, amp_w, pha_w, (hh, ww))
+            dy, d_amp_w, d_amp_b, d_pha_w, d_pha_b = _global_backward_dense(state, dgl.view(npix, n * hid), amp_w,
+                                                                            pha_w, (hh, ww))
+            dy = dy.view(nrow, hid)
         else:
             dy, d_amp_w, d_amp_b, d_pha_w, d_pha_b = _global_backward_fft(state, dgl.t().view(1, hid, hh, ww),
                                                                           amp_w, pha_w)
             dy = dy.view(hid, npix).t()
+        if n > 1:  # one task's parameters, shared by the images
+            d_amp_w, d_amp_b, d_pha_w, d_pha_b = (g.sum(0) for g in (d_amp_w, d_amp_b, d_pha_w, d_pha_b))
         # local branch
         if dense:  # the adjoint of the tap gather: the same gather of dloc with the taps mirrored
-            mirrored = dloc_pad.index_select(0, _tap_rows(hh, ww, du.device)).view(9, npix, hid)
+            mirrored = dloc_pad.index_select(0, _tap_rows(hh, ww, du.device, n)).view(9, nrow, hid)
             dy.add_((mirrored * k9.t().flip(0)[:, None, :]).sum(0))
             dk9 = torch.linalg.vecdot(taps, dloc[None], dim=1).t()  # (h, 9)
             dbias = dloc.sum(0)
         else:
-            dxc, dkern, dbias = _depthwise3x3_backward(dloc.view(1, hh, ww, hid).permute(0, 3, 1, 2), taps,
+            dxc, dkern, dbias = _depthwise3x3_backward(dloc.view(hh, ww, n, hid).permute(2, 3, 0, 1), taps,
                                                        k9.view(hid, 1, 3, 3))
-            dy.add_(dxc.permute(0, 2, 3, 1).reshape(npix, hid))
+            dy.add_(dxc.permute(2, 3, 0, 1).reshape(nrow, hid))
             dk9 = dkern.view(hid, 9)
-        # attention pooling: pooled = y^T score, score = softmax(y comp_w + comp_b)
-        dpooled = dv[:hid]
-        dscore = torch.mv(y, dpooled)
-        dz = score * (dscore - torch.dot(score, dscore))
-        dcw, dcb = torch.mv(y.t(), dz), dz.sum()
-        dy.addr_(score, dpooled).addr_(dz, comp_w.reshape(hid))
+        # attention pooling per image: pooled = y^T score, score = softmax(y comp_w + comp_b)
+        dpooled, y3 = dv[:, :hid], y.view(npix, n, hid)
+        dscore = torch.linalg.vecdot(y3, dpooled, dim=2)  # (P, N)
+        dz = score * (dscore - torch.linalg.vecdot(score, dscore, dim=0))
+        dcw, dcb = torch.mv(y.t(), dz.view(nrow)), dz.sum()
+        dy.view(npix, n, hid).addcmul_(score[..., None], dpooled).addcmul_(dz[..., None], comp_w.reshape(hid))
         # BatchNorm on the batch statistics, then the head
         dbn_b, dbn_w = dy.sum(0), torch.linalg.vecdot(dy, xhat, dim=0)
-        dy0 = dy.sub_(dbn_b / npix).addcmul_(xhat, dbn_w / npix, value=-1).mul_(bn_w * istd)
+        dy0 = dy.sub_(dbn_b / nrow).addcmul_(xhat, dbn_w / nrow, value=-1).mul_(bn_w * istd)
         dwh, dbh = torch.mm(dy0.t(), rows), dy0.sum(0)
         dt = None
         if ctx.needs_input_grad[0]:
             dt = (torch.mm(wh.t(), dy0.t()) if layout == "nchw" else torch.mm(dy0, wh)).view(t_shape)
         grads = (dwh, dbh, dbn_w, dbn_b, torch.mm(dk9, conv_b.reshape(-1, 9).t()),
                  torch.mm(conv_a.reshape(hid, -1).t(), dk9), dbias, d_amp_w, d_amp_b, d_pha_w, d_pha_b, dcw, dcb,
-                 torch.outer(da1[:h2], v[:hid]), da1[:h2], torch.outer(dcc[:hid], hdn[:h2]), dcc[:hid],
-                 torch.outer(da1[h2:], v[hid:]), da1[h2:], torch.outer(dcc[hid:], hdn[h2:]), dcc[hid:], dsiw, dsib,
-                 dtw)
+                 torch.mm(da1[:, :h2].t(), v[:, :hid]), db1[:h2], torch.mm(dcc[:, :hid].t(), hdn[:, :h2]), db2[:hid],
+                 torch.mm(da1[:, h2:].t(), v[:, hid:]), db1[h2:], torch.mm(dcc[:, hid:].t(), hdn[:, h2:]), db2[hid:],
+                 dsiw, dsib, dtw)
         return (dt, None, None, None, None, *[g if g.shape == s else g.reshape(s) for g, s in zip(grads, shapes)])
-
 
 # ---------------------------------------------------------------------------------------- triton
 
