@@ -1010,7 +1010,7 @@ class _FusedTrain(torch.autograd.Function):
     At batch 1 on a small map a training step is bound by the number of ops it dispatches, and
     autograd adds a node per op to the forward and runs each in the backward: the staged path (head
     Function, BatchNorm as ~15 autograd ops, :class:`_Mix`, tail Function, the parameter views) made
-    383 aten calls (nested ones counted) and 109 autograd nodes per IPT 16x16 step, this Function 223
+    383 aten calls (nested ones counted) and 109 autograd nodes per IPT 16x16 step, this Function 229
     and 26. It keeps the map as rows, pixel by pixel (and image by image within a pixel: (P, N, h)),
     from head to tail as :func:`_adaptir_one_image` does (head GEMM, BatchNorm from the batch
     statistics, the dense DFT products or torch.fft for larger maps of one image, the depthwise 3x3
