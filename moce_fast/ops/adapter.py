@@ -606,17 +606,22 @@ def _global_backward_fft(state, dgl, amp_w, pha_w):
     return torch.fft.irfft2(ds, s=(hh, ww), norm="ortho"), d_amp_w, d_amp_b, d_pha_w, d_pha_b
 
 
+def _dense_columns(x: torch.Tensor, amp_w: torch.Tensor, map_shape: Optional[tuple[int, int]]):
+    """The N x h maps ``x`` as the (pixels, N * h) matrix the dense products read, and N, h, H, W:
+    ``x`` is (N, h, H, W), or given ``map_shape`` (H, W) already that matrix (h: amp_w's last size)."""
+    if map_shape is None:
+        n, h, hh, ww = x.shape
+        return x.reshape(n * h, hh * ww).t(), n, h, hh, ww
+    h = amp_w.shape[-1]
+    return x, x.shape[1] // h, h, *map_shape
+
+
 def _global_forward_dense(x, amp_w, amp_b, pha_w, pha_b, map_shape: Optional[tuple[int, int]] = None):
     """:func:`_global_forward_fft` for a small map as the dense DFT products of :func:`dft_tables`
     (as :func:`_global_branch_dense`), on (bins, N, h) buffers; the self-conjugate bins' imaginary
     parts are +0 and constant (no gradient flows to or from them). Given ``map_shape`` (H, W), x is
     N images pixel-major, (H * W, N * h) (h: amp_w's last size), and so is gl."""
-    if map_shape is None:
-        n, h, hh, ww = x.shape
-        cols = x.reshape(n * h, hh * ww).t()
-    else:
-        (hh, ww), h, cols = map_shape, amp_w.shape[-1], x
-        n = x.shape[1] // h
+    cols, n, h, hh, ww = _dense_columns(x, amp_w, map_shape)
     rows = n * h
     unit, inv_t, nb, s = _dense_spectrum(cols, rows, hh, ww)  # (Re S, Im S)
     k = 2 * nb - s
@@ -640,12 +645,7 @@ def _global_backward_dense(state, dgl, amp_w, pha_w, map_shape: Optional[tuple[i
     products are their transposes; dm + i dp / m = conj(e^{ip}) dP in real parts. Given
     ``map_shape`` (H, W), dgl and the map's gradient are N images pixel-major, (H * W, N * h)."""
     unit, mag, inv, pha, m, cos, sin = state
-    if map_shape is None:
-        n, h, hh, ww = dgl.shape
-        cols = dgl.reshape(n * h, hh * ww).t()
-    else:
-        (hh, ww), h, cols = map_shape, amp_w.shape[-1], dgl
-        n = dgl.shape[1] // h
+    cols, n, h, hh, ww = _dense_columns(dgl, amp_w, map_shape)
     fwd, inv_t, nb, s, _ = dft_tables(hh, ww, dgl.dtype, dgl.device)
     rows, k = n * h, 2 * nb - s
     dz = torch.mm(inv_t, cols)  # (k, rows): gradients of Re P, Im P
