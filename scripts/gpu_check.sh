@@ -29,7 +29,8 @@
 # profile 50 s (97 s with --compile and batch 32). Triton's compilation of each kernel
 # specialisation dominates, so a 15-minute lease does not hold everything: give a call to the steps
 # the last one did not finish, e.g. GPU_CHECK_STEPS="install pytest" GPU_CHECK_CAPS="pytest=420"
-# GPU_CHECK_PYTEST="tests/test_triton_moce.py tests/test_triton_backbone.py" GPU_CHECK_WORKERS=14.
+# GPU_CHECK_PYTEST="tests/test_triton_moce.py tests/test_triton_backbone.py tests/test_adaptir.py"
+# GPU_CHECK_WORKERS=14 (test_adaptir.py: the fused torch paths on CUDA tensors, new since that lease).
 # Benchmark JSON goes to <work>/bench_results/<device>/ as each run goes (--benchmark-json for runs
 # that finish, and <name>.jsonl with one line per finished case, which survives a cut-off run), and
 # at the end to bench/results/<device>/ (commit it). Logs and results are packed at the end into one
