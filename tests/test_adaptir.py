@@ -413,28 +413,31 @@ def test_adaptir_op_with_unfolded_parameters_equals_reference(layout, n):
     assert rel_err(y, expected) < 1e-12
 
 
+@pytest.mark.parametrize("layout", ["nhwc", "lnc"])
 @pytest.mark.parametrize("n", [1, 2])
-def test_training_after_inference_mode_calls(n):
+def test_training_after_inference_mode_calls(n, layout):
     # the task index kept between calls is made outside inference mode even when the first call runs
-    # in it (autograd cannot save an inference tensor for the backward); the DFT tables made there
-    # serve the training step's dense products (inputs only, never saved)
+    # in it (autograd cannot save an inference tensor for the backward); the DFT tables and the tap
+    # rows made there serve the training step's dense products and gathers (inputs only, never
+    # saved; "lnc" with 2 images: the fused Function's rows for 2 images made from them)
     from moce_fast.ops import adapter as ops
 
     ops.dft_tables.cache_clear()
     ops._kept_single_task.cache_clear()
-    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).double().eval()
-    x = torch.randn(n, 6, 7, 56, dtype=torch.float64)
+    ops._tap_rows.cache_clear()
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", layout)).double().eval()
+    side = (6, 7) if layout == "nhwc" else (6, 6)
+    x = torch.randn(n, 56, *side, dtype=torch.float64)
     with torch.inference_mode():
-        adapter(x)
+        adapter(_to_layout(x, layout).detach())
     ref = AdaptIR(56, "edt").double().train()
     ref.load_state_dict(adapter.state_dict())
     adapter.train()
-    xl = x.clone().requires_grad_()
-    x_ref = x.permute(0, 3, 1, 2).clone().requires_grad_()
-    y, expected = adapter(xl), ref(x_ref).permute(0, 2, 3, 1)
+    xl, x_ref = _to_layout(x, layout), x.clone().requires_grad_()
+    y, expected = adapter(xl), ref(x_ref)
     y.sum().backward(), expected.sum().backward()
-    assert rel_err(y, expected) < 1e-12
-    assert rel_err(xl.grad, x_ref.grad.permute(0, 2, 3, 1)) < 1e-10
+    assert rel_err(_from_layout(y, layout, x.shape), expected) < 1e-12
+    assert rel_err(_from_layout(xl.grad, layout, x.shape), x_ref.grad) < 1e-10
 
 
 def test_one_image_path_runs_only_where_torch_runs_both_stages(monkeypatch):

@@ -203,7 +203,6 @@ def run_adapters(adapters: Sequence[AdaptIR], x: torch.Tensor, task: Optional[to
         if x.numel() // max(channels, 1) <= 1:
             raise ValueError(f"x: BatchNorm in training needs more than one value per channel, got shape "
                              f"{tuple(x.shape)}")
-    one_image = (x.shape[1] if layout == "lnc" else x.shape[0]) == 1  # (ops.adaptir's one-image paths)
     if training:
         raw = _raw_tensors(first) if len(adapters) == 1 else None
         if raw is not None and fused_training(x, layout, raw):
@@ -213,6 +212,7 @@ def run_adapters(adapters: Sequence[AdaptIR], x: torch.Tensor, task: Optional[to
         else:
             out, stats = ops.adaptir(x, layout, stack_params(adapters), task, True, first.BN.eps)
     else:
+        one_image = (x.shape[1] if layout == "lnc" else x.shape[0]) == 1  # (ops.adaptir's one-image path)
         params, plan = folded_params(adapters, torch.promote_types(x.dtype, torch.float32), first.BN.eps, one_image)
         out, stats = ops.adaptir(x, layout, params, task, False, first.BN.eps, folded=True, plan=plan)
     if stats is not None and first.BN.track_running_stats:

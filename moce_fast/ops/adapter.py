@@ -974,8 +974,9 @@ def _param_list(p: AdapterParams) -> list[torch.Tensor]:
 def fused_training(t: torch.Tensor, layout: str, tensors: list[torch.Tensor]) -> bool:
     """Whether a training call takes :class:`_FusedTrain`: one image, or N images in "lnc" (rows
     pixel-major already, L and N mergeable into one axis), at most ``FUSED_TRAIN_MAX_ROWS`` rows, on
-    a map of at most ``DENSE_DFT_MAX_PIXELS``; the torch backend runs both stages, outside torch.compile, float32 or
-    float64 with every parameter in that dtype (one task's: the caller checks)."""
+    a map of at most ``DENSE_DFT_MAX_PIXELS``; the torch backend runs both stages, outside
+    torch.compile, float32 or float64 with every parameter in that dtype (one task's: the caller
+    checks)."""
     if torch.compiler.is_compiling() or t.dtype not in (torch.float32, torch.float64) or t.numel() == 0:
         return False
     b, hh, ww = as_npc(t, layout)
@@ -1170,6 +1171,7 @@ class _FusedTrain(torch.autograd.Function):
                  torch.mm(da1[:, h2:].t(), v[:, hid:]), db1[h2:], torch.mm(dcc[:, hid:].t(), hdn[:, h2:]), db2[hid:],
                  dsiw, dsib, dtw)
         return (dt, None, None, None, None, *[g if g.shape == s else g.reshape(s) for g, s in zip(grads, shapes)])
+
 
 # ---------------------------------------------------------------------------------------- triton
 
