@@ -961,10 +961,17 @@ def _adaptir_one_image(rows: torch.Tensor, layout: str, q: OneImagePlan, hh: int
     cc = torch.addmv(q.mlp2_b, q.mlp2_w, torch.erf(a * math.sqrt(0.5)).add_(1).mul_(a).mul_(0.5))
     sg = torch.sigmoid(torch.addmv(q.si_b, loc, q.si_w))
     u = loc.mul_(cc[hid:].sigmoid_()).addcmul_(sg[:, None], glob).mul_(cc[:hid])
+    return _tail_rows(u, q.tail_w, layout, hh, ww, 1)
+
+
+def _tail_rows(u: torch.Tensor, tail_w: torch.Tensor, layout: str, hh: int, ww: int, n: int) -> torch.Tensor:
+    """The tail (C, h) on the h-space rows ``u`` (pixel by pixel, image by image within a pixel),
+    written as one GEMM in the host's ``layout``: (1, C, H, W), (P, N, C) or (1, H, W, C) (the
+    "nchw" and "nhwc" outputs for one image)."""
     if layout == "nchw":
-        return torch.mm(q.tail_w, u.t()).view(1, -1, hh, ww)
-    out = torch.mm(u, q.tail_w.t())
-    return out.view(hh * ww, 1, -1) if layout == "lnc" else out.view(1, hh, ww, -1)
+        return torch.mm(tail_w, u.t()).view(1, -1, hh, ww)
+    out = torch.mm(u, tail_w.t())
+    return out.view(hh * ww, n, -1) if layout == "lnc" else out.view(1, hh, ww, -1)
 
 
 def _param_list(p: AdapterParams) -> list[torch.Tensor]:
@@ -1079,11 +1086,7 @@ class _FusedTrain(torch.autograd.Function):
         c, cg = cc[:, :hid], cc[:, hid:].sigmoid()
         sg = torch.sigmoid(torch.addmv(si_b.reshape(()), loc, si_w.reshape(hid))).view(npix, n, 1)
         u = torch.mul(loc.view(npix, n, hid), cg).addcmul_(sg, glob.view(npix, n, hid)).mul_(c).view(nrow, hid)
-        if layout == "nchw":
-            out = torch.mm(tw, u.t()).view(1, -1, hh, ww)
-        else:
-            out = torch.mm(u, tw.t())
-            out = out.view(npix, n, -1) if layout == "lnc" else out.view(1, hh, ww, -1)
+        out = _tail_rows(u, tw, layout, hh, ww, n)
         ctx.meta = (layout, hh, ww, n, h2, dense, t.shape, shapes)
         # views of the inputs through save_for_backward (an in-place change before the backward is an
         # error), the intermediates (h-space, freed with the graph) as attributes: unpacking each saved
