@@ -313,6 +313,13 @@ TORCH_LIBRARY(moce_fast, m) {
       "grouped_dwconv_backward(Tensor dy, Tensor x, Tensor index, Tensor offsets, int expert, Tensor weight,"
       " bool bias_grad) -> (Tensor, Tensor, Tensor)");
   m.def("routing_plan(Tensor logits, int k) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The whole AdaptIR adapter of one task on a small map (CPU only: csrc/adapter_cpu.cpp).
+  m.def(
+      "adaptir_rows(Tensor x, int layout, int hh, int ww, int n, Tensor[] params, Tensor fwd, Tensor inv, int nb,"
+      " int s, bool training, float eps) -> Tensor[]");
+  m.def(
+      "adaptir_rows_backward(Tensor dout, Tensor x, int layout, int hh, int ww, int n, Tensor[] params,"
+      " Tensor[] saved, Tensor fwd, Tensor inv, int nb, int s, bool need_dx) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(moce_fast, CPU, m) {

@@ -10,6 +10,15 @@ import moce_fast
 from moce_fast.reference import AdaptIR
 from conftest import randomize_, rel_err
 
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    """This file tests the reference and the torch backend's paths: under "auto" a CPU with the
+    extension built takes its CPU kernel (tests/test_adapter_cpu_kernel.py) for most of these calls.
+    A test that names a backend itself overrides this one."""
+    with moce_fast.backend("torch"):
+        yield
+
+
 PUBLIC_KEYS = [
     "head.weight", "head.bias", "BN.weight", "BN.bias", "BN.running_mean", "BN.running_var", "BN.num_batches_tracked",
     "conv_weight_A", "conv_weight_B", "conv_bias", "amp_fuse.weight", "amp_fuse.bias", "pha_fuse.weight",
@@ -442,8 +451,9 @@ def test_training_after_inference_mode_calls(n, layout):
 
 def test_one_image_path_runs_only_where_torch_runs_both_stages(monkeypatch):
     # the fused torch path at batch 1 stands in for both stages' torch implementations: taken under
-    # "torch" and under "auto" on a CPU (and recorded as torch in last_run), never for another
-    # backend (on a CPU: triton through its interpreter, when TRITON_INTERPRET=1)
+    # "torch" (and recorded as torch in last_run), under "auto" on a CPU only where the extension's
+    # CPU kernel is not built, never for another backend (on a CPU: triton through its interpreter,
+    # when TRITON_INTERPRET=1)
     from moce_fast.nn.adapter import stack_params
     from moce_fast.ops import _backend
     from moce_fast.ops import adapter as ops
@@ -452,11 +462,14 @@ def test_one_image_path_runs_only_where_torch_runs_both_stages(monkeypatch):
     x = torch.randn(1, 4, 4, 56)
     taken = []
     monkeypatch.setattr(ops, "_adaptir_one_image", lambda *a: taken.append(1) or torch.zeros_like(x))
-    for name in ("torch", "auto"):
+    # ("auto" on a CPU takes the extension's CPU kernel instead where it is built)
+    auto = "torch" if _backend.cpu_runtime_status() is not None else "cpu"
+    for name, ran in (("torch", "torch"), ("auto", auto)):
         _backend._LAST_RUN.clear()
         with torch.no_grad(), moce_fast.backend(name):
             adapter(x)
-        assert len(taken) == 1 and _backend.last_run() == {"adaptir_linear": "torch", "adaptir_mix_tail": "torch"}
+        assert len(taken) == (ran == "torch") and _backend.last_run() == {"adaptir_linear": ran,
+                                                                          "adaptir_mix_tail": ran}
         taken.clear()
     with torch.no_grad(), moce_fast.backend("triton"):
         assert not ops._one_image_in_torch(x, stack_params([adapter]))
@@ -602,12 +615,13 @@ def test_fused_training_runs_only_where_torch_runs_both_stages():
 
     adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).train()
     x = torch.randn(1, 4, 4, 56, requires_grad=True)
-    for name in ("torch", "auto"):
+    auto = "torch" if _backend.cpu_runtime_status() is not None else "cpu"  # (the extension's CPU kernel)
+    for name, ran in (("torch", "torch"), ("auto", auto)):
         _backend._LAST_RUN.clear()
         with moce_fast.backend(name):
             y = adapter(x)
-        assert type(y.grad_fn).__name__ == "_FusedTrainBackward"
-        assert _backend.last_run() == {"adaptir_linear": "torch", "adaptir_mix_tail": "torch"}
+        assert type(y.grad_fn).__name__ == ("_FusedTrainBackward" if ran == "torch" else "_RowsCpuBackward")
+        assert _backend.last_run() == {"adaptir_linear": ran, "adaptir_mix_tail": ran}
     # not for two images but in "lnc" on a small map whose L and N axes merge, up to 1024 rows
     # (ops.adapter.FUSED_TRAIN_MAX_ROWS), nor for an input in
     # another dtype than the parameters (the staged path promotes), nor bfloat16

@@ -19,7 +19,7 @@ from moce_fast import adapters as A
 from moce_fast.kernels import adapter as adapter_kernels
 from moce_fast.ops import _backend
 from moce_fast.reference import AdaptIR
-from conftest import randomize_, rel_err
+from conftest import assert_grads_close, randomize_, rel_err
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
 
@@ -69,27 +69,6 @@ def from_layout(t, layout, h, w):
     if layout == "lnc":
         return t.permute(1, 2, 0).reshape(t.shape[1], t.shape[2], h, w)
     return t
-
-
-# Bias gradients that are sums over all pixels of terms of both signs: zero in exact arithmetic
-# (softmax is shift-invariant; BatchNorm in training removes the head's bias) or much smaller than
-# their terms (the spatial gate's bias: float32 torch itself is 1e-4 off there). Their round-off is
-# that of a sum of terms the size of the sibling weight's gradient, so that is their scale.
-SIBLING = {"compress.bias": "compress.weight", "head.bias": "head.weight",
-           "spatial_interaction.bias": "spatial_interaction.weight"}
-
-
-def assert_grads_close(fast_mod, ref_mod, fast_x, ref_x, tol):
-    """Every gradient within tol of the reference, relative to its own size (or its sibling's)."""
-    assert rel_err(fast_x.grad, ref_x.grad) < tol, "input gradient"
-    ref_params = dict(ref_mod.named_parameters())
-    for name, p in fast_mod.named_parameters():
-        expected = ref_params[name].grad
-        size = expected.abs().max().item()
-        if name in SIBLING:
-            size = max(size, ref_params[SIBLING[name]].grad.abs().max().item())
-        err = (p.grad.double().cpu() - expected).abs().max().item()
-        assert err <= tol * size, (name, err, size)
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])

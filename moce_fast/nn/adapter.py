@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 import torch
 
 from .. import ops
-from ..ops.adapter import (AdapterParams, BatchStats, MixParams, OneImagePlan, adaptir_fused_train, fused_training,
-                           kept_versions, one_image_plan)
+from ..ops.adapter import (AdapterParams, BatchStats, MixParams, OneImagePlan, _cpu_params, adaptir_fused_train,
+                           adaptir_rows_cpu, cpu_kernel_runs, fused_training, kept_versions, one_image_plan)
 from ..reference.adaptir import AdaptIR
 
 LAYOUTS = ("nchw", "lnc", "nhwc")
@@ -205,10 +205,13 @@ def run_adapters(adapters: Sequence[AdaptIR], x: torch.Tensor, task: Optional[to
                              f"{tuple(x.shape)}")
     if training:
         raw = _raw_tensors(first) if len(adapters) == 1 else None
-        if raw is not None and fused_training(x, layout, raw):
+        params = _assemble(raw) if raw is not None else None
+        if params is not None and cpu_kernel_runs(x, layout, _cpu_params(params), True):
+            out, stats = adaptir_rows_cpu(x, layout, params, first.BN.eps, True)
+        elif raw is not None and fused_training(x, layout, raw):
             # the stored tensors as they are: no views, whose autograd nodes would cost as much as
             # a tenth of this path's step at batch 1
-            out, stats = adaptir_fused_train(x, layout, _assemble(raw), first.BN.eps)
+            out, stats = adaptir_fused_train(x, layout, params, first.BN.eps)
         else:
             out, stats = ops.adaptir(x, layout, stack_params(adapters), task, True, first.BN.eps)
     else:

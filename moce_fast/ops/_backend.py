@@ -7,8 +7,11 @@ the previous one on exit. The starting value comes from the environment variable
 - "torch": the pure-PyTorch implementation of every op (CPU and GPU).
 - "triton": Triton kernels; on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1``.
 - "cuda": the CUDA C++ extension ``moce_fast._C`` on CUDA tensors.
+- "cpu": the same extension's CPU kernels on CPU tensors, for the ops that have one: the whole
+  AdaptIR adapter of one task on a small map (``moce_fast.ops.adapter``).
 - "auto": per call, cuda where the extension is built, the tensor is on a GPU and the op has a
-  CUDA kernel; else triton on CUDA tensors where the op has a Triton kernel; else torch.
+  CUDA kernel; else triton on CUDA tensors where the op has a Triton kernel; on CPU tensors, cpu
+  where the extension is built and the op has a CPU kernel; else torch.
 
 An explicit backend runs every op that has a kernel for it; an op without one runs its torch
 implementation. A backend that cannot run (not installed, or the tensors are on a device it does
@@ -29,7 +32,7 @@ import torch
 
 log = logging.getLogger("moce_fast")
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
 ENV_VAR = "MOCE_FAST_BACKEND"
 
 
@@ -78,7 +81,15 @@ def cuda_runtime_status() -> str | None:
     return _cuda.unavailable_reason()
 
 
-_RUNTIME_STATUS = {"torch": lambda: None, "triton": triton_runtime_status, "cuda": cuda_runtime_status}
+def cpu_runtime_status() -> str | None:
+    """None if the extension's CPU kernels can run here (it is built and imports), else the reason."""
+    from . import _cuda
+
+    return _cuda.unavailable_reason()
+
+
+_RUNTIME_STATUS = {"torch": lambda: None, "triton": triton_runtime_status, "cuda": cuda_runtime_status,
+                   "cpu": cpu_runtime_status}
 
 
 def register(op: str, backend_name: str, supports: Callable | None = None):
@@ -105,7 +116,7 @@ def implementations(op: str) -> tuple[str, ...]:
 
 
 def current_backend() -> str:
-    """The backend name in force ("auto", "torch", "triton" or "cuda")."""
+    """The backend name in force ("auto", "torch", "triton", "cuda" or "cpu")."""
     return _current
 
 
@@ -150,12 +161,16 @@ def resolve(op: str, device: torch.device, args: tuple = ()) -> tuple[str, Calla
             name = "cuda"
         elif device.type == "cuda" and "triton" in impls and triton_runtime_status() is None:
             name = "triton"
+        elif device.type == "cpu" and "cpu" in impls and cpu_runtime_status() is None:
+            name = "cpu"
         else:
             name = "torch"
     else:
         if name == "cuda" and device.type != "cuda":
             raise BackendUnavailableError(
                 f"backend 'cuda' runs CUDA tensors only; op {op!r} got a tensor on {device}")
+        if name == "cpu" and device.type != "cpu":
+            raise BackendUnavailableError(f"backend 'cpu' runs CPU tensors only; op {op!r} got a tensor on {device}")
         if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise BackendUnavailableError(
                 f"backend 'triton' runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; op {op!r} got a "
@@ -203,15 +218,40 @@ def runs_on_torch(ops: tuple[str, ...], device: torch.device) -> bool:
     """Whether ``ops`` run their torch implementations on ``device`` whatever their inputs (the
     backend is "torch", or "auto" on a device other than CUDA), for a caller that then runs their
     torch math fused into one path; if so they are recorded as run on torch (:func:`last_run`, the
-    debug log), as :func:`resolve` would."""
-    if not (_current == "torch" or (_current == "auto" and device.type != "cuda")):
+    debug log), as :func:`resolve` would. (Under "cpu" on a CPU: none of these ops has a CPU kernel.)"""
+    if not (_current == "torch" or (_current == "auto" and device.type != "cuda")
+            or (_current == "cpu" and device.type == "cpu")):
         return False
+    record(ops, "torch", device)
+    return True
+
+
+def runs_on_cpu_kernel(ops: tuple[str, ...], device: torch.device, reason: Callable[[], str | None]) -> bool:
+    """Whether a CPU kernel of the extension that stands in for ``ops`` together runs now: the
+    backend is "cpu", or "auto" on a CPU where the extension is built, the device is a CPU, and
+    ``reason()`` (why the kernel does not take these inputs, or None) is None. If so the ops are
+    recorded as run on cpu; if the backend is "cpu" and the kernel does not take the inputs, the
+    reason is logged (debug) and the caller runs the torch implementation."""
+    if device.type != "cpu" or _current not in ("cpu", "auto"):
+        return False
+    if _current == "auto" and cpu_runtime_status() is not None:
+        return False
+    why = reason()
+    if why is not None:
+        if _current == "cpu" and not torch.compiler.is_compiling():
+            log.debug("ops %s: the cpu kernel does not take these inputs (%s); torch runs them", ops, why)
+        return False
+    record(ops, "cpu", device)
+    return True
+
+
+def record(ops: tuple[str, ...], name: str, device: torch.device) -> None:
+    """Record ``ops`` as run on backend ``name`` (:func:`last_run`, the debug log)."""
     tracing = torch.compiler.is_compiling()
     for op in ops:
-        _LAST_RUN[op] = "torch"
+        _LAST_RUN[op] = name
         if not tracing and log.isEnabledFor(logging.DEBUG):
-            log.debug("op %s: backend torch on %s", op, device)
-    return True
+            log.debug("op %s: backend %s on %s", op, name, device)
 
 
 def last_run() -> dict[str, str]:

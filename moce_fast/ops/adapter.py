@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.adaptir import exact_real_bins
-from ._backend import dispatch, new_buffer, register, runs_on_torch
+from ._backend import dispatch, new_buffer, register, runs_on_cpu_kernel, runs_on_torch
 
 LAYOUTS = ("nchw", "lnc", "nhwc")
 
@@ -822,6 +822,10 @@ def adaptir(t: torch.Tensor, layout: str, p: AdapterParams, task: Optional[torch
     n = b.shape[0]
     if t.numel() == 0:  # an empty batch (or map): an empty result, still part of the autograd graph
         return t * 0, None
+    if p.head_w.shape[0] == 1 and cpu_kernel_runs(t, layout, _cpu_params(p), training):
+        if not training and not folded:  # (the fold keeps every dtype: t's, float32 or float64)
+            p = fold_batch_norm(p, eps, t.dtype)
+        return adaptir_rows_cpu(t, layout, p, eps, training)
     if training and p.head_w.shape[0] == 1 and fused_training(t, layout, _param_list(p)):
         return adaptir_fused_train(t, layout, p, eps)
     if not training and n == 1 and _one_image_in_torch(t, p):
@@ -1009,6 +1013,116 @@ def adaptir_fused_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: flo
                                        *mix, p.tail_w)
     count = torch.full((1,), float(b.shape[0] * hh * ww), device=t.device, dtype=t.dtype)
     return out, BatchStats(mean[None], var[None], count)
+
+
+# ------------------------------------------------------------------- the extension's CPU kernel
+
+# The C++ kernel (csrc/adapter_cpu.cpp) runs up to this many rows (pixels x images). Measured on
+# this project's 2-core CPU at IPT 16x16 against the torch paths: see the README's CPU section.
+CPU_KERNEL_MAX_ROWS = 4096
+_LAYOUT_CODE = {"nchw": 0, "lnc": 1, "nhwc": 2}
+
+
+def _cpu_params(p: AdapterParams) -> list[torch.Tensor]:
+    """The 24 tensors the CPU kernel takes, in its order (running statistics left out)."""
+    return [p.head_w, p.head_b, p.bn_weight, p.bn_bias, *p.mix, p.tail_w]
+
+
+def cpu_kernel_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], training: bool) -> Optional[str]:
+    """Why the extension's CPU kernel of the whole adapter does not take this call, or None: one
+    task's parameters (``tensors``, :func:`_cpu_params`), contiguous, in ``t``'s dtype, float32 or
+    float64; one image, or N images in "lnc" whose L and N axes merge, at most
+    ``CPU_KERNEL_MAX_ROWS`` rows in all; outside torch.compile; in eval, no autograd graph to record
+    (the kernel has none)."""
+    if torch.compiler.is_compiling():
+        return "torch.compile traces the call"
+    if t.dtype not in (torch.float32, torch.float64):
+        return f"x is {t.dtype}, the kernel runs float32 and float64"
+    if t.numel() == 0:
+        return "x is empty"
+    b, hh, ww = as_npc(t, layout)
+    n = b.shape[0]
+    if n > 1 and not (layout == "lnc" and t.stride(0) == n * t.stride(1)):
+        return f"{n} images in layout {layout!r} (several images only in 'lnc' with mergeable L and N axes)"
+    if n * hh * ww > CPU_KERNEL_MAX_ROWS:
+        return f"{n * hh * ww} rows, more than {CPU_KERNEL_MAX_ROWS}"
+    for q in tensors:
+        if q.dtype != t.dtype or q.device != t.device or not q.is_contiguous():
+            return f"a parameter is {q.dtype} on {q.device}, not contiguous {t.dtype} on x's device"
+    if not training and torch.is_grad_enabled() and (t.requires_grad or any(q.requires_grad for q in tensors)):
+        return "eval with autograd recording (the eval kernel has no backward)"
+    if training and n * hh * ww < 2:
+        return "BatchNorm in training needs more than one row"
+    return None
+
+
+def cpu_kernel_runs(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], training: bool) -> bool:
+    """Whether the extension's CPU kernel runs this call of the adapter (see
+    :func:`moce_fast.ops._backend.runs_on_cpu_kernel`; recorded for both adapter ops if so)."""
+    return runs_on_cpu_kernel(("adaptir_linear", "adaptir_mix_tail"), t.device,
+                              lambda: cpu_kernel_reason(t, layout, tensors, training))
+
+
+_NO_TABLE = torch.empty(0)
+
+
+def _kernel_tables(hh: int, ww: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The DFT arguments of the CPU kernel: :func:`dft_tables` (fwd, inv, nb, s) for a map of at
+    most ``DENSE_DFT_MAX_PIXELS``, else empty tables (the kernel runs rfft2 / irfft2), nb, 0."""
+    if hh * ww <= DENSE_DFT_MAX_PIXELS:
+        return dft_tables(hh, ww, dtype, _CPU)[:4]
+    return _NO_TABLE, _NO_TABLE, hh * (ww // 2 + 1), 0
+
+
+_CPU = torch.device("cpu")
+
+
+def adaptir_rows_cpu(t: torch.Tensor, layout: str, p: AdapterParams, eps: float, training: bool
+                     ) -> tuple[torch.Tensor, Optional[BatchStats]]:
+    """The adapter of one task on ``t`` by the extension's CPU kernel (see :func:`cpu_kernel_reason`):
+    in training as one autograd Function (:class:`_RowsCpu`), with the batch statistics; in eval
+    ``p`` is folded (:func:`fold_batch_norm`), no statistics."""
+    b, hh, ww = as_npc(t, layout)
+    n = b.shape[0]
+    if not training:
+        fwd, inv, nb, s = _kernel_tables(hh, ww, t.dtype)
+        out = torch.ops.moce_fast.adaptir_rows(t, _LAYOUT_CODE[layout], hh, ww, n, _cpu_params(p), fwd, inv, nb, s,
+                                               False, eps)
+        return out[0], None
+    out, mean, var = _RowsCpu.apply(t, layout, hh, ww, n, eps, *_cpu_params(p))
+    count = torch.full((1,), float(n * hh * ww), device=t.device, dtype=t.dtype)
+    return out, BatchStats(mean[None], var[None], count)
+
+
+class _RowsCpu(torch.autograd.Function):
+    """The training adapter by the extension's CPU kernel (csrc/adapter_cpu.cpp): forward and
+    backward one call each. Inputs: t, layout, H, W, N, eps, then the 24 tensors of
+    :func:`_cpu_params` in any shapes of the right sizes (their gradients come back in those
+    shapes). Outputs: the adapter output in ``t``'s layout, the batch mean and unbiased variance
+    (h,) of the head output (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, t, layout, hh, ww, n, eps, *params):
+        fwd, inv, nb, s = _kernel_tables(hh, ww, t.dtype)
+        res = torch.ops.moce_fast.adaptir_rows(t, _LAYOUT_CODE[layout], hh, ww, n, params, fwd, inv, nb, s, True, eps)
+        ctx.meta = (_LAYOUT_CODE[layout], hh, ww, n, fwd, inv, nb, s)
+        ctx.save_for_backward(t, *params)  # (an in-place change before the backward is an error)
+        ctx.inter = res[3:]  # the h-space intermediates, freed with the graph
+        ctx.mark_non_differentiable(res[1], res[2])
+        ctx.set_materialize_grads(False)
+        return res[0], res[1], res[2]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, _dmean, _dvar):
+        code, hh, ww, n, fwd, inv, nb, s = ctx.meta
+        if dout is None:
+            return (None,) * (6 + 24)
+        t, *params = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        g = torch.ops.moce_fast.adaptir_rows_backward(dout, t, code, hh, ww, n, params, ctx.inter, fwd, inv, nb, s,
+                                                      need_dx)
+        return (g[0] if need_dx else None, None, None, None, None, None, *g[1:])
 
 
 class _FusedTrain(torch.autograd.Function):

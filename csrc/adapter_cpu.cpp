@@ -1,0 +1,730 @@
+// The whole AdaptIR adapter of one task on a small map, on the CPU: forward (training or eval) and
+// the training backward, as one call each (the "cpu" backend; see moce_fast/ops/adapter.py).
+//
+// At batch 1 on a small map (IPT 16x16: 256 pixels x 24 hidden channels) the adapter's h-space work
+// is a few thousand values per stage, and a step made of ATen ops is bound by the number of ops it
+// dispatches (5-15 us each from Python). Here the GEMMs on the C-wide rows (head, tail, their
+// gradients) and the dense DFT products stay ATen matrix products, the transcendental passes on the
+// spectrum stay ATen's vectorised kernels, and everything else (BatchNorm on the batch statistics,
+// the depthwise 3x3 and its adjoint, attention pooling, the two channel MLPs, the gates and all
+// their gradients) is plain loops over the (rows, h) map, reductions accumulated in double.
+//
+// Rows are pixel-major, image by image within a pixel ((P, N, h), as "lnc" stores N images). The
+// global branch is |irfft2(m e^{ip})| with m = amp_w |S| + amp_b, p = pha_w angle(S) + pha_b,
+// S = rfft2(y) (orthonormal), the self-conjugate bins' imaginary parts exactly +0. On small maps
+// (given the tables of moce_fast.ops.adapter.dft_tables, fwd and inv (2 nb - s, P): nb bins of
+// which the last s are self-conjugate, their imaginary parts not computed) as two dense products;
+// else (empty tables) by ATen's rfft2/irfft2 over the map's two axes of the (H, W, N h) rows.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace moce_fast {
+namespace {
+
+// The parameters, in the order the ops take them (moce_fast.ops.adapter._param_list).
+enum Param : int {
+  HEAD_W, HEAD_B, BN_W, BN_B, CONV_A, CONV_B, CONV_BIAS, AMP_W, AMP_B, PHA_W, PHA_B, COMP_W, COMP_B,
+  P1W, P1B, P2W, P2B, C1W, C1B, C2W, C2B, SI_W, SI_B, TAIL_W, NUM_PARAMS
+};
+const char* const kParamNames[NUM_PARAMS] = {
+    "head_w", "head_b", "bn_weight", "bn_bias", "conv_a", "conv_b", "conv_bias", "amp_w", "amp_b", "pha_w", "pha_b",
+    "comp_w", "comp_b", "proj1_w", "proj1_b", "proj2_w", "proj2_b", "ci1_w", "ci1_b", "ci2_w", "ci2_b", "si_w", "si_b",
+    "tail_w"};
+
+enum Layout : int64_t { NCHW = 0, LNC = 1, NHWC = 2 };
+
+struct Dims {
+  int64_t hh, ww, npix, n, rows, c, hid, r, h2, q;
+  bool dense;          // the DFT as the dense tables' products, else rfft2 / irfft2
+  int64_t nb, s, k;    // bins (H (W/2 + 1)); dense: self-conjugate ones (the last s), table rows 2 nb - s
+  int64_t wb, edge;    // FFT: W/2 + 1 columns, of which 1 .. edge stand for two bins of the full spectrum
+};
+
+// Checks every argument and returns the sizes (the error names the argument, what was expected and
+// what came).
+Dims check_args(const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, int64_t n, at::TensorList params,
+                const at::Tensor& fwd, const at::Tensor& inv, int64_t nb, int64_t s) {
+  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got one on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "x: expected float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(layout >= NCHW && layout <= NHWC, "layout: expected 0 (nchw), 1 (lnc) or 2 (nhwc), got ", layout);
+  TORCH_CHECK(hh > 0 && ww > 0 && n > 0, "hh, ww, n: expected positive sizes, got ", hh, ", ", ww, ", ", n);
+  TORCH_CHECK(n == 1 || layout == LNC, "n: more than one image only in the lnc layout, got n = ", n);
+  TORCH_CHECK(x.dim() == (layout == LNC ? 3 : 4), "x: expected a ", (layout == LNC ? 3 : 4), "-D tensor, got ",
+              x.dim(), "-D");
+  Dims d{};
+  d.hh = hh, d.ww = ww, d.npix = hh * ww, d.n = n, d.rows = hh * ww * n;
+  d.c = layout == NCHW ? x.size(1) : x.size(-1);
+  const int64_t expect_numel = d.rows * d.c;
+  TORCH_CHECK(x.numel() == expect_numel, "x: expected ", d.rows, " pixel rows of ", d.c, " channels, got shape ",
+              x.sizes());
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == NUM_PARAMS, "params: expected ", int(NUM_PARAMS),
+              " tensors, got ", params.size());
+  for (int i = 0; i < NUM_PARAMS; ++i) {
+    TORCH_CHECK(params[i].scalar_type() == x.scalar_type() && params[i].device() == x.device() &&
+                    params[i].is_contiguous(),
+                kParamNames[i], ": expected a contiguous ", x.scalar_type(), " tensor on the CPU, got ",
+                params[i].scalar_type(), " on ", params[i].device(), params[i].is_contiguous() ? "" : " (strided)");
+  }
+  d.hid = params[HEAD_B].numel();
+  TORCH_CHECK(d.hid > 0, "head_b: expected at least one hidden channel");
+  d.r = params[CONV_A].numel() / d.hid;
+  d.h2 = params[P1B].numel();
+  d.q = params[C1B].numel();
+  const int64_t expect[NUM_PARAMS] = {d.hid * d.c, d.hid, d.hid, d.hid, d.hid * d.r, d.r * 9, d.hid, d.hid, d.hid,
+                                      d.hid, d.hid, d.hid, 1, d.h2 * d.hid, d.h2, d.hid * d.h2, d.hid,
+                                      d.q * d.hid, d.q, d.hid * d.q, d.hid, d.hid, 1, d.c * d.hid};
+  for (int i = 0; i < NUM_PARAMS; ++i)
+    TORCH_CHECK(params[i].numel() == expect[i], kParamNames[i], ": expected ", expect[i],
+                " elements (hidden width ", d.hid, ", ", d.c, " channels), got shape ", params[i].sizes());
+  d.wb = ww / 2 + 1, d.edge = ww - d.wb;
+  d.dense = fwd.defined() && fwd.numel() > 0;
+  d.nb = hh * d.wb;
+  TORCH_CHECK(nb == d.nb, "nb: expected ", d.nb, " bins of a ", hh, "x", ww, " map, got ", nb);
+  d.s = s, d.k = 2 * nb - s;
+  if (!d.dense) {
+    TORCH_CHECK(!inv.defined() || inv.numel() == 0, "fwd, inv: expected both tables, or both empty (FFT)");
+    return d;
+  }
+  TORCH_CHECK(s >= 1 && s <= 4 && s <= nb, "s: expected 1..4 self-conjugate bins, got ", s);
+  for (const auto* t : {&fwd, &inv})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == d.k && t->size(1) == d.npix && t->scalar_type() == x.scalar_type() &&
+                    t->is_contiguous() && t->device() == x.device(),
+                (t == &fwd ? "fwd" : "inv"), ": expected a contiguous (", d.k, ", ", d.npix, ") ", x.scalar_type(),
+                " CPU table, got ", t->sizes(), " ", t->scalar_type());
+  return d;
+}
+
+// The rows (P N, C) of x in its layout, a view where the strides allow one.
+at::Tensor rows_of(const at::Tensor& x, int64_t layout, const Dims& d) {
+  if (layout == NCHW) return x.reshape({d.c, d.npix}).t();
+  return x.reshape({d.rows, d.c});
+}
+
+at::Tensor new_buffer(at::IntArrayRef shape, const at::Tensor& like) {
+  auto t = at::empty(shape, like.options());
+  maybe_poison(t);
+  return t;
+}
+
+template <typename T>
+inline T sigmoid(T v) {
+  return T(1) / (T(1) + std::exp(-v));
+}
+
+template <typename T>
+inline T gelu(T a) {
+  return T(0.5) * a * (T(1) + std::erf(a * T(M_SQRT1_2)));
+}
+
+template <typename T>
+inline T gelu_grad(T a) {
+  const T cdf = T(0.5) * (T(1) + std::erf(a * T(M_SQRT1_2)));
+  const T pdf = std::exp(T(-0.5) * a * a) * T(0.5 * M_2_SQRTPI * M_SQRT1_2);
+  return cdf + a * pdf;
+}
+
+// Whether rfft2 bin (row i, column jb) of an (hh, ww) map is self-conjugate (real).
+inline bool self_conjugate(const Dims& d, int64_t b) {
+  const int64_t i = b / d.wb, jb = b % d.wb;
+  return (i == 0 || (d.hh % 2 == 0 && i == d.hh / 2)) && (jb == 0 || (d.ww % 2 == 0 && jb == d.ww / 2));
+}
+
+// The spectrum's real and imaginary parts (2, nb, N h) (the self-conjugate bins' imaginary parts
+// +0), magnitude, phase and cos/sin of the mapped phase, each (nb, N h). Dense bins are in the
+// tables' order, FFT bins row-major (H, W/2 + 1). The transcendental passes are ATen's vectorised
+// kernels (a scalar libm loop over the thousands of bins is several times slower).
+struct Spectrum {
+  at::Tensor reim, mag, pha, cosp, sinp;
+};
+
+template <typename T>
+Spectrum spectrum_forward(const at::Tensor& y, const Dims& d, const at::Tensor& fwd, const T* pha_w,
+                          const T* pha_b) {
+  const int64_t nh = d.n * d.hid, nb = d.nb;
+  Spectrum sp;
+  sp.reim = at::empty({2, nb, nh}, y.options());
+  auto re = sp.reim[0], im = sp.reim[1];
+  if (d.dense) {
+    auto spec = at::mm(fwd, y.view({d.npix, nh}));  // (k, N h): Re of the nb bins, Im of the first nb - s
+    re.copy_(spec.narrow(0, 0, nb));
+    im.narrow(0, 0, nb - d.s).copy_(spec.narrow(0, nb, nb - d.s));
+    im.narrow(0, nb - d.s, d.s).zero_();  // the self-conjugate bins: +0, so their phase is exact
+  } else {
+    auto spec = at::view_as_real(at::fft_rfft2(y.view({d.hh, d.ww, nh}), c10::nullopt, {0, 1}, "ortho"));
+    const auto sp_c = spec.contiguous();  // (H, W/2 + 1, N h, 2)
+    const T* src = sp_c.data_ptr<T>();
+    T* rp = re.data_ptr<T>();
+    T* ip = im.data_ptr<T>();
+    for (int64_t b = 0; b < nb; ++b) {
+      const bool real = self_conjugate(d, b);
+      for (int64_t j = 0; j < nh; ++j) {
+        const int64_t e = b * nh + j;
+        rp[e] = src[2 * e];
+        ip[e] = real ? T(0) : src[2 * e + 1];
+      }
+    }
+  }
+  sp.mag = at::hypot(re, im);
+  sp.pha = at::atan2(im, re);
+  auto p = at::empty_like(sp.pha);
+  {
+    const T* ph = sp.pha.data_ptr<T>();
+    T* pp = p.data_ptr<T>();
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t j = 0; j < nh; ++j) {
+        const int64_t c = j % d.hid;
+        pp[b * nh + j] = pha_b[c] + ph[b * nh + j] * pha_w[c];
+      }
+  }
+  sp.cosp = at::cos(p);
+  sp.sinp = p.sin_();
+  return sp;
+}
+
+// gl (R, h) = irfft2 of m e^{ip}, m = amp_b + amp_w |S|.
+template <typename T>
+at::Tensor spectrum_inverse(const Spectrum& sp, const Dims& d, const at::Tensor& inv, const T* amp_w, const T* amp_b,
+                            const at::Tensor& like) {
+  const int64_t nh = d.n * d.hid, nb = d.nb;
+  const T* mg = sp.mag.data_ptr<T>();
+  const T* cs = sp.cosp.data_ptr<T>();
+  const T* sn = sp.sinp.data_ptr<T>();
+  if (d.dense) {  // the real and imaginary parts that the inverse table reads
+    auto z = new_buffer({d.k, nh}, like);
+    T* zp = z.data_ptr<T>();
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t j = 0; j < nh; ++j) {
+        const int64_t c = j % d.hid, e = b * nh + j;
+        const T m = amp_b[c] + mg[e] * amp_w[c];
+        zp[e] = m * cs[e];
+        if (b < nb - d.s) zp[(nb + b) * nh + j] = m * sn[e];
+      }
+    return at::mm(inv.t(), z);
+  }
+  auto z = new_buffer({d.hh, d.wb, nh, 2}, like);
+  T* zp = z.data_ptr<T>();
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t j = 0; j < nh; ++j) {
+      const int64_t c = j % d.hid, e = b * nh + j;
+      const T m = amp_b[c] + mg[e] * amp_w[c];
+      zp[2 * e] = m * cs[e];
+      zp[2 * e + 1] = m * sn[e];
+    }
+  auto gl = at::fft_irfft2(at::view_as_complex(z), at::IntArrayRef({d.hh, d.ww}), {0, 1}, "ortho");
+  return gl.reshape({d.rows, d.hid}).contiguous();
+}
+
+// The neighbour row of pixel (i, j) at tap t (row-major 3x3), or -1 outside the map.
+inline int64_t tap_pixel(const Dims& d, int64_t i, int64_t j, int t) {
+  const int64_t ii = i + t / 3 - 1, jj = j + t % 3 - 1;
+  return (ii < 0 || ii >= d.hh || jj < 0 || jj >= d.ww) ? -1 : ii * d.ww + jj;
+}
+
+template <typename T>
+std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const Dims& d, at::TensorList prm,
+                                     const at::Tensor& fwd, const at::Tensor& inv, bool training, double eps) {
+  auto P = [&](Param i) { return prm[i].data_ptr<T>(); };
+  const int64_t R = d.rows, H = d.hid, N = d.n, NP = d.npix, h2 = d.h2, q = d.q;
+  const auto rows = rows_of(x, layout, d);
+  // head: (R, h); in training normalised in place into xhat, then y = bn_w xhat + bn_b
+  auto xh = at::addmm(prm[HEAD_B].view({H}), rows, prm[HEAD_W].view({H, d.c}).t());
+  at::Tensor y = xh, mean_t, var_t, istd_t;
+  if (training) {
+    y = new_buffer({R, H}, x);
+    mean_t = new_buffer({H}, x), var_t = new_buffer({H}, x), istd_t = new_buffer({H}, x);
+    T* xp = xh.data_ptr<T>();
+    std::vector<double> mu(H, 0.0), sq(H, 0.0);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < H; ++c) mu[c] += xp[r * H + c];
+    for (int64_t c = 0; c < H; ++c) mu[c] /= double(R);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < H; ++c) {
+        const double v = xp[r * H + c] - mu[c];
+        sq[c] += v * v;
+      }
+    T* mp = mean_t.data_ptr<T>();
+    T* vp = var_t.data_ptr<T>();
+    T* ip = istd_t.data_ptr<T>();
+    for (int64_t c = 0; c < H; ++c) {
+      mp[c] = T(mu[c]);
+      vp[c] = T(sq[c] / double(std::max<int64_t>(R - 1, 1)));  // unbiased, for the running variance
+      ip[c] = T(1.0 / std::sqrt(sq[c] / double(R) + eps));
+    }
+    const T *bw = P(BN_W), *bb = P(BN_B);
+    T* yp = y.data_ptr<T>();
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < H; ++c) {
+        const T v = (xp[r * H + c] - mp[c]) * ip[c];
+        xp[r * H + c] = v;
+        yp[r * H + c] = v * bw[c] + bb[c];
+      }
+  }
+  const T* yp = y.data_ptr<T>();
+  // global branch: gl (R, h) before |.|
+  const Spectrum sp = spectrum_forward<T>(y, d, fwd, P(PHA_W), P(PHA_B));
+  const at::Tensor gl = spectrum_inverse<T>(sp, d, inv, P(AMP_W), P(AMP_B), x);
+  const T* glp = gl.data_ptr<T>();
+  // local branch: the depthwise 3x3 of kernel A @ B, k9 kept tap-major (9, h)
+  auto k9 = new_buffer({9, H}, x);
+  T* k9p = k9.data_ptr<T>();
+  {
+    const T *a = P(CONV_A), *b = P(CONV_B);
+    for (int t = 0; t < 9; ++t)
+      for (int64_t c = 0; c < H; ++c) {
+        double acc = 0;
+        for (int64_t i = 0; i < d.r; ++i) acc += double(a[c * d.r + i]) * b[i * 9 + t];
+        k9p[t * H + c] = T(acc);
+      }
+  }
+  auto loc = new_buffer({R, H}, x);
+  T* lp = loc.data_ptr<T>();
+  {
+    const T* bias = P(CONV_BIAS);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < H; ++c) lp[r * H + c] = bias[c];
+    for (int64_t i = 0; i < d.hh; ++i)
+      for (int64_t j = 0; j < d.ww; ++j)
+        for (int t = 0; t < 9; ++t) {
+          const int64_t src = tap_pixel(d, i, j, t);
+          if (src < 0) continue;
+          const T* kt = k9p + t * H;
+          for (int64_t m = 0; m < N; ++m) {
+            T* o = lp + ((i * d.ww + j) * N + m) * H;
+            const T* in = yp + (src * N + m) * H;
+            for (int64_t c = 0; c < H; ++c) o[c] += kt[c] * in[c];
+          }
+        }
+  }
+  // attention pooling per image, the mean of |gl|: v = [pooled, gmean] (N, 2h)
+  auto score = new_buffer({NP, N}, x);
+  auto v = new_buffer({N, 2 * H}, x);
+  T* sc = score.data_ptr<T>();
+  T* vp = v.data_ptr<T>();
+  {
+    const T *cw = P(COMP_W), cb = *P(COMP_B);
+    for (int64_t r = 0; r < R; ++r) {
+      double acc = cb;
+      for (int64_t c = 0; c < H; ++c) acc += double(yp[r * H + c]) * cw[c];
+      sc[r] = T(acc);
+    }
+    for (int64_t m = 0; m < N; ++m) {
+      T mx = sc[m];
+      for (int64_t p = 1; p < NP; ++p) mx = std::max(mx, sc[p * N + m]);
+      double sum = 0;
+      for (int64_t p = 0; p < NP; ++p) sum += (sc[p * N + m] = std::exp(sc[p * N + m] - mx));
+      const T inv_sum = T(1.0 / sum);
+      for (int64_t p = 0; p < NP; ++p) sc[p * N + m] *= inv_sum;
+      std::vector<double> pooled(H, 0.0), gm(H, 0.0);
+      for (int64_t p = 0; p < NP; ++p) {
+        const int64_t r = p * N + m;
+        for (int64_t c = 0; c < H; ++c) {
+          pooled[c] += double(sc[r]) * yp[r * H + c];
+          gm[c] += std::abs(glp[r * H + c]);
+        }
+      }
+      for (int64_t c = 0; c < H; ++c) {
+        vp[m * 2 * H + c] = T(pooled[c]);
+        vp[m * 2 * H + H + c] = T(gm[c] / double(NP));
+      }
+    }
+  }
+  // the two channel MLPs: a1 = [proj.0 pooled, ci.1 gmean] (N, h2 + q); cc = [c, sigmoid(cg)] (N, 2h)
+  auto a1 = new_buffer({N, h2 + q}, x);
+  auto cc = new_buffer({N, 2 * H}, x);
+  T* a1p = a1.data_ptr<T>();
+  T* ccp = cc.data_ptr<T>();
+  {
+    const T *p1w = P(P1W), *p1b = P(P1B), *c1w = P(C1W), *c1b = P(C1B);
+    const T *p2w = P(P2W), *p2b = P(P2B), *c2w = P(C2W), *c2b = P(C2B);
+    std::vector<T> hdn(h2 + q);
+    for (int64_t m = 0; m < N; ++m) {
+      const T* vm = vp + m * 2 * H;
+      for (int64_t o = 0; o < h2 + q; ++o) {
+        const bool proj = o < h2;
+        const T* w = proj ? p1w + o * H : c1w + (o - h2) * H;
+        const T* in = proj ? vm : vm + H;
+        double acc = proj ? p1b[o] : c1b[o - h2];
+        for (int64_t c = 0; c < H; ++c) acc += double(w[c]) * in[c];
+        a1p[m * (h2 + q) + o] = T(acc);
+        hdn[o] = gelu(T(acc));
+      }
+      for (int64_t c = 0; c < H; ++c) {
+        double pc = p2b[c], gc = c2b[c];
+        for (int64_t o = 0; o < h2; ++o) pc += double(p2w[c * h2 + o]) * hdn[o];
+        for (int64_t o = 0; o < q; ++o) gc += double(c2w[c * q + o]) * hdn[h2 + o];
+        ccp[m * 2 * H + c] = T(pc);
+        ccp[m * 2 * H + H + c] = sigmoid(T(gc));
+      }
+    }
+  }
+  // spatial gate and the mix: u = c (cg loc + sg |gl|)
+  auto sg = new_buffer({R}, x);
+  auto u = new_buffer({R, H}, x);
+  T* sgp = sg.data_ptr<T>();
+  T* up = u.data_ptr<T>();
+  {
+    const T *sw = P(SI_W), sb = *P(SI_B);
+    for (int64_t r = 0; r < R; ++r) {
+      double acc = sb;
+      for (int64_t c = 0; c < H; ++c) acc += double(lp[r * H + c]) * sw[c];
+      const T g = sigmoid(T(acc));
+      sgp[r] = g;
+      const T* cm = ccp + (r % N) * 2 * H;
+      for (int64_t c = 0; c < H; ++c)
+        up[r * H + c] = cm[c] * (cm[H + c] * lp[r * H + c] + g * std::abs(glp[r * H + c]));
+    }
+  }
+  // tail, written in the host's layout
+  const auto tw = prm[TAIL_W].view({d.c, H});
+  at::Tensor out;
+  if (layout == NCHW)
+    out = at::mm(tw, u.t()).view({1, d.c, d.hh, d.ww});
+  else if (layout == LNC)
+    out = at::mm(u, tw.t()).view({NP, N, d.c});
+  else
+    out = at::mm(u, tw.t()).view({1, d.hh, d.ww, d.c});
+  if (!training) return {out};
+  return {out,     mean_t,  var_t, rows, xh,  istd_t, y, sp.reim, sp.mag, sp.pha,
+          sp.cosp, sp.sinp, gl,    k9,   loc, score,  v, a1,      cc,     sg,     u};
+}
+
+enum Saved : int {
+  S_ROWS, S_XHAT, S_ISTD, S_Y, S_REIM, S_MAG, S_PHA, S_COS, S_SIN, S_GL, S_K9, S_LOC, S_SCORE, S_V, S_A1, S_CC, S_SG,
+  S_U, NUM_SAVED
+};
+
+template <typename T>
+std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, const Dims& d, at::TensorList prm,
+                                      at::TensorList sv, const at::Tensor& fwd, const at::Tensor& inv, bool need_dx) {
+  auto P = [&](Param i) { return prm[i].data_ptr<T>(); };
+  auto S = [&](Saved i) { return sv[i].data_ptr<T>(); };
+  const int64_t R = d.rows, H = d.hid, N = d.n, NP = d.npix, h2 = d.h2, q = d.q, nh = N * H;
+  const auto& like = sv[S_XHAT];
+  const auto tw = prm[TAIL_W].view({d.c, H});
+  // tail
+  at::Tensor du, dtw;
+  if (layout == NCHW) {
+    const auto g = dout.reshape({d.c, NP});
+    du = at::mm(g.t(), tw);
+    dtw = at::mm(g, sv[S_U]);
+  } else {
+    const auto g = dout.reshape({R, d.c});
+    du = at::mm(g, tw);
+    dtw = at::mm(g.t(), sv[S_U]);
+  }
+  const T* dup = du.data_ptr<T>();
+  const T *lp = S(S_LOC), *glp = S(S_GL), *sgp = S(S_SG), *ccp = S(S_CC), *yp = S(S_Y);
+  // the mix and the spatial gate
+  auto dloc = new_buffer({R, H}, like);
+  T* dlp = dloc.data_ptr<T>();
+  std::vector<double> dul(N * H, 0.0), dc(N * H, 0.0), dsiw(H, 0.0);
+  double dsib = 0;
+  {
+    const T* sw = P(SI_W);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t m = r % N;
+      const T* cm = ccp + m * 2 * H;
+      const T g = sgp[r];
+      double dsz = 0;
+      for (int64_t c = 0; c < H; ++c) {
+        const int64_t e = r * H + c;
+        const double dug = double(dup[e]) * std::abs(glp[e]);
+        dul[m * H + c] += double(dup[e]) * lp[e];
+        dc[m * H + c] += dug * g;
+        dsz += dug * cm[c];
+      }
+      dsz *= double(g) * (1.0 - g);
+      for (int64_t c = 0; c < H; ++c) {
+        const int64_t e = r * H + c;
+        dlp[e] = T(double(dup[e]) * cm[c] * cm[H + c] + dsz * sw[c]);
+        dsiw[c] += dsz * lp[e];
+      }
+      dsib += dsz;
+    }
+  }
+  // gradients of c and of the channel gate before its sigmoid; the MLPs' backward
+  auto dpw1 = new_buffer({h2, H}, like), dpb1 = new_buffer({h2}, like), dpw2 = new_buffer({H, h2}, like),
+       dpb2 = new_buffer({H}, like), dcw1 = new_buffer({q, H}, like), dcb1 = new_buffer({q}, like),
+       dcw2 = new_buffer({H, q}, like), dcb2 = new_buffer({H}, like);
+  std::vector<double> dv(N * 2 * H, 0.0);  // gradients of [pooled, gmean]
+  {
+    const T *p1w = P(P1W), *c1w = P(C1W), *p2w = P(P2W), *c2w = P(C2W);
+    const T *a1p = S(S_A1), *vp = S(S_V);
+    std::vector<double> gw1((h2 + q) * H, 0.0), gb1(h2 + q, 0.0), gw2p(H * h2, 0.0), gw2c(H * q, 0.0),
+        gb2(2 * H, 0.0), dcc(2 * H), da1(h2 + q);
+    std::vector<T> hdn(h2 + q);
+    for (int64_t m = 0; m < N; ++m) {
+      const T* cm = ccp + m * 2 * H;
+      for (int64_t c = 0; c < H; ++c) {
+        const double cg = cm[H + c];
+        dcc[c] = dc[m * H + c] + cg * dul[m * H + c];
+        dcc[H + c] = double(cm[c]) * dul[m * H + c] * cg * (1.0 - cg);
+        gb2[c] += dcc[c];
+        gb2[H + c] += dcc[H + c];
+      }
+      for (int64_t o = 0; o < h2 + q; ++o) {
+        const T a = a1p[m * (h2 + q) + o];
+        hdn[o] = gelu(a);
+        double dh = 0;
+        if (o < h2)
+          for (int64_t c = 0; c < H; ++c) dh += dcc[c] * p2w[c * h2 + o];
+        else
+          for (int64_t c = 0; c < H; ++c) dh += dcc[H + c] * c2w[c * q + o - h2];
+        da1[o] = dh * gelu_grad(a);
+        gb1[o] += da1[o];
+      }
+      for (int64_t c = 0; c < H; ++c) {
+        for (int64_t o = 0; o < h2; ++o) gw2p[c * h2 + o] += dcc[c] * hdn[o];
+        for (int64_t o = 0; o < q; ++o) gw2c[c * q + o] += dcc[H + c] * hdn[h2 + o];
+      }
+      const T* vm = vp + m * 2 * H;
+      for (int64_t o = 0; o < h2 + q; ++o) {
+        const bool proj = o < h2;
+        const T* w = proj ? p1w + o * H : c1w + (o - h2) * H;
+        double* dvm = dv.data() + m * 2 * H + (proj ? 0 : H);
+        const T* in = proj ? vm : vm + H;
+        for (int64_t c = 0; c < H; ++c) {
+          dvm[c] += da1[o] * w[c];
+          gw1[o * H + c] += da1[o] * in[c];
+        }
+      }
+    }
+    T *w1p = dpw1.data_ptr<T>(), *w1c = dcw1.data_ptr<T>(), *b1p = dpb1.data_ptr<T>(), *b1c = dcb1.data_ptr<T>();
+    for (int64_t o = 0; o < h2 + q; ++o) {
+      for (int64_t c = 0; c < H; ++c) (o < h2 ? w1p + o * H : w1c + (o - h2) * H)[c] = T(gw1[o * H + c]);
+      (o < h2 ? b1p[o] : b1c[o - h2]) = T(gb1[o]);
+    }
+    T *w2p = dpw2.data_ptr<T>(), *w2c = dcw2.data_ptr<T>(), *b2p = dpb2.data_ptr<T>(), *b2c = dcb2.data_ptr<T>();
+    for (int64_t i = 0; i < H * h2; ++i) w2p[i] = T(gw2p[i]);
+    for (int64_t i = 0; i < H * q; ++i) w2c[i] = T(gw2c[i]);
+    for (int64_t c = 0; c < H; ++c) b2p[c] = T(gb2[c]), b2c[c] = T(gb2[H + c]);
+  }
+  // global branch: d|gl| from the mix and the mean, through |.|, then the spectrum's adjoint
+  auto dgl = new_buffer({R, H}, like);
+  {
+    T* g = dgl.data_ptr<T>();
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t m = r % N;
+      const T* cm = ccp + m * 2 * H;
+      for (int64_t c = 0; c < H; ++c) {
+        const int64_t e = r * H + c;
+        const T sgn = T((glp[e] > 0) - (glp[e] < 0));
+        g[e] = T(double(dup[e]) * sgp[r] * cm[c] + dv[m * 2 * H + H + c] / double(NP)) * sgn;
+      }
+    }
+  }
+  // gradients of Re P and Im P: dense, the inverse table's transpose; FFT, rfft2 of dgl with the
+  // columns that stand for two bins doubled (irfft2's adjoint, as torch's)
+  at::Tensor dz, dzc;
+  if (d.dense) {
+    dz = at::mm(inv, dgl.view({NP, nh}));  // (k, N h)
+  } else {
+    dzc = at::view_as_real(at::fft_rfft2(dgl.view({d.hh, d.ww, nh}), c10::nullopt, {0, 1}, "ortho")).contiguous();
+  }
+  auto ds = d.dense ? new_buffer({d.k, nh}, like) : new_buffer({d.hh, d.wb, nh, 2}, like);
+  auto damw = new_buffer({H}, like), damb = new_buffer({H}, like), dphw = new_buffer({H}, like),
+       dphb = new_buffer({H}, like);
+  {
+    const T *mg = S(S_MAG), *ph = S(S_PHA), *cs = S(S_COS), *sn = S(S_SIN);
+    const T *rep = S(S_REIM), *imp = rep + d.nb * nh;
+    const T* dzp = d.dense ? dz.data_ptr<T>() : dzc.data_ptr<T>();
+    const T *amw = P(AMP_W), *amb = P(AMP_B), *phw = P(PHA_W);
+    T* dsp = ds.data_ptr<T>();
+    std::vector<double> g_aw(H, 0.0), g_ab(H, 0.0), g_pw(H, 0.0), g_pb(H, 0.0);
+    for (int64_t b = 0; b < d.nb; ++b) {
+      const bool has_im = !d.dense || b < d.nb - d.s;
+      const int64_t col = b % d.wb;
+      const T twice = (!d.dense && col >= 1 && col <= d.edge) ? T(2) : T(1);
+      for (int64_t j = 0; j < nh; ++j) {
+        const int64_t c = j % H, e = b * nh + j;
+        T dre, dim;
+        if (d.dense) {
+          dre = dzp[e], dim = has_im ? dzp[(d.nb + b) * nh + j] : T(0);
+        } else {
+          dre = dzp[2 * e] * twice, dim = dzp[2 * e + 1] * twice;
+        }
+        const T mag = mg[e];
+        T inv_mag = T(1) / mag;
+        if (std::isinf(inv_mag)) inv_mag = T(0);  // S = 0: no gradient, as torch's abs and angle
+        const T ure = rep[e] * inv_mag, uim = imp[e] * inv_mag;
+        const T m = amb[c] + mag * amw[c];
+        const T dm = dre * cs[e] + dim * sn[e];
+        const T dpp = (dim * cs[e] - dre * sn[e]) * m;
+        g_ab[c] += dm;
+        g_aw[c] += double(dm) * mag;
+        g_pb[c] += dpp;
+        g_pw[c] += double(dpp) * ph[e];
+        const T a = dm * amw[c], bb = dpp * inv_mag * phw[c];  // dS = (a + i bb) S / |S|
+        if (d.dense) {
+          dsp[e] = a * ure - bb * uim;
+          if (has_im) dsp[(d.nb + b) * nh + j] = a * uim + bb * ure;
+        } else {  // (halved where rfft2's adjoint counts the column twice)
+          dsp[2 * e] = (a * ure - bb * uim) / twice;
+          dsp[2 * e + 1] = (a * uim + bb * ure) / twice;
+        }
+      }
+    }
+    T *paw = damw.data_ptr<T>(), *pab = damb.data_ptr<T>(), *ppw = dphw.data_ptr<T>(), *ppb = dphb.data_ptr<T>();
+    for (int64_t c = 0; c < H; ++c) paw[c] = T(g_aw[c]), pab[c] = T(g_ab[c]), ppw[c] = T(g_pw[c]), ppb[c] = T(g_pb[c]);
+  }
+  auto dy = d.dense ? at::mm(fwd.t(), ds).view({R, H})
+                    : at::fft_irfft2(at::view_as_complex(ds), at::IntArrayRef({d.hh, d.ww}), {0, 1}, "ortho")
+                          .reshape({R, H})
+                          .contiguous();
+  T* dyp = dy.data_ptr<T>();
+  // local branch: the 3x3's adjoint (each tap's product sent back to the pixel it read)
+  auto dk9 = new_buffer({H, 9}, like);
+  auto dcbias = new_buffer({H}, like);
+  {
+    const T* k9p = S(S_K9);
+    std::vector<double> gk(9 * H, 0.0), gb(H, 0.0);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < H; ++c) gb[c] += dlp[r * H + c];
+    for (int64_t i = 0; i < d.hh; ++i)
+      for (int64_t j = 0; j < d.ww; ++j)
+        for (int t = 0; t < 9; ++t) {
+          const int64_t src = tap_pixel(d, i, j, t);
+          if (src < 0) continue;
+          const T* kt = k9p + t * H;
+          double* gkt = gk.data() + t * H;
+          for (int64_t m = 0; m < N; ++m) {
+            const T* g = dlp + ((i * d.ww + j) * N + m) * H;
+            T* o = dyp + (src * N + m) * H;
+            const T* in = yp + (src * N + m) * H;
+            for (int64_t c = 0; c < H; ++c) {
+              o[c] += kt[c] * g[c];
+              gkt[c] += double(in[c]) * g[c];
+            }
+          }
+        }
+    T* k = dk9.data_ptr<T>();
+    T* bp = dcbias.data_ptr<T>();
+    for (int64_t c = 0; c < H; ++c) {
+      for (int t = 0; t < 9; ++t) k[c * 9 + t] = T(gk[t * H + c]);
+      bp[c] = T(gb[c]);
+    }
+  }
+  // attention pooling: pooled = sum_p score y, score = softmax_p(y comp_w + comp_b)
+  auto dcw = new_buffer({H}, like), dcb = new_buffer({1}, like);
+  {
+    const T *sc = S(S_SCORE), *cw = P(COMP_W);
+    std::vector<double> dsc(R), gcw(H, 0.0);
+    double gcb = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      const double* dp = dv.data() + (r % N) * 2 * H;
+      double acc = 0;
+      for (int64_t c = 0; c < H; ++c) acc += double(yp[r * H + c]) * dp[c];
+      dsc[r] = acc;
+    }
+    for (int64_t m = 0; m < N; ++m) {
+      double dot = 0;
+      for (int64_t p = 0; p < NP; ++p) dot += double(sc[p * N + m]) * dsc[p * N + m];
+      for (int64_t p = 0; p < NP; ++p) dsc[p * N + m] = sc[p * N + m] * (dsc[p * N + m] - dot);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const double* dp = dv.data() + (r % N) * 2 * H;
+      const double dzr = dsc[r];
+      gcb += dzr;
+      for (int64_t c = 0; c < H; ++c) {
+        gcw[c] += dzr * yp[r * H + c];
+        dyp[r * H + c] = T(dyp[r * H + c] + double(sc[r]) * dp[c] + dzr * cw[c]);
+      }
+    }
+    T* g = dcw.data_ptr<T>();
+    for (int64_t c = 0; c < H; ++c) g[c] = T(gcw[c]);
+    *dcb.data_ptr<T>() = T(gcb);
+  }
+  // BatchNorm on the batch statistics: dy0 = istd w (dy - mean dy - xhat mean(dy xhat))
+  auto dbnw = new_buffer({H}, like), dbnb = new_buffer({H}, like);
+  {
+    const T *xh = S(S_XHAT), *istd = S(S_ISTD), *bw = P(BN_W);
+    std::vector<double> gb(H, 0.0), gw(H, 0.0);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < H; ++c) {
+        gb[c] += dyp[r * H + c];
+        gw[c] += double(dyp[r * H + c]) * xh[r * H + c];
+      }
+    std::vector<T> mb(H), mw(H), sc(H);
+    T *pw = dbnw.data_ptr<T>(), *pb = dbnb.data_ptr<T>();
+    for (int64_t c = 0; c < H; ++c) {
+      pw[c] = T(gw[c]), pb[c] = T(gb[c]);
+      mb[c] = T(gb[c] / double(R)), mw[c] = T(gw[c] / double(R)), sc[c] = bw[c] * istd[c];
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < H; ++c) {
+        const int64_t e = r * H + c;
+        dyp[e] = (dyp[e] - mb[c] - xh[e] * mw[c]) * sc[c];
+      }
+  }
+  // head
+  const auto wh = prm[HEAD_W].view({H, d.c});
+  auto dwh = at::mm(dy.t(), sv[S_ROWS]);
+  auto dbh = dy.sum(0);
+  at::Tensor dx = at::empty({0}, like.options());
+  if (need_dx) dx = layout == NCHW ? at::mm(wh.t(), dy.t()) : at::mm(dy, wh);
+  // conv_a, conv_b from the kernel's gradient (k9 = A @ B)
+  const auto ca = prm[CONV_A].view({H, d.r}), cb = prm[CONV_B].view({d.r, 9});
+  auto dca = at::mm(dk9, cb.t()), dcbw = at::mm(ca.t(), dk9);
+  std::vector<at::Tensor> grads = {dx,   dwh,  dbh,  dbnw, dbnb, dca,  dcbw, dcbias, damw, damb, dphw, dphb, dcw,
+                                   dcb,  dpw1, dpb1, dpw2, dpb2, dcw1, dcb1, dcw2, dcb2,   at::Tensor(), at::Tensor(),
+                                   dtw};
+  // spatial gate's weight and bias
+  auto dsw = new_buffer({H}, like), dsb = new_buffer({1}, like);
+  {
+    T* g = dsw.data_ptr<T>();
+    for (int64_t c = 0; c < H; ++c) g[c] = T(dsiw[c]);
+    *dsb.data_ptr<T>() = T(dsib);
+  }
+  grads[1 + SI_W] = dsw, grads[1 + SI_B] = dsb;
+  for (int i = 0; i < NUM_PARAMS; ++i) grads[1 + i] = grads[1 + i].view(prm[i].sizes());
+  return grads;
+}
+
+std::vector<at::Tensor> adaptir_rows_cpu(const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, int64_t n,
+                                         at::TensorList params, const at::Tensor& fwd, const at::Tensor& inv,
+                                         int64_t nb, int64_t s, bool training, double eps) {
+  const Dims d = check_args(x, layout, hh, ww, n, params, fwd, inv, nb, s);
+  TORCH_CHECK(!training || d.rows > 1, "x: BatchNorm in training needs more than one value per channel, got ",
+              d.rows, " row");
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptir_rows_cpu", [&] {
+    return forward_impl<scalar_t>(x, layout, d, params, fwd, inv, training, eps);
+  });
+}
+
+std::vector<at::Tensor> adaptir_rows_backward_cpu(const at::Tensor& dout, const at::Tensor& x, int64_t layout,
+                                                  int64_t hh, int64_t ww, int64_t n, at::TensorList params,
+                                                  at::TensorList saved, const at::Tensor& fwd, const at::Tensor& inv,
+                                                  int64_t nb, int64_t s, bool need_dx) {
+  const Dims d = check_args(x, layout, hh, ww, n, params, fwd, inv, nb, s);
+  TORCH_CHECK(dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type() && dout.device().is_cpu(),
+              "dout: expected the output's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
+              dout.sizes(), " ", dout.scalar_type());
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == NUM_SAVED, "saved: expected the ", int(NUM_SAVED),
+              " tensors the forward kept, got ", saved.size());
+  for (const auto& t : saved)
+    TORCH_CHECK(t.scalar_type() == x.scalar_type() && (t.is_contiguous() || &t == &saved[S_ROWS]),
+                "saved: expected contiguous ", x.scalar_type(), " tensors from the forward");
+  TORCH_CHECK(saved[S_XHAT].numel() == d.rows * d.hid && saved[S_REIM].numel() == 2 * d.nb * d.n * d.hid,
+              "saved: the tensors do not match these sizes (x ", x.sizes(), ", hidden width ", d.hid, ")");
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptir_rows_backward_cpu", [&] {
+    auto out = backward_impl<scalar_t>(dout, layout, d, params, saved, fwd, inv, need_dx);
+    if (need_dx) out[0] = out[0].view(x.sizes());
+    return out;
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moce_fast, CPU, m) {
+  m.impl("adaptir_rows", &adaptir_rows_cpu);
+  m.impl("adaptir_rows_backward", &adaptir_rows_backward_cpu);
+}
+
+}  // namespace moce_fast

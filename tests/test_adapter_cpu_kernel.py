@@ -1,0 +1,277 @@
+"""The extension's CPU kernel of the whole AdaptIR adapter (csrc/adapter_cpu.cpp, backend "cpu")
+against the float64 reference: eval and training (output, every gradient, running statistics),
+dense DFT sizes and FFT sizes, one image in each layout and several in "lnc"; outputs poisoned
+with NaN before the kernel writes them; gradcheck; which calls it takes; errors on bad arguments.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import moce_fast
+from moce_fast.ops import _backend
+from moce_fast.ops import adapter as ops
+from moce_fast.reference import AdaptIR
+from conftest import assert_grads_close, randomize_, rel_err
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("moce_fast._C") is None,
+                                reason="moce_fast._C was not built (needs a CUDA build of torch and nvcc)")
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs():
+    """Every buffer the kernel fills is NaN before it runs (an element it forgets shows up)."""
+    from moce_fast.ops import _cuda
+
+    _cuda.load()
+    _cuda.set_poison_outputs(True)
+    yield
+    _cuda.set_poison_outputs(False)
+
+
+def to_layout(x, layout):
+    if layout == "nhwc":
+        return x.permute(0, 2, 3, 1).contiguous()
+    if layout == "lnc":
+        return x.flatten(2).permute(2, 0, 1).contiguous()
+    return x.contiguous()
+
+
+def from_layout(t, layout, shape):
+    if layout == "nhwc":
+        return t.permute(0, 3, 1, 2)
+    if layout == "lnc":
+        return t.permute(1, 2, 0).reshape(shape)
+    return t
+
+
+def make_case(layout, hh, ww, n, dtype, zero=False, seed=0, variant="edt", dim=56):
+    """A random adapter (random running statistics) in ``dtype`` and the float64 reference with the
+    same state (exact phase at the self-conjugate bins, as the fast paths), and N images of
+    (hh, ww) in ``layout`` (``zero``: the image, head bias and BatchNorm shift 0, so the normalised
+    map and every spectrum bin are exactly 0)."""
+    fast = randomize_(moce_fast.AdaptIRAdapter(dim, variant, layout), seed).double()
+    with torch.no_grad():
+        fast.BN.running_mean.normal_()
+        fast.BN.running_var.uniform_(0.5, 1.5)
+        if zero:
+            fast.head.bias.zero_()
+            fast.BN.bias.zero_()
+    ref = AdaptIR(dim, variant).double()
+    ref.load_state_dict(fast.state_dict())
+    ref.exact_phase = True
+    fast.to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, dim, hh, ww, generator=g, dtype=torch.float64) * (0 if zero else 1)
+    return fast, ref, x
+
+
+# (layout, H, W, N): dense DFT tables up to 256 pixels, rfft2 / irfft2 beyond (17x17, 9x30, 24x20)
+SIZES = [("nchw", 5, 5, 1), ("lnc", 5, 5, 1), ("nhwc", 5, 5, 1), ("nchw", 3, 7, 1), ("nhwc", 1, 6, 1),
+         ("lnc", 16, 16, 1), ("lnc", 4, 4, 3), ("nchw", 17, 17, 1), ("nhwc", 9, 30, 1), ("lnc", 17, 17, 2),
+         ("nchw", 24, 20, 1)]
+TOL = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-4)}  # (output, gradients)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("layout,hh,ww,n", SIZES)
+def test_training_equals_reference(layout, hh, ww, n, dtype):
+    # float32 gradients at 1e-4: they pass through 1/|S| and the phase's derivative, which amplify
+    # the forward's float32 round-off at small bins (the torch backend in float32 is as far off)
+    fast, ref, x = make_case(layout, hh, ww, n, dtype)
+    fast.train(), ref.train()
+    xl = to_layout(x, layout).to(dtype).requires_grad_()
+    xr = to_layout(x, layout).requires_grad_()
+    with moce_fast.backend("cpu"):
+        y = fast(xl)
+    assert type(y.grad_fn).__name__ == "_RowsCpuBackward"
+    expected = ref(from_layout(xr, layout, x.shape))
+    tol_out, tol_grad = TOL[dtype]
+    assert rel_err(from_layout(y, layout, x.shape), expected) < tol_out
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        got, want = getattr(fast.BN, name).double(), getattr(ref.BN, name).double()
+        assert (got - want).abs().max() <= tol_out * max(1.0, want.abs().max().item()), name
+    dy = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    y.backward(to_layout(dy, layout).to(dtype)), expected.backward(dy)
+    assert_grads_close(fast, ref, xl, xr, tol_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("layout,hh,ww,n", SIZES)
+def test_eval_equals_reference(layout, hh, ww, n, dtype):
+    fast, ref, x = make_case(layout, hh, ww, n, dtype)
+    fast.eval(), ref.eval()
+    _backend._LAST_RUN.clear()
+    with torch.no_grad(), moce_fast.backend("cpu"):
+        y = fast(to_layout(x, layout).to(dtype))
+    assert _backend.last_run() == {"adaptir_linear": "cpu", "adaptir_mix_tail": "cpu"}
+    assert y.dtype == dtype and y.shape == to_layout(x, layout).shape
+    assert rel_err(from_layout(y, layout, x.shape), ref(x)) < TOL[dtype][0]
+
+
+@pytest.mark.parametrize("layout,hh,ww,n", [("nhwc", 4, 4, 1), ("lnc", 3, 3, 2), ("nchw", 17, 17, 1)])
+def test_zero_map(layout, hh, ww, n):
+    # variance 0 (BatchNorm divides by sqrt(eps)) and every spectrum bin 0 (abs and angle take their
+    # zero-guarded gradients: none flows through 1/|S|)
+    fast, ref, x = make_case(layout, hh, ww, n, torch.float64, zero=True)
+    fast.train(), ref.train()
+    xl = to_layout(x, layout).requires_grad_()
+    xr = to_layout(x, layout).requires_grad_()
+    with moce_fast.backend("cpu"):
+        y = fast(xl)
+    expected = ref(from_layout(xr, layout, x.shape))
+    assert torch.isfinite(y).all() and rel_err(from_layout(y, layout, x.shape), expected) < 1e-12
+    dy = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y.backward(to_layout(dy, layout)), expected.backward(dy)
+    assert rel_err(xl.grad, xr.grad) < 1e-10
+    ref_params = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():  # (some are 0 in exact arithmetic here: an absolute floor)
+        expect = ref_params[name].grad
+        assert (p.grad - expect).abs().max() <= 1e-10 * max(1.0, expect.abs().max().item()), name
+
+
+@pytest.mark.parametrize("layout,shape", [("nhwc", (1, 4, 5, 56)), ("lnc", (9, 2, 56)), ("nchw", (1, 56, 17, 17))])
+def test_gradcheck_float64(layout, shape):
+    # dense tables (one image; two images in "lnc") and rfft2 / irfft2 (17x17, fast mode: a random
+    # projection of the Jacobian)
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", layout)).double().train()
+    names = [name for name, _ in adapter.named_parameters()]
+
+    def functional(x, *values):
+        with moce_fast.backend("cpu"):
+            return torch.func.functional_call(adapter, dict(zip(names, values)), (x,))
+
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    values = tuple(p.detach().clone().requires_grad_() for p in adapter.parameters())
+    assert type(functional(x, *values).grad_fn).__name__ == "_RowsCpuBackward"
+    assert torch.autograd.gradcheck(functional, (x, *values), eps=1e-6, atol=1e-6, fast_mode=shape[-1] == 17)
+
+
+def test_auto_takes_the_kernel_on_cpu_and_torch_does_not():
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).train()
+    x = torch.randn(1, 4, 4, 56, requires_grad=True)
+    for name, node, ran in (("auto", "_RowsCpuBackward", "cpu"), ("cpu", "_RowsCpuBackward", "cpu"),
+                            ("torch", "_FusedTrainBackward", "torch")):
+        _backend._LAST_RUN.clear()
+        with moce_fast.backend(name):
+            y = adapter(x)
+        assert type(y.grad_fn).__name__ == node, name
+        assert _backend.last_run() == {"adaptir_linear": ran, "adaptir_mix_tail": ran}, name
+
+
+def test_calls_the_kernel_does_not_take_run_torch(monkeypatch):
+    # under backend("cpu"), a call the kernel does not take runs the torch implementation (recorded
+    # as torch): more rows than CPU_KERNEL_MAX_ROWS, several images outside "lnc", bfloat16, an input
+    # in another dtype than the parameters, eval with autograd recording
+    lnc = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "lnc")).train()
+    nhwc = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).train()
+    monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS", 32)
+    cases = [(lnc, torch.randn(16, 3, 56)), (nhwc, torch.randn(2, 4, 4, 56)), (nhwc, torch.randn(1, 4, 4, 56).double()),
+             (lnc, torch.randn(2, 16, 56).transpose(0, 1))]  # (L and N axes that do not merge)
+    with moce_fast.backend("cpu"):
+        for adapter, x in cases:
+            _backend._LAST_RUN.clear()
+            y = adapter(x.requires_grad_())
+            assert type(y.grad_fn).__name__ != "_RowsCpuBackward", x.shape
+            assert set(_backend.last_run().values()) == {"torch"}, x.shape
+        _backend._LAST_RUN.clear()
+        assert type(lnc(torch.randn(16, 2, 56)).grad_fn).__name__ == "_RowsCpuBackward"  # (32 rows)
+        assert set(_backend.last_run().values()) == {"cpu"}
+        bf = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).bfloat16().train()
+        _backend._LAST_RUN.clear()
+        bf(torch.randn(1, 4, 4, 56, dtype=torch.bfloat16))
+        assert set(_backend.last_run().values()) == {"torch"}
+        # eval while autograd records (an input that requires grad): the torch path, differentiable
+        nhwc.eval()
+        x = torch.randn(1, 4, 4, 56, requires_grad=True)
+        y = nhwc(x)
+        assert y.grad_fn is not None and set(_backend.last_run().values()) == {"torch"}
+        with torch.no_grad():
+            assert torch.allclose(nhwc(x), y, rtol=1e-5, atol=1e-6)
+        assert set(_backend.last_run().values()) == {"cpu"}
+
+
+def test_parameter_changed_in_place_before_backward_is_an_error():
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).train()
+    y = adapter(torch.randn(1, 4, 4, 56))
+    assert type(y.grad_fn).__name__ == "_RowsCpuBackward"
+    with torch.no_grad():
+        adapter.amp_fuse.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_backend_cpu_needs_the_extension_and_cpu_tensors(monkeypatch):
+    from moce_fast.ops import _cuda
+
+    monkeypatch.setattr(_cuda, "unavailable_reason", lambda: "the extension moce_fast._C was not built")
+    with pytest.raises(moce_fast.BackendUnavailableError, match="'cpu' cannot run here: the extension"):
+        moce_fast.backend("cpu")
+    # "auto" then runs torch on a CPU, recorded as such
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).train()
+    _backend._LAST_RUN.clear()
+    assert type(adapter(torch.randn(1, 4, 4, 56)).grad_fn).__name__ == "_FusedTrainBackward"
+    assert set(_backend.last_run().values()) == {"torch"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (backend 'cpu' refusing CUDA tensors)")
+def test_backend_cpu_refuses_cuda_tensors():
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).cuda().eval()
+    with moce_fast.backend("cpu"), torch.no_grad(), pytest.raises(moce_fast.BackendUnavailableError,
+                                                                    match="'cpu' runs CPU tensors only"):
+        adapter(torch.randn(2, 4, 4, 56, device="cuda"))
+
+
+def _op_args(dtype=torch.float32):
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).to(dtype)
+    from moce_fast.nn.adapter import _assemble, _raw_tensors
+
+    params = ops._cpu_params(_assemble(_raw_tensors(adapter)))
+    fwd, inv, nb, s = ops._kernel_tables(4, 4, dtype)
+    return torch.randn(1, 4, 4, 56, dtype=dtype), params, fwd, inv, nb, s
+
+
+def test_bad_arguments_are_clear_errors():
+    op = torch.ops.moce_fast.adaptir_rows
+    x, params, fwd, inv, nb, s = _op_args()
+
+    def call(**kw):
+        a = dict(x=x, layout=2, hh=4, ww=4, n=1, params=params, fwd=fwd, inv=inv, nb=nb, s=s, training=True, eps=1e-5)
+        a.update(kw)
+        return op(*a.values())
+
+    assert call()[0].shape == x.shape
+    cases = [(dict(params=params[:-1]), "params: expected 24 tensors, got 23"),
+             (dict(params=[params[0].double()] + params[1:]), "head_w: expected a contiguous Float tensor"),
+             (dict(params=params[:7] + [torch.ones(5)] + params[8:]), "amp_w: expected 4 elements"),
+             (dict(x=x.double()), "head_w: expected a contiguous Double tensor"),
+             (dict(x=x.to(torch.bfloat16)), "x: expected float32 or float64"),
+             (dict(layout=3), "layout: expected 0 .nchw., 1 .lnc. or 2 .nhwc., got 3"),
+             (dict(hh=5), "x: expected 20 pixel rows of 56 channels"),
+             (dict(n=2), "n: more than one image only in the lnc layout"),
+             (dict(nb=3), "nb: expected 12 bins of a 4x4 map, got 3"),
+             (dict(fwd=fwd[:-1]), "fwd: expected a contiguous"),
+             (dict(inv=torch.empty(0)), "inv: expected a contiguous")]
+    for kw, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call(**kw)
+    with pytest.raises(RuntimeError, match="BatchNorm in training needs more than one value per channel"):
+        call(x=torch.randn(1, 1, 1, 56), hh=1, ww=1, nb=1, s=1, fwd=ops._kernel_tables(1, 1, torch.float32)[0],
+             inv=ops._kernel_tables(1, 1, torch.float32)[1])
+
+
+def test_backward_bad_arguments_are_clear_errors():
+    x, params, fwd, inv, nb, s = _op_args()
+    res = torch.ops.moce_fast.adaptir_rows(x, 2, 4, 4, 1, params, fwd, inv, nb, s, True, 1e-5)
+    back = torch.ops.moce_fast.adaptir_rows_backward
+    dout = torch.randn_like(x)
+    assert len(back(dout, x, 2, 4, 4, 1, params, res[3:], fwd, inv, nb, s, True)) == 25
+    with pytest.raises(RuntimeError, match="dout: expected the output's shape"):
+        back(dout[..., :5], x, 2, 4, 4, 1, params, res[3:], fwd, inv, nb, s, True)
+    with pytest.raises(RuntimeError, match="saved: expected the 18 tensors the forward kept, got 17"):
+        back(dout, x, 2, 4, 4, 1, params, res[3:-1], fwd, inv, nb, s, True)
+    with pytest.raises(RuntimeError, match="saved: expected contiguous Float tensors"):
+        back(dout, x, 2, 4, 4, 1, params, [t.double() for t in res[3:]], fwd, inv, nb, s, True)
