@@ -6,8 +6,8 @@ Cases (issue 5): IPT shapes (576 channels, (L, N, C) tokens of 16x16 and 48x48) 
 (training, adapter parameters and input gradients); float32, and bfloat16 on a GPU. Implementations:
 - public: the reference adapter with the public code's layout handling (permute + contiguous to
   NCHW and back, as csguoh/AdaptIR's IPT and EDT wrappers do);
-- torch / triton: moce_fast.AdaptIRAdapter on that backend (triton on a GPU only: interpreter
-  timings mean nothing);
+- torch / triton / cpu: moce_fast.AdaptIRAdapter on that backend (triton on a GPU only: interpreter
+  timings mean nothing; cpu, the extension's CPU kernels, in a CPU run where moce_fast._C is built);
 - compile: torch.compile of the public adapter, compiled afresh for each case with static shapes
   (bench/conftest.py CompileCase), on a CPU too (inductor's C++ code there).
 Run: pytest bench/bench_adapter.py --benchmark-only [--benchmark-json=FILE]
@@ -21,13 +21,14 @@ import pytest
 import torch
 
 import moce_fast
+from moce_fast.ops import _backend
 from moce_fast.reference import AdaptIR
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
 SHAPES = [("ipt", 576, "lnc", 16), ("ipt", 576, "lnc", 48), ("edt", 180, "nhwc", 64)]
 DTYPES = ["fp32", "bf16"] if GPU else ["fp32"]
-IMPLS = ["public", "torch", "triton", "compile"]
+IMPLS = ["public", "torch", "cpu", "triton", "compile"]
 
 
 class PublicAdapter(torch.nn.Module):
@@ -62,6 +63,9 @@ def _randomize(module, seed=0):
 def test_adapter(benchmark, compile_case, impl, shape, batch, dtype, mode):
     if impl == "triton" and not GPU:
         pytest.skip(f"{impl}: needs a CUDA device")
+    if impl == "cpu" and (GPU or _backend.cpu_runtime_status() is not None):
+        pytest.skip("cpu: the extension's CPU kernels, benched in a CPU run (this one is on a GPU)" if GPU
+                    else f"cpu: {_backend.cpu_runtime_status()}")
     if impl in ("public", "compile") and dtype == "bf16":
         pytest.skip("the public adapter runs torch.fft on its input dtype, which has no bfloat16 FFT")
     variant, dim, layout, side = shape

@@ -130,6 +130,14 @@ inline T gelu_grad(T a) {
   return cdf + a * pdf;
 }
 
+// A per-channel vector repeated for the N images of a row of N h values (no modulo per value).
+template <typename T>
+std::vector<T> per_value(const T* v, int64_t hid, int64_t n) {
+  std::vector<T> out(n * hid);
+  for (int64_t k = 0; k < n * hid; ++k) out[k] = v[k % hid];
+  return out;
+}
+
 // Whether rfft2 bin (row i, column jb) of an (hh, ww) map is self-conjugate (real).
 inline bool self_conjugate(const Dims& d, int64_t b) {
   const int64_t i = b / d.wb, jb = b % d.wb;
@@ -177,11 +185,9 @@ Spectrum spectrum_forward(const at::Tensor& y, const Dims& d, const at::Tensor& 
   {
     const T* ph = sp.pha.data_ptr<T>();
     T* pp = p.data_ptr<T>();
+    const auto pw = per_value(pha_w, d.hid, d.n), pb = per_value(pha_b, d.hid, d.n);
     for (int64_t b = 0; b < nb; ++b)
-      for (int64_t j = 0; j < nh; ++j) {
-        const int64_t c = j % d.hid;
-        pp[b * nh + j] = pha_b[c] + ph[b * nh + j] * pha_w[c];
-      }
+      for (int64_t j = 0; j < nh; ++j) pp[b * nh + j] = pb[j] + ph[b * nh + j] * pw[j];
   }
   sp.cosp = at::cos(p);
   sp.sinp = p.sin_();
@@ -196,13 +202,14 @@ at::Tensor spectrum_inverse(const Spectrum& sp, const Dims& d, const at::Tensor&
   const T* mg = sp.mag.data_ptr<T>();
   const T* cs = sp.cosp.data_ptr<T>();
   const T* sn = sp.sinp.data_ptr<T>();
+  const auto aw = per_value(amp_w, d.hid, d.n), ab = per_value(amp_b, d.hid, d.n);
   if (d.dense) {  // the real and imaginary parts that the inverse table reads
     auto z = new_buffer({d.k, nh}, like);
     T* zp = z.data_ptr<T>();
     for (int64_t b = 0; b < nb; ++b)
       for (int64_t j = 0; j < nh; ++j) {
-        const int64_t c = j % d.hid, e = b * nh + j;
-        const T m = amp_b[c] + mg[e] * amp_w[c];
+        const int64_t e = b * nh + j;
+        const T m = ab[j] + mg[e] * aw[j];
         zp[e] = m * cs[e];
         if (b < nb - d.s) zp[(nb + b) * nh + j] = m * sn[e];
       }
@@ -212,8 +219,8 @@ at::Tensor spectrum_inverse(const Spectrum& sp, const Dims& d, const at::Tensor&
   T* zp = z.data_ptr<T>();
   for (int64_t b = 0; b < nb; ++b)
     for (int64_t j = 0; j < nh; ++j) {
-      const int64_t c = j % d.hid, e = b * nh + j;
-      const T m = amp_b[c] + mg[e] * amp_w[c];
+      const int64_t e = b * nh + j;
+      const T m = ab[j] + mg[e] * aw[j];
       zp[2 * e] = m * cs[e];
       zp[2 * e + 1] = m * sn[e];
     }
@@ -221,10 +228,29 @@ at::Tensor spectrum_inverse(const Spectrum& sp, const Dims& d, const at::Tensor&
   return gl.reshape({d.rows, d.hid}).contiguous();
 }
 
-// The neighbour row of pixel (i, j) at tap t (row-major 3x3), or -1 outside the map.
-inline int64_t tap_pixel(const Dims& d, int64_t i, int64_t j, int t) {
-  const int64_t ii = i + t / 3 - 1, jj = j + t % 3 - 1;
-  return (ii < 0 || ii >= d.hh || jj < 0 || jj >= d.ww) ? -1 : ii * d.ww + jj;
+// The 3x3 taps as runs of contiguous values: tap t = (di + 1) * 3 + (dj + 1) reads, for output map
+// row i (rows i0 <= i < i1, those with row i + di inside), the columns j0 <= j < j1 whose column
+// j + dj is inside. Rows hold N images of h channels per pixel (px values), so for each such i the
+// outputs from pixel (i, j0) on and the inputs from pixel (i + di, j0 + dj) on are one run of
+// (j1 - j0) px values each: the loops over them vectorise, with no bounds test per pixel.
+struct TapRuns {
+  int64_t di, dj, i0, i1, j0, len, shift;  // shift: the input's offset from the output, in values
+};
+
+inline TapRuns tap_runs(const Dims& d, int t, int64_t px) {
+  TapRuns r{};
+  r.di = t / 3 - 1, r.dj = t % 3 - 1;
+  r.i0 = std::max<int64_t>(0, -r.di), r.i1 = std::min(d.hh, d.hh - r.di);
+  r.j0 = std::max<int64_t>(0, -r.dj);
+  r.len = std::max<int64_t>(0, std::min(d.ww, d.ww - r.dj) - r.j0) * px;
+  r.shift = (r.di * d.ww + r.dj) * px;
+  return r;
+}
+
+// A tap's h weights repeated over a run of ww pixels of N images: (ww N h) values.
+template <typename T>
+void tap_row(const T* kt, int64_t hid, std::vector<T>& row) {
+  for (size_t k = 0; k < row.size(); ++k) row[k] = kt[k % hid];
 }
 
 template <typename T>
@@ -289,18 +315,18 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
     const T* bias = P(CONV_BIAS);
     for (int64_t r = 0; r < R; ++r)
       for (int64_t c = 0; c < H; ++c) lp[r * H + c] = bias[c];
-    for (int64_t i = 0; i < d.hh; ++i)
-      for (int64_t j = 0; j < d.ww; ++j)
-        for (int t = 0; t < 9; ++t) {
-          const int64_t src = tap_pixel(d, i, j, t);
-          if (src < 0) continue;
-          const T* kt = k9p + t * H;
-          for (int64_t m = 0; m < N; ++m) {
-            T* o = lp + ((i * d.ww + j) * N + m) * H;
-            const T* in = yp + (src * N + m) * H;
-            for (int64_t c = 0; c < H; ++c) o[c] += kt[c] * in[c];
-          }
-        }
+    const int64_t px = N * H;
+    std::vector<T> krow(d.ww * px);
+    for (int t = 0; t < 9; ++t) {
+      const TapRuns tr = tap_runs(d, t, px);
+      tap_row(k9p + t * H, H, krow);
+      const T* __restrict__ kr = krow.data() + tr.j0 * px;
+      for (int64_t i = tr.i0; i < tr.i1; ++i) {
+        T* __restrict__ o = lp + (i * d.ww + tr.j0) * px;
+        const T* __restrict__ in = yp + (i * d.ww + tr.j0) * px + tr.shift;
+        for (int64_t k = 0; k < tr.len; ++k) o[k] += kr[k] * in[k];
+      }
+    }
   }
   // attention pooling per image, the mean of |gl|: v = [pooled, gmean] (N, 2h)
   auto score = new_buffer({NP, N}, x);
@@ -537,13 +563,15 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
     const T* dzp = d.dense ? dz.data_ptr<T>() : dzc.data_ptr<T>();
     const T *amw = P(AMP_W), *amb = P(AMP_B), *phw = P(PHA_W);
     T* dsp = ds.data_ptr<T>();
-    std::vector<double> g_aw(H, 0.0), g_ab(H, 0.0), g_pw(H, 0.0), g_pb(H, 0.0);
+    const auto aw = per_value(amw, H, N), ab = per_value(amb, H, N), pw = per_value(phw, H, N);
+    std::vector<double> g_aw(nh, 0.0), g_ab(nh, 0.0), g_pw(nh, 0.0), g_pb(nh, 0.0);  // per value of a row
     for (int64_t b = 0; b < d.nb; ++b) {
       const bool has_im = !d.dense || b < d.nb - d.s;
       const int64_t col = b % d.wb;
-      const T twice = (!d.dense && col >= 1 && col <= d.edge) ? T(2) : T(1);
+      const bool doubled = !d.dense && col >= 1 && col <= d.edge;
+      const T twice = doubled ? T(2) : T(1), half = doubled ? T(0.5) : T(1);
       for (int64_t j = 0; j < nh; ++j) {
-        const int64_t c = j % H, e = b * nh + j;
+        const int64_t c = j, e = b * nh + j;  // (c: the value's place in the per_value rows)
         T dre, dim;
         if (d.dense) {
           dre = dzp[e], dim = has_im ? dzp[(d.nb + b) * nh + j] : T(0);
@@ -554,25 +582,30 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
         T inv_mag = T(1) / mag;
         if (std::isinf(inv_mag)) inv_mag = T(0);  // S = 0: no gradient, as torch's abs and angle
         const T ure = rep[e] * inv_mag, uim = imp[e] * inv_mag;
-        const T m = amb[c] + mag * amw[c];
+        const T m = ab[c] + mag * aw[c];
         const T dm = dre * cs[e] + dim * sn[e];
         const T dpp = (dim * cs[e] - dre * sn[e]) * m;
         g_ab[c] += dm;
         g_aw[c] += double(dm) * mag;
         g_pb[c] += dpp;
         g_pw[c] += double(dpp) * ph[e];
-        const T a = dm * amw[c], bb = dpp * inv_mag * phw[c];  // dS = (a + i bb) S / |S|
+        const T a = dm * aw[c], bb = dpp * inv_mag * pw[c];  // dS = (a + i bb) S / |S|
         if (d.dense) {
           dsp[e] = a * ure - bb * uim;
           if (has_im) dsp[(d.nb + b) * nh + j] = a * uim + bb * ure;
         } else {  // (halved where rfft2's adjoint counts the column twice)
-          dsp[2 * e] = (a * ure - bb * uim) / twice;
-          dsp[2 * e + 1] = (a * uim + bb * ure) / twice;
+          dsp[2 * e] = (a * ure - bb * uim) * half;
+          dsp[2 * e + 1] = (a * uim + bb * ure) * half;
         }
       }
     }
     T *paw = damw.data_ptr<T>(), *pab = damb.data_ptr<T>(), *ppw = dphw.data_ptr<T>(), *ppb = dphb.data_ptr<T>();
-    for (int64_t c = 0; c < H; ++c) paw[c] = T(g_aw[c]), pab[c] = T(g_ab[c]), ppw[c] = T(g_pw[c]), ppb[c] = T(g_pb[c]);
+    for (int64_t c = 0; c < H; ++c) {
+      double sw = 0, sb = 0, tw = 0, tb = 0;
+      for (int64_t m = 0; m < N; ++m) sw += g_aw[m * H + c], sb += g_ab[m * H + c], tw += g_pw[m * H + c],
+                                      tb += g_pb[m * H + c];
+      paw[c] = T(sw), pab[c] = T(sb), ppw[c] = T(tw), ppb[c] = T(tb);
+    }
   }
   auto dy = d.dense ? at::mm(fwd.t(), ds).view({R, H})
                     : at::fft_irfft2(at::view_as_complex(ds), at::IntArrayRef({d.hh, d.ww}), {0, 1}, "ortho")
@@ -587,23 +620,27 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
     std::vector<double> gk(9 * H, 0.0), gb(H, 0.0);
     for (int64_t r = 0; r < R; ++r)
       for (int64_t c = 0; c < H; ++c) gb[c] += dlp[r * H + c];
-    for (int64_t i = 0; i < d.hh; ++i)
-      for (int64_t j = 0; j < d.ww; ++j)
-        for (int t = 0; t < 9; ++t) {
-          const int64_t src = tap_pixel(d, i, j, t);
-          if (src < 0) continue;
-          const T* kt = k9p + t * H;
-          double* gkt = gk.data() + t * H;
-          for (int64_t m = 0; m < N; ++m) {
-            const T* g = dlp + ((i * d.ww + j) * N + m) * H;
-            T* o = dyp + (src * N + m) * H;
-            const T* in = yp + (src * N + m) * H;
-            for (int64_t c = 0; c < H; ++c) {
-              o[c] += kt[c] * g[c];
-              gkt[c] += double(in[c]) * g[c];
-            }
-          }
+    // per tap: dy at the input pixels += k dloc at the outputs that read them; the kernel's gradient
+    // sums y dloc over those pairs (per value over the map's rows in T, then per channel in double)
+    const int64_t px = N * H;
+    std::vector<T> krow(d.ww * px), part(d.ww * px);
+    for (int t = 0; t < 9; ++t) {
+      const TapRuns tr = tap_runs(d, t, px);
+      tap_row(k9p + t * H, H, krow);
+      std::fill(part.begin(), part.end(), T(0));
+      const T* __restrict__ kr = krow.data() + tr.j0 * px;
+      T* __restrict__ acc = part.data();
+      for (int64_t i = tr.i0; i < tr.i1; ++i) {
+        const T* __restrict__ g = dlp + (i * d.ww + tr.j0) * px;
+        T* __restrict__ o = dyp + (i * d.ww + tr.j0) * px + tr.shift;
+        const T* __restrict__ in = yp + (i * d.ww + tr.j0) * px + tr.shift;
+        for (int64_t k = 0; k < tr.len; ++k) {
+          o[k] += kr[k] * g[k];
+          acc[k] += in[k] * g[k];
         }
+      }
+      for (int64_t k = 0; k < tr.len; ++k) gk[t * H + k % H] += acc[k];
+    }
     T* k = dk9.data_ptr<T>();
     T* bp = dcbias.data_ptr<T>();
     for (int64_t c = 0; c < H; ++c) {

@@ -164,11 +164,11 @@ def test_auto_takes_the_kernel_on_cpu_and_torch_does_not():
 
 def test_calls_the_kernel_does_not_take_run_torch(monkeypatch):
     # under backend("cpu"), a call the kernel does not take runs the torch implementation (recorded
-    # as torch): more rows than CPU_KERNEL_MAX_ROWS, several images outside "lnc", bfloat16, an input
+    # as torch): more rows than CPU_KERNEL_MAX_ROWS_TRAINING, several images outside "lnc", bfloat16, an input
     # in another dtype than the parameters, eval with autograd recording
     lnc = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "lnc")).train()
     nhwc = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).train()
-    monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS", 32)
+    monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_TRAINING", 32)
     cases = [(lnc, torch.randn(16, 3, 56)), (nhwc, torch.randn(2, 4, 4, 56)), (nhwc, torch.randn(1, 4, 4, 56).double()),
              (lnc, torch.randn(2, 16, 56).transpose(0, 1))]  # (L and N axes that do not merge)
     with moce_fast.backend("cpu"):
@@ -192,6 +192,14 @@ def test_calls_the_kernel_does_not_take_run_torch(monkeypatch):
         with torch.no_grad():
             assert torch.allclose(nhwc(x), y, rtol=1e-5, atol=1e-6)
         assert set(_backend.last_run().values()) == {"cpu"}
+        # eval has its own row limit
+        lnc.eval()
+        monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_EVAL", 32)
+        with torch.no_grad():
+            lnc(torch.randn(16, 2, 56))
+            assert set(_backend.last_run().values()) == {"cpu"}
+            lnc(torch.randn(16, 3, 56))
+            assert set(_backend.last_run().values()) == {"torch"}
 
 
 def test_parameter_changed_in_place_before_backward_is_an_error():

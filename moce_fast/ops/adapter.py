@@ -1017,9 +1017,13 @@ def adaptir_fused_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: flo
 
 # ------------------------------------------------------------------- the extension's CPU kernel
 
-# The C++ kernel (csrc/adapter_cpu.cpp) runs up to this many rows (pixels x images). Measured on
-# this project's 2-core CPU at IPT 16x16 against the torch paths: see the README's CPU section.
-CPU_KERNEL_MAX_ROWS = 4096
+# The C++ kernel (csrc/adapter_cpu.cpp) runs up to this many rows (pixels x images), in training and
+# in eval. Its loops run on one thread; beyond these the torch paths were faster on this project's
+# 2-core CPU (public / torch / kernel, interleaved): training at IPT 48x48 x 2 images (4608 rows)
+# 4.1x against 3.4x, at 16x16 x 32 (8192) 2.9x against 3.2x, at 48x48 x 4 (9216) 3.6x against 4.2x;
+# eval at 48x48 x 4 6.8x against 6.2x, at 48x48 x 8 (18432) 6.4x against 7.5x.
+CPU_KERNEL_MAX_ROWS_TRAINING = 4608
+CPU_KERNEL_MAX_ROWS_EVAL = 9216
 _LAYOUT_CODE = {"nchw": 0, "lnc": 1, "nhwc": 2}
 
 
@@ -1032,7 +1036,7 @@ def cpu_kernel_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor],
     """Why the extension's CPU kernel of the whole adapter does not take this call, or None: one
     task's parameters (``tensors``, :func:`_cpu_params`), contiguous, in ``t``'s dtype, float32 or
     float64; one image, or N images in "lnc" whose L and N axes merge, at most
-    ``CPU_KERNEL_MAX_ROWS`` rows in all; outside torch.compile; in eval, no autograd graph to record
+    ``CPU_KERNEL_MAX_ROWS_TRAINING`` (``_EVAL``) rows in all; outside torch.compile; in eval, no autograd graph to record
     (the kernel has none)."""
     if torch.compiler.is_compiling():
         return "torch.compile traces the call"
@@ -1044,8 +1048,9 @@ def cpu_kernel_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor],
     n = b.shape[0]
     if n > 1 and not (layout == "lnc" and t.stride(0) == n * t.stride(1)):
         return f"{n} images in layout {layout!r} (several images only in 'lnc' with mergeable L and N axes)"
-    if n * hh * ww > CPU_KERNEL_MAX_ROWS:
-        return f"{n * hh * ww} rows, more than {CPU_KERNEL_MAX_ROWS}"
+    limit = CPU_KERNEL_MAX_ROWS_TRAINING if training else CPU_KERNEL_MAX_ROWS_EVAL
+    if n * hh * ww > limit:
+        return f"{n * hh * ww} rows, more than {limit} ({'training' if training else 'eval'})"
     for q in tensors:
         if q.dtype != t.dtype or q.device != t.device or not q.is_contiguous():
             return f"a parameter is {q.dtype} on {q.device}, not contiguous {t.dtype} on x's device"
