@@ -118,6 +118,14 @@ inline T sigmoid(T v) {
   return T(1) / (T(1) + std::exp(-v));
 }
 
+// b + sum_c v[c] w[c] over h values (a per-row projection to one number), accumulated in double.
+template <typename T>
+inline T affine_dot(const T* v, const T* w, T b, int64_t h) {
+  double acc = b;
+  for (int64_t c = 0; c < h; ++c) acc += double(v[c]) * w[c];
+  return T(acc);
+}
+
 template <typename T>
 inline T gelu(T a) {
   return T(0.5) * a * (T(1) + std::erf(a * T(M_SQRT1_2)));
@@ -335,11 +343,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
   T* vp = v.data_ptr<T>();
   {
     const T *cw = P(COMP_W), cb = *P(COMP_B);
-    for (int64_t r = 0; r < R; ++r) {
-      double acc = cb;
-      for (int64_t c = 0; c < H; ++c) acc += double(yp[r * H + c]) * cw[c];
-      sc[r] = T(acc);
-    }
+    for (int64_t r = 0; r < R; ++r) sc[r] = affine_dot(yp + r * H, cw, cb, H);
     for (int64_t m = 0; m < N; ++m) {
       T mx = sc[m];
       for (int64_t p = 1; p < NP; ++p) mx = std::max(mx, sc[p * N + m]);
@@ -398,9 +402,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
   {
     const T *sw = P(SI_W), sb = *P(SI_B);
     for (int64_t r = 0; r < R; ++r) {
-      double acc = sb;
-      for (int64_t c = 0; c < H; ++c) acc += double(lp[r * H + c]) * sw[c];
-      const T g = sigmoid(T(acc));
+      const T g = sigmoid(affine_dot(lp + r * H, sw, sb, H));
       sgp[r] = g;
       const T* cm = ccp + (r % N) * 2 * H;
       for (int64_t c = 0; c < H; ++c)

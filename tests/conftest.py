@@ -54,6 +54,48 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """(N, C, H, W) -> the adapter layout's tensor, a contiguous copy ("lnc": (H W, N, C), H == W)."""
+    if layout == "nhwc":
+        return x.permute(0, 2, 3, 1).contiguous()
+    if layout == "lnc":
+        return x.flatten(2).permute(2, 0, 1).contiguous()
+    return x.contiguous()
+
+
+def from_layout(t: torch.Tensor, layout: str, shape) -> torch.Tensor:
+    """The adapter layout's tensor ``t`` as an (N, C, H, W) view of the given ``shape``."""
+    if layout == "nhwc":
+        return t.permute(0, 3, 1, 2)
+    if layout == "lnc":
+        return t.permute(1, 2, 0).reshape(shape)
+    return t
+
+
+def adapter_case(layout, hh, ww, n=1, dtype=torch.float64, zero=False, seed=0, variant="edt", dim=56):
+    """A random moce_fast.AdaptIRAdapter (random running statistics too) in ``dtype``, the float64
+    reference with the same state (exact phase at the self-conjugate bins, as moce_fast's paths),
+    and N random images (N, C, H, W) in float64. ``zero``: the images, the head bias and the
+    BatchNorm shift are 0, so the normalised map and every spectrum bin are exactly 0 (a map constant
+    but not 0 has rounding noise for spectrum bins, whose phases, and so the reference's output, are
+    noise too)."""
+    from moce_fast.reference import AdaptIR
+
+    fast = randomize_(moce_fast.AdaptIRAdapter(dim, variant, layout), seed).double()
+    with torch.no_grad():
+        fast.BN.running_mean.normal_()
+        fast.BN.running_var.uniform_(0.5, 1.5)
+        if zero:
+            fast.head.bias.zero_()
+            fast.BN.bias.zero_()
+    ref = AdaptIR(dim, variant).double()
+    ref.load_state_dict(fast.state_dict())
+    ref.exact_phase = True
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, dim, hh, ww, generator=g, dtype=torch.float64) * (0 if zero else 1)
+    return fast.to(dtype), ref, x
+
+
 # Bias gradients that are sums over all pixels of terms of both signs: zero in exact arithmetic
 # (softmax is shift-invariant; BatchNorm in training removes the head's bias) or much smaller than
 # their terms (the spatial gate's bias: float32 torch itself is 1e-4 off there). Their round-off is

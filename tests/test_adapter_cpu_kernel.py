@@ -15,7 +15,7 @@ import moce_fast
 from moce_fast.ops import _backend
 from moce_fast.ops import adapter as ops
 from moce_fast.reference import AdaptIR
-from conftest import assert_grads_close, randomize_, rel_err
+from conftest import adapter_case, assert_grads_close, from_layout, randomize_, rel_err, to_layout
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("moce_fast._C") is None,
                                 reason="moce_fast._C was not built (needs a CUDA build of torch and nvcc)")
@@ -32,43 +32,6 @@ def _poisoned_outputs():
     _cuda.set_poison_outputs(False)
 
 
-def to_layout(x, layout):
-    if layout == "nhwc":
-        return x.permute(0, 2, 3, 1).contiguous()
-    if layout == "lnc":
-        return x.flatten(2).permute(2, 0, 1).contiguous()
-    return x.contiguous()
-
-
-def from_layout(t, layout, shape):
-    if layout == "nhwc":
-        return t.permute(0, 3, 1, 2)
-    if layout == "lnc":
-        return t.permute(1, 2, 0).reshape(shape)
-    return t
-
-
-def make_case(layout, hh, ww, n, dtype, zero=False, seed=0, variant="edt", dim=56):
-    """A random adapter (random running statistics) in ``dtype`` and the float64 reference with the
-    same state (exact phase at the self-conjugate bins, as the fast paths), and N images of
-    (hh, ww) in ``layout`` (``zero``: the image, head bias and BatchNorm shift 0, so the normalised
-    map and every spectrum bin are exactly 0)."""
-    fast = randomize_(moce_fast.AdaptIRAdapter(dim, variant, layout), seed).double()
-    with torch.no_grad():
-        fast.BN.running_mean.normal_()
-        fast.BN.running_var.uniform_(0.5, 1.5)
-        if zero:
-            fast.head.bias.zero_()
-            fast.BN.bias.zero_()
-    ref = AdaptIR(dim, variant).double()
-    ref.load_state_dict(fast.state_dict())
-    ref.exact_phase = True
-    fast.to(dtype)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(n, dim, hh, ww, generator=g, dtype=torch.float64) * (0 if zero else 1)
-    return fast, ref, x
-
-
 # (layout, H, W, N): dense DFT tables up to 256 pixels, rfft2 / irfft2 beyond (17x17, 9x30, 24x20)
 SIZES = [("nchw", 5, 5, 1), ("lnc", 5, 5, 1), ("nhwc", 5, 5, 1), ("nchw", 3, 7, 1), ("nhwc", 1, 6, 1),
          ("lnc", 16, 16, 1), ("lnc", 4, 4, 3), ("nchw", 17, 17, 1), ("nhwc", 9, 30, 1), ("lnc", 17, 17, 2),
@@ -81,7 +44,7 @@ TOL = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-4)}  # (output, g
 def test_training_equals_reference(layout, hh, ww, n, dtype):
     # float32 gradients at 1e-4: they pass through 1/|S| and the phase's derivative, which amplify
     # the forward's float32 round-off at small bins (the torch backend in float32 is as far off)
-    fast, ref, x = make_case(layout, hh, ww, n, dtype)
+    fast, ref, x = adapter_case(layout, hh, ww, n, dtype)
     fast.train(), ref.train()
     xl = to_layout(x, layout).to(dtype).requires_grad_()
     xr = to_layout(x, layout).requires_grad_()
@@ -102,7 +65,7 @@ def test_training_equals_reference(layout, hh, ww, n, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("layout,hh,ww,n", SIZES)
 def test_eval_equals_reference(layout, hh, ww, n, dtype):
-    fast, ref, x = make_case(layout, hh, ww, n, dtype)
+    fast, ref, x = adapter_case(layout, hh, ww, n, dtype)
     fast.eval(), ref.eval()
     _backend._LAST_RUN.clear()
     with torch.no_grad(), moce_fast.backend("cpu"):
@@ -116,7 +79,7 @@ def test_eval_equals_reference(layout, hh, ww, n, dtype):
 def test_zero_map(layout, hh, ww, n):
     # variance 0 (BatchNorm divides by sqrt(eps)) and every spectrum bin 0 (abs and angle take their
     # zero-guarded gradients: none flows through 1/|S|)
-    fast, ref, x = make_case(layout, hh, ww, n, torch.float64, zero=True)
+    fast, ref, x = adapter_case(layout, hh, ww, n, torch.float64, zero=True)
     fast.train(), ref.train()
     xl = to_layout(x, layout).requires_grad_()
     xr = to_layout(x, layout).requires_grad_()

@@ -8,7 +8,7 @@ import torch
 
 import moce_fast
 from moce_fast.reference import AdaptIR
-from conftest import randomize_, rel_err
+from conftest import adapter_case, from_layout, randomize_, rel_err
 
 @pytest.fixture(autouse=True)
 def _torch_backend():
@@ -445,8 +445,8 @@ def test_training_after_inference_mode_calls(n, layout):
     xl, x_ref = _to_layout(x, layout), x.clone().requires_grad_()
     y, expected = adapter(xl), ref(x_ref)
     y.sum().backward(), expected.sum().backward()
-    assert rel_err(_from_layout(y, layout, x.shape), expected) < 1e-12
-    assert rel_err(_from_layout(xl.grad, layout, x.shape), x_ref.grad) < 1e-10
+    assert rel_err(from_layout(y, layout, x.shape), expected) < 1e-12
+    assert rel_err(from_layout(xl.grad, layout, x.shape), x_ref.grad) < 1e-10
 
 
 def test_one_image_path_runs_only_where_torch_runs_both_stages(monkeypatch):
@@ -506,32 +506,11 @@ def _to_layout(x, layout):
     return x.detach().clone(memory_format=torch.contiguous_format).requires_grad_()
 
 
-def _from_layout(y, layout, shape):
-    if layout == "nhwc":
-        return y.permute(0, 3, 1, 2)
-    if layout == "lnc":
-        return y.permute(1, 2, 0).reshape(shape)
-    return y
-
-
 def _one_image_training_case(layout, hh, ww, zero=False, seed=0, n=1):
-    """A random EDT-variant adapter (float64, random running statistics) and the reference with the
-    same state, both in training mode, and one image of (hh, ww) in ``layout`` and as NCHW. With
-    ``zero``, the image, the head bias and the BatchNorm shift are 0, so the normalised map is
-    exactly 0 (a map constant but not 0 has rounding noise for spectrum bins, whose phases, and so
-    the reference's output, are noise too)."""
-    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", layout), seed).double().train()
-    with torch.no_grad():
-        adapter.BN.running_mean.normal_()
-        adapter.BN.running_var.uniform_(0.5, 1.5)
-        if zero:
-            adapter.head.bias.zero_()
-            adapter.BN.bias.zero_()
-    ref = AdaptIR(56, "edt").double().train()
-    ref.load_state_dict(adapter.state_dict())
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(n, 56, hh, ww, generator=g, dtype=torch.float64) * (0 if zero else 1)
-    return adapter, ref, _to_layout(x, layout), x.clone().requires_grad_()
+    """conftest.adapter_case (EDT, float64) in training mode, the images in ``layout`` (a leaf) and
+    as NCHW (a leaf)."""
+    adapter, ref, x = adapter_case(layout, hh, ww, n, zero=zero, seed=seed)
+    return adapter.train(), ref.train(), _to_layout(x, layout), x.clone().requires_grad_()
 
 
 @pytest.mark.parametrize("layout,hh,ww,n", [("nchw", 5, 5, 1), ("lnc", 5, 5, 1), ("nhwc", 5, 5, 1), ("nchw", 3, 7, 1),
@@ -549,14 +528,14 @@ def test_fused_training_equals_reference(layout, hh, ww, n, zero):
     adapter, ref, xl, x = _one_image_training_case(layout, hh, ww, zero, n=n)
     y, expected = adapter(xl), ref(x)
     assert type(y.grad_fn).__name__ == "_FusedTrainBackward"
-    assert rel_err(_from_layout(y, layout, x.shape), expected) < 1e-12
+    assert rel_err(from_layout(y, layout, x.shape), expected) < 1e-12
     # the running statistics updated from the image's batch statistics, as the public adapter does
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         got, want = getattr(adapter.BN, name), getattr(ref.BN, name)
         assert (got - want).abs().max() <= 1e-13 * max(1.0, want.abs().max().item()), name
     dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
-    y.backward(dy), expected.backward(_from_layout(dy, layout, x.shape))
-    assert rel_err(_from_layout(xl.grad, layout, x.shape), x.grad) < 1e-10
+    y.backward(dy), expected.backward(from_layout(dy, layout, x.shape))
+    assert rel_err(from_layout(xl.grad, layout, x.shape), x.grad) < 1e-10
     ref_params = dict(ref.named_parameters())
     for name, p in adapter.named_parameters():
         expect = ref_params[name].grad
@@ -670,9 +649,9 @@ def test_one_image_paths_on_cuda_with_the_torch_backend(layout, side, dtype, tol
         assert type(y.grad_fn).__name__ == "_FusedTrainBackward"
         expected = ref(x)
         dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-        y.backward(dy.to("cuda", dtype)), expected.backward(_from_layout(dy, layout, x.shape))
-        assert rel_err(_from_layout(y.cpu().double(), layout, x.shape), expected) < tol
-        assert rel_err(_from_layout(xc.grad.cpu().double(), layout, x.shape), x.grad) < tol
+        y.backward(dy.to("cuda", dtype)), expected.backward(from_layout(dy, layout, x.shape))
+        assert rel_err(from_layout(y.cpu().double(), layout, x.shape), expected) < tol
+        assert rel_err(from_layout(xc.grad.cpu().double(), layout, x.shape), x.grad) < tol
         ref_params = dict(ref.named_parameters())
         for name, p in adapter.named_parameters():  # (head.bias, compress.bias: 0 in exact arithmetic)
             expect = ref_params[name].grad
@@ -680,4 +659,4 @@ def test_one_image_paths_on_cuda_with_the_torch_backend(layout, side, dtype, tol
         adapter.eval(), ref.eval()
         with torch.no_grad():
             y, expected = adapter(xc), ref(x)
-        assert rel_err(_from_layout(y.cpu().double(), layout, x.shape), expected) < tol
+        assert rel_err(from_layout(y.cpu().double(), layout, x.shape), expected) < tol

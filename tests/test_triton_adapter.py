@@ -19,7 +19,7 @@ from moce_fast import adapters as A
 from moce_fast.kernels import adapter as adapter_kernels
 from moce_fast.ops import _backend
 from moce_fast.reference import AdaptIR
-from conftest import assert_grads_close, randomize_, rel_err
+from conftest import assert_grads_close, randomize_, rel_err, to_layout
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
 
@@ -52,15 +52,6 @@ def make_adapter(variant, layout, seed=0):
     ref.exact_phase = True
     ref.load_state_dict(fast.state_dict())
     return fast.to(DEVICE), ref
-
-
-def to_layout(x, layout):
-    """(N, C, H, W) -> the layout's tensor (a copy; "lnc" needs H == W)."""
-    if layout == "nhwc":
-        return x.permute(0, 2, 3, 1).contiguous()
-    if layout == "lnc":
-        return x.flatten(2).permute(2, 0, 1).contiguous()
-    return x.contiguous()
 
 
 def from_layout(t, layout, h, w):
