@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 CONFIG_CHOICES = ["MoCE_IR", "MoCE_IR_S", "tiny"]
-BACKEND_CHOICES = ["auto", "torch", "triton", "cuda"]
+BACKEND_CHOICES = ["auto", "torch", "triton", "cuda", "cpu"]  # moce_fast.ops.BACKENDS (a test keeps them equal)
 # The paper's five-task all-in-one setting: noise (three levels), rain, haze, motion blur, low light.
 DEMO_TASKS = ("noise15", "noise25", "noise50", "rain", "haze", "motion_blur", "lowlight")
 

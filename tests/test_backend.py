@@ -117,3 +117,10 @@ def test_training_traces_without_graph_breaks_under_torch_compile():
     torch.testing.assert_close(got, want)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w)
+
+
+def test_cli_offers_every_backend():
+    # the CLI lists the names without importing torch at start-up; they must be the ops' names
+    from moce_fast import cli
+
+    assert cli.BACKEND_CHOICES == list(moce_fast.ops.BACKENDS)
