@@ -101,7 +101,9 @@ def test_dispatch_traces_without_graph_breaks_under_torch_compile():
 
 def test_training_traces_without_graph_breaks_under_torch_compile():
     # with gradients the torch backend runs its own autograd Functions (the attention's Gram matrices
-    # and norms): torch.compile must trace them whole, forward and backward, and match eager
+    # and norms) in eager mode; compiled, the attention runs the plain ops (torch 2.11's dynamo traced
+    # that Function to wrong input gradients): the compiled step must have no graph break and match
+    # eager, forward and backward
     from moce_fast.nn import EncoderBlock
 
     torch.manual_seed(0)

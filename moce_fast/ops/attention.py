@@ -95,8 +95,10 @@ def _attention_matrices_torch(q, k, temperature, num_heads):
     d = c // num_heads
     qr, kr = _pixel_rows(q), _pixel_rows(k)
     if qr is not None and kr is not None:
-        # channels-last q and k read in place (oneDNN's convs give them)
-        if torch.is_grad_enabled() and (qr.requires_grad or kr.requires_grad):
+        # channels-last q and k read in place (oneDNN's convs give them). Under torch.compile the plain
+        # ops run and the compiler derives their backward: torch 2.11's dynamo traced _GramsAndNorms
+        # to wrong input gradients (the lent GPUs' image; scripts/check_gpu_image.sh found it)
+        if torch.is_grad_enabled() and (qr.requires_grad or kr.requires_grad) and not torch.compiler.is_compiling():
             g, nq, nk = _GramsAndNorms.apply(qr, kr, num_heads)
         else:
             g, nq, nk = _head_grams(qr, kr, num_heads), _pixel_norms(qr), _pixel_norms(kr)
