@@ -1036,8 +1036,8 @@ def cpu_kernel_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor],
     """Why the extension's CPU kernel of the whole adapter does not take this call, or None: one
     task's parameters (``tensors``, :func:`_cpu_params`), contiguous, in ``t``'s dtype, float32 or
     float64; one image, or N images in "lnc" whose L and N axes merge, at most
-    ``CPU_KERNEL_MAX_ROWS_TRAINING`` (``_EVAL``) rows in all; outside torch.compile; in eval, no autograd graph to record
-    (the kernel has none)."""
+    ``CPU_KERNEL_MAX_ROWS_TRAINING`` (``_EVAL``) rows in all; outside torch.compile; in eval, no
+    autograd graph to record (the kernel has none)."""
     if torch.compiler.is_compiling():
         return "torch.compile traces the call"
     if t.dtype not in (torch.float32, torch.float64):
@@ -1069,6 +1069,7 @@ def cpu_kernel_runs(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], t
 
 
 _NO_TABLE = torch.empty(0)
+_CPU = torch.device("cpu")
 
 
 def _kernel_tables(hh: int, ww: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -1077,9 +1078,6 @@ def _kernel_tables(hh: int, ww: int, dtype: torch.dtype) -> tuple[torch.Tensor, 
     if hh * ww <= DENSE_DFT_MAX_PIXELS:
         return dft_tables(hh, ww, dtype, _CPU)[:4]
     return _NO_TABLE, _NO_TABLE, hh * (ww // 2 + 1), 0
-
-
-_CPU = torch.device("cpu")
 
 
 def adaptir_rows_cpu(t: torch.Tensor, layout: str, p: AdapterParams, eps: float, training: bool
