@@ -711,9 +711,6 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   // conv_a, conv_b from the kernel's gradient (k9 = A @ B)
   const auto ca = prm[CONV_A].view({H, d.r}), cb = prm[CONV_B].view({d.r, 9});
   auto dca = at::mm(dk9, cb.t()), dcbw = at::mm(ca.t(), dk9);
-  std::vector<at::Tensor> grads = {dx,   dwh,  dbh,  dbnw, dbnb, dca,  dcbw, dcbias, damw, damb, dphw, dphb, dcw,
-                                   dcb,  dpw1, dpb1, dpw2, dpb2, dcw1, dcb1, dcw2, dcb2,   at::Tensor(), at::Tensor(),
-                                   dtw};
   // spatial gate's weight and bias
   auto dsw = new_buffer({H}, like), dsb = new_buffer({1}, like);
   {
@@ -721,8 +718,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
     for (int64_t c = 0; c < H; ++c) g[c] = T(dsiw[c]);
     *dsb.data_ptr<T>() = T(dsib);
   }
-  grads[1 + SI_W] = dsw, grads[1 + SI_B] = dsb;
-  for (int i = 0; i < NUM_PARAMS; ++i) grads[1 + i] = grads[1 + i].view(prm[i].sizes());
+  std::vector<at::Tensor> grads = {dx,   dwh,  dbh,  dbnw, dbnb, dca,  dcbw, dcbias, damw, damb, dphw, dphb, dcw,
+                                   dcb,  dpw1, dpb1, dpw2, dpb2, dcw1, dcb1, dcw2, dcb2, dsw,    dsb,  dtw};
+  for (int i = 0; i < NUM_PARAMS; ++i)  // in each parameter's own shape
+    if (grads[1 + i].sizes() != prm[i].sizes()) grads[1 + i] = grads[1 + i].view(prm[i].sizes());
   return grads;
 }
 

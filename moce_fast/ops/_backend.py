@@ -230,15 +230,15 @@ def runs_on_cpu_kernel(ops: tuple[str, ...], device: torch.device, reason: Calla
     """Whether a CPU kernel of the extension that stands in for ``ops`` together runs now: the
     backend is "cpu", or "auto" on a CPU where the extension is built, the device is a CPU, and
     ``reason()`` (why the kernel does not take these inputs, or None) is None. If so the ops are
-    recorded as run on cpu; if the backend is "cpu" and the kernel does not take the inputs, the
-    reason is logged (debug) and the caller runs the torch implementation."""
+    recorded as run on cpu; if the kernel does not take the inputs, the reason is logged (debug)
+    and the caller runs the torch implementation."""
     if device.type != "cpu" or _current not in ("cpu", "auto"):
         return False
     if _current == "auto" and cpu_runtime_status() is not None:
         return False
     why = reason()
     if why is not None:
-        if _current == "cpu" and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():  # (as resolve logs a kernel that declines its inputs)
             log.debug("ops %s: the cpu kernel does not take these inputs (%s); torch runs them", ops, why)
         return False
     record(ops, "cpu", device)
