@@ -14,10 +14,13 @@
 #   pytest       the tests GPU_CHECK_PYTEST="pytest arguments" names (not in the default list: a
 #                short lease's pick, e.g. GPU_CHECK_PYTEST="tests/test_triton_adapter.py")
 #   profile      scripts/gpu_profile.py: host time against GPU time (CUDA graphs, profiler) of the
-#                adapter and MoCE-layer headline cases, as profile.json
+#                adapter and MoCE-layer headline cases, as profile.json (GPU_CHECK_PROFILE_ARGS: its
+#                arguments, default "--compile --batch 8 32")
 #   bench_moce_layer bench_adapter bench_backbone bench_model
 #                headline benchmarks: MOCE_FAST_BENCH_QUICK=1 (each issue's target cases,
 #                bench/conftest.py)
+#                (with GPU_CHECK_BENCH_K="pytest -k expression": the cases it selects from the full
+#                matrix instead, e.g. "fp32 and not cpu" for bench_adapter)
 #   bench_cuda_ops the CUDA C++ ops against their torch equivalents
 #   other_tests  the rest of the test suite (-m "not gpu")
 #   sanitizer    compute-sanitizer memcheck/racecheck on the CUDA ops
@@ -101,10 +104,12 @@ step() {  # step NAME CMD...: run within the budget left, log to $OUT/NAME.log, 
 
 bench() {  # bench NAME FILE [quick]: one benchmark file, JSON and JSON lines into $RESULTS
   local name=$1 file=$2 quick=${3:-}
+  local sel=()
+  if [ -n "${GPU_CHECK_BENCH_K:-}" ]; then quick=""; sel=(-k "$GPU_CHECK_BENCH_K"); fi
   local suffix=${quick:+_quick}
   rm -f "$RESULTS/$name$suffix.jsonl"
   MOCE_FAST_BENCH_QUICK=${quick:+1} MOCE_FAST_BENCH_JSONL="$RESULTS/$name$suffix.jsonl" \
-    step "bench_$name$suffix" $PY -m pytest -q "$file" --benchmark-only -p no:cacheprovider \
+    step "bench_$name$suffix" $PY -m pytest -q "$file" --benchmark-only -p no:cacheprovider "${sel[@]}" \
     --benchmark-json="$RESULTS/$name$suffix.json"
 }
 
@@ -128,7 +133,8 @@ for s in $STEPS; do
         -m "not gpu" "${TRITON_TESTS[@]}" ;;
     pytest) read -ra ARGS <<< "${GPU_CHECK_PYTEST:?the pytest step runs GPU_CHECK_PYTEST=\"pytest arguments\"}"
       MOCE_FAST_FAILURE_LOG=$WORK/pytest.failures step pytest $PY -m pytest "${PT[@]}" "${ARGS[@]}" ;;
-    profile) step profile $PY scripts/gpu_profile.py --compile --batch 8 32 --json "$RESULTS/profile.json" ;;
+    profile) read -ra PARGS <<< "${GPU_CHECK_PROFILE_ARGS:---compile --batch 8 32}"
+      step profile $PY scripts/gpu_profile.py "${PARGS[@]}" --json "$RESULTS/profile.json" ;;
     bench_moce_layer|bench_adapter|bench_backbone|bench_model) bench "${s#bench_}" "bench/${s}.py" quick ;;
     bench_cuda_ops) bench cuda_ops bench/bench_cuda_ops.py ;;
     other_tests) MOCE_FAST_FAILURE_LOG=$WORK/other_tests.failures step other_tests $PY -m pytest "${PT[@]}" \
