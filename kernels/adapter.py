@@ -555,7 +555,7 @@ def mix_tail(y, scale, shift, task, k9, mix: list, tail_w, out, out_strides, pre
                                    hid, h, w, AFFINE=affine, **cfg)
     cfg = out_config(hid, m)
     warps = cfg.pop("num_warps")
-    h2, q = p1w.shape[1], c1w.shape[1]
+    h2, q = p1b.shape[-1], c1b.shape[-1]  # (with a task axis or without)
     grid = (cdiv(h * w, cfg["BLOCK_P"]), cdiv(m, cfg["BLOCK_M"]), n)
     mix_out_kernel[grid](loc, glob, pooled, gmean, task, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib, tail_w,
                          out, hid, h * w, m, h2, q, *out_strides, BLOCK_H2=pow2(h2, 1), BLOCK_Q=pow2(q, 1),
@@ -581,7 +581,7 @@ def mix_backward_pix(du, task, mix: list, saved, out) -> None:
         return
     cfg = pix_config(hid)
     warps = cfg.pop("num_warps")
-    h2, q = p1w.shape[1], c1w.shape[1]
+    h2, q = p1b.shape[-1], c1b.shape[-1]  # (with a task axis or without)
     mix_bwd_pix_kernel[(cdiv(h * w, cfg["BLOCK_P"]), n)](
         du, loc, glob, pooled, gmean, task, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib, dloc, dgabs, u, parts,
         hid, h * w, h2, q, BLOCK_H2=pow2(h2, 1), BLOCK_Q=pow2(q, 1), num_warps=warps, **cfg)

@@ -107,6 +107,12 @@ SIBLING = {"compress.bias": "compress.weight", "head.bias": "head.weight",
 def assert_grads_close(fast_mod, ref_mod, fast_x, ref_x, tol):
     """Every gradient within tol of the reference, relative to its own size (or its sibling's)."""
     assert rel_err(fast_x.grad, ref_x.grad) < tol, "input gradient"
+    assert_param_grads_close(fast_mod, ref_mod, tol)
+
+
+def assert_param_grads_close(fast_mod, ref_mod, tol):
+    """Every parameter gradient within tol of the reference, relative to its own size (or its
+    sibling's: a gradient that is zero in exact arithmetic, as a bias before BatchNorm's)."""
     ref_params = dict(ref_mod.named_parameters())
     for name, p in fast_mod.named_parameters():
         expected = ref_params[name].grad

@@ -19,7 +19,7 @@ from moce_fast import adapters as A
 from moce_fast.kernels import adapter as adapter_kernels
 from moce_fast.ops import _backend
 from moce_fast.reference import AdaptIR
-from conftest import assert_grads_close, randomize_, rel_err, to_layout
+from conftest import assert_grads_close, assert_param_grads_close, randomize_, rel_err, to_layout
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
 
@@ -74,6 +74,8 @@ def test_fused_equals_reference(variant, layout, mode):
     with moce_fast.backend("triton"):
         y = fast(xf)
     assert _backend.last_run()["adaptir_mix_tail"] == "triton" and _backend.last_run()["adaptir_linear"] == "triton"
+    if mode == "train":  # one task in training: the fused Function, not the staged custom ops
+        assert type(y.grad_fn).__name__ == "_TritonTrainBackward"
     xr = x.clone().requires_grad_()
     expected = ref(xr)
     got = from_layout(y, layout, h, w)
@@ -293,6 +295,75 @@ def test_unsupported_inputs_are_clear():
     with moce_fast.backend("auto"):
         name, _ = _backend.resolve("adaptir_mix_tail", torch.device("cuda"), args)
     assert name == "torch" and _backend.last_run()["adaptir_mix_tail"] == "torch"
+
+
+def _train_case(layout="nhwc", n=2, seed=3):
+    fast, ref = make_adapter("edt", layout, seed=seed)
+    fast.train(), ref.train()
+    x = torch.randn(n, DIMS["edt"], 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    return fast, ref, x
+
+
+def test_training_function_without_input_gradient():
+    """A frozen host below the adapter (x needs no gradient): no input gradient is made, and every
+    parameter gradient still equals the float64 reference's."""
+    fast, ref, x = _train_case()
+    with moce_fast.backend("triton"):
+        y = fast(to_layout(x, "nhwc").float().to(DEVICE))
+        assert type(y.grad_fn).__name__ == "_TritonTrainBackward"
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+        y.backward(grad.to(DEVICE))
+    ref(x).backward(from_layout(grad.double(), "nhwc", 6, 6))
+    assert_param_grads_close(fast, ref, 5e-5)
+
+
+def test_training_function_sees_in_place_updates():
+    """A parameter changed in place between the forward and the backward is an error (the saved
+    tensors' versions), as in any autograd op; the batch statistics are the batch's."""
+    fast, _, x = _train_case(layout="lnc", n=3)
+    xf = to_layout(x, "lnc").float().to(DEVICE).requires_grad_()
+    with moce_fast.backend("triton"):
+        y = fast(xf)
+        with torch.no_grad():
+            fast.spatial_interaction.weight.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
+def test_training_function_unused_output_statistics_only():
+    """The running statistics are updated from the forward alone (a step whose loss ignores the
+    adapter's output still counts the batch, as nn.BatchNorm2d does), and a backward through the
+    output alone works when the statistics' outputs get no gradient."""
+    fast, ref, x = _train_case(n=1)
+    xf = to_layout(x, "nhwc").float().to(DEVICE)
+    with moce_fast.backend("triton"):
+        fast(xf)
+        fast(xf).sum().backward()
+    ref(x), ref(x)
+    assert fast.BN.num_batches_tracked.item() == 2
+    assert rel_err(fast.BN.running_mean.cpu(), ref.BN.running_mean) < TOL32
+    assert rel_err(fast.BN.running_var.cpu(), ref.BN.running_var) < TOL32
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bfloat16 needs a CUDA device (the interpreter gets bfloat16 wrong)")
+def test_bf16_training_on_gpu():
+    """bfloat16 tokens through the fused training Function (float32 parameters, float32 h-space):
+    output, input and parameter gradients within bfloat16's accuracy of the float64 reference."""
+    fast, ref = make_adapter("ipt", "lnc")
+    fast.train(), ref.train()
+    x = torch.randn(2, 192, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    xb = to_layout(x, "lnc").to(DEVICE, torch.bfloat16).requires_grad_()
+    xr = x.clone().requires_grad_()
+    with moce_fast.backend("triton"):
+        y = fast(xb)
+        assert type(y.grad_fn).__name__ == "_TritonTrainBackward" and y.dtype == torch.bfloat16
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(13))
+        y.backward(grad.to(DEVICE, torch.bfloat16))
+    expected = ref(xr)
+    expected.backward(from_layout(grad.double(), "lnc", 8, 8))
+    assert rel_err(from_layout(y.detach().float().cpu(), "lnc", 8, 8), expected) < 2e-2
+    assert rel_err(from_layout(xb.grad.float().cpu(), "lnc", 8, 8), xr.grad) < 2e-2
+    assert_param_grads_close(fast, ref, 3e-2)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="bfloat16 needs a CUDA device (the interpreter gets bfloat16 wrong)")

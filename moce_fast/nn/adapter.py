@@ -10,7 +10,8 @@ import torch
 
 from .. import ops
 from ..ops.adapter import (AdapterParams, BatchStats, MixParams, OneImagePlan, _cpu_params, adaptir_fused_train,
-                           adaptir_rows_cpu, cpu_kernel_runs, fused_training, kept_versions, one_image_plan)
+                           adaptir_rows_cpu, adaptir_triton_train, cpu_kernel_runs, fused_training, kept_versions,
+                           one_image_plan, triton_training)
 from ..reference.adaptir import AdaptIR
 
 LAYOUTS = ("nchw", "lnc", "nhwc")
@@ -167,11 +168,14 @@ def _update_running_stats(adapters: Sequence[AdaptIR], stats: BatchStats) -> Non
     """BatchNorm's running-statistics update for the tasks present in the batch (count > 0), all
     tasks at once (no loop of small ops per task on the device)."""
     bns = [a.BN for a in adapters]
-    if len(bns) == 1 and stats.count.device.type == "cpu" and stats.count.item() > 0:
-        # one adapter that saw the batch (a CPU check): three ops, not the stacked update's fifteen
+    if len(bns) == 1:
+        # one adapter, which saw the whole batch (count > 0): three ops, not the stacked update's
+        # fifteen, and no host sync (a GPU training step is host-bound at these shapes)
         bn = bns[0]
         bn.num_batches_tracked.add_(1)
-        m = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
+        m = bn.momentum
+        if m is None:  # cumulative moving average, as nn.BatchNorm2d: 1 / batches seen
+            m = bn.num_batches_tracked.to(bn.running_mean.dtype).reciprocal_()
         bn.running_mean.lerp_(stats.mean[0].to(bn.running_mean.dtype), m)
         bn.running_var.lerp_(stats.var[0].to(bn.running_var.dtype), m)
         return
@@ -212,6 +216,8 @@ def run_adapters(adapters: Sequence[AdaptIR], x: torch.Tensor, task: Optional[to
             # the stored tensors as they are: no views, whose autograd nodes would cost as much as
             # a tenth of this path's step at batch 1
             out, stats = adaptir_fused_train(x, layout, params, first.BN.eps)
+        elif raw is not None and triton_training(x, layout, raw):  # (the stored tensors too)
+            out, stats = adaptir_triton_train(x, layout, params, first.BN.eps)
         else:
             out, stats = ops.adaptir(x, layout, stack_params(adapters), task, True, first.BN.eps)
     else:

@@ -226,6 +226,16 @@ def runs_on_torch(ops: tuple[str, ...], device: torch.device) -> bool:
     return True
 
 
+def triton_chosen(device: torch.device) -> bool:
+    """Whether an op with a triton kernel would run it on ``device`` now, its inputs aside (as
+    :func:`resolve` chooses): the backend is "triton" (on a CUDA device, or on a CPU under
+    TRITON_INTERPRET=1), or "auto" on a CUDA device where Triton runs. Nothing is recorded: a caller
+    that runs several ops' kernels as one path checks its inputs, then calls :func:`record`."""
+    if _current == "triton":
+        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return _current == "auto" and device.type == "cuda" and triton_runtime_status() is None
+
+
 def runs_on_cpu_kernel(ops: tuple[str, ...], device: torch.device, reason: Callable[[], str | None]) -> bool:
     """Whether a CPU kernel of the extension that stands in for ``ops`` together runs now: the
     backend is "cpu", or "auto" on a CPU where the extension is built, the device is a CPU, and
