@@ -23,7 +23,7 @@
 #                matrix instead, e.g. "fp32 and not cpu" for bench_adapter)
 #   bench_cuda_ops the CUDA C++ ops against their torch equivalents
 #   other_tests  the rest of the test suite (-m "not gpu")
-#   sanitizer    compute-sanitizer memcheck/racecheck on the CUDA ops
+#   sanitizer    compute-sanitizer memcheck/racecheck on the CUDA ops (their tests on CUDA tensors)
 #   full_bench   the full benchmark matrix (it needs a call of its own)
 # GPU_CHECK_STEPS picks and orders them (default: all but full_bench, in the order above).
 # Measured on an H200 (2026-11-26, four calls): install 44-52 s; gpu_tests 145 s on one process for
@@ -141,8 +141,15 @@ for s in $STEPS; do
         -m "not gpu" tests "${TRITON_TESTS[@]/#/--ignore=}" ;;
     sanitizer)
       if command -v compute-sanitizer > /dev/null; then
-        step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -x tests/test_cuda_ops.py -k cuda
-        step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $PY -m pytest -q -x tests/test_cuda_ops.py -k "cuda and (dwconv or routing)"
+        # (the tests that raise from C++ are left out: on the H200, 2026-11-27, the first TORCH_CHECK
+        # thrown under compute-sanitizer, in test_grouped_dwconv_op_and_bad_input on CPU tensors,
+        # crashed the process with a segfault after 122 tests and 0 errors; the same test under
+        # valgrind on a CPU reads and writes nothing out of bounds in the extension)
+        local_k="not bad_input and not errors"
+        step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -x -m gpu tests/test_cuda_ops.py \
+          -k "$local_k"
+        step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $PY -m pytest -q -x -m gpu tests/test_cuda_ops.py \
+          -k "$local_k and (dwconv or routing)"
       else
         SUMMARY+=("sanitizer: compute-sanitizer not found, memcheck/racecheck not run"); status=1
       fi ;;
