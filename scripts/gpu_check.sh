@@ -34,6 +34,13 @@
 # the last one did not finish, e.g. GPU_CHECK_STEPS="install pytest" GPU_CHECK_CAPS="pytest=420"
 # GPU_CHECK_PYTEST="tests/test_triton_moce.py tests/test_triton_backbone.py tests/test_adaptir.py"
 # GPU_CHECK_WORKERS=14 (test_adaptir.py: the fused torch paths on CUDA tensors, new since that lease).
+# H200, 2026-11-27 (one call, 405 s of a 560 s budget): install 48 s; gpu_tests 87 of 89 in its
+# 150 s cap (14 workers); bench_adapter with GPU_CHECK_BENCH_K="fp32 and not cpu and (not compile
+# or -8-)" 76 s; profile (--cases adapter --compile --batch 1 8 32) 49 s. The next lease's first
+# call: the training Function (60ae973) and the launch costs, then the GPU tests, e.g.
+# GPU_CHECK_STEPS="install bench_adapter profile gpu_tests" GPU_CHECK_BENCH_K="fp32 and bwd and not
+# cpu and not compile" GPU_CHECK_PROFILE_ARGS="--cases launch,adapter --batch 1 8"
+# GPU_CHECK_CAPS="gpu_tests=240" GPU_CHECK_WORKERS=14.
 # Benchmark JSON goes to <work>/bench_results/<device>/ as each run goes (--benchmark-json for runs
 # that finish, and <name>.jsonl with one line per finished case, which survives a cut-off run), and
 # at the end to bench/results/<device>/ (commit it). Logs and results are packed at the end into one

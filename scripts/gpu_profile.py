@@ -10,7 +10,9 @@ and each implementation, four numbers per call, all from one process on one devi
 - ``kernels_ms`` and ``launches``: device time of the kernels of one call, and how many (the torch
   profiler), with the three costliest kernels.
 Prints a table and writes the records as JSON (--json FILE). Run on a CUDA device only:
-    python scripts/gpu_profile.py [--cases adapter,moce_layer] [--batch 8] [--compile] [--json FILE]
+    python scripts/gpu_profile.py [--cases adapter,moce_layer,launch] [--batch 8] [--compile] [--json FILE]
+(``launch``: the host cost of a Triton launch by argument count, and of the adapter's eval call
+without its kernels; see launch_cases.)
 """
 
 from __future__ import annotations
@@ -170,6 +172,84 @@ def moce_layer_cases(batch: int, dtype, compile_too: bool):
     yield f"moce_layer C={dim} {hw}x{hw} B={batch} mixed {str(dtype)[6:]} fwd", impls
 
 
+def _empty_kernel(n_ptr: int):
+    """A Triton kernel that takes n_ptr pointers and does nothing but store one value: what a launch
+    costs on the host as a function of its argument count (the adapter's mix kernels take ~25)."""
+    import triton
+    import triton.language as tl
+
+    names = [f"p{i}" for i in range(n_ptr)]
+    src = (f"def empty_{n_ptr}({', '.join(names)}, BLOCK: tl.constexpr):\n"
+           f"    tl.store(p0 + tl.arange(0, BLOCK), tl.zeros([BLOCK], dtype=tl.float32))\n")
+    scope = {"tl": tl}
+    exec(compile(src, f"<empty_{n_ptr}>", "exec"), scope)  # (a file-less kernel: Triton reads its source)
+    fn = scope[f"empty_{n_ptr}"]
+    import linecache
+    linecache.cache[f"<empty_{n_ptr}>"] = (len(src), None, src.splitlines(True), f"<empty_{n_ptr}>")
+    return triton.jit(fn)
+
+
+def launch_cases(batch: int, dtype, compile_too: bool):
+    """Where the Triton adapter's eval host time goes (batch ``batch``, IPT 16x16): a do-nothing
+    Triton launch with 1, 8 and 32 pointer arguments; the adapter's kernel wrappers replayed alone on
+    the arguments of a real call (grouped_linear: 1 launch; mix_tail: 2); and the adapter call with
+    its kernels stubbed out (moce_fast's Python and dispatch alone)."""
+    import moce_fast
+    from moce_fast.kernels import adapter as kernels
+    sys.path.insert(0, "bench")
+    from bench_adapter import _randomize
+
+    impls = {}
+    bufs = [torch.empty(64, device="cuda", dtype=dtype) for _ in range(32)]
+    for n_ptr in (1, 8, 32):
+        fn = _empty_kernel(n_ptr)
+        impls[f"empty-{n_ptr}ptr"] = (lambda fn=fn, n_ptr=n_ptr: fn[(1,)](*bufs[:n_ptr], BLOCK=64))
+    torch.manual_seed(0)
+    fast = moce_fast.AdaptIRAdapter(576, "ipt", "lnc")
+    _randomize(fast)
+    fast = fast.cuda().eval()
+    x = torch.randn(256, batch, 576, device="cuda", dtype=dtype)
+    seen = {}
+    names = ("grouped_linear", "mix_tail")
+    originals = {name: getattr(kernels, name) for name in names}
+
+    def recorder(name):
+        def rec(*a, **k):
+            seen[name] = (a, k)
+            return originals[name](*a, **k)
+        return rec
+
+    for name in names:
+        setattr(kernels, name, recorder(name))
+    try:
+        with torch.no_grad(), moce_fast.backend("triton"):
+            fast(x)
+    finally:
+        for name in names:
+            setattr(kernels, name, originals[name])
+    for name in names:
+        a, k = seen[name]
+        impls[f"{name} wrapper"] = (lambda f=originals[name], a=a, k=k: f(*a, **k))
+
+    def stubbed():
+        for name in names:
+            setattr(kernels, name, lambda *a, **k: None)
+        try:
+            with torch.no_grad(), moce_fast.backend("triton"):
+                return fast(x)
+        finally:
+            for name in names:
+                setattr(kernels, name, originals[name])
+
+    def whole():
+        with torch.no_grad(), moce_fast.backend("triton"):
+            return fast(x)
+
+    impls["adapter, kernels stubbed"] = stubbed
+    impls["adapter"] = whole
+    yield f"launch overhead: adapter ipt C=576 16x16 B={batch} {str(dtype)[6:]} eval", impls
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="adapter,moce_layer")
@@ -181,7 +261,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_profile.py: needs a CUDA device", file=sys.stderr)
         return 2
-    gens = {"adapter": adapter_cases, "moce_layer": moce_layer_cases}
+    gens = {"adapter": adapter_cases, "moce_layer": moce_layer_cases, "launch": launch_cases}
     rows = []
     for case in args.cases.split(","):
         for b in args.batch:
