@@ -52,6 +52,32 @@ def test_backend_on_a_device_it_does_not_serve_is_a_clear_error(monkeypatch):
         moce_fast.ops.layer_norm(torch.rand(1, 4, 2, 2), torch.ones(4), torch.zeros(4))
 
 
+@pytest.mark.parametrize("current,interpret,device,expected", [
+    ("triton", "1", "cpu", True),    # the interpreter on CPU tensors
+    ("triton", "0", "cpu", False),   # (resolve raises there: the staged path gives the error)
+    ("triton", "0", "cuda", True),
+    ("auto", "1", "cpu", False),     # auto never picks triton for CPU tensors
+    ("torch", "1", "cpu", False),
+    ("cpu", "1", "cpu", False),
+])
+def test_triton_chosen_follows_resolve(monkeypatch, current, interpret, device, expected):
+    """triton_chosen (a fused path's check that both of its ops would run their triton kernels)
+    agrees with resolve's choice for an op that has a triton kernel, and records nothing."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    monkeypatch.setattr(_backend, "_current", current)
+    before = _backend.last_run()
+    assert _backend.triton_chosen(torch.device(device)) is expected
+    assert _backend.last_run() == before
+    if device == "cpu":
+        args = (torch.rand(1, 4, 3), torch.rand(1, 2, 3), None, torch.zeros(1, dtype=torch.long), "npm",
+                torch.float32)
+        try:
+            name = _backend.resolve("adaptir_linear", torch.device(device), args)[0]
+        except moce_fast.BackendUnavailableError:
+            name = None
+        assert (name == "triton") is expected
+
+
 def test_environment_variable_sets_the_default():
     code = "import moce_fast; print(moce_fast.current_backend())"
     env = dict(os.environ, MOCE_FAST_BACKEND="torch")

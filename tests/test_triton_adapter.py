@@ -317,6 +317,30 @@ def test_training_function_without_input_gradient():
     assert_param_grads_close(fast, ref, 5e-5)
 
 
+def test_training_with_a_non_contiguous_parameter_runs_the_staged_kernels():
+    """A parameter the fused Function does not take (here a non-contiguous one; or float64, or
+    bfloat16) sends one task's training through the staged custom ops, on the same kernels, still
+    equal to the float64 reference."""
+    fast, ref, x = _train_case(layout="lnc", n=2)
+    w = fast.tail.weight.detach()
+    fast.tail.weight = torch.nn.Parameter(w.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3))
+    assert not fast.tail.weight.is_contiguous() and torch.equal(fast.tail.weight, w)
+    xf = to_layout(x, "lnc").float().to(DEVICE).requires_grad_()
+    with moce_fast.backend("triton"):
+        y = fast(xf)
+        assert type(y.grad_fn).__name__ != "_TritonTrainBackward"
+        assert _backend.last_run()["adaptir_mix_tail"] == "triton"
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(6))
+        y.backward(grad.to(DEVICE))
+    xr = x.clone().requires_grad_()
+    expected = ref(xr)
+    assert rel_err(from_layout(y.detach().cpu(), "lnc", 6, 6), expected) < TOL32
+    expected.backward(from_layout(grad.double(), "lnc", 6, 6))
+    xr_layout = to_layout(xr.detach(), "lnc").requires_grad_()
+    xr_layout.grad = to_layout(xr.grad, "lnc")
+    assert_grads_close(fast, ref, xf, xr_layout, 5e-5)
+
+
 def test_training_function_sees_in_place_updates():
     """A parameter changed in place between the forward and the backward is an error (the saved
     tensors' versions), as in any autograd op; the batch statistics are the batch's."""
