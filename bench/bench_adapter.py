@@ -9,7 +9,10 @@ Cases (issue 5): IPT shapes (576 channels, (L, N, C) tokens of 16x16 and 48x48) 
 - torch / triton / cpu: moce_fast.AdaptIRAdapter on that backend (triton on a GPU only: interpreter
   timings mean nothing; cpu, the extension's CPU kernels, in a CPU run where moce_fast._C is built);
 - compile: torch.compile of the public adapter, compiled afresh for each case with static shapes
-  (bench/conftest.py CompileCase), on a CPU too (inductor's C++ code there).
+  (bench/conftest.py CompileCase), on a CPU too (inductor's C++ code there);
+- triton-graphs: moce_fast.AdaptIRAdapter on the triton backend under torch.compile(mode=
+  "reduce-overhead") (its kernels as custom ops, the call replayed from CUDA graphs where inductor
+  can capture it: the way to take the host out of a host-bound call), on a GPU only.
 Run: pytest bench/bench_adapter.py --benchmark-only [--benchmark-json=FILE]
 """
 
@@ -28,7 +31,7 @@ GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
 SHAPES = [("ipt", 576, "lnc", 16), ("ipt", 576, "lnc", 48), ("edt", 180, "nhwc", 64)]
 DTYPES = ["fp32", "bf16"] if GPU else ["fp32"]
-IMPLS = ["public", "torch", "cpu", "triton", "compile"]
+IMPLS = ["public", "torch", "cpu", "triton", "compile", "triton-graphs"]
 
 
 class PublicAdapter(torch.nn.Module):
@@ -61,7 +64,7 @@ def _randomize(module, seed=0):
 @pytest.mark.parametrize("batch", [1, 8, 32])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}-{s[3]}x{s[3]}")
 def test_adapter(benchmark, compile_case, impl, shape, batch, dtype, mode):
-    if impl == "triton" and not GPU:
+    if impl in ("triton", "triton-graphs") and not GPU:
         pytest.skip(f"{impl}: needs a CUDA device")
     if impl == "cpu" and (GPU or _backend.cpu_runtime_status() is not None):
         pytest.skip("cpu: the extension's CPU kernels, benched in a CPU run (this one is on a GPU)" if GPU
@@ -91,9 +94,13 @@ def test_adapter(benchmark, compile_case, impl, shape, batch, dtype, mode):
         def call():
             return module(x)
     else:
+        module, name = fast, impl
+        if impl == "triton-graphs":
+            module, name = compile_case.module(fast, mode="reduce-overhead"), "triton"
+
         def call():
-            with moce_fast.backend(impl):
-                return fast(x)
+            with moce_fast.backend(name):
+                return module(x)
 
     # a fixed upstream gradient: the backward timed is the adapter's, not a loss's over the wide output
     grad = torch.randn(shape_x, device=DEVICE, dtype=dt) if train else None
@@ -113,6 +120,6 @@ def test_adapter(benchmark, compile_case, impl, shape, batch, dtype, mode):
             torch.cuda.synchronize()
         return out
 
-    if impl == "compile":
+    if impl in ("compile", "triton-graphs"):
         compile_case.warm_up(run)
     benchmark.pedantic(run, rounds=10 if GPU else 15, warmup_rounds=2)  # this CPU VM is noisy: more rounds

@@ -62,7 +62,8 @@ class CompileCase:
     whole-model benches leave it out of CPU runs unless MOCE_FAST_BENCH_CPU_COMPILE=1 (the adapter
     bench, quick to compile, always runs it).
 
-    ``module(m)`` clears Dynamo's caches and compiles with static shapes, so the case runs code
+    ``module(m, mode=None)`` clears Dynamo's caches and compiles with static shapes (and torch.compile's
+    ``mode``, e.g. "reduce-overhead" for CUDA graphs), so the case runs code
     specialised to its own shapes. (Compiled frames shared across cases made Dynamo mark shapes
     dynamic from the second shape on and, past its recompile limit, torch._dynamo.config.
     cache_size_limit, run the remaining cases eagerly without a word: their "compile" timings were
@@ -70,9 +71,9 @@ class CompileCase:
     torch.compile cannot compile is skipped, and the skip names the error."""
 
     @staticmethod
-    def module(m):
+    def module(m, mode=None):
         torch._dynamo.reset()
-        return torch.compile(m, dynamic=False)
+        return torch.compile(m, dynamic=False, mode=mode)
 
     @staticmethod
     def warm_up(run):
