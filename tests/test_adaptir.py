@@ -660,3 +660,49 @@ def test_one_image_paths_on_cuda_with_the_torch_backend(layout, side, dtype, tol
         with torch.no_grad():
             y, expected = adapter(xc), ref(x)
         assert rel_err(from_layout(y.cpu().double(), layout, x.shape), expected) < tol
+
+
+def _in_memory(x: torch.Tensor, mem: str) -> torch.Tensor:
+    """x (N, P, K) with the values kept and the memory in ``mem`` order."""
+    if mem == "npm":
+        return x.contiguous()
+    if mem == "pnm":
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("n,p,m,k", [(1, 16, 24, 576), (3, 16, 24, 576), (3, 16, 576, 24), (2, 5, 7, 9)])
+def test_pixel_sum_product_any_memory_order_no_wide_copy(n, p, m, k):
+    """The weight gradients' sum over images and pixels of a[n, p, m] b[n, p, k], for operands in
+    every memory order, equals einsum's in float64; and for the host's token layouts it copies
+    nothing as wide as the wide operand (einsum copied the C-wide tokens of an "lnc" batch)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from moce_fast.ops.adapter import _pixel_sum_product
+
+    g = torch.Generator().manual_seed(n * 1000 + m)
+    a = torch.randn(n, p, m, dtype=torch.float64, generator=g)
+    b = torch.randn(n, p, k, dtype=torch.float64, generator=g)
+    want = torch.einsum("npm,npk->mk", a, b)
+    wide = n * p * max(m, k)
+
+    class Copies(TorchDispatchMode):
+        sizes: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default,
+                        torch.ops.aten._to_copy.default):
+                self.sizes.append(out.numel())
+            return out
+
+    for am in ("npm", "pnm", "nmp"):
+        for bm in ("npm", "pnm", "nmp"):
+            mode = Copies()
+            mode.sizes = []
+            a_in, b_in = _in_memory(a, am), _in_memory(b, bm)
+            with mode:
+                got = _pixel_sum_product(a_in, b_in)
+            assert got.is_contiguous() and rel_err(got, want) < 1e-13, (am, bm)
+            if am == bm and am in ("npm", "pnm") and n * p > 1:
+                assert all(s < wide for s in mode.sizes), (am, bm, mode.sizes)

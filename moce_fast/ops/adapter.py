@@ -1320,11 +1320,26 @@ def _mem_order(b: torch.Tensor) -> str:
     return "npm"
 
 
+def _pixel_sum_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over the images n and pixels p of a[n, p, m] b[n, p, k]: (M, K), as one GEMM over the
+    rows in the wider operand's own memory order, (P, N) for IPT's tokens or (N, P); the narrow
+    operand (h-space) is copied into that order where it differs. (einsum flattens (n, p) whatever
+    the memory: it copied the C-wide tokens of an "lnc" batch.) Otherwise one batched product."""
+    n, p, m = a.shape
+    k = b.shape[2]
+    wide = a if m >= k else b
+    if wide.transpose(0, 1).is_contiguous():
+        return torch.mm(a.transpose(0, 1).reshape(p * n, m).t(), b.transpose(0, 1).reshape(p * n, k))
+    if wide.is_contiguous():
+        return torch.mm(a.reshape(n * p, m).t(), b.reshape(n * p, k))
+    return torch.bmm(a.transpose(1, 2), b).sum(0)
+
+
 def _weight_grad(g: torch.Tensor, b: torch.Tensor, task: torch.Tensor, t: int) -> torch.Tensor:
     """sum over the images of each task and their pixels of g[n, p, m] b[n, p, k]: (T, M, K)."""
     g, b = g.float(), b.float()
     if t == 1:
-        return torch.einsum("npm,npk->mk", g, b)[None]
+        return _pixel_sum_product(g, b)[None]
     per_image = torch.einsum("npm,npk->nmk", g, b)
     return per_image.new_zeros((t,) + per_image.shape[1:]).index_add_(0, task, per_image)
 
@@ -1770,11 +1785,8 @@ class _TritonTrain(torch.autograd.Function):
             kernels.grouped_linear(dyf.transpose(1, 2), head_w.view(1, hid, c).transpose(1, 2), None, task, dxo,
                                    _npm_strides(dxo, order), kernels.precision(f32))
             dx = from_order(dxo, layout, hh, ww)
-        bf, gf, uf = b.float(), g.float(), u.view(n, hid, npix)
-        if n == 1:
-            d_hw, d_tw = torch.mm(dyf[0], bf[0]), torch.mm(gf[0].t(), uf[0].t())
-        else:
-            d_hw, d_tw = torch.einsum("nmp,npk->mk", dyf, bf), torch.einsum("npm,nkp->mk", gf, uf)
+        d_hw = _pixel_sum_product(dyf.transpose(1, 2), b.float())
+        d_tw = _pixel_sum_product(g.float(), u.view(n, hid, npix).transpose(1, 2))
         dk9 = per[9:].t()  # (h, 9)
         a2 = conv_a.view(hid, -1)
         grads = [d_hw, dyf.sum((0, 2)), k.mul_(rstd), d_shift, torch.mm(dk9, conv_b.view(-1, 9).t()),
