@@ -1002,6 +1002,13 @@ def fused_training(t: torch.Tensor, layout: str, tensors: list[torch.Tensor]) ->
     return runs_on_torch(("adaptir_linear", "adaptir_mix_tail"), t.device)
 
 
+def _one_task_stats(t: torch.Tensor, rows: int, mean: torch.Tensor, var: torch.Tensor) -> BatchStats:
+    """The :class:`BatchStats` of one task's fused training call: its batch mean and unbiased
+    variance (h,) over ``rows`` values per channel, with the task axis."""
+    count = torch.full((1,), float(rows), device=t.device, dtype=t.dtype)
+    return BatchStats(mean[None], var[None], count)
+
+
 def adaptir_fused_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: float
                         ) -> tuple[torch.Tensor, BatchStats]:
     """The training adapter of one task on ``t`` (see :func:`fused_training`) as one autograd
@@ -1013,8 +1020,7 @@ def adaptir_fused_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: flo
     mix = list(p.mix)
     out, mean, var = _FusedTrain.apply(t, layout, hh, ww, eps, p.head_w, p.head_b, p.bn_weight, p.bn_bias,
                                        *mix, p.tail_w)
-    count = torch.full((1,), float(b.shape[0] * hh * ww), device=t.device, dtype=t.dtype)
-    return out, BatchStats(mean[None], var[None], count)
+    return out, _one_task_stats(t, b.shape[0] * hh * ww, mean, var)
 
 
 # ------------------------------------------------------------------- the extension's CPU kernel
@@ -1095,8 +1101,7 @@ def adaptir_rows_cpu(t: torch.Tensor, layout: str, p: AdapterParams, eps: float,
                                                False, eps)
         return out[0], None
     out, mean, var = _RowsCpu.apply(t, layout, hh, ww, n, eps, *_cpu_params(p))
-    count = torch.full((1,), float(n * hh * ww), device=t.device, dtype=t.dtype)
-    return out, BatchStats(mean[None], var[None], count)
+    return out, _one_task_stats(t, n * hh * ww, mean, var)
 
 
 class _RowsCpu(torch.autograd.Function):
@@ -1661,8 +1666,7 @@ def adaptir_triton_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: fl
     them."""
     b, hh, ww = as_npc(t, layout)
     out, mean, var = _TritonTrain.apply(t, layout, hh, ww, eps, *p[:4], *p.mix, p.tail_w)
-    count = torch.full((1,), float(b.shape[0] * hh * ww), device=t.device, dtype=t.dtype)
-    return out, BatchStats(mean[None], var[None], count)
+    return out, _one_task_stats(t, b.shape[0] * hh * ww, mean, var)
 
 
 class _TritonTrain(torch.autograd.Function):
