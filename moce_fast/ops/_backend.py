@@ -171,7 +171,7 @@ def resolve(op: str, device: torch.device, args: tuple = ()) -> tuple[str, Calla
                 f"backend 'cuda' runs CUDA tensors only; op {op!r} got a tensor on {device}")
         if name == "cpu" and device.type != "cpu":
             raise BackendUnavailableError(f"backend 'cpu' runs CPU tensors only; op {op!r} got a tensor on {device}")
-        if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if name == "triton" and not _triton_serves(device):
             raise BackendUnavailableError(
                 f"backend 'triton' runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; op {op!r} got a "
                 f"tensor on {device}")
@@ -226,13 +226,18 @@ def runs_on_torch(ops: tuple[str, ...], device: torch.device) -> bool:
     return True
 
 
+def _triton_serves(device: torch.device) -> bool:
+    """Whether the triton backend runs tensors on ``device``: CUDA, or a CPU under TRITON_INTERPRET=1."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_chosen(device: torch.device) -> bool:
     """Whether an op with a triton kernel would run it on ``device`` now, its inputs aside (as
     :func:`resolve` chooses): the backend is "triton" (on a CUDA device, or on a CPU under
     TRITON_INTERPRET=1), or "auto" on a CUDA device where Triton runs. Nothing is recorded: a caller
     that runs several ops' kernels as one path checks its inputs, then calls :func:`record`."""
     if _current == "triton":
-        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        return _triton_serves(device)
     return _current == "auto" and device.type == "cuda" and triton_runtime_status() is None
 
 
