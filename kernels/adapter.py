@@ -17,6 +17,11 @@ The forward is three launches:
    the spatial gate, u = c * (channel_gate * local + spatial_gate * global) and out = W_tail[task] u
    stored straight in the host's layout.
 
+In eval outside autograd the same three stages run as ``head_packed_kernel``,
+``mix_channel_packed_kernel`` and ``mix_out_packed_kernel`` (:func:`adapter_eval`): the parameters
+of all tasks packed into one float32 buffer and the call's scratch in one buffer, so each launch
+takes 4 or 5 tensors (the path is bound by the host's launch cost on a GPU).
+
 The backward uses ``grouped_linear`` for the input gradients of both 1x1 projections (the wide
 GEMMs); the h-space body is differentiated by torch (see moce_fast/ops/adaptir.py).
 
@@ -40,16 +45,11 @@ MAX_HIDDEN = 128
 
 
 @triton.jit
-def grouped_linear_kernel(b_ptr, a_ptr, bias_ptr, task_ptr, out_ptr, P, M, K,
-                          sbn, sbp, sbk, sat, sam, sak, son, sop, som,
-                          HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_K: tl.constexpr, PREC: tl.constexpr):
-    """out[n, p, m] = sum_k a[task[n], m, k] b[n, p, k] (+ bias[task[n], m]) for one
-    (pixel block, M block) of image n; every operand through its strides."""
-    pid_p = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    t = tl.load(task_ptr + n).to(tl.int64)
+def _linear_tile(b_ptr, a_ptr, bias_ptr, out_ptr, n, t, pid_p, pid_m, P, M, K, sbn, sbp, sbk, sat, sam, sak, son,
+                 sop, som, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """out[n, p, m] = sum_k a[t, m, k] b[n, p, k] (+ bias[t, m]) for one (pixel block, M block) of
+    image n (int64) of task t (int64); every operand through its strides."""
     pp = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     mm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pmask = pp < P
@@ -67,6 +67,19 @@ def grouped_linear_kernel(b_ptr, a_ptr, bias_ptr, task_ptr, out_ptr, P, M, K,
         acc += tl.load(bias_ptr + t * M + mm, mask=mmask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + n * son + pp[:, None] * sop + mm[None, :] * som
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & mmask[None, :])
+
+
+@triton.jit
+def grouped_linear_kernel(b_ptr, a_ptr, bias_ptr, task_ptr, out_ptr, P, M, K,
+                          sbn, sbp, sbk, sat, sam, sak, son, sop, som,
+                          HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """out[n, p, m] = sum_k a[task[n], m, k] b[n, p, k] (+ bias[task[n], m]) for one
+    (pixel block, M block) of image n; every operand through its strides."""
+    n = tl.program_id(2).to(tl.int64)
+    t = tl.load(task_ptr + n).to(tl.int64)
+    _linear_tile(b_ptr, a_ptr, bias_ptr, out_ptr, n, t, tl.program_id(0), tl.program_id(1), P, M, K, sbn, sbp, sbk,
+                 sat, sam, sak, son, sop, som, HAS_BIAS, BLOCK_P, BLOCK_M, BLOCK_K, PREC)
 
 
 @triton.jit
@@ -132,16 +145,16 @@ def _spectrum_block(x, cw_ptr, sw_ptr, ch_ptr, sh_ptr, wcol, BH: tl.constexpr, P
 
 
 @triton.jit
-def mix_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr, ampw_ptr, ampb_ptr, phaw_ptr,
-                       phab_ptr, compw_ptr, compb_ptr, cw_ptr, sw_ptr, ch_ptr, sh_ptr, aw_ptr, bw_ptr,
-                       loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, HID, H, W,
-                       BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                       AFFINE: tl.constexpr):
+def _mix_channel(pid, y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr, ampw_ptr, ampb_ptr, phaw_ptr,
+                 phab_ptr, compw_ptr, compb_ptr, cw_ptr, sw_ptr, ch_ptr, sh_ptr, aw_ptr, bw_ptr,
+                 loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, HID, H, W,
+                 BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                 AFFINE: tl.constexpr):
     """Hidden channel c of image n: the local branch map, the global branch before its |.| (the
     irfft2 result), the pooled value and the mean of |global|. AFFINE: y is normalised on load with
     the per-image (scale, shift) (training BatchNorm); without it y is taken as it is (eval
-    BatchNorm folded into the head) and scale_ptr, shift_ptr are not read."""
-    pid = tl.program_id(0)
+    BatchNorm folded into the head) and scale_ptr, shift_ptr are not read. pid: the program's
+    index n * HID + c."""
     n = pid // HID
     c = pid % HID
     t = tl.load(task_ptr + n).to(tl.int64)
@@ -212,6 +225,18 @@ def mix_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr,
 
 
 @triton.jit
+def mix_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr, ampw_ptr, ampb_ptr, phaw_ptr,
+                       phab_ptr, compw_ptr, compb_ptr, cw_ptr, sw_ptr, ch_ptr, sh_ptr, aw_ptr, bw_ptr,
+                       loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, HID, H, W,
+                       BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                       AFFINE: tl.constexpr):
+    """:func:`_mix_channel` for program (n * HID + c), every tensor its own argument."""
+    _mix_channel(tl.program_id(0), y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr, ampw_ptr, ampb_ptr,
+                 phaw_ptr, phab_ptr, compw_ptr, compb_ptr, cw_ptr, sw_ptr, ch_ptr, sh_ptr, aw_ptr, bw_ptr, loc_ptr,
+                 glob_ptr, pooled_ptr, gmean_ptr, HID, H, W, BH, BW, BK, PREC, AFFINE)
+
+
+@triton.jit
 def _mlp(v, cvec, cmask, t, w1_ptr, b1_ptr, w2_ptr, b2_ptr, HID, R, BLOCK_R: tl.constexpr):
     """w2 @ gelu(w1 @ v + b1) + b2 for one task t; v (BLOCK_HID,) with zeros past HID."""
     rr = tl.arange(0, BLOCK_R)
@@ -243,17 +268,14 @@ def _gates(loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, p1w_ptr, p1b_ptr, p2w_ptr, 
 
 
 @triton.jit
-def mix_out_kernel(loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, task_ptr, p1w_ptr, p1b_ptr, p2w_ptr, p2b_ptr,
-                   c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, siw_ptr, sib_ptr, tw_ptr, out_ptr,
-                   HID, P, M, H2, Q, son, sop, som,
-                   BLOCK_HID: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_Q: tl.constexpr,
-                   BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
-    """out[n, p, m] = sum_c W_tail[task, m, c] u[n, c, p],
+def _mix_out(pid_p, pid_m, n, t, loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, p1w_ptr, p1b_ptr, p2w_ptr, p2b_ptr,
+             c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, siw_ptr, sib_ptr, tw_ptr, out_ptr,
+             HID, P, M, H2, Q, son, sop, som,
+             BLOCK_HID: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_Q: tl.constexpr,
+             BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+    """out[n, p, m] = sum_c W_tail[t, m, c] u[n, c, p] for one (pixel block, output-channel block) of
+    image n (int64) of task t (int64),
     u = proj(pooled)_c * (sigmoid(ci(mean |global|))_c * local_c + sigmoid(si . local) * global_c)."""
-    pid_p = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    t = tl.load(task_ptr + n).to(tl.int64)
     cvec = tl.arange(0, BLOCK_HID)
     cmask = cvec < HID
     pp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -271,6 +293,133 @@ def mix_out_kernel(loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, task_ptr, p1w_ptr, 
     acc = tl.dot(tl.trans(u), tw, input_precision=PREC)
     out = out_ptr + n * son + pp[:, None].to(tl.int64) * sop + mm[None, :] * som
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & mmask[None, :])
+
+
+@triton.jit
+def mix_out_kernel(loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, task_ptr, p1w_ptr, p1b_ptr, p2w_ptr, p2b_ptr,
+                   c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, siw_ptr, sib_ptr, tw_ptr, out_ptr,
+                   HID, P, M, H2, Q, son, sop, som,
+                   BLOCK_HID: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_Q: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+    """:func:`_mix_out` for program (pixel block, output-channel block, image), every tensor its own
+    argument."""
+    n = tl.program_id(2).to(tl.int64)
+    t = tl.load(task_ptr + n).to(tl.int64)
+    _mix_out(tl.program_id(0), tl.program_id(1), n, t, loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, p1w_ptr, p1b_ptr,
+             p2w_ptr, p2b_ptr, c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, siw_ptr, sib_ptr, tw_ptr, out_ptr, HID, P, M, H2,
+             Q, son, sop, som, BLOCK_HID, BLOCK_H2, BLOCK_Q, BLOCK_P, BLOCK_M, PREC)
+
+
+# ------------------------------------------------------------- eval: the parameters as one buffer
+#
+# In eval (BatchNorm folded into the head) the forward's parameters are packed once into one float32
+# buffer, field after field, each field holding all T tasks as the unpacked kernels index them and
+# starting at a multiple of PACK_ALIGN elements (pack_layout, on the host, is the same arithmetic).
+# The three launches then take 4 or 5 tensors each instead of 5, 22 and 17: on a GPU this path is
+# bound by the host, where each tensor argument of a Triton launch costs about 2 us (H200,
+# Triton 3.6: an empty kernel with 1 pointer 17 us a launch, with 32 pointers 82 us).
+# The scratch of one call is one buffer too: y, local and global maps (N, hid, H, W) each, then the
+# pooled values and the means of |global| (N, hid) each.
+
+PACK_ALIGN = 16  # elements: 64 bytes
+
+
+@triton.jit
+def _field_end(start, T, size):
+    """Where the field after one of T * size elements at ``start`` begins."""
+    return (start + T * size + 15) // 16 * 16
+
+
+@triton.jit
+def _head_fields(T, HID, C):
+    """Offsets of head_w (T, HID, C) and head_b (T, HID), and where the channel fields begin."""
+    hb = _field_end(0, T, HID * C)
+    return 0, hb, _field_end(hb, T, HID)
+
+
+@triton.jit
+def _channel_fields(o, T, HID):
+    """Offsets of k9 (T, HID, 9), conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w (T, HID each) and
+    comp_b (T,) from ``o``, and where the gate fields begin."""
+    k9 = o
+    cbias = _field_end(k9, T, HID * 9)
+    ampw = _field_end(cbias, T, HID)
+    ampb = _field_end(ampw, T, HID)
+    phaw = _field_end(ampb, T, HID)
+    phab = _field_end(phaw, T, HID)
+    compw = _field_end(phab, T, HID)
+    compb = _field_end(compw, T, HID)
+    return k9, cbias, ampw, ampb, phaw, phab, compw, compb, _field_end(compb, T, 1)
+
+
+@triton.jit
+def _gate_fields(o, T, HID, H2, Q):
+    """Offsets of proj1_w (T, H2, HID), proj1_b, proj2_w (T, HID, H2), proj2_b, ci1_w (T, Q, HID),
+    ci1_b, ci2_w (T, HID, Q), ci2_b, si_w (T, HID), si_b (T,) from ``o``, and where tail_w begins."""
+    p1w = o
+    p1b = _field_end(p1w, T, H2 * HID)
+    p2w = _field_end(p1b, T, H2)
+    p2b = _field_end(p2w, T, HID * H2)
+    c1w = _field_end(p2b, T, HID)
+    c1b = _field_end(c1w, T, Q * HID)
+    c2w = _field_end(c1b, T, Q)
+    c2b = _field_end(c2w, T, HID * Q)
+    siw = _field_end(c2b, T, HID)
+    sib = _field_end(siw, T, HID)
+    return p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib, _field_end(sib, T, 1)
+
+
+@triton.jit
+def head_packed_kernel(x_ptr, task_ptr, pack_ptr, s_ptr, T, HID, C, P, sxn, sxp, sxk,
+                       BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """The head with BatchNorm folded in: y[n, m, p] = sum_k W[task[n], m, k] x[n, p, k] + b[task[n], m],
+    y at the start of the scratch, (N, HID, P) float32."""
+    n = tl.program_id(2).to(tl.int64)
+    t = tl.load(task_ptr + n).to(tl.int64)
+    hw, hb, _ = _head_fields(T, HID, C)
+    _linear_tile(x_ptr, pack_ptr + hw, pack_ptr + hb, s_ptr, n, t, tl.program_id(0), tl.program_id(1), P, HID, C,
+                 sxn, sxp, sxk, HID * C, C, 1, HID * P, 1, P, True, BLOCK_P, BLOCK_M, BLOCK_K, PREC)
+
+
+@triton.jit
+def mix_channel_packed_kernel(s_ptr, task_ptr, pack_ptr, dft_ptr, N, T, HID, C, H, W,
+                              BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """:func:`_mix_channel` (eval: y already normalised) on the packed parameters and scratch. dft:
+    CW, SW, AW, BW (BW x BW each) then CH, SH (BH x BH each)."""
+    _, _, o = _head_fields(T, HID, C)
+    k9, cbias, ampw, ampb, phaw, phab, compw, compb, _ = _channel_fields(o, T, HID)
+    maps = N.to(tl.int64) * HID * H * W
+    loc = s_ptr + maps
+    glob = loc + maps
+    pooled = glob + maps
+    gmean = pooled + N * HID
+    _mix_channel(tl.program_id(0), s_ptr, s_ptr, s_ptr, task_ptr, pack_ptr + k9, pack_ptr + cbias, pack_ptr + ampw,
+                 pack_ptr + ampb, pack_ptr + phaw, pack_ptr + phab, pack_ptr + compw, pack_ptr + compb,
+                 dft_ptr, dft_ptr + BW * BW, dft_ptr + 4 * BW * BW, dft_ptr + 4 * BW * BW + BH * BH,
+                 dft_ptr + 2 * BW * BW, dft_ptr + 3 * BW * BW, loc, glob, pooled, gmean, HID, H, W, BH, BW, BK, PREC,
+                 False)
+
+
+@triton.jit
+def mix_out_packed_kernel(s_ptr, task_ptr, pack_ptr, out_ptr, N, T, HID, C, H2, Q, P, son, sop, som,
+                          BLOCK_HID: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_Q: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+    """:func:`_mix_out` on the packed parameters and scratch: out (strided (N, P, C)) in the host's
+    layout and dtype."""
+    n = tl.program_id(2).to(tl.int64)
+    t = tl.load(task_ptr + n).to(tl.int64)
+    _, _, o = _head_fields(T, HID, C)
+    _, _, _, _, _, _, _, _, o = _channel_fields(o, T, HID)
+    p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib, tw = _gate_fields(o, T, HID, H2, Q)
+    maps = N.to(tl.int64) * HID * P
+    loc = s_ptr + maps
+    glob = loc + maps
+    pooled = glob + maps
+    gmean = pooled + N * HID
+    _mix_out(tl.program_id(0), tl.program_id(1), n, t, loc, glob, pooled, gmean, pack_ptr + p1w, pack_ptr + p1b,
+             pack_ptr + p2w, pack_ptr + p2b, pack_ptr + c1w, pack_ptr + c1b, pack_ptr + c2w, pack_ptr + c2b,
+             pack_ptr + siw, pack_ptr + sib, pack_ptr + tw, out_ptr, HID, P, C, H2, Q, son, sop, som, BLOCK_HID,
+             BLOCK_H2, BLOCK_Q, BLOCK_P, BLOCK_M, PREC)
 
 
 # -------------------------------------------------------------------------------------- backward
@@ -560,6 +709,77 @@ def mix_tail(y, scale, shift, task, k9, mix: list, tail_w, out, out_strides, pre
     mix_out_kernel[grid](loc, glob, pooled, gmean, task, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib, tail_w,
                          out, hid, h * w, m, h2, q, *out_strides, BLOCK_H2=pow2(h2, 1), BLOCK_Q=pow2(q, 1),
                          PREC=prec, num_warps=warps, **cfg)
+
+
+# the packed fields in order, with their size per task as a function of (hid, c, h2, q)
+PACK_FIELDS = (("head_w", lambda hid, c, h2, q: hid * c), ("head_b", lambda hid, c, h2, q: hid),
+               ("k9", lambda hid, c, h2, q: hid * 9), ("conv_bias", lambda hid, c, h2, q: hid),
+               ("amp_w", lambda hid, c, h2, q: hid), ("amp_b", lambda hid, c, h2, q: hid),
+               ("pha_w", lambda hid, c, h2, q: hid), ("pha_b", lambda hid, c, h2, q: hid),
+               ("comp_w", lambda hid, c, h2, q: hid), ("comp_b", lambda hid, c, h2, q: 1),
+               ("proj1_w", lambda hid, c, h2, q: h2 * hid), ("proj1_b", lambda hid, c, h2, q: h2),
+               ("proj2_w", lambda hid, c, h2, q: hid * h2), ("proj2_b", lambda hid, c, h2, q: hid),
+               ("ci1_w", lambda hid, c, h2, q: q * hid), ("ci1_b", lambda hid, c, h2, q: q),
+               ("ci2_w", lambda hid, c, h2, q: hid * q), ("ci2_b", lambda hid, c, h2, q: hid),
+               ("si_w", lambda hid, c, h2, q: hid), ("si_b", lambda hid, c, h2, q: 1),
+               ("tail_w", lambda hid, c, h2, q: c * hid))
+
+
+def pack_layout(t: int, hid: int, c: int, h2: int, q: int) -> tuple[list[tuple[str, int, int]], int]:
+    """([(field, offset, size of all t tasks)], total elements) of the packed eval parameters: the
+    host side of the kernels' _head_fields, _channel_fields and _gate_fields."""
+    rows, off = [], 0
+    for name, size in PACK_FIELDS:
+        n = t * size(hid, c, h2, q)
+        rows.append((name, off, n))
+        off = -(-(off + n) // PACK_ALIGN) * PACK_ALIGN
+    return rows, off
+
+
+_DFT_PACK: dict = {}
+
+
+def dft_pack(h: int, w: int, device) -> torch.Tensor:
+    """:func:`dft_matrices` as one flat float32 buffer: CW, SW, AW, BW, then CH, SH."""
+    key = (h, w, str(device))
+    kept = _DFT_PACK.get(key)
+    if kept is None:
+        cw, sw, ch, sh, aw, bwm = dft_matrices(h, w, device)
+        kept = torch.cat([m.reshape(-1) for m in (cw, sw, aw, bwm, ch, sh)])
+        # not kept when made during a CUDA-graph capture: its values would exist only at replay
+        if not (kept.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _DFT_PACK[key] = kept
+    return kept
+
+
+def scratch_elements(n: int, hid: int, h: int, w: int) -> int:
+    """Elements of :func:`adapter_eval`'s scratch buffer: y, local and global maps, pooled, gmean."""
+    return 3 * n * hid * h * w + 2 * n * hid
+
+
+def adapter_eval(x, x_strides: tuple[int, int, int], task, pack, dims: tuple[int, int, int, int, int], h: int,
+                 w: int, out, out_strides: tuple[int, int, int], prec: str, scratch) -> None:
+    """The whole eval forward in three launches on packed parameters: x (strided (N, P, C) by
+    x_strides, any kernel dtype) -> out (strided (N, P, C) by out_strides).
+
+    pack: float32, :func:`pack_layout` of dims = (T, hid, C, h2, q), BatchNorm folded into the head;
+    task: (N,) int64; scratch: float32 with :func:`scratch_elements` elements."""
+    t, hid, c, h2, q = dims
+    n = task.shape[0]
+    p = h * w
+    if n == 0 or p == 0:
+        return
+    cfg = linear_config(p, hid, c)
+    warps = cfg.pop("num_warps")
+    head_packed_kernel[(cdiv(p, cfg["BLOCK_P"]), cdiv(hid, cfg["BLOCK_M"]), n)](
+        x, task, pack, scratch, t, hid, c, p, *x_strides, PREC=prec, num_warps=warps, **cfg)
+    cfg = mix_config(h, w, prec)
+    mix_channel_packed_kernel[(n * hid,)](scratch, task, pack, dft_pack(h, w, x.device), n, t, hid, c, h, w, **cfg)
+    cfg = out_config(hid, c)
+    warps = cfg.pop("num_warps")
+    mix_out_packed_kernel[(cdiv(p, cfg["BLOCK_P"]), cdiv(c, cfg["BLOCK_M"]), n)](
+        scratch, task, pack, out, n, t, hid, c, h2, q, p, *out_strides, BLOCK_H2=pow2(h2, 1), BLOCK_Q=pow2(q, 1),
+        PREC=prec, num_warps=warps, **cfg)
 
 
 def pix_config(hid: int) -> dict:

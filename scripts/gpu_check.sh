@@ -12,7 +12,8 @@
 #   triton_tests the Triton kernels' correctness tests, which run on the GPU when there is one (on a
 #                CPU they go through the interpreter)
 #   pytest       the tests GPU_CHECK_PYTEST="pytest arguments" names (not in the default list: a
-#                short lease's pick, e.g. GPU_CHECK_PYTEST="tests/test_triton_adapter.py")
+#                short lease's pick, e.g. GPU_CHECK_PYTEST="tests/test_triton_adapter.py"; with
+#                GPU_CHECK_PYTEST_K="pytest -k expression", the tests it selects)
 #   profile      scripts/gpu_profile.py: host time against GPU time (CUDA graphs, profiler) of the
 #                adapter and MoCE-layer headline cases, as profile.json (GPU_CHECK_PROFILE_ARGS: its
 #                arguments, default "--compile --batch 8 32")
@@ -139,6 +140,7 @@ for s in $STEPS; do
     triton_tests) MOCE_FAST_FAILURE_LOG=$WORK/triton_tests.failures step triton_tests $PY -m pytest "${PT[@]}" \
         -m "not gpu" "${TRITON_TESTS[@]}" ;;
     pytest) read -ra ARGS <<< "${GPU_CHECK_PYTEST:?the pytest step runs GPU_CHECK_PYTEST=\"pytest arguments\"}"
+      [ -n "${GPU_CHECK_PYTEST_K:-}" ] && ARGS+=(-k "$GPU_CHECK_PYTEST_K")
       MOCE_FAST_FAILURE_LOG=$WORK/pytest.failures step pytest $PY -m pytest "${PT[@]}" "${ARGS[@]}" ;;
     profile) read -ra PARGS <<< "${GPU_CHECK_PROFILE_ARGS:---compile --batch 8 32}"
       step profile $PY scripts/gpu_profile.py "${PARGS[@]}" --json "$RESULTS/profile.json" ;;

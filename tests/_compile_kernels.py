@@ -183,6 +183,27 @@ def adapter_signatures(c, hid, q, side, xdt):
     sig.update(task_ptr="*i64", HID="i32", H="i32", W="i32", BH="constexpr", BW="constexpr", BK="constexpr",
                PREC="constexpr")
     yield AK.mix_bwd_channel_kernel, sig, dict(cfg), warps
+    # eval on the packed parameters (BatchNorm folded into the head): head, mix channel, mix out
+    cfg = AK.linear_config(p, hid, c)
+    warps = cfg.pop("num_warps")
+    sig = {"x_ptr": x, "task_ptr": "*i64", "pack_ptr": "*fp32", "s_ptr": "*fp32",
+           **{n: "i32" for n in ("T", "HID", "C", "P", "sxn", "sxp", "sxk")},
+           "BLOCK_P": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "PREC": "constexpr"}
+    yield AK.head_packed_kernel, sig, dict(cfg, PREC=prec), warps
+    cfg = AK.mix_config(side, side, prec)
+    warps = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+    sig = {"s_ptr": "*fp32", "task_ptr": "*i64", "pack_ptr": "*fp32", "dft_ptr": "*fp32",
+           **{n: "i32" for n in ("N", "T", "HID", "C", "H", "W")},
+           "BH": "constexpr", "BW": "constexpr", "BK": "constexpr", "PREC": "constexpr"}
+    yield AK.mix_channel_packed_kernel, sig, dict(cfg), warps
+    cfg = AK.out_config(hid, c)
+    warps = cfg.pop("num_warps")
+    sig = {"s_ptr": "*fp32", "task_ptr": "*i64", "pack_ptr": "*fp32", "out_ptr": x,
+           **{n: "i32" for n in ("N", "T", "HID", "C", "H2", "Q", "P", "son", "sop", "som")},
+           "BLOCK_HID": "constexpr", "BLOCK_H2": "constexpr", "BLOCK_Q": "constexpr", "BLOCK_P": "constexpr",
+           "BLOCK_M": "constexpr", "PREC": "constexpr"}
+    yield AK.mix_out_packed_kernel, sig, dict(cfg, BLOCK_H2=AK.pow2(hid // 2, 1), BLOCK_Q=AK.pow2(q, 1),
+                                              PREC=prec), warps
 
 
 def backbone_signatures(c, head_dim, xdt):

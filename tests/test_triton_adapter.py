@@ -189,9 +189,9 @@ def test_cuda_graph_replays_see_in_place_updates():
 
 
 def test_outside_autograd_kernels_launch_without_the_custom_ops(monkeypatch):
-    """Without autograd (no grad mode) the stages launch their kernels directly, not through the
-    registered custom ops (whose dispatch is host time on a host-bound path), with the same values
-    as the ops give; under autograd the ops run."""
+    """Without autograd (no grad mode) the kernels launch directly (the packed eval path), not
+    through the registered custom ops (whose dispatch is host time on a host-bound path), with the
+    same values as the ops give; under autograd the ops run."""
     from moce_fast.ops import adapter as ops_adaptir
 
     calls = []
@@ -211,9 +211,97 @@ def test_outside_autograd_kernels_launch_without_the_custom_ops(monkeypatch):
     assert torch.equal(direct, through_ops.detach())
 
 
+def _spy_packed(monkeypatch):
+    """The calls of the packed eval launcher (kernels.adapter.adapter_eval), recorded."""
+    calls = []
+    original = adapter_kernels.adapter_eval
+    monkeypatch.setattr(adapter_kernels, "adapter_eval", lambda *a, **k: calls.append(a[4]) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["nchw", "lnc", "nhwc"])
+def test_packed_eval_path(layout, monkeypatch):
+    """Eval outside autograd runs the three packed launches (parameters in one buffer), equal to the
+    float64 reference; in grad mode too when nothing asks for a gradient (a frozen adapter on a
+    frozen input); an input that requires grad takes the staged custom ops, with the same values."""
+    calls = _spy_packed(monkeypatch)
+    fast, ref = make_adapter("ipt", layout, seed=21)
+    fast.eval(), ref.eval()
+    h, w = (5, 5) if layout == "lnc" else (5, 7)
+    x = torch.randn(3, DIMS["ipt"], h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
+    xf = to_layout(x, layout).float().to(DEVICE)
+    with torch.no_grad():
+        expected = ref(x)
+    with moce_fast.backend("triton"):
+        with torch.no_grad():
+            y = fast(xf)
+        assert calls == [(1, fast.hidden, DIMS["ipt"], fast.hidden // 2, fast.channel_interaction[1].out_channels)]
+        assert _backend.last_run()["adaptir_mix_tail"] == "triton" and _backend.last_run()["adaptir_linear"] == "triton"
+        assert y.shape == xf.shape and not y.requires_grad
+        assert rel_err(from_layout(y, layout, h, w).cpu(), expected) < TOL32
+        fast.requires_grad_(False)
+        frozen = fast(xf)  # grad mode, nothing requires grad
+        assert len(calls) == 2 and torch.equal(frozen, y)
+        fast.requires_grad_(True)
+        staged = fast(xf.clone().requires_grad_())
+    assert len(calls) == 2 and staged.requires_grad
+    assert torch.allclose(staged.detach(), y, rtol=1e-6, atol=1e-6)
+
+
+def test_packed_eval_follows_replaced_parameters(monkeypatch):
+    """The pack is kept between calls and rebuilt when a parameter is replaced by another tensor (a
+    new nn.Parameter, load_state_dict with assign) or a BatchNorm buffer is updated in place."""
+    calls = _spy_packed(monkeypatch)
+    fast, _ = make_adapter("edt", "nhwc", seed=23)
+    fast.eval()
+    x = torch.randn(2, 6, 6, DIMS["edt"], generator=torch.Generator().manual_seed(24)).to(DEVICE)
+    with torch.no_grad(), moce_fast.backend("triton"):
+        fast(x)
+        kept = fast.__dict__["_moce_fast_packed"][1][0]
+        fast(x)
+        assert fast.__dict__["_moce_fast_packed"][1][0] is kept  # no new pack for an unchanged adapter
+        fast.tail.weight = torch.nn.Parameter(fast.tail.weight * -1.5)
+        assert rel_err(fast(x).cpu(), _expected_nhwc(fast, x)) < TOL32
+        fast.compress.bias = torch.nn.Parameter(fast.compress.bias + 2.0)
+        assert rel_err(fast(x).cpu(), _expected_nhwc(fast, x)) < TOL32
+        fast.BN.running_mean.add_(0.7)
+        assert rel_err(fast(x).cpu(), _expected_nhwc(fast, x)) < TOL32
+    assert len(calls) == 5
+
+
+def test_pack_layout_matches_the_kernels_offsets():
+    """pack_layout (host) places every field where the kernels' _head_fields, _channel_fields and
+    _gate_fields (device) read it: each field is filled with its own index, and a kernel built from
+    the device offset functions reads the first element of every field back."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read_firsts(pack_ptr, out_ptr, T, HID, C, H2, Q):
+        hw, hb, o = adapter_kernels._head_fields(T, HID, C)
+        k9, cbias, ampw, ampb, phaw, phab, compw, compb, o = adapter_kernels._channel_fields(o, T, HID)
+        p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib, tw = adapter_kernels._gate_fields(o, T, HID, H2, Q)
+        offs = (hw, hb, k9, cbias, ampw, ampb, phaw, phab, compw, compb, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b,
+                siw, sib, tw)
+        for i in tl.static_range(21):
+            tl.store(out_ptr + i, tl.load(pack_ptr + offs[i]))
+
+    for dims in ((1, 24, 576, 12, 3), (3, 4, 56, 2, 3), (5, 7, 9, 3, 1)):
+        rows, total = adapter_kernels.pack_layout(*dims)
+        assert [r[0] for r in rows] == [f[0] for f in adapter_kernels.PACK_FIELDS]
+        pack = torch.full((total,), float("nan"))
+        for i, (_, off, n) in enumerate(rows):
+            assert off % adapter_kernels.PACK_ALIGN == 0 and n > 0
+            pack[off:off + n] = i
+        assert rows[-1][1] + rows[-1][2] <= total and not pack[rows[-1][1]:rows[-1][1] + rows[-1][2]].isnan().any()
+        out = torch.full((21,), float("nan"))
+        read_firsts[(1,)](pack.to(DEVICE), out_dev := out.to(DEVICE), *dims)
+        assert torch.equal(out_dev.cpu(), torch.arange(21, dtype=torch.float32)), dims
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_mixed_task_batch_one_grouped_launch(mode, backend):
+def test_mixed_task_batch_one_grouped_launch(mode, backend, monkeypatch):
     """Three tasks in one batch: each image equals the float64 reference of its task's adapter, and
     in training each task's BatchNorm sees only its own images (both backends' grouped paths)."""
     host = torch.nn.Sequential(torch.nn.Identity())
@@ -232,9 +320,12 @@ def test_mixed_task_batch_one_grouped_launch(mode, backend):
     names = ["b", "a", "b", "b"]  # task "c" absent: its statistics must not move
     x = torch.randn(4, 56, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     xf = to_layout(x, "nhwc").float().to(DEVICE)
+    calls = _spy_packed(monkeypatch)
     with torch.no_grad(), moce_fast.backend(backend), A.tasks(names):
         y = host(xf) - xf  # the Identity host adds x
     assert _backend.last_run()["adaptir_mix_tail"] == backend
+    # eval on triton: the packed launches, all three tasks' parameters in one buffer
+    assert calls == ([(3, 4, 56, 2, 1)] if (mode, backend) == ("eval", "triton") else [])
     for task in "ab":
         idx = [i for i, n in enumerate(names) if n == task]
         ref = getattr(refs[task], mode)()

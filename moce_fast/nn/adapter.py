@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import ops
+from ..ops import adapter as ops_adapter
 from ..ops.adapter import (AdapterParams, BatchStats, MixParams, OneImagePlan, _cpu_params, adaptir_fused_train,
                            adaptir_rows_cpu, adaptir_triton_train, cpu_kernel_runs, fused_training, kept_versions,
                            one_image_plan, triton_training)
@@ -147,9 +148,7 @@ def folded_params(adapters: Sequence[AdaptIR], acc: torch.dtype, eps: float, wit
     version counter: for them nothing is kept. Nor while a CUDA graph is captured: the fold is then
     part of the graph, and each replay folds the parameters as they are."""
     raws = [t for a in adapters for t in _raw_tensors(a)]
-    key = _views_key(raws)
-    versions = kept_versions(raws) if key is not None else None
-    key = None if versions is None else (key, acc, eps, versions)
+    key = _kept_key(raws, acc, eps)
     kept = adapters[0].__dict__.get("_moce_fast_folded") if key is not None else None
     if kept is not None and kept[0] == key:
         params, plan = kept[1], kept[2]
@@ -161,6 +160,47 @@ def folded_params(adapters: Sequence[AdaptIR], acc: torch.dtype, eps: float, wit
         plan = one_image_plan(params, acc)
     adapters[0].__dict__["_moce_fast_folded"] = (key, params, plan)
     return params, plan
+
+
+def _kept_key(raws: list[torch.Tensor], *extra):
+    """What a value computed from ``raws`` (and ``extra``) and kept between calls is valid for: the
+    same storages (:func:`_views_key`) at the same versions (an in-place update, as an optimizer step
+    or load_state_dict, bumps the version); None when nothing may be kept (see :func:`_views_key`
+    and :func:`moce_fast.ops.adapter.kept_versions`)."""
+    key = _views_key(raws)
+    versions = kept_versions(raws) if key is not None else None
+    return None if versions is None else (key, versions, *extra)
+
+
+def packed_params(adapters: Sequence[AdaptIR], x: torch.Tensor, layout: str, eps: float
+                  ) -> Optional[tuple[torch.Tensor, tuple[int, int, int, int, int]]]:
+    """The eval parameters of these adapters (one per task) packed for
+    :func:`moce_fast.ops.adapter.adaptir_triton_eval` (BatchNorm folded into the head), or None when
+    that path does not run this call: the triton kernels are not chosen or do not take ``x``
+    (:func:`moce_fast.ops.adapter.triton_eval`), a gradient is asked for (grad mode with ``x`` or a
+    parameter requiring grad), or the parameters are not on ``x``'s device.
+
+    The pack is kept on the first adapter while every tensor is the same storage at the same version
+    (as :func:`folded_params`): the path is bound by the host on a GPU, and the pack is built by a
+    few dozen small ops."""
+    raws = [t for a in adapters for t in _raw_tensors(a)]
+    if not ops_adapter.triton_eval(x, layout, raws[0].shape[0]):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in raws)):
+        return None
+    key = _kept_key(raws, eps, len(adapters))
+    kept = adapters[0].__dict__.get("_moce_fast_packed") if key is not None else None
+    if kept is not None and kept[0] == key:
+        packed = kept[1]
+    else:
+        with torch.no_grad():
+            packed = ops_adapter.eval_pack(ops.fold_batch_norm(stack_params(adapters), eps, torch.float32))
+        if key is not None:
+            adapters[0].__dict__["_moce_fast_packed"] = (key, packed)
+    if packed[0].device != x.device:
+        return None
+    ops_adapter.record_triton(x.device)
+    return packed
 
 
 @torch.no_grad()
@@ -220,6 +260,9 @@ def run_adapters(adapters: Sequence[AdaptIR], x: torch.Tensor, task: Optional[to
             out, stats = adaptir_triton_train(x, layout, params, first.BN.eps)
         else:
             out, stats = ops.adaptir(x, layout, stack_params(adapters), task, True, first.BN.eps)
+    elif (packed := packed_params(adapters, x, layout, first.BN.eps)) is not None:
+        # the triton kernels on the packed parameters: three launches of a few arguments each
+        out, stats = ops_adapter.adaptir_triton_eval(x, layout, *packed, task), None
     else:
         one_image = (x.shape[1] if layout == "lnc" else x.shape[0]) == 1  # (ops.adaptir's one-image path)
         params, plan = folded_params(adapters, torch.promote_types(x.dtype, torch.float32), first.BN.eps, one_image)

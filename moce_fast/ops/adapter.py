@@ -1798,3 +1798,75 @@ class _TritonTrain(torch.autograd.Function):
                  si[0, :hid], si[1, :1], d_tw]
         return (dx, None, None, None, None, *[d if d.shape == p.shape else d.view(p.shape)
                                               for d, p in zip(grads, params)])
+
+
+# ------------------------------------------------------------ eval on the triton kernels, packed
+
+def triton_eval(t: torch.Tensor, layout: str, hid: int) -> bool:
+    """Whether an eval call may take :func:`adaptir_triton_eval`: both adapter ops would run their
+    triton kernels (:func:`moce_fast.ops._backend.triton_chosen`), outside torch.compile (which
+    traces the custom ops), on a non-empty float32, bfloat16 or float16 input whose map (sides at
+    most MAX_SIDE) and hidden width (at most MAX_HIDDEN) the kernels take. The caller also checks
+    that no gradient is asked for (it knows the parameters), then calls :func:`record_triton`.
+    Otherwise the staged path runs (and raises, under an explicit "triton" backend, for inputs the
+    kernels do not take)."""
+    if torch.compiler.is_compiling() or t.dtype not in _KERNEL_DTYPES or t.numel() == 0:
+        return False
+    if not triton_chosen(t.device):
+        return False
+    from moce_fast.kernels.adapter import MAX_HIDDEN, MAX_SIDE
+
+    if hid > MAX_HIDDEN:
+        return False
+    _, hh, ww = as_npc(t, layout)
+    return max(hh, ww) <= MAX_SIDE
+
+
+def record_triton(device: torch.device) -> None:
+    """Both adapter ops recorded as run on triton (:func:`moce_fast.ops._backend.last_run`, the debug log)."""
+    record(("adaptir_linear", "adaptir_mix_tail"), "triton", device)
+
+
+def eval_pack(p: AdapterParams) -> tuple[torch.Tensor, tuple[int, int, int, int, int]]:
+    """The eval parameters ``p`` (BatchNorm folded into the head: :func:`fold_batch_norm`) of T tasks
+    as the packed kernels take them: one float32 buffer (:func:`moce_fast.kernels.adapter.pack_layout`,
+    the 3x3 kernels as conv_a @ conv_b), and dims (T, hid, C, h2, q)."""
+    from moce_fast.kernels.adapter import pack_layout
+
+    f32 = torch.float32
+    t, hid, c = p.head_w.shape
+    h2, q = p.mix.proj1_b.shape[-1], p.mix.ci1_b.shape[-1]
+    m = p.mix
+    fields = {"head_w": p.head_w, "head_b": p.head_b, "k9": m.conv_a.to(f32) @ m.conv_b.to(f32),
+              "conv_bias": m.conv_bias, "amp_w": m.amp_w, "amp_b": m.amp_b, "pha_w": m.pha_w, "pha_b": m.pha_b,
+              "comp_w": m.comp_w, "comp_b": m.comp_b, "proj1_w": m.proj1_w, "proj1_b": m.proj1_b,
+              "proj2_w": m.proj2_w, "proj2_b": m.proj2_b, "ci1_w": m.ci1_w, "ci1_b": m.ci1_b, "ci2_w": m.ci2_w,
+              "ci2_b": m.ci2_b, "si_w": m.si_w, "si_b": m.si_b, "tail_w": p.tail_w}
+    rows, total = pack_layout(t, hid, c, h2, q)
+    pack = torch.zeros(total, dtype=f32, device=p.head_w.device)
+    for name, off, n in rows:
+        v = fields[name]
+        if v.numel() != n:
+            raise ValueError(f"eval_pack: {name} has {v.numel()} elements, the layout of (T, hid, C, h2, q) = "
+                             f"{(t, hid, c, h2, q)} expects {n}")
+        pack[off:off + n] = v.detach().reshape(-1).to(f32)
+    return pack, (t, hid, c, h2, q)
+
+
+def adaptir_triton_eval(t: torch.Tensor, layout: str, pack: torch.Tensor, dims: tuple[int, int, int, int, int],
+                        task: Optional[torch.Tensor]) -> torch.Tensor:
+    """The eval adapter (no autograd) on the packed parameters of :func:`eval_pack`, in three
+    launches with a few arguments each (:func:`moce_fast.kernels.adapter.adapter_eval`): the output
+    in ``t``'s layout and dtype. task: (N,) int64 indices into the T tasks, or None when T == 1."""
+    from moce_fast.kernels import adapter as kernels
+
+    b, hh, ww = as_npc(t, layout)
+    n, npix, c = b.shape
+    if task is None:
+        task = _single_task(n, t.device)
+    order = OUT_ORDER[layout]
+    out = new_buffer(_SHAPE[order](n, npix, c), t.device, t.dtype)
+    scratch = new_buffer((kernels.scratch_elements(n, dims[1], hh, ww),), t.device, torch.float32)
+    kernels.adapter_eval(b, b.stride(), task, pack, dims, hh, ww, out, _npm_strides(out, order),
+                         kernels.precision(t.dtype), scratch)
+    return from_order(out, layout, hh, ww)
