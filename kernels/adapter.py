@@ -381,7 +381,7 @@ def head_packed_kernel(x_ptr, task_ptr, pack_ptr, s_ptr, T, HID, C, P, sxn, sxp,
                  sxn, sxp, sxk, HID * C, C, 1, HID * P, 1, P, True, BLOCK_P, BLOCK_M, BLOCK_K, PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def mix_channel_packed_kernel(s_ptr, task_ptr, pack_ptr, dft_ptr, N, T, HID, C, H, W,
                               BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """:func:`_mix_channel` (eval: y already normalised) on the packed parameters and scratch. dft:
@@ -400,7 +400,7 @@ def mix_channel_packed_kernel(s_ptr, task_ptr, pack_ptr, dft_ptr, N, T, HID, C, 
                  False)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def mix_out_packed_kernel(s_ptr, task_ptr, pack_ptr, out_ptr, N, T, HID, C, H2, Q, P, son, sop, som,
                           BLOCK_HID: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_Q: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
