@@ -577,24 +577,40 @@ def mix_bwd_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, ampw_p
 # ------------------------------------------------------------------------------------- launchers
 
 def precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision. float32 inputs follow torch.get_float32_matmul_precision(): "highest"
-    (torch's default) keeps float32 accuracy (tf32x3, three TF32 products), "high"/"medium" take
-    single TF32 products as torch's own matmuls then do. Narrower inputs: their own tensor-core dots."""
+    """tl.dot input precision of the adapter's head and tail products for a host of ``dtype``.
+
+    float32 hosts follow torch.get_float32_matmul_precision(): "highest" (torch's default) keeps
+    float32 accuracy (tf32x3, three TF32 products), "high"/"medium" take single TF32 products as
+    torch's own matmuls then do. bfloat16 and float16 hosts take tf32x3 too: the kernels multiply
+    their values (exact in TF32) by float32 weights and intermediates, which a single TF32 product
+    would round to 2^-11; the head's output feeds the global branch, whose phase at small spectrum
+    bins is ill-conditioned (:func:`mix_config`), and the products are a small part of a launch-
+    bound call."""
     if dtype in (torch.float32, torch.float64):
         return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return "tf32"
+    return "tf32x3"
 
 
 def linear_config(p: int, m: int, k: int) -> dict:
     return dict(BLOCK_P=64, BLOCK_M=min(64, pow2(m)), BLOCK_K=min(32, pow2(k)), num_warps=4)
 
 
-def mix_config(h: int, w: int, prec: str) -> dict:
-    """Tiles, warps and the DFT products' precision of the mix kernels for an H x W map whose host
-    runs its projections at ``prec`` (:func:`precision`).
+def mix_config(h: int, w: int) -> dict:
+    """Tiles, warps and the DFT products' precision of the mix kernels for an H x W map.
 
-    Tiles of 64 rows or more (maps over 32 pixels high) with float32 accuracy asked for ("tf32x3")
-    take plain float32 FMAs ("ieee") for their DFT products, in column blocks of 8. Why: on an
+    The DFT products run at float32 accuracy whatever the host's dtype and torch's float32 matmul
+    precision ("tf32x3", or float32 FMAs for 64-row tiles, below): they stand in for torch.fft,
+    which the public adapter runs in float32 whatever those settings, and the global branch is
+    ill-conditioned at spectrum bins of small magnitude (their phase, scaled by pha_w and shifted
+    by pha_b, is kept at full magnitude by amp_b). Single TF32 products had been used for bfloat16
+    hosts: an H200 run (2026-11-27) of test_bf16_on_gpu on an unseeded input came out 3.2% off the
+    float64 reference (bound 2e-2), and a float64 simulation of the IPT test adapter with noise of
+    2^-11 of each map's rms added to its spectrum (TF32's rounding) put 1 of 30 random inputs 6.5%
+    off, against at most 1.2% from rounding the input and parameters to bfloat16 alone. The mix
+    kernels read and write float32 scratch whatever the host's dtype, so these are the same
+    compiled kernels as a float32 host's.
+
+    Tiles of 64 rows or more (maps over 32 pixels high) take plain float32 FMAs ("ieee") for their DFT products, in column blocks of 8. Why: on an
     H200 (Triton 3.6, 2026-11-26) tests/test_triton_adapter.py::test_dft_sizes_round_trip[34]
     came out wrong (relative error 3.6 against float64) while 16 x 16 and 32 x 32 tiles passed at
     2e-5; the compiled 64-row tiles are the only ones whose tf32x3 products run on wgmma, the smaller
@@ -608,10 +624,10 @@ def mix_config(h: int, w: int, prec: str) -> dict:
     compile the first version of this configuration; tests/test_triton_compile.py now checks every
     dot's depth). With the pairs, test_dft_sizes_round_trip[34] passed on the H200 (Triton 3.6)."""
     bh, bw = pow2(h), pow2(w)
-    fma = bh >= 64 and prec == "tf32x3"
+    fma = bh >= 64
     # num_stages=1: the loop over spectrum-column blocks is not worth pipelining (each iteration is
     # a dozen dots), and staging its matrix loads would multiply shared memory past sm_80's 163 KB
-    return dict(BH=bh, BW=bw, BK=8 if fma else 16, PREC="ieee" if fma else prec,
+    return dict(BH=bh, BW=bw, BK=8 if fma else 16, PREC="ieee" if fma else "tf32x3",
                 num_warps=8 if bh * bw >= 64 * 64 else 4, num_stages=1)
 
 
@@ -688,7 +704,8 @@ def mix_tail(y, scale, shift, task, k9, mix: list, tail_w, out, out_strides, pre
     mix: conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w, comp_b, proj1_w, proj1_b, proj2_w, proj2_b,
     ci1_w, ci1_b, ci2_w, ci2_b, si_w, si_b, all float32 contiguous with a leading task axis;
     k9: (T, hid, 9) the local 3x3 kernels; scratch: float32 buffers (local, global: like y;
-    pooled, mean of |global|: (N, hid)).
+    pooled, mean of |global|: (N, hid)); prec: the tail product's tl.dot precision (:func:`precision`
+    of the host's dtype; the DFT products run at float32 accuracy, :func:`mix_config`).
     """
     (cbias, ampw, ampb, phaw, phab, compw, compb, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib) = mix
     n, hid, h, w = y.shape
@@ -697,7 +714,7 @@ def mix_tail(y, scale, shift, task, k9, mix: list, tail_w, out, out_strides, pre
         return
     dev = y.device
     loc, glob, pooled, gmean = scratch
-    cfg = mix_config(h, w, prec)
+    cfg = mix_config(h, w)
     affine = scale is not None
     mix_channel_kernel[(n * hid,)](y, scale if affine else y, shift if affine else y, task, k9, cbias, ampw, ampb,
                                    phaw, phab, compw, compb, *dft_matrices(h, w, dev), loc, glob, pooled, gmean,
@@ -763,7 +780,9 @@ def adapter_eval(x, x_strides: tuple[int, int, int], task, pack, dims: tuple[int
     x_strides, any kernel dtype) -> out (strided (N, P, C) by out_strides).
 
     pack: float32, :func:`pack_layout` of dims = (T, hid, C, h2, q), BatchNorm folded into the head;
-    task: (N,) int64; scratch: float32 with :func:`scratch_elements` elements."""
+    task: (N,) int64; scratch: float32 with :func:`scratch_elements` elements; prec: the head and
+    tail products' tl.dot precision (:func:`precision` of the host's dtype; the DFT products run at
+    float32 accuracy, :func:`mix_config`)."""
     t, hid, c, h2, q = dims
     n = task.shape[0]
     p = h * w
@@ -773,7 +792,7 @@ def adapter_eval(x, x_strides: tuple[int, int, int], task, pack, dims: tuple[int
     warps = cfg.pop("num_warps")
     head_packed_kernel[(cdiv(p, cfg["BLOCK_P"]), cdiv(hid, cfg["BLOCK_M"]), n)](
         x, task, pack, scratch, t, hid, c, p, *x_strides, PREC=prec, num_warps=warps, **cfg)
-    cfg = mix_config(h, w, prec)
+    cfg = mix_config(h, w)
     mix_channel_packed_kernel[(n * hid,)](scratch, task, pack, dft_pack(h, w, x.device), n, t, hid, c, h, w, **cfg)
     cfg = out_config(hid, c)
     warps = cfg.pop("num_warps")
@@ -807,8 +826,7 @@ def mix_backward_pix(du, task, mix: list, saved, out) -> None:
         hid, h * w, h2, q, BLOCK_H2=pow2(h2, 1), BLOCK_Q=pow2(q, 1), num_warps=warps, **cfg)
 
 
-def mix_backward_channel(y, scale, shift, task, k9, mix: list, glob, dloc, dgabs, dpooled, dgmean, prec: str,
-                         out) -> None:
+def mix_backward_channel(y, scale, shift, task, k9, mix: list, glob, dloc, dgabs, dpooled, dgmean, out) -> None:
     """Second launch of the mix backward: dy and the per-(image, channel) parameter sums.
 
     dpooled, dgmean (N, hid): the gradients of the two pooled vectors (through the channel MLPs);
@@ -819,7 +837,7 @@ def mix_backward_channel(y, scale, shift, task, k9, mix: list, glob, dloc, dgabs
     n, hid, h, w = y.shape
     if n == 0 or h * w == 0:
         return
-    cfg = mix_config(h, w, prec)
+    cfg = mix_config(h, w)
     mix_bwd_channel_kernel[(n * hid,)](y, scale, shift, task, k9, ampw, ampb, phaw, phab, compw, compb,
                                        *dft_matrices(h, w, y.device), glob, dloc, dgabs, dpooled, dgmean, dy, scal,
                                        hid, h, w, **cfg)

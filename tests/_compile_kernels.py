@@ -130,10 +130,10 @@ def backward_signatures(c, r, p, xdt):
 ADAPTER_SHAPES = [("ipt", 576, 24, 3, 16), ("ipt", 576, 24, 3, 48), ("edt", 180, 12, 3, 64)]
 
 
-def adapter_signatures(c, hid, q, side, xdt):
-    """(kernel, signature, constexprs, num_warps) for every launch of the adapter's forward and backward."""
+def adapter_signatures(c, hid, q, side, xdt, prec):
+    """(kernel, signature, constexprs, num_warps) for every launch of the adapter's forward and
+    backward, with the head and tail products at ``prec``."""
     x = TYPES[xdt]
-    prec = "tf32x3" if xdt == "fp32" else "tf32"
     lin = {"b_ptr": x, "a_ptr": "*fp32", "bias_ptr": "*fp32", "task_ptr": "*i64", "out_ptr": "*fp32", "P": "i32",
            "M": "i32", "K": "i32", **{s: "i32" for s in ("sbn", "sbp", "sbk", "sat", "sam", "sak", "son", "sop",
                                                            "som")},
@@ -146,7 +146,7 @@ def adapter_signatures(c, hid, q, side, xdt):
         cfg = AK.linear_config(p, m, k)
         warps = cfg.pop("num_warps")
         yield AK.grouped_linear_kernel, sig, dict(cfg, HAS_BIAS=bias, PREC=prec), warps
-    cfg = AK.mix_config(side, side, prec)
+    cfg = AK.mix_config(side, side)
     warps = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     names = ["y_ptr", "scale_ptr", "shift_ptr", "task_ptr", "k9_ptr", "cbias_ptr", "ampw_ptr", "ampb_ptr", "phaw_ptr",
              "phab_ptr", "compw_ptr", "compb_ptr", "cw_ptr", "sw_ptr", "ch_ptr", "sh_ptr", "aw_ptr", "bw_ptr",
@@ -174,7 +174,7 @@ def adapter_signatures(c, hid, q, side, xdt):
     sig.update(task_ptr="*i64", **{n: "i32" for n in ("HID", "P", "H2", "Q")}, BLOCK_HID="constexpr",
                BLOCK_H2="constexpr", BLOCK_Q="constexpr", BLOCK_P="constexpr")
     yield AK.mix_bwd_pix_kernel, sig, dict(cfg, BLOCK_H2=AK.pow2(hid // 2, 1), BLOCK_Q=AK.pow2(q, 1)), warps
-    cfg = AK.mix_config(side, side, prec)
+    cfg = AK.mix_config(side, side)
     warps = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     names = ["y_ptr", "scale_ptr", "shift_ptr", "task_ptr", "k9_ptr", "ampw_ptr", "ampb_ptr", "phaw_ptr", "phab_ptr",
              "compw_ptr", "compb_ptr", "cw_ptr", "sw_ptr", "ch_ptr", "sh_ptr", "aw_ptr", "bw_ptr", "glob_ptr",
@@ -190,7 +190,7 @@ def adapter_signatures(c, hid, q, side, xdt):
            **{n: "i32" for n in ("T", "HID", "C", "P", "sxn", "sxp", "sxk")},
            "BLOCK_P": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "PREC": "constexpr"}
     yield AK.head_packed_kernel, sig, dict(cfg, PREC=prec), warps
-    cfg = AK.mix_config(side, side, prec)
+    cfg = AK.mix_config(side, side)
     warps = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     sig = {"s_ptr": "*fp32", "task_ptr": "*i64", "pack_ptr": "*fp32", "dft_ptr": "*fp32",
            **{n: "i32" for n in ("N", "T", "HID", "C", "H", "W")},
@@ -328,8 +328,19 @@ def all_launches():
                     yield {"x": xdt, "C": c, "r": r, "p": p}, fn, sig, consts, warps
     for variant, c, hid, q, side in ADAPTER_SHAPES:
         for xdt in TYPES:
-            for fn, sig, consts, warps in adapter_signatures(c, hid, q, side, xdt):
-                yield {"x": xdt, "C": c, "r": hid, "p": side}, fn, sig, consts, warps
+            # kernels.adapter.precision: tf32x3 for every host dtype, single TF32 products for a
+            # float32 host under torch.set_float32_matmul_precision("high")
+            for prec in ("tf32x3", "tf32") if xdt == "fp32" else ("tf32x3",):
+                for fn, sig, consts, warps in adapter_signatures(c, hid, q, side, xdt, prec):
+                    yield {"x": xdt, "C": c, "r": hid, "p": side}, fn, sig, consts, warps
+    # a launch passes an integer argument equal to 1 as the constant 1 (Triton's specialization),
+    # unless the kernel marks it do_not_specialize: every adapter kernel with all of them at 1 (a
+    # batch of one, one task; the H200 run of b449be9 failed to compile N.to() on N = 1)
+    variant, c, hid, q, side = ADAPTER_SHAPES[0]
+    for fn, sig, consts, warps in adapter_signatures(c, hid, q, side, "fp32", "tf32x3"):
+        ones = [p.name for p in fn.params if sig.get(p.name) == "i32" and not p.do_not_specialize]
+        yield ({"x": "fp32", "C": c, "r": hid, "p": side, "ints": "1"}, fn, dict(sig, **{n: "constexpr" for n in ones}),
+               dict(consts, **{n: 1 for n in ones}), warps)
     for c, d in BACKBONE_SHAPES:
         for xdt in TYPES:
             for fn, sig, consts, warps in backbone_signatures(c, d, xdt):

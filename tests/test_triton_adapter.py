@@ -107,9 +107,9 @@ def test_dft_sizes_round_trip(side):
     with torch.no_grad():
         expected = ref(x).permute(0, 2, 3, 1)
     assert rel_err(y.cpu(), expected) < TOL32
-    # float32 hosts: 64-row tiles take float32 FMAs for their DFT products (an H200 got side 34,
-    # the first such tile, wrong through tf32x3 on wgmma: kernels.adapter.mix_config)
-    cfg = adapter_kernels.mix_config(side, side, adapter_kernels.precision(torch.float32))
+    # 64-row tiles take float32 FMAs for their DFT products (an H200 got side 34, the first such
+    # tile, wrong through tf32x3 on wgmma: kernels.adapter.mix_config), whatever the host's dtype
+    cfg = adapter_kernels.mix_config(side, side)
     assert (cfg["PREC"], cfg["BK"]) == (("ieee", 8) if side > 32 else ("tf32x3", 16))
 
 
@@ -467,6 +467,7 @@ def test_bf16_training_on_gpu():
     fast, ref = make_adapter("ipt", "lnc")
     fast.train(), ref.train()
     x = torch.randn(2, 192, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    x = x.bfloat16().double()  # the reference on the input the kernels read (see test_bf16_on_gpu)
     xb = to_layout(x, "lnc").to(DEVICE, torch.bfloat16).requires_grad_()
     xr = x.clone().requires_grad_()
     with moce_fast.backend("triton"):
@@ -482,12 +483,22 @@ def test_bf16_training_on_gpu():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="bfloat16 needs a CUDA device (the interpreter gets bfloat16 wrong)")
-def test_bf16_on_gpu():
-    fast, ref = make_adapter("ipt", "lnc")
-    fast.eval(), ref.eval()
-    x = torch.randn(2, 192, 8, 8, dtype=torch.float64)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bf16_on_gpu(seed):
+    """A bfloat16 host in eval against the float64 reference on the same bfloat16 input and
+    parameters. (Against the float32 ones the bound would not hold for every input: the global
+    branch's phase at small spectrum bins is ill-conditioned, and the rounding to bfloat16 alone
+    moves the exact output by up to ~1.2% over 30 random inputs of this adapter. An H200 run of
+    the first version of this test, on an unseeded input, measured 3.2%, with the DFT products in
+    single TF32: they now run at float32 accuracy, kernels.adapter.mix_config.)"""
+    fast, ref = make_adapter("ipt", "lnc", seed=seed)
+    fast.eval().bfloat16()
+    ref.load_state_dict(fast.state_dict())  # the bfloat16 values, in float64
+    ref.eval()
+    x = torch.randn(2, 192, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 30))
+    x = x.bfloat16().double()
     with torch.no_grad(), moce_fast.backend("triton"):
-        y = fast.bfloat16()(to_layout(x, "lnc").to(DEVICE, torch.bfloat16))
+        y = fast(to_layout(x, "lnc").to(DEVICE, torch.bfloat16))
     with torch.no_grad():
         expected = ref(x).flatten(2).permute(2, 0, 1)
-    assert y.dtype == torch.bfloat16 and rel_err(y.float().cpu(), expected) < 2e-2
+    assert y.dtype == torch.bfloat16 and rel_err(y.float().cpu(), expected) < 1e-2

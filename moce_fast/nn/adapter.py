@@ -193,8 +193,10 @@ def packed_params(adapters: Sequence[AdaptIR], x: torch.Tensor, layout: str, eps
     if kept is not None and kept[0] == key:
         packed = kept[1]
     else:
-        with torch.no_grad():
-            packed = ops_adapter.eval_pack(ops.fold_batch_norm(stack_params(adapters), eps, torch.float32))
+        with torch.no_grad():  # (the fold in float32: bfloat16 parameters' folded head not rounded back)
+            p = stack_params(adapters)
+            packed = ops_adapter.eval_pack(ops.fold_batch_norm(p._replace(head_w=p.head_w.float()), eps,
+                                                               torch.float32))
         if key is not None:
             adapters[0].__dict__["_moce_fast_packed"] = (key, packed)
     if packed[0].device != x.device:

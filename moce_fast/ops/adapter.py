@@ -1539,20 +1539,19 @@ def _(du, task, rest, loc, glob, pooled, gmean):
 @torch.library.custom_op("moce_fast::adaptir_mix_bwd_channel_triton", mutates_args=())
 def _mix_bwd_channel_op(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, task: torch.Tensor,
                         k9: torch.Tensor, rest: list[torch.Tensor], glob: torch.Tensor, dloc: torch.Tensor,
-                        dgabs: torch.Tensor, dpooled: torch.Tensor, dgmean: torch.Tensor, fp32_accuracy: bool
+                        dgabs: torch.Tensor, dpooled: torch.Tensor, dgmean: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     from moce_fast.kernels import adapter as kernels
 
     f32 = torch.float32
     dy = new_buffer(y.shape, y.device, f32)
     scal = new_buffer((y.shape[0], y.shape[1], 18), y.device, f32)
-    kernels.mix_backward_channel(y, scale, shift, task, k9, rest, glob, dloc, dgabs, dpooled, dgmean,
-                                 kernels.precision(f32 if fp32_accuracy else torch.bfloat16), (dy, scal))
+    kernels.mix_backward_channel(y, scale, shift, task, k9, rest, glob, dloc, dgabs, dpooled, dgmean, (dy, scal))
     return dy, scal
 
 
 @_mix_bwd_channel_op.register_fake
-def _(y, scale, shift, task, k9, rest, glob, dloc, dgabs, dpooled, dgmean, fp32_accuracy):
+def _(y, scale, shift, task, k9, rest, glob, dloc, dgabs, dpooled, dgmean):
     return y.new_empty(y.shape, dtype=torch.float32), y.new_empty((y.shape[0], y.shape[1], 18), dtype=torch.float32)
 
 
@@ -1592,8 +1591,7 @@ def _mix_tail_backward(ctx, grad, *_unused):
         dmlp = torch.autograd.grad((cc, cg), [pl, gl, *w], (dcc, dcg), allow_unused=True)
     dpooled, dgmean, *dw = [torch.zeros_like(x) if d is None else d for d, x in zip(dmlp, [pl, gl, *w])]
     dy, scal = _mix_bwd_channel_op(y.contiguous(), _f32(scale), _f32(shift), task,
-                                   k9, rest, glob, dloc, dgabs, dpooled.contiguous(), dgmean.contiguous(),
-                                   grad.dtype == f32)
+                                   k9, rest, glob, dloc, dgabs, dpooled.contiguous(), dgmean.contiguous())
     dtail = _weight_grad(g, u.view(n, hid, hh * ww).transpose(1, 2), task, t)
     per_task = _per_task(scal, task, t)  # (T, hid, 18)
     dk9 = per_task[:, :, 9:]
@@ -1769,8 +1767,7 @@ class _TritonTrain(torch.autograd.Function):
         # the mix's channel pass: dy with the BatchNorm affine map as constants, per-channel sums
         dy = new_buffer(y.shape, dev, f32)
         scal = new_buffer((n, hid, 18), dev, f32)
-        kernels.mix_backward_channel(y, scale_n, shift_n, task, k9, mix, glob, dloc, dgabs, dpooled, dgmean,
-                                     kernels.precision(f32 if dout.dtype == f32 else torch.bfloat16), (dy, scal))
+        kernels.mix_backward_channel(y, scale_n, shift_n, task, k9, mix, glob, dloc, dgabs, dpooled, dgmean, (dy, scal))
         per = scal.sum(0).t().contiguous()  # (18, h): [d scale, d shift, d comp_w, d comp_b, d conv_bias,
         #                                    d amp_w, d amp_b, d pha_w, d pha_b, d k9 (9)] over the images
         # BatchNorm: scale = w rstd, shift = b - mean w rstd, with mean and rstd from the batch
