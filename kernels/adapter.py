@@ -326,7 +326,8 @@ PACK_ALIGN = 16  # elements: 64 bytes
 
 @triton.jit
 def _field_end(start, T, size):
-    """Where the field after one of T * size elements at ``start`` begins."""
+    """Where the field after one of T * size elements at ``start`` begins: rounded up to PACK_ALIGN
+    (16) elements (tests/test_triton_adapter.py::test_pack_layout_matches_the_kernels_offsets)."""
     return (start + T * size + 15) // 16 * 16
 
 
