@@ -578,17 +578,25 @@ def mix_bwd_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, ampw_p
 # ------------------------------------------------------------------------------------- launchers
 
 def precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision of the adapter's head and tail products for a host of ``dtype``.
-
-    float32 hosts follow torch.get_float32_matmul_precision(): "highest" (torch's default) keeps
+    """tl.dot input precision for inputs of ``dtype`` (the backbone's and MoCE kernels' too).
+    float32 inputs follow torch.get_float32_matmul_precision(): "highest" (torch's default) keeps
     float32 accuracy (tf32x3, three TF32 products), "high"/"medium" take single TF32 products as
-    torch's own matmuls then do. bfloat16 and float16 hosts take tf32x3 too: the kernels multiply
+    torch's own matmuls then do. Narrower inputs: single TF32 products (their values are exact in
+    TF32)."""
+    if dtype in (torch.float32, torch.float64):
+        return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32"
+
+
+def adapter_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision of the adapter's head and tail products for a host of ``dtype``:
+    :func:`precision` for float32 hosts; tf32x3 for bfloat16 and float16 hosts. The kernels multiply
     their values (exact in TF32) by float32 weights and intermediates, which a single TF32 product
     would round to 2^-11; the head's output feeds the global branch, whose phase at small spectrum
     bins is ill-conditioned (:func:`mix_config`), and the products are a small part of a launch-
     bound call."""
     if dtype in (torch.float32, torch.float64):
-        return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        return precision(dtype)
     return "tf32x3"
 
 
@@ -705,8 +713,8 @@ def mix_tail(y, scale, shift, task, k9, mix: list, tail_w, out, out_strides, pre
     mix: conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w, comp_b, proj1_w, proj1_b, proj2_w, proj2_b,
     ci1_w, ci1_b, ci2_w, ci2_b, si_w, si_b, all float32 contiguous with a leading task axis;
     k9: (T, hid, 9) the local 3x3 kernels; scratch: float32 buffers (local, global: like y;
-    pooled, mean of |global|: (N, hid)); prec: the tail product's tl.dot precision (:func:`precision`
-    of the host's dtype; the DFT products run at float32 accuracy, :func:`mix_config`).
+    pooled, mean of |global|: (N, hid)); prec: the tail product's tl.dot precision
+    (:func:`adapter_precision` of the host's dtype; the DFT products run at float32 accuracy, :func:`mix_config`).
     """
     (cbias, ampw, ampb, phaw, phab, compw, compb, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib) = mix
     n, hid, h, w = y.shape
@@ -782,7 +790,7 @@ def adapter_eval(x, x_strides: tuple[int, int, int], task, pack, dims: tuple[int
 
     pack: float32, :func:`pack_layout` of dims = (T, hid, C, h2, q), BatchNorm folded into the head;
     task: (N,) int64; scratch: float32 with :func:`scratch_elements` elements; prec: the head and
-    tail products' tl.dot precision (:func:`precision` of the host's dtype; the DFT products run at
+    tail products' tl.dot precision (:func:`adapter_precision` of the host's dtype; the DFT products run at
     float32 accuracy, :func:`mix_config`)."""
     t, hid, c, h2, q = dims
     n = task.shape[0]

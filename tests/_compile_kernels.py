@@ -328,7 +328,7 @@ def all_launches():
                     yield {"x": xdt, "C": c, "r": r, "p": p}, fn, sig, consts, warps
     for variant, c, hid, q, side in ADAPTER_SHAPES:
         for xdt in TYPES:
-            # kernels.adapter.precision: tf32x3 for every host dtype, single TF32 products for a
+            # kernels.adapter.adapter_precision: tf32x3 for every host dtype, single TF32 products for a
             # float32 host under torch.set_float32_matmul_precision("high")
             for prec in ("tf32x3", "tf32") if xdt == "fp32" else ("tf32x3",):
                 for fn, sig, consts, warps in adapter_signatures(c, hid, q, side, xdt, prec):

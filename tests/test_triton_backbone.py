@@ -407,13 +407,14 @@ def test_float32_dot_precision_follows_torch_setting():
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert ak.precision(torch.float32) == "tf32x3"
-        assert ak.precision(torch.bfloat16) == ak.precision(torch.float16) == "tf32x3"
+        assert ak.precision(torch.float32) == ak.adapter_precision(torch.float32) == "tf32x3"
+        assert ak.adapter_precision(torch.bfloat16) == ak.adapter_precision(torch.float16) == "tf32x3"
         torch.set_float32_matmul_precision("high")
-        assert ak.precision(torch.float32) == "tf32"
-        # narrow hosts keep float32-accurate products (kernels.adapter.precision: the head feeds the
-        # ill-conditioned global branch), whatever torch's float32 setting
-        assert ak.precision(torch.bfloat16) == ak.precision(torch.float16) == "tf32x3"
+        assert ak.precision(torch.float32) == ak.adapter_precision(torch.float32) == "tf32"
+        assert ak.precision(torch.bfloat16) == "tf32"
+        # the adapter's narrow hosts keep float32-accurate products (kernels.adapter.adapter_precision:
+        # the head feeds the ill-conditioned global branch), whatever torch's float32 setting
+        assert ak.adapter_precision(torch.bfloat16) == ak.adapter_precision(torch.float16) == "tf32x3"
     finally:
         torch.set_float32_matmul_precision(before)
 

@@ -1365,7 +1365,7 @@ def _linear_triton_run(b: torch.Tensor, a: torch.Tensor, bias: Optional[torch.Te
 
     n, p, _ = b.shape
     out = new_buffer(_SHAPE[order](n, p, a.shape[1]), b.device, out_dtype)
-    kernels.grouped_linear(b, a, bias, task, out, _npm_strides(out, order), kernels.precision(b.dtype))
+    kernels.grouped_linear(b, a, bias, task, out, _npm_strides(out, order), kernels.adapter_precision(b.dtype))
     return out
 
 
@@ -1481,7 +1481,7 @@ def _mix_tail_run(y: torch.Tensor, scale: Optional[torch.Tensor], shift: Optiona
     if scale is not None:
         scale, shift = _f32(scale), _f32(shift)
     kernels.mix_tail(y.contiguous(), scale, shift, task, k9, rest, _f32(tail_w), out,
-                     _npm_strides(out, order), kernels.precision(out_dtype), scratch)
+                     _npm_strides(out, order), kernels.adapter_precision(out_dtype), scratch)
     return (out, *scratch)
 
 
@@ -1699,7 +1699,7 @@ class _TritonTrain(torch.autograd.Function):
         task = _single_task(n, dev)
         y = new_buffer((n, hid, hh, ww), dev, f32)  # the head's output, "nmp" order
         kernels.grouped_linear(b, head_w.view(1, hid, c), head_b, task, y, (hid * npix, 1, npix),
-                               kernels.precision(t.dtype))
+                               kernels.adapter_precision(t.dtype))
         var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
         rstd = var.add(eps).rsqrt_()
         scale = rstd * bn_w.view(hid)
@@ -1714,7 +1714,7 @@ class _TritonTrain(torch.autograd.Function):
         scratch = (new_buffer(y.shape, dev, f32), new_buffer(y.shape, dev, f32), new_buffer((n, hid), dev, f32),
                    new_buffer((n, hid), dev, f32))
         kernels.mix_tail(y, scale_n, shift_n, task, k9, mix, tail_w.view(1, c, hid), out, _npm_strides(out, order),
-                         kernels.precision(t.dtype), scratch)
+                         kernels.adapter_precision(t.dtype), scratch)
         ctx.save_for_backward(t, *params)  # (an in-place change of any before the backward is an error)
         ctx.inter = (y, rstd, mean, scale_n, shift_n, k9, task, *scratch)
         ctx.meta = (layout, hh, ww)
@@ -1744,7 +1744,7 @@ class _TritonTrain(torch.autograd.Function):
         # tail: du = g tail_w, then the mix's pixel pass (gates, products, their per-image sums)
         du = new_buffer(y.shape, dev, f32)
         kernels.grouped_linear(g, tail_w.view(1, c, hid).transpose(1, 2), None, task, du, (hid * npix, 1, npix),
-                               kernels.precision(g.dtype))
+                               kernels.adapter_precision(g.dtype))
         dloc, dgabs, u = (new_buffer(y.shape, dev, f32) for _ in range(3))
         parts = new_buffer(_pix_parts_shape(y.shape), dev, f32)
         kernels.mix_backward_pix(du, task, mix, (loc, glob, pooled, gmean), (dloc, dgabs, u, parts))
@@ -1784,7 +1784,7 @@ class _TritonTrain(torch.autograd.Function):
             order = OUT_ORDER[layout]
             dxo = new_buffer(_SHAPE[order](n, npix, c), dev, t.dtype)
             kernels.grouped_linear(dyf.transpose(1, 2), head_w.view(1, hid, c).transpose(1, 2), None, task, dxo,
-                                   _npm_strides(dxo, order), kernels.precision(f32))
+                                   _npm_strides(dxo, order), kernels.adapter_precision(f32))
             dx = from_order(dxo, layout, hh, ww)
         d_hw = _pixel_sum_product(dyf.transpose(1, 2), b.float())
         d_tw = _pixel_sum_product(g.float(), u.view(n, hid, npix).transpose(1, 2))
@@ -1865,5 +1865,5 @@ def adaptir_triton_eval(t: torch.Tensor, layout: str, pack: torch.Tensor, dims: 
     out = new_buffer(_SHAPE[order](n, npix, c), t.device, t.dtype)
     scratch = new_buffer((kernels.scratch_elements(n, dims[1], hh, ww),), t.device, torch.float32)
     kernels.adapter_eval(b, b.stride(), task, pack, dims, hh, ww, out, _npm_strides(out, order),
-                         kernels.precision(t.dtype), scratch)
+                         kernels.adapter_precision(t.dtype), scratch)
     return from_order(out, layout, hh, ww)
