@@ -42,6 +42,15 @@
 # GPU_CHECK_STEPS="install bench_adapter profile gpu_tests" GPU_CHECK_BENCH_K="fp32 and bwd and not
 # cpu and not compile" GPU_CHECK_PROFILE_ARGS="--cases launch,adapter --batch 1 8"
 # GPU_CHECK_CAPS="gpu_tests=240" GPU_CHECK_WORKERS=14.
+# H200, 2026-11-27 (fifth session, three calls, 833 s of the 900): install 57 s; gpu_tests 90 of 90 in
+# 189 s (14 workers); bench_adapter "fp32 and bwd and not cpu and not compile" (36 cases) 106 s,
+# "fp32 and fwd and not bwd and not cpu and (not compile or -32-)" (39 cases) 86 s; profile
+# (--cases launch,adapter --batch 1 8) 17 s; on a still-warm machine a call skips the install (the
+# editable install and its built extension stay). Next lease: the bfloat16 tests and speed after
+# the float32-accurate products (37ce8f1, a06babe), and eval against torch.compile at batch 1 and 8
+# on the packed path: GPU_CHECK_STEPS="install pytest bench_adapter" GPU_CHECK_PYTEST=
+# "tests/test_triton_adapter.py" GPU_CHECK_PYTEST_K="bf16 or packed or dft_sizes" GPU_CHECK_BENCH_K=
+# "fwd and not bwd and not cpu and (bf16 or compile or triton)" GPU_CHECK_WORKERS=14.
 # Benchmark JSON goes to <work>/bench_results/<device>/ as each run goes (--benchmark-json for runs
 # that finish, and <name>.jsonl with one line per finished case, which survives a cut-off run), and
 # at the end to bench/results/<device>/ (commit it). Logs and results are packed at the end into one
