@@ -619,19 +619,20 @@ def mix_config(h: int, w: int) -> dict:
     kernels read and write float32 scratch whatever the host's dtype, so these are the same
     compiled kernels as a float32 host's.
 
-    Tiles of 64 rows or more (maps over 32 pixels high) take plain float32 FMAs ("ieee") for their DFT products, in column blocks of 8. Why: on an
-    H200 (Triton 3.6, 2026-11-26) tests/test_triton_adapter.py::test_dft_sizes_round_trip[34]
-    came out wrong (relative error 3.6 against float64) while 16 x 16 and 32 x 32 tiles passed at
-    2e-5; the compiled 64-row tiles are the only ones whose tf32x3 products run on wgmma, the smaller
-    ones use mma.sync. The global branch needs float32 accuracy there: the phase of a bin near the
-    negative real axis flips between +pi and -pi under a small error. The products are small (~2.4 M
-    multiply-adds per image and hidden channel at 64 x 64). Blocks of 8 columns keep ptxas's
-    spills near the tf32x3 version's (sm_90: forward 1.7 KB, backward 3.0 KB, against 0.6 and
-    1.5 KB; sm_80: 1.6 and 3.1 KB); blocks of 16 put 23 KB of the forward in local memory. The two
-    products of depth 8 that close each block are paired into one of depth 16 (_dot_pair): Triton
-    3.6, the GPU image's, rejects a tl.dot of depth under 16 (the H200 run of 2026-11-26 failed to
-    compile the first version of this configuration; tests/test_triton_compile.py now checks every
-    dot's depth). With the pairs, test_dft_sizes_round_trip[34] passed on the H200 (Triton 3.6)."""
+    Tiles of 64 rows or more (maps over 32 pixels high) take plain float32 FMAs ("ieee") for their
+    DFT products, in column blocks of 8. Why: on an H200 (Triton 3.6, 2026-11-26)
+    tests/test_triton_adapter.py::test_dft_sizes_round_trip[34] came out wrong (relative error 3.6
+    against float64) while 16 x 16 and 32 x 32 tiles passed at 2e-5; the compiled 64-row tiles are
+    the only ones whose tf32x3 products run on wgmma, the smaller ones use mma.sync. The global
+    branch needs float32 accuracy there: the phase of a bin near the negative real axis flips
+    between +pi and -pi under a small error. The products are small (~2.4 M multiply-adds per image
+    and hidden channel at 64 x 64). Blocks of 8 columns keep ptxas's spills near the tf32x3
+    version's (sm_90: forward 1.7 KB, backward 3.0 KB, against 0.6 and 1.5 KB; sm_80: 1.6 and 3.1
+    KB); blocks of 16 put 23 KB of the forward in local memory. The two products of depth 8 that
+    close each block are paired into one of depth 16 (_dot_pair): Triton 3.6, the GPU image's,
+    rejects a tl.dot of depth under 16 (the H200 run of 2026-11-26 failed to compile the first
+    version of this configuration; tests/test_triton_compile.py now checks every dot's depth). With
+    the pairs, test_dft_sizes_round_trip[34] passed on the H200 (Triton 3.6)."""
     bh, bw = pow2(h), pow2(w)
     fma = bh >= 64
     # num_stages=1: the loop over spectrum-column blocks is not worth pipelining (each iteration is

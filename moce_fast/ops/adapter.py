@@ -1640,19 +1640,12 @@ def triton_training(t: torch.Tensor, layout: str, tensors: list[torch.Tensor]) -
     the kernels take, with every parameter float32, contiguous and on the input's device. If so both
     ops are recorded as run on triton; otherwise the staged path runs (and raises, under an explicit
     "triton" backend, for inputs the kernels do not take)."""
-    if torch.compiler.is_compiling() or t.dtype not in _KERNEL_DTYPES or t.numel() == 0:
-        return False
-    if not triton_chosen(t.device):
-        return False
-    from moce_fast.kernels.adapter import MAX_HIDDEN, MAX_SIDE
-
-    _, hh, ww = as_npc(t, layout)
-    if max(hh, ww) > MAX_SIDE or tensors[1].numel() > MAX_HIDDEN:
+    if not triton_eval(t, layout, tensors[1].numel()):  # (the same test of the input and the backend)
         return False
     dev = t.device
     if any(p.dtype != torch.float32 or p.device != dev or not p.is_contiguous() for p in tensors):
         return False
-    record(("adaptir_linear", "adaptir_mix_tail"), "triton", dev)
+    record_triton(dev)
     return True
 
 
@@ -1800,13 +1793,13 @@ class _TritonTrain(torch.autograd.Function):
 # ------------------------------------------------------------ eval on the triton kernels, packed
 
 def triton_eval(t: torch.Tensor, layout: str, hid: int) -> bool:
-    """Whether an eval call may take :func:`adaptir_triton_eval`: both adapter ops would run their
-    triton kernels (:func:`moce_fast.ops._backend.triton_chosen`), outside torch.compile (which
-    traces the custom ops), on a non-empty float32, bfloat16 or float16 input whose map (sides at
-    most MAX_SIDE) and hidden width (at most MAX_HIDDEN) the kernels take. The caller also checks
-    that no gradient is asked for (it knows the parameters), then calls :func:`record_triton`.
-    Otherwise the staged path runs (and raises, under an explicit "triton" backend, for inputs the
-    kernels do not take)."""
+    """Whether an eval call may take :func:`adaptir_triton_eval` (and, with its parameter checks,
+    :func:`triton_training` a training call): both adapter ops would run their triton kernels
+    (:func:`moce_fast.ops._backend.triton_chosen`), outside torch.compile (which traces the custom
+    ops), on a non-empty float32, bfloat16 or float16 input whose map (sides at most MAX_SIDE) and
+    hidden width (at most MAX_HIDDEN) the kernels take. The caller also checks that no gradient is
+    asked for (it knows the parameters), then calls :func:`record_triton`. Otherwise the staged
+    path runs (and raises, under an explicit "triton" backend, for inputs the kernels do not take)."""
     if torch.compiler.is_compiling() or t.dtype not in _KERNEL_DTYPES or t.numel() == 0:
         return False
     if not triton_chosen(t.device):
