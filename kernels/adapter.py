@@ -371,6 +371,18 @@ def _gate_fields(o, T, HID, H2, Q):
 
 
 @triton.jit
+def _scratch_parts(s_ptr, N, HID, P):
+    """The local map, global map, pooled values and means of |global| in the scratch of N images
+    (after the head output y; :func:`scratch_elements`). N must be a runtime integer (the callers
+    mark it do_not_specialize: ``.to`` is not defined on a constant)."""
+    maps = N.to(tl.int64) * HID * P
+    loc = s_ptr + maps
+    glob = loc + maps
+    pooled = glob + maps
+    return loc, glob, pooled, pooled + N * HID
+
+
+@triton.jit
 def head_packed_kernel(x_ptr, task_ptr, pack_ptr, s_ptr, T, HID, C, P, sxn, sxp, sxk,
                        BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
     """The head with BatchNorm folded in: y[n, m, p] = sum_k W[task[n], m, k] x[n, p, k] + b[task[n], m],
@@ -389,11 +401,7 @@ def mix_channel_packed_kernel(s_ptr, task_ptr, pack_ptr, dft_ptr, N, T, HID, C, 
     CW, SW, AW, BW (BW x BW each) then CH, SH (BH x BH each)."""
     _, _, o = _head_fields(T, HID, C)
     k9, cbias, ampw, ampb, phaw, phab, compw, compb, _ = _channel_fields(o, T, HID)
-    maps = N.to(tl.int64) * HID * H * W
-    loc = s_ptr + maps
-    glob = loc + maps
-    pooled = glob + maps
-    gmean = pooled + N * HID
+    loc, glob, pooled, gmean = _scratch_parts(s_ptr, N, HID, H * W)
     _mix_channel(tl.program_id(0), s_ptr, s_ptr, s_ptr, task_ptr, pack_ptr + k9, pack_ptr + cbias, pack_ptr + ampw,
                  pack_ptr + ampb, pack_ptr + phaw, pack_ptr + phab, pack_ptr + compw, pack_ptr + compb,
                  dft_ptr, dft_ptr + BW * BW, dft_ptr + 4 * BW * BW, dft_ptr + 4 * BW * BW + BH * BH,
@@ -412,11 +420,7 @@ def mix_out_packed_kernel(s_ptr, task_ptr, pack_ptr, out_ptr, N, T, HID, C, H2, 
     _, _, o = _head_fields(T, HID, C)
     _, _, _, _, _, _, _, _, o = _channel_fields(o, T, HID)
     p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib, tw = _gate_fields(o, T, HID, H2, Q)
-    maps = N.to(tl.int64) * HID * P
-    loc = s_ptr + maps
-    glob = loc + maps
-    pooled = glob + maps
-    gmean = pooled + N * HID
+    loc, glob, pooled, gmean = _scratch_parts(s_ptr, N, HID, P)
     _mix_out(tl.program_id(0), tl.program_id(1), n, t, loc, glob, pooled, gmean, pack_ptr + p1w, pack_ptr + p1b,
              pack_ptr + p2w, pack_ptr + p2b, pack_ptr + c1w, pack_ptr + c1b, pack_ptr + c2w, pack_ptr + c2b,
              pack_ptr + siw, pack_ptr + sib, pack_ptr + tw, out_ptr, HID, P, C, H2, Q, son, sop, som, BLOCK_HID,

@@ -1465,6 +1465,14 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
 
 
+def _mix_scratch(y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The mix kernels' float32 scratch for the head output y (N, hid, H, W): the local and global
+    maps (like y), the pooled values and the means of |global| (N, hid)."""
+    f32, nh = torch.float32, y.shape[:2]
+    return (new_buffer(y.shape, y.device, f32), new_buffer(y.shape, y.device, f32), new_buffer(nh, y.device, f32),
+            new_buffer(nh, y.device, f32))
+
+
 def _mix_tail_run(y: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
                   mix: list[torch.Tensor], tail_w: torch.Tensor, task: torch.Tensor, order: str,
                   out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1472,12 +1480,10 @@ def _mix_tail_run(y: torch.Tensor, scale: Optional[torch.Tensor], shift: Optiona
     the backward. scale and shift None: y is already normalised."""
     from moce_fast.kernels import adapter as kernels
 
-    n, hid, hh, ww = y.shape
-    f32 = torch.float32
+    n, _, hh, ww = y.shape
     k9, rest = _kernel_mix(mix)
     out = new_buffer(_SHAPE[order](n, hh * ww, tail_w.shape[1]), y.device, out_dtype)
-    scratch = (new_buffer(y.shape, y.device, f32), new_buffer(y.shape, y.device, f32),
-               new_buffer((n, hid), y.device, f32), new_buffer((n, hid), y.device, f32))
+    scratch = _mix_scratch(y)
     if scale is not None:
         scale, shift = _f32(scale), _f32(shift)
     kernels.mix_tail(y.contiguous(), scale, shift, task, k9, rest, _f32(tail_w), out,
@@ -1704,8 +1710,7 @@ class _TritonTrain(torch.autograd.Function):
         k9 = _kernels_3x3(conv_a, conv_b)
         order = OUT_ORDER[layout]
         out = new_buffer(_SHAPE[order](n, npix, c), dev, t.dtype)
-        scratch = (new_buffer(y.shape, dev, f32), new_buffer(y.shape, dev, f32), new_buffer((n, hid), dev, f32),
-                   new_buffer((n, hid), dev, f32))
+        scratch = _mix_scratch(y)
         kernels.mix_tail(y, scale_n, shift_n, task, k9, mix, tail_w.view(1, c, hid), out, _npm_strides(out, order),
                          kernels.adapter_precision(t.dtype), scratch)
         ctx.save_for_backward(t, *params)  # (an in-place change of any before the backward is an error)
