@@ -121,51 +121,13 @@ def _softmax_map(z, inside):
 
 
 @triton.jit
-def _tf32_head(x):
-    """x truncated to TF32 (sign, exponent, the top 10 mantissa bits): exact in a TF32 product,
-    and x - _tf32_head(x) is exact in float32."""
-    return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _ddot_acc(a, b, acc, PREC: tl.constexpr):
-    """acc + a @ b for the DFT products. PREC "tf32split": float32 accuracy from three single-TF32
-    products of operands split in registers, a @ b ~ a_hi @ b_hi + a_hi @ b_lo + a_lo @ b_hi (the
-    small terms first), a candidate for 64-row tiles, where Triton 3.6 ran tf32x3 wrongly on wgmma
-    (:func:`mix_config`); every other PREC: one tl.dot of that input precision."""
-    if PREC == "tf32split":
-        ah = _tf32_head(a)
-        bh = _tf32_head(b)
-        acc = tl.dot(a - ah, bh, acc, input_precision="tf32")
-        acc = tl.dot(ah, b - bh, acc, input_precision="tf32")
-        acc = tl.dot(ah, bh, acc, input_precision="tf32")
-    else:
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-    return acc
-
-
-@triton.jit
-def _ddot(a, b, PREC: tl.constexpr):
-    """a @ b for the DFT products, as :func:`_ddot_acc`."""
-    if PREC == "tf32split":
-        ah = _tf32_head(a)
-        bh = _tf32_head(b)
-        acc = tl.dot(a - ah, bh, input_precision="tf32")
-        acc = tl.dot(ah, b - bh, acc, input_precision="tf32")
-        acc = tl.dot(ah, bh, acc, input_precision="tf32")
-    else:
-        acc = tl.dot(a, b, input_precision=PREC)
-    return acc
-
-
-@triton.jit
 def _dot_pair(a1, b1, a2, b2, acc, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr):
     """acc + a1 @ b1 + a2 @ b2 (a: (M, K), b: (K, N)) as one product [a1 | a2] @ [b1; b2] of depth
     2K: for column blocks of K = 8, which a single tl.dot does not take (Triton 3.6 asks for K >= 16;
     3.8 takes 8)."""
     a = tl.reshape(tl.permute(tl.join(a1, a2), (0, 2, 1)), (M, 2 * K))  # (M, K, 2) -> (M, 2, K) -> (M, 2K)
     b = tl.reshape(tl.permute(tl.join(b1, b2), (2, 0, 1)), (2 * K, N))  # (K, N, 2) -> (2, K, N) -> (2K, N)
-    return _ddot_acc(a, b, acc, PREC)
+    return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -173,12 +135,12 @@ def _spectrum_block(x, cw_ptr, sw_ptr, ch_ptr, sh_ptr, wcol, BH: tl.constexpr, P
     """Real and imaginary parts of one block of spectrum columns of rfft2(x) (ortho): the W-axis
     transform x @ [CW | -SW] at the (BW, BK) offsets wcol, then the H-axis DFT (CH - i SH), whose
     matrices are re-read (L1/L2) at each product rather than held in registers."""
-    re = _ddot(x, tl.load(cw_ptr + wcol), PREC)
-    im = -_ddot(x, tl.load(sw_ptr + wcol), PREC)
-    fr = _ddot(_load_square(ch_ptr, BH), re, PREC)
-    fr = _ddot_acc(_load_square(sh_ptr, BH), im, fr, PREC)
-    fi = _ddot(_load_square(ch_ptr, BH), im, PREC)
-    fi -= _ddot(_load_square(sh_ptr, BH), re, PREC)
+    re = tl.dot(x, tl.load(cw_ptr + wcol), input_precision=PREC)
+    im = -tl.dot(x, tl.load(sw_ptr + wcol), input_precision=PREC)
+    fr = tl.dot(_load_square(ch_ptr, BH), re, input_precision=PREC)
+    fr = tl.dot(_load_square(sh_ptr, BH), im, fr, input_precision=PREC)
+    fi = tl.dot(_load_square(ch_ptr, BH), im, input_precision=PREC)
+    fi -= tl.dot(_load_square(sh_ptr, BH), re, input_precision=PREC)
     return fr, fi
 
 
@@ -246,16 +208,16 @@ def _mix_channel(pid, y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr, 
         pha = _atan2(fi, fr) * tl.load(phaw_ptr + t * HID + c) + tl.load(phab_ptr + t * HID + c)
         zr = mag * tl.cos(pha)
         zi = mag * tl.sin(pha)
-        gr = _ddot(_load_square(ch_ptr, BH), zr, PREC)
-        gr -= _ddot(_load_square(sh_ptr, BH), zi, PREC)
-        gi = _ddot(_load_square(ch_ptr, BH), zi, PREC)
-        gi = _ddot_acc(_load_square(sh_ptr, BH), zr, gi, PREC)
+        gr = tl.dot(_load_square(ch_ptr, BH), zr, input_precision=PREC)
+        gr -= tl.dot(_load_square(sh_ptr, BH), zi, input_precision=PREC)
+        gi = tl.dot(_load_square(ch_ptr, BH), zi, input_precision=PREC)
+        gi = tl.dot(_load_square(sh_ptr, BH), zr, gi, input_precision=PREC)
         wrow = (k0 + kk)[:, None] * BW + cols[None, :]  # (BK, BW) block of rows of AW, BW
         if BK < 16:  # g += [gr | gi] @ [AW; -BW] as one product (a tl.dot needs K >= 16)
             g = _dot_pair(gr, tl.load(aw_ptr + wrow), gi, -tl.load(bw_ptr + wrow), g, BH, BK, BW, PREC)
         else:
-            g = _ddot_acc(gr, tl.load(aw_ptr + wrow), g, PREC)
-            g -= _ddot(gi, tl.load(bw_ptr + wrow), PREC)
+            g = tl.dot(gr, tl.load(aw_ptr + wrow), g, input_precision=PREC)
+            g -= tl.dot(gi, tl.load(bw_ptr + wrow), input_precision=PREC)
     g = tl.where(inside, g, 0.0)
     tl.store(glob_ptr + out, g, mask=inside)  # signed: the backward needs the sign of the irfft2 result
     tl.store(pooled_ptr + pid, pooled)
@@ -581,12 +543,12 @@ def mix_bwd_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, ampw_p
         p1 = pha * pw_ + pb_
         cs = tl.cos(p1)
         sn = tl.sin(p1)
-        dgr = _ddot(dg, tl.load(aw_ptr + wrow_t), PREC)
-        dgi = -_ddot(dg, tl.load(bw_ptr + wrow_t), PREC)
-        dzr = _ddot(_load_square(ch_ptr, BH), dgr, PREC)
-        dzr = _ddot_acc(_load_square(sh_ptr, BH), dgi, dzr, PREC)
-        dzi = _ddot(_load_square(ch_ptr, BH), dgi, PREC)
-        dzi -= _ddot(_load_square(sh_ptr, BH), dgr, PREC)
+        dgr = tl.dot(dg, tl.load(aw_ptr + wrow_t), input_precision=PREC)
+        dgi = -tl.dot(dg, tl.load(bw_ptr + wrow_t), input_precision=PREC)
+        dzr = tl.dot(_load_square(ch_ptr, BH), dgr, input_precision=PREC)
+        dzr = tl.dot(_load_square(sh_ptr, BH), dgi, dzr, input_precision=PREC)
+        dzi = tl.dot(_load_square(ch_ptr, BH), dgi, input_precision=PREC)
+        dzi -= tl.dot(_load_square(sh_ptr, BH), dgr, input_precision=PREC)
         dm1 = dzr * cs + dzi * sn
         dp1 = m1 * (dzi * cs - dzr * sn)
         s_aw += tl.sum(tl.sum(dm1 * mag, axis=1), axis=0)
@@ -598,15 +560,15 @@ def mix_bwd_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, ampw_p
         dpha = dp1 * pw_ * inv
         dfr = (dmag * fr - dpha * fi) * inv
         dfi = (dmag * fi + dpha * fr) * inv
-        dre = _ddot(_load_square(ch_ptr, BH), dfr, PREC)
-        dre -= _ddot(_load_square(sh_ptr, BH), dfi, PREC)
-        dim = _ddot(_load_square(sh_ptr, BH), dfr, PREC)
-        dim = _ddot_acc(_load_square(ch_ptr, BH), dfi, dim, PREC)
+        dre = tl.dot(_load_square(ch_ptr, BH), dfr, input_precision=PREC)
+        dre -= tl.dot(_load_square(sh_ptr, BH), dfi, input_precision=PREC)
+        dim = tl.dot(_load_square(sh_ptr, BH), dfr, input_precision=PREC)
+        dim = tl.dot(_load_square(ch_ptr, BH), dfi, dim, input_precision=PREC)
         if BK < 16:  # dx += [dre | dim] @ [CW^T; -SW^T] as one product (a tl.dot needs K >= 16)
             dx = _dot_pair(dre, tl.load(cw_ptr + wcol_t), dim, -tl.load(sw_ptr + wcol_t), dx, BH, BK, BW, PREC)
         else:
-            dx = _ddot_acc(dre, tl.load(cw_ptr + wcol_t), dx, PREC)
-            dx -= _ddot(dim, tl.load(sw_ptr + wcol_t), PREC)
+            dx = tl.dot(dre, tl.load(cw_ptr + wcol_t), dx, input_precision=PREC)
+            dx -= tl.dot(dim, tl.load(sw_ptr + wcol_t), input_precision=PREC)
     tl.store(sbase + 5, s_aw)
     tl.store(sbase + 6, s_ab)
     tl.store(sbase + 7, s_pw)
@@ -674,19 +636,18 @@ def mix_config(h: int, w: int) -> dict:
     close each block are paired into one of depth 16 (_dot_pair): Triton 3.6, the GPU image's,
     rejects a tl.dot of depth under 16 (the H200 run of 2026-11-26 failed to compile the first
     version of this configuration; tests/test_triton_compile.py now checks every dot's depth). With
-    the pairs, test_dft_sizes_round_trip[34] passed on the H200 (Triton 3.6)."""
+    the pairs, test_dft_sizes_round_trip[34] passed on the H200 (Triton 3.6). Tried and dropped
+    (ffe495b, H200, Triton 3.6, 2026-11-27): float32 accuracy from three single-TF32 products of
+    operands split in registers (hi = the top 10 mantissa bits, by a bit mask), which compiled to
+    wgmma at 64-row tiles with half the FMA version's spills; on the GPU its 34 x 34 eval and
+    training tests and a 48 x 48 eval call failed with an illegal memory access (the 16-row and
+    32-row tiles' tests passed in the same run), so these tiles keep the FMAs."""
     bh, bw = pow2(h), pow2(w)
-    prec, bk = LARGE_TILE_DFT if bh >= 64 else ("tf32x3", 16)
+    fma = bh >= 64
     # num_stages=1: the loop over spectrum-column blocks is not worth pipelining (each iteration is
     # a dozen dots), and staging its matrix loads would multiply shared memory past sm_80's 163 KB
-    return dict(BH=bh, BW=bw, BK=bk, PREC=prec, num_warps=8 if bh * bw >= 64 * 64 else 4, num_stages=1)
-
-
-# (PREC, BK) of the DFT products in tiles of 64 rows or more (mix_config). ("tf32split", 16): three
-# TF32 products of operands split in registers (_ddot_acc), under test against the FMAs on a GPU;
-# tests and scripts/gpu_profile.py --cases dft set it to compare the two.
-LARGE_TILE_DFT = ("ieee", 8)
-LARGE_TILE_DFT_CHOICES = (("ieee", 8), ("tf32split", 16))
+    return dict(BH=bh, BW=bw, BK=8 if fma else 16, PREC="ieee" if fma else "tf32x3",
+                num_warps=8 if bh * bw >= 64 * 64 else 4, num_stages=1)
 
 
 def out_config(hid: int, m: int) -> dict:

@@ -12,8 +12,7 @@ and each implementation, four numbers per call, all from one process on one devi
 Prints a table and writes the records as JSON (--json FILE). Run on a CUDA device only:
     python scripts/gpu_profile.py [--cases adapter,moce_layer,launch] [--batch 8] [--compile] [--json FILE]
 (``launch``: the host cost of a Triton launch by argument count, and of the adapter's eval call
-without its kernels; see launch_cases. ``dft``: the 64-row-tile shapes once per choice of the DFT
-products there, with their errors against float64; see dft_cases.)
+without its kernels; see launch_cases.)
 """
 
 from __future__ import annotations
@@ -143,65 +142,6 @@ def adapter_cases(batch: int, dtype, compile_too: bool):
         yield f"adapter {variant} C={dim} {side}x{side} B={batch} {str(dtype)[6:]} fwd", impls
 
 
-def dft_cases(batch: int, dtype, compile_too: bool):
-    """The adapter at the shapes with 64-row mix tiles (IPT 48x48, EDT 64x64), eval and training
-    (forward + backward), once per choice of the DFT products there
-    (kernels.adapter.LARGE_TILE_DFT_CHOICES), each impl also checked against the float64 reference
-    ("rel_err" of the output and, in training, of the input gradient)."""
-    import moce_fast
-    from moce_fast.kernels import adapter as AK
-    sys.path.insert(0, "bench")
-    from bench_adapter import SHAPES, _randomize
-    from moce_fast.reference import AdaptIR
-
-    default = AK.LARGE_TILE_DFT
-    for variant, dim, layout, side in SHAPES:
-        if AK.pow2(side) < 64:
-            continue
-        torch.manual_seed(0)
-        fast = moce_fast.AdaptIRAdapter(dim, variant, layout)
-        _randomize(fast)
-        ref = AdaptIR(dim, variant).double()
-        ref.exact_phase = True  # as moce_fast's paths (reference.AdaptIR.exact_phase)
-        ref.load_state_dict(fast.state_dict())
-        shape = (side * side, batch, dim) if layout == "lnc" else (batch, side, side, dim)
-        x = torch.randn(shape, device="cuda", dtype=dtype)
-        dy = torch.randn(shape, device="cuda", dtype=dtype)
-        for mode in ("eval", "train"):
-            fast = fast.cuda().to(dtype).train(mode == "train")
-            ref.train(mode == "train")
-            xr = x.double().cpu().requires_grad_()
-            nchw = xr.permute(1, 2, 0).reshape(batch, dim, side, side) if layout == "lnc" else xr.permute(0, 3, 1, 2)
-            with torch.no_grad() if mode == "eval" else torch.enable_grad():
-                yr = ref(nchw)
-            yr = yr.reshape(batch, dim, side * side).permute(2, 0, 1) if layout == "lnc" else yr.permute(0, 2, 3, 1)
-            if mode == "train":
-                yr.backward(dy.double().cpu())
-            impls = {}
-            for choice in AK.LARGE_TILE_DFT_CHOICES:
-                def call(choice=choice, mode=mode):
-                    AK.LARGE_TILE_DFT = choice
-                    with moce_fast.backend("triton"):
-                        if mode == "eval":
-                            with torch.no_grad():
-                                return fast(x), None
-                        xg = x.detach().requires_grad_()
-                        y = fast(xg)
-                        y.backward(dy)
-                        return y, xg.grad
-                impls[f"triton-{choice[0]}-{choice[1]}"] = call
-            # accuracy first (train mode updates BatchNorm's running statistics: the reference's
-            # output was taken before, and training outputs use batch statistics only)
-            for name, call in impls.items():
-                y, g = call()
-                err = float((y.double().cpu() - yr.detach()).norm() / yr.detach().norm())
-                gerr = float((g.double().cpu() - xr.grad).norm() / xr.grad.norm()) if g is not None else None
-                print(json.dumps({"case": f"dft {variant} {side}x{side} B={batch} {mode}", "impl": name,
-                                  "rel_err": err, "grad_rel_err": gerr}), flush=True)
-            yield f"dft {variant} C={dim} {side}x{side} B={batch} {str(dtype)[6:]} {mode}", impls
-    AK.LARGE_TILE_DFT = default
-
-
 def moce_layer_cases(batch: int, dtype, compile_too: bool):
     import moce_fast
     from moce_fast.reference.moce import AdapterLayer
@@ -323,7 +263,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_profile.py: needs a CUDA device", file=sys.stderr)
         return 2
-    gens = {"adapter": adapter_cases, "moce_layer": moce_layer_cases, "launch": launch_cases, "dft": dft_cases}
+    gens = {"adapter": adapter_cases, "moce_layer": moce_layer_cases, "launch": launch_cases}
     rows = []
     for case in args.cases.split(","):
         for b in args.batch:

@@ -130,15 +130,6 @@ def backward_signatures(c, r, p, xdt):
 ADAPTER_SHAPES = [("ipt", 576, 24, 3, 16), ("ipt", 576, 24, 3, 48), ("edt", 180, 12, 3, 64)]
 
 
-def mix_configs(side):
-    """The mix kernels' configurations for a side x side map: mix_config's, and for tiles of 64
-    rows every choice of the DFT products' (PREC, BK) there (kernels.adapter.LARGE_TILE_DFT)."""
-    cfg = AK.mix_config(side, side)
-    if cfg["BH"] < 64:
-        return [cfg]
-    return [dict(cfg, PREC=prec, BK=bk) for prec, bk in AK.LARGE_TILE_DFT_CHOICES]
-
-
 def adapter_signatures(c, hid, q, side, xdt, prec):
     """(kernel, signature, constexprs, num_warps) for every launch of the adapter's forward and
     backward, with the head and tail products at ``prec``."""
@@ -155,16 +146,16 @@ def adapter_signatures(c, hid, q, side, xdt, prec):
         cfg = AK.linear_config(p, m, k)
         warps = cfg.pop("num_warps")
         yield AK.grouped_linear_kernel, sig, dict(cfg, HAS_BIAS=bias, PREC=prec), warps
+    cfg = AK.mix_config(side, side)
+    warps = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     names = ["y_ptr", "scale_ptr", "shift_ptr", "task_ptr", "k9_ptr", "cbias_ptr", "ampw_ptr", "ampb_ptr", "phaw_ptr",
              "phab_ptr", "compw_ptr", "compb_ptr", "cw_ptr", "sw_ptr", "ch_ptr", "sh_ptr", "aw_ptr", "bw_ptr",
              "loc_ptr", "glob_ptr", "pooled_ptr", "gmean_ptr"]
     sig = {n: "*fp32" for n in names}
     sig.update(task_ptr="*i64", HID="i32", H="i32", W="i32", BH="constexpr", BW="constexpr", BK="constexpr",
                PREC="constexpr", AFFINE="constexpr")
-    for cfg in mix_configs(side):
-        warps = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
-        for affine in (True, False):  # training BatchNorm on load; eval (folded into the head)
-            yield AK.mix_channel_kernel, sig, dict(cfg, AFFINE=affine), warps
+    for affine in (True, False):  # training BatchNorm on load; eval (folded into the head)
+        yield AK.mix_channel_kernel, sig, dict(cfg, AFFINE=affine), warps
     cfg = AK.out_config(hid, c)
     warps = cfg.pop("num_warps")
     names = ["loc_ptr", "glob_ptr", "pooled_ptr", "gmean_ptr", "task_ptr", "p1w_ptr", "p1b_ptr", "p2w_ptr",
@@ -183,15 +174,15 @@ def adapter_signatures(c, hid, q, side, xdt, prec):
     sig.update(task_ptr="*i64", **{n: "i32" for n in ("HID", "P", "H2", "Q")}, BLOCK_HID="constexpr",
                BLOCK_H2="constexpr", BLOCK_Q="constexpr", BLOCK_P="constexpr")
     yield AK.mix_bwd_pix_kernel, sig, dict(cfg, BLOCK_H2=AK.pow2(hid // 2, 1), BLOCK_Q=AK.pow2(q, 1)), warps
+    cfg = AK.mix_config(side, side)
+    warps = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     names = ["y_ptr", "scale_ptr", "shift_ptr", "task_ptr", "k9_ptr", "ampw_ptr", "ampb_ptr", "phaw_ptr", "phab_ptr",
              "compw_ptr", "compb_ptr", "cw_ptr", "sw_ptr", "ch_ptr", "sh_ptr", "aw_ptr", "bw_ptr", "glob_ptr",
              "dloc_ptr", "dgabs_ptr", "dpooled_ptr", "dgmean_ptr", "dy_ptr", "scal_ptr"]
     sig = {n: "*fp32" for n in names}
     sig.update(task_ptr="*i64", HID="i32", H="i32", W="i32", BH="constexpr", BW="constexpr", BK="constexpr",
                PREC="constexpr")
-    for cfg in mix_configs(side):
-        warps = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
-        yield AK.mix_bwd_channel_kernel, sig, dict(cfg), warps
+    yield AK.mix_bwd_channel_kernel, sig, dict(cfg), warps
     # eval on the packed parameters (BatchNorm folded into the head): head, mix channel, mix out
     cfg = AK.linear_config(p, hid, c)
     warps = cfg.pop("num_warps")
@@ -199,12 +190,12 @@ def adapter_signatures(c, hid, q, side, xdt, prec):
            **{n: "i32" for n in ("T", "HID", "C", "P", "sxn", "sxp", "sxk")},
            "BLOCK_P": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "PREC": "constexpr"}
     yield AK.head_packed_kernel, sig, dict(cfg, PREC=prec), warps
+    cfg = AK.mix_config(side, side)
+    warps = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     sig = {"s_ptr": "*fp32", "task_ptr": "*i64", "pack_ptr": "*fp32", "dft_ptr": "*fp32",
            **{n: "i32" for n in ("N", "T", "HID", "C", "H", "W")},
            "BH": "constexpr", "BW": "constexpr", "BK": "constexpr", "PREC": "constexpr"}
-    for cfg in mix_configs(side):
-        warps = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
-        yield AK.mix_channel_packed_kernel, sig, dict(cfg), warps
+    yield AK.mix_channel_packed_kernel, sig, dict(cfg), warps
     cfg = AK.out_config(hid, c)
     warps = cfg.pop("num_warps")
     sig = {"s_ptr": "*fp32", "task_ptr": "*i64", "pack_ptr": "*fp32", "out_ptr": x,

@@ -95,22 +95,10 @@ def test_fused_equals_reference(variant, layout, mode):
         assert fast.BN.num_batches_tracked.item() == ref.BN.num_batches_tracked.item() == 1
 
 
-# the DFT products' (PREC, BK) in 64-row tiles: the default first, then each alternative under test
-LARGE_TILE_DFT = sorted(adapter_kernels.LARGE_TILE_DFT_CHOICES, key=lambda c: c != adapter_kernels.LARGE_TILE_DFT)
-
-
-def _dft_id(choice):
-    return "-".join(map(str, choice)) if isinstance(choice, tuple) else None
-
-
-@pytest.mark.parametrize("side,large_tile_dft", [(16, None), (17, None), *[(34, c) for c in LARGE_TILE_DFT]],
-                         ids=_dft_id)
-def test_dft_sizes_round_trip(side, large_tile_dft, monkeypatch):
+@pytest.mark.parametrize("side", [16, 17, 34])
+def test_dft_sizes_round_trip(side):
     """Larger maps through the DFT matrices: a full 16 x 16 tile, a padded 17 -> 32 one, and 34 -> 64
-    whose half spectrum (18 columns) spans two or three column blocks, with each choice of the DFT
-    products there."""
-    if large_tile_dft is not None:
-        monkeypatch.setattr(adapter_kernels, "LARGE_TILE_DFT", large_tile_dft)
+    whose half spectrum (18 columns) spans two column blocks."""
     fast, ref = make_adapter("edt", "nhwc", seed=3)
     fast.eval(), ref.eval()
     x = torch.randn(1, 56, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
@@ -119,20 +107,17 @@ def test_dft_sizes_round_trip(side, large_tile_dft, monkeypatch):
     with torch.no_grad():
         expected = ref(x).permute(0, 2, 3, 1)
     assert rel_err(y.cpu(), expected) < TOL32
-    # 64-row tiles take LARGE_TILE_DFT's products (an H200 got side 34, the first such tile, wrong
-    # through tf32x3 on wgmma: kernels.adapter.mix_config), whatever the host's dtype
+    # 64-row tiles take float32 FMAs for their DFT products (an H200 got side 34, the first such
+    # tile, wrong through tf32x3 on wgmma: kernels.adapter.mix_config), whatever the host's dtype
     cfg = adapter_kernels.mix_config(side, side)
-    assert (cfg["PREC"], cfg["BK"]) == (large_tile_dft if side > 32 else ("tf32x3", 16))
+    assert (cfg["PREC"], cfg["BK"]) == (("ieee", 8) if side > 32 else ("tf32x3", 16))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device: a 64-row tile's backward through the interpreter "
                                         "takes minutes on a CPU")
-@pytest.mark.parametrize("large_tile_dft", LARGE_TILE_DFT, ids=_dft_id)
-def test_large_tile_gradients(large_tile_dft, monkeypatch):
-    """A 34 x 34 map (a 64-row tile: by default float32 FMAs in 8-column blocks, paired into
-    products of depth 16; or each alternative) in training, forward and every gradient against the
-    float64 reference."""
-    monkeypatch.setattr(adapter_kernels, "LARGE_TILE_DFT", large_tile_dft)
+def test_large_tile_gradients():
+    """A 34 x 34 map (a 64-row tile: float32 FMAs in 8-column blocks, paired into products of
+    depth 16) in training, forward and every gradient against the float64 reference."""
     fast, ref = make_adapter("edt", "nhwc", seed=7)
     fast.train(), ref.train()
     x = torch.randn(2, 56, 34, 34, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
