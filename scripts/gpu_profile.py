@@ -10,7 +10,8 @@ and each implementation, four numbers per call, all from one process on one devi
 - ``kernels_ms`` and ``launches``: device time of the kernels of one call, and how many (the torch
   profiler), with the three costliest kernels.
 Prints a table and writes the records as JSON (--json FILE). Run on a CUDA device only:
-    python scripts/gpu_profile.py [--cases adapter,moce_layer,launch] [--batch 8] [--compile] [--json FILE]
+    python scripts/gpu_profile.py [--cases adapter,moce_layer,launch] [--batch 8] [--dtype fp32 bf16]
+                                  [--compile] [--json FILE]
 (``launch``: the host cost of a Triton launch by argument count, and of the adapter's eval call
 without its kernels; see launch_cases.)
 """
@@ -24,6 +25,9 @@ import sys
 import time
 
 import torch
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _timed(fn, reps: int) -> float:
@@ -259,6 +263,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--compile", action="store_true", help="also torch.compile of the public adapter")
+    ap.add_argument("--dtype", nargs="+", default=["fp32"], choices=sorted(DTYPES),
+                    help="host dtypes (the public adapter and its compile have no bfloat16 FFT: error rows)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("gpu_profile.py: needs a CUDA device", file=sys.stderr)
@@ -267,8 +273,9 @@ def main() -> int:
     rows = []
     for case in args.cases.split(","):
         for b in args.batch:
-            for name, impls in gens[case](b, torch.float32, args.compile):
-                rows += profile_case(name, impls, args.reps)
+            for dt in args.dtype:
+                for name, impls in gens[case](b, DTYPES[dt], args.compile):
+                    rows += profile_case(name, impls, args.reps)
     print(f"\n{'case':48} {'impl':10} {'sync':>8} {'queued':>8} {'graph':>8} {'kernels':>8} {'launch':>6}")
     for r in rows:
         g = r.get("graph_ms")
