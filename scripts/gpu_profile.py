@@ -8,12 +8,14 @@ and each implementation, four numbers per call, all from one process on one devi
 - ``graph_ms``: the same calls replayed from one CUDA graph (no Python, no launch overhead): the GPU's
   own time, or "n/a: <reason>" when the path cannot be captured;
 - ``kernels_ms`` and ``launches``: device time of the kernels of one call, and how many (the torch
-  profiler), with the three costliest kernels.
+  profiler), with the three costliest kernels; ``host_ops``: the call's top-level host events in
+  that profile (torch ops, autograd nodes and the like, each a dispatch the host pays for).
 Prints a table and writes the records as JSON (--json FILE). Run on a CUDA device only:
-    python scripts/gpu_profile.py [--cases adapter,moce_layer,launch] [--batch 8] [--dtype fp32 bf16]
+    python scripts/gpu_profile.py [--cases adapter,train,moce_layer,launch] [--batch 8] [--dtype fp32 bf16]
                                   [--compile] [--json FILE]
-(``launch``: the host cost of a Triton launch by argument count, and of the adapter's eval call
-without its kernels; see launch_cases.)
+(``train``: the adapter's training step, forward and backward; ``launch``: the host cost of a
+Triton launch by argument count, and of the adapter's eval call without its kernels; see
+launch_cases.)
 """
 
 from __future__ import annotations
@@ -90,7 +92,9 @@ def _kernels(fn):
             launches += 1
             per[ev.name] = per.get(ev.name, 0.0) + t
     top = sorted(per.items(), key=lambda kv: -kv[1])[:3]
-    return total / 1e3, launches, [(name[:60], round(t / 1e3, 4)) for name, t in top]
+    # the host's ops: top-level CPU events (torch ops, autograd nodes, Triton launches are not ops)
+    ops = sum(1 for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CPU and ev.cpu_parent is None)
+    return total / 1e3, launches, [(name[:60], round(t / 1e3, 4)) for name, t in top], ops
 
 
 def profile_case(name: str, impls: dict, reps: int) -> list[dict]:
@@ -104,7 +108,7 @@ def profile_case(name: str, impls: dict, reps: int) -> list[dict]:
             rec["queued_ms"] = round(_timed(fn, reps), 4)
             g = _graph_ms(fn, reps)
             rec["graph_ms"] = round(g, 4) if isinstance(g, float) else g
-            rec["kernels_ms"], rec["launches"], rec["top"] = _kernels(fn)
+            rec["kernels_ms"], rec["launches"], rec["top"], rec["host_ops"] = _kernels(fn)
             rec["kernels_ms"] = round(rec["kernels_ms"], 4)
         except Exception as e:
             rec["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -144,6 +148,44 @@ def adapter_cases(batch: int, dtype, compile_too: bool):
             torch._dynamo.reset()
             impls["compile"] = run(torch.compile(pub, dynamic=False))
         yield f"adapter {variant} C={dim} {side}x{side} B={batch} {str(dtype)[6:]} fwd", impls
+
+
+def train_cases(batch: int, dtype, compile_too: bool):
+    """The adapter's training step at issue 5's shapes as bench_adapter.py times it: gradients set
+    to None, forward in train mode (batch statistics), backward of a fixed upstream gradient."""
+    import moce_fast
+    sys.path.insert(0, "bench")
+    from bench_adapter import SHAPES, PublicAdapter, _randomize
+    from moce_fast.reference import AdaptIR
+
+    for variant, dim, layout, side in SHAPES:
+        torch.manual_seed(0)
+        fast = moce_fast.AdaptIRAdapter(dim, variant, layout)
+        _randomize(fast)
+        ref = AdaptIR(dim, variant)
+        ref.load_state_dict(fast.state_dict())
+        fast, ref = fast.cuda().to(dtype).train(), ref.cuda().to(dtype).train()
+        pub = PublicAdapter(ref, layout)
+        shape = (side * side, batch, dim) if layout == "lnc" else (batch, side, side, dim)
+        x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+        grad = torch.randn(shape, device="cuda", dtype=dtype)
+
+        def run(module, backend=None):
+            leaves = [x, *module.parameters()]
+
+            def call():
+                for t in leaves:
+                    t.grad = None
+                if backend is None:
+                    out = module(x)
+                else:
+                    with moce_fast.backend(backend):
+                        out = module(x)
+                out.backward(grad)
+            return call
+
+        yield (f"adapter {variant} C={dim} {side}x{side} B={batch} {str(dtype)[6:]} fwd+bwd",
+               {"public": run(pub), "torch": run(fast, "torch"), "triton": run(fast, "triton")})
 
 
 def moce_layer_cases(batch: int, dtype, compile_too: bool):
@@ -269,14 +311,14 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_profile.py: needs a CUDA device", file=sys.stderr)
         return 2
-    gens = {"adapter": adapter_cases, "moce_layer": moce_layer_cases, "launch": launch_cases}
+    gens = {"adapter": adapter_cases, "train": train_cases, "moce_layer": moce_layer_cases, "launch": launch_cases}
     rows = []
     for case in args.cases.split(","):
         for b in args.batch:
             for dt in args.dtype:
                 for name, impls in gens[case](b, DTYPES[dt], args.compile):
                     rows += profile_case(name, impls, args.reps)
-    print(f"\n{'case':48} {'impl':10} {'sync':>8} {'queued':>8} {'graph':>8} {'kernels':>8} {'launch':>6}")
+    print(f"\n{'case':48} {'impl':10} {'sync':>8} {'queued':>8} {'graph':>8} {'kernels':>8} {'launch':>6} {'ops':>5}")
     for r in rows:
         g = r.get("graph_ms")
         g = f"{g:8.3f}" if isinstance(g, float) else "     n/a"
@@ -284,7 +326,7 @@ def main() -> int:
             print(f"{r['case']:48} {r['impl']:10} {r['error'][:80]}")
             continue
         print(f"{r['case']:48} {r['impl']:10} {r['sync_ms']:8.3f} {r['queued_ms']:8.3f} {g} "
-              f"{r['kernels_ms']:8.3f} {r['launches']:6d}  {r['top'][0][0] if r['top'] else ''}")
+              f"{r['kernels_ms']:8.3f} {r['launches']:6d} {r['host_ops']:5d}  {r['top'][0][0] if r['top'] else ''}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
