@@ -409,9 +409,9 @@ def test_training_function_without_input_gradient():
 
 
 def test_training_with_a_non_contiguous_parameter_runs_the_staged_kernels():
-    """A parameter the fused Function does not take (here a non-contiguous one; or float64, or
-    bfloat16) sends one task's training through the staged custom ops, on the same kernels, still
-    equal to the float64 reference."""
+    """A parameter the fused Function does not take (here a non-contiguous one; or float64, or one
+    of another dtype than the rest) sends one task's training through the staged custom ops, on
+    the same kernels, still equal to the float64 reference."""
     fast, ref, x = _train_case(layout="lnc", n=2)
     w = fast.tail.weight.detach()
     fast.tail.weight = torch.nn.Parameter(w.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3))
@@ -479,6 +479,62 @@ def test_bf16_training_on_gpu():
     expected.backward(from_layout(grad.double(), "lnc", 8, 8))
     assert rel_err(from_layout(y.detach().float().cpu(), "lnc", 8, 8), expected) < 2e-2
     assert rel_err(from_layout(xb.grad.float().cpu(), "lnc", 8, 8), xr.grad) < 2e-2
+    assert_param_grads_close(fast, ref, 3e-2)
+
+
+def _bf16_module_case(seed):
+    """A bfloat16 adapter in training and the float64 reference on its (rounded) values."""
+    fast, ref = make_adapter("ipt", "lnc", seed=seed)
+    fast.train().bfloat16()
+    ref.load_state_dict(fast.state_dict())
+    ref.train()
+    return fast, ref
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_bf16_module_trains_through_the_function(seed):
+    """A bfloat16 module's parameters (here with float32 tokens, which the interpreter takes) go
+    through the training Function in float32, cast once at its entry, and their gradients come back
+    in bfloat16: output and input gradient at float32 accuracy against the float64 reference on the
+    rounded parameters, parameter gradients within bfloat16's rounding."""
+    fast, ref = _bf16_module_case(seed)
+    x = torch.randn(2, 192, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 40))
+    xf = to_layout(x, "lnc").float().to(DEVICE).requires_grad_()
+    xr = x.clone().requires_grad_()
+    with moce_fast.backend("triton"):
+        y = fast(xf)
+        assert type(y.grad_fn).__name__ == "_TritonTrainBackward" and y.dtype == torch.float32
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 50))
+        y.backward(grad.to(DEVICE))
+    expected = ref(xr)
+    expected.backward(from_layout(grad.double(), "lnc", 8, 8))
+    assert rel_err(from_layout(y.detach().cpu(), "lnc", 8, 8), expected) < 5e-5
+    assert rel_err(from_layout(xf.grad.cpu(), "lnc", 8, 8), xr.grad) < 5e-5
+    assert all(p.grad.dtype == torch.bfloat16 for p in fast.parameters())
+    assert_param_grads_close(fast, ref, 8e-3)  # (bfloat16 keeps 8 bits: 2^-8 at most per element)
+    # the running statistics, bfloat16 buffers, updated from the batch statistics
+    assert fast.BN.running_mean.dtype == torch.bfloat16
+    assert rel_err(fast.BN.running_mean.double().cpu(), ref.BN.running_mean) < 1e-2
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bfloat16 needs a CUDA device (the interpreter gets bfloat16 wrong)")
+def test_bf16_module_training_on_gpu():
+    """A bfloat16 module on bfloat16 tokens in training through the Function, against the float64
+    reference on the same bfloat16 input and parameters."""
+    fast, ref = _bf16_module_case(6)
+    x = torch.randn(2, 192, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(46)).bfloat16().double()
+    xb = to_layout(x, "lnc").to(DEVICE, torch.bfloat16).requires_grad_()
+    xr = x.clone().requires_grad_()
+    with moce_fast.backend("triton"):
+        y = fast(xb)
+        assert type(y.grad_fn).__name__ == "_TritonTrainBackward" and y.dtype == torch.bfloat16
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(56))
+        y.backward(grad.to(DEVICE, torch.bfloat16))
+    expected = ref(xr)
+    expected.backward(from_layout(grad.double(), "lnc", 8, 8))
+    assert rel_err(from_layout(y.detach().float().cpu(), "lnc", 8, 8), expected) < 2e-2
+    assert rel_err(from_layout(xb.grad.float().cpu(), "lnc", 8, 8), xr.grad) < 2e-2
+    assert all(p.grad.dtype == torch.bfloat16 for p in fast.parameters())
     assert_param_grads_close(fast, ref, 3e-2)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -1643,13 +1643,15 @@ def triton_training(t: torch.Tensor, layout: str, tensors: list[torch.Tensor]) -
     """Whether a training call of one task takes :class:`_TritonTrain`: both adapter ops would run
     their triton kernels (:func:`moce_fast.ops._backend.triton_chosen`), outside torch.compile (which
     traces the staged custom ops), on a float32, bfloat16 or float16 input whose map and hidden width
-    the kernels take, with every parameter float32, contiguous and on the input's device. If so both
+    the kernels take, with every parameter contiguous, on the input's device and of one dtype,
+    float32, bfloat16 or float16 (a bfloat16 or float16 module's are taken in float32 by the
+    Function, and their gradients come back in their dtype). If so both
     ops are recorded as run on triton; otherwise the staged path runs (and raises, under an explicit
     "triton" backend, for inputs the kernels do not take)."""
     if not triton_eval(t, layout, tensors[1].numel()):  # (the same test of the input and the backend)
         return False
-    dev = t.device
-    if any(p.dtype != torch.float32 or p.device != dev or not p.is_contiguous() for p in tensors):
+    dev, dt = t.device, tensors[0].dtype
+    if dt not in _KERNEL_DTYPES or any(p.dtype != dt or p.device != dev or not p.is_contiguous() for p in tensors):
         return False
     record_triton(dev)
     return True
@@ -1681,15 +1683,17 @@ class _TritonTrain(torch.autograd.Function):
     gradient made contiguous in its own shape (autograd would otherwise copy it).
 
     Inputs: t (the images in ``layout``), layout, H, W, eps, then head_w, head_b, bn_weight, bn_bias,
-    the :class:`MixParams` fields and tail_w, float32 and contiguous, in the modules' shapes or with
-    a task axis of 1 (their gradients come back in those shapes). Outputs: the adapter output in
+    the :class:`MixParams` fields and tail_w, contiguous, of one dtype (float32; bfloat16 or float16
+    ones are taken in float32 and their gradients cast back), in the modules' shapes or with a task
+    axis of 1 (their gradients come back in those shapes and dtype). Outputs: the adapter output in
     ``t``'s layout and dtype, and the batch mean and unbiased variance (h,) of the head output (not
     differentiable)."""
 
     @staticmethod
-    def forward(ctx, t, layout, hh, ww, eps, *params):
+    def forward(ctx, t, layout, hh, ww, eps, *stored):
         from moce_fast.kernels import adapter as kernels
 
+        params = _as_float32(stored)
         head_w, head_b, bn_w, bn_b, conv_a, conv_b, *mix, tail_w = params
         b = as_npc(t, layout)[0]
         n, npix, c = b.shape
@@ -1713,8 +1717,9 @@ class _TritonTrain(torch.autograd.Function):
         scratch = _mix_scratch(y)
         kernels.mix_tail(y, scale_n, shift_n, task, k9, mix, tail_w.view(1, c, hid), out, _npm_strides(out, order),
                          kernels.adapter_precision(t.dtype), scratch)
-        ctx.save_for_backward(t, *params)  # (an in-place change of any before the backward is an error)
+        ctx.save_for_backward(t, *stored)  # (an in-place change of any before the backward is an error)
         ctx.inter = (y, rstd, mean, scale_n, shift_n, k9, task, *scratch)
+        ctx.float_params = None if params is stored else params  # (the float32 copies made above)
         ctx.meta = (layout, hh, ww)
         m = n * npix
         unbiased = var.mul_(m / max(m - 1, 1))
@@ -1729,7 +1734,8 @@ class _TritonTrain(torch.autograd.Function):
 
         if dout is None:  # no gradient reached the output (grads are not materialised)
             return (None,) * (5 + 24)
-        t, *params = ctx.saved_tensors
+        t, *stored = ctx.saved_tensors
+        params = stored if ctx.float_params is None else ctx.float_params
         head_w, head_b, bn_w, bn_b, conv_a, conv_b, *mix, tail_w = params
         (_cbias, _ampw, _ampb, _phaw, _phab, _compw, _compb, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, _siw, _sib) = mix
         y, rstd, mean, scale_n, shift_n, k9, task, loc, glob, pooled, gmean = ctx.inter
@@ -1791,8 +1797,24 @@ class _TritonTrain(torch.autograd.Function):
         grads = [d_hw, dyf.sum((0, 2)), k.mul_(rstd), d_shift, torch.mm(dk9, conv_b.view(-1, 9).t()),
                  torch.mm(a2.t(), dk9), per[4], per[5], per[6], per[7], per[8], per[2], per[3, :1], *d_mlp,
                  si[0, :hid], si[1, :1], d_tw]
+        if stored[0].dtype != f32:  # a bfloat16 / float16 module's: one cast of them all
+            grads = _split_like(torch.cat([d.reshape(-1) for d in grads]).to(stored[0].dtype), stored)
         return (dx, None, None, None, None, *[d if d.shape == p.shape else d.view(p.shape)
-                                              for d, p in zip(grads, params)])
+                                              for d, p in zip(grads, stored)])
+
+
+def _split_like(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of the 1-D ``flat`` in the shapes of ``like``, one after the other."""
+    return [v.view(q.shape) for v, q in zip(flat.split([q.numel() for q in like]), like)]
+
+
+def _as_float32(tensors: Sequence[torch.Tensor]):
+    """``tensors`` themselves when float32 (all of one dtype: :func:`triton_training`), else their
+    float32 values, made by one cast of their concatenation (not a cast per tensor: the training
+    step is host-bound on a GPU)."""
+    if tensors[0].dtype == torch.float32:
+        return tensors
+    return _split_like(torch.cat([q.reshape(-1) for q in tensors]).float(), tensors)
 
 
 # ------------------------------------------------------------ eval on the triton kernels, packed
