@@ -51,6 +51,16 @@
 # on the packed path: GPU_CHECK_STEPS="install pytest bench_adapter" GPU_CHECK_PYTEST=
 # "tests/test_triton_adapter.py" GPU_CHECK_PYTEST_K="bf16 or packed or dft_sizes" GPU_CHECK_BENCH_K=
 # "fwd and not bwd and not cpu and (bf16 or compile or triton)" GPU_CHECK_WORKERS=14.
+# H200, 2026-11-27 (sixth session, three calls, 900 s): install 42-49 s; pytest -k "bf16 or packed
+# or dft_sizes or large_tile" (14 tests, 14 workers) 43 s; bench_adapter (36 fwd cases with 6
+# compiles) 62 s, (54 fwd cases, no compile) 55 s; profile --cases adapter --batch 1 8 --dtype fp32
+# bf16: 25 s; profile --cases train --batch 1 8 32 --dtype fp32 bf16: ~60 s; the whole
+# tests/test_triton_adapter.py did 36 of 42 in a 130 s cap; a call's limit is the lease's time
+# left less the machine's start (the third call got 392 s of the 420 asked: leave 30 s spare in
+# GPU_CHECK_BUDGET). Next lease: the bfloat16 module's training through the Function (new since):
+# GPU_CHECK_STEPS="install pytest profile gpu_tests" GPU_CHECK_PYTEST="tests/test_triton_adapter.py"
+# GPU_CHECK_PYTEST_K="bf16 or large_tile" GPU_CHECK_PROFILE_ARGS="--cases train --batch 1 8 32
+# --dtype fp32 bf16" GPU_CHECK_WORKERS=14 GPU_CHECK_CAPS="pytest=120 profile=120".
 # Benchmark JSON goes to <work>/bench_results/<device>/ as each run goes (--benchmark-json for runs
 # that finish, and <name>.jsonl with one line per finished case, which survives a cut-off run), and
 # at the end to bench/results/<device>/ (commit it). Logs and results are packed at the end into one
