@@ -465,6 +465,82 @@ def mix_bwd_pix_kernel(du_ptr, loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, task_pt
 
 
 @triton.jit
+def _gelu_grad(x):
+    """d gelu(x) / dx of the exact (erf) GELU: Phi(x) + x phi(x)."""
+    return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+
+
+@triton.jit
+def mlp_bwd_kernel(part_ptr, pooled_ptr, gmean_ptr, p1w_ptr, p1b_ptr, p2w_ptr, c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr,
+                   dpooled_ptr, dgmean_ptr, g_ptr, NB, HID, H2, Q,
+                   BLOCK_NB: tl.constexpr, BLOCK_HID: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """The two channel MLPs' backward for image n of one task (the training Function's): from
+    mix_bwd_pix_kernel's partial sums (NB blocks of [dc, dcg, d si_w, d si_b], BLOCK_HID wide) to
+    d pooled and d gmean (N, HID), and this image's share of the parameter gradients, in one row of
+    g (N, G): d proj1_w (H2, HID), d proj1_b, d proj2_w (HID, H2), d proj2_b, d ci1_w (Q, HID),
+    d ci1_b, d ci2_w (HID, Q), d ci2_b, d si_w (HID), d si_b (1), one after the other. The forward's
+    hidden activations are recomputed from pooled and gmean: c = proj2(gelu(proj1(pooled))),
+    cg = sigmoid(ci2(gelu(ci1(gmean))))."""
+    n = tl.program_id(0).to(tl.int64)
+    cvec = tl.arange(0, BLOCK_HID)
+    cmask = cvec < HID
+    bb = tl.arange(0, BLOCK_NB)
+    tile = part_ptr + (n * NB + bb[:, None]) * 4 * BLOCK_HID + cvec[None, :]
+    m = (bb[:, None] < NB) & cmask[None, :]
+    dc = tl.sum(tl.load(tile, mask=m, other=0.0), axis=0)
+    dcg = tl.sum(tl.load(tile + BLOCK_HID, mask=m, other=0.0), axis=0)
+    dsiw = tl.sum(tl.load(tile + 2 * BLOCK_HID, mask=m, other=0.0), axis=0)
+    dsib = tl.sum(tl.sum(tl.load(tile + 3 * BLOCK_HID, mask=m, other=0.0), axis=1), axis=0)  # (column 0 only)
+    pooled = tl.load(pooled_ptr + n * HID + cvec, mask=cmask, other=0.0)
+    gmean = tl.load(gmean_ptr + n * HID + cvec, mask=cmask, other=0.0)
+    # proj: a = W1 pooled + b1, c = W2 gelu(a) + b2; dc given
+    rr = tl.arange(0, BLOCK_H2)
+    rmask = rr < H2
+    rc = rmask[:, None] & cmask[None, :]
+    w1 = tl.load(p1w_ptr + rr[:, None] * HID + cvec[None, :], mask=rc, other=0.0)  # (H2, HID)
+    a_p = tl.sum(w1 * pooled[None, :], axis=1) + tl.load(p1b_ptr + rr, mask=rmask, other=0.0)
+    h_p = tl.where(rmask, _gelu(a_p), 0.0)
+    w2t = tl.load(p2w_ptr + cvec[None, :] * H2 + rr[:, None], mask=rc, other=0.0)  # W2^T (H2, HID)
+    da_p = tl.where(rmask, tl.sum(w2t * dc[None, :], axis=1) * _gelu_grad(a_p), 0.0)
+    dpooled = tl.sum(w1 * da_p[:, None], axis=0)
+    # channel interaction: a = V1 gmean + e1, cg = sigmoid(V2 gelu(a) + e2); dcg given
+    qq = tl.arange(0, BLOCK_Q)
+    qmask = qq < Q
+    qc = qmask[:, None] & cmask[None, :]
+    v1 = tl.load(c1w_ptr + qq[:, None] * HID + cvec[None, :], mask=qc, other=0.0)  # (Q, HID)
+    a_c = tl.sum(v1 * gmean[None, :], axis=1) + tl.load(c1b_ptr + qq, mask=qmask, other=0.0)
+    h_c = tl.where(qmask, _gelu(a_c), 0.0)
+    v2t = tl.load(c2w_ptr + cvec[None, :] * Q + qq[:, None], mask=qc, other=0.0)  # V2^T (Q, HID)
+    cg = tl.sigmoid(tl.sum(v2t * h_c[:, None], axis=0) + tl.load(c2b_ptr + cvec, mask=cmask, other=0.0))
+    dz = tl.where(cmask, dcg * cg * (1.0 - cg), 0.0)
+    da_c = tl.where(qmask, tl.sum(v2t * dz[None, :], axis=1) * _gelu_grad(a_c), 0.0)
+    dgmean = tl.sum(v1 * da_c[:, None], axis=0)
+    tl.store(dpooled_ptr + n * HID + cvec, dpooled, mask=cmask)
+    tl.store(dgmean_ptr + n * HID + cvec, dgmean, mask=cmask)
+    # this image's share of the parameter gradients
+    o = g_ptr + n * (2 * H2 * HID + H2 + 2 * Q * HID + Q + 3 * HID + 1)
+    tl.store(o + rr[:, None] * HID + cvec[None, :], da_p[:, None] * pooled[None, :], mask=rc)
+    o += H2 * HID
+    tl.store(o + rr, da_p, mask=rmask)
+    o += H2
+    tl.store(o + cvec[None, :] * H2 + rr[:, None], dc[None, :] * h_p[:, None], mask=rc)
+    o += HID * H2
+    tl.store(o + cvec, dc, mask=cmask)
+    o += HID
+    tl.store(o + qq[:, None] * HID + cvec[None, :], da_c[:, None] * gmean[None, :], mask=qc)
+    o += Q * HID
+    tl.store(o + qq, da_c, mask=qmask)
+    o += Q
+    tl.store(o + cvec[None, :] * Q + qq[:, None], dz[None, :] * h_c[:, None], mask=qc)
+    o += HID * Q
+    tl.store(o + cvec, dz, mask=cmask)
+    o += HID
+    tl.store(o + cvec, dsiw, mask=cmask)
+    o += HID
+    tl.store(o + cvec, tl.where(cvec == 0, dsib, 0.0), mask=cvec == 0)
+
+
+@triton.jit
 def mix_bwd_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, ampw_ptr, ampb_ptr, phaw_ptr, phab_ptr,
                            compw_ptr, compb_ptr, cw_ptr, sw_ptr, ch_ptr, sh_ptr, aw_ptr, bw_ptr,
                            glob_ptr, dloc_ptr, dgabs_ptr, dpooled_ptr, dgmean_ptr, dy_ptr, scal_ptr, HID, H, W,
@@ -843,6 +919,29 @@ def mix_backward_pix(du, task, mix: list, saved, out) -> None:
     mix_bwd_pix_kernel[(cdiv(h * w, cfg["BLOCK_P"]), n)](
         du, loc, glob, pooled, gmean, task, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, siw, sib, dloc, dgabs, u, parts,
         hid, h * w, h2, q, BLOCK_H2=pow2(h2, 1), BLOCK_Q=pow2(q, 1), num_warps=warps, **cfg)
+
+
+def mlp_grad_columns(hid: int, h2: int, q: int) -> list[int]:
+    """Sizes of the fields of :func:`mlp_backward`'s gradient rows: proj1_w, proj1_b, proj2_w,
+    proj2_b, ci1_w, ci1_b, ci2_w, ci2_b, si_w, si_b."""
+    return [h2 * hid, h2, hid * h2, hid, q * hid, q, hid * q, hid, hid, 1]
+
+
+def mlp_backward(parts, pooled, gmean, mlp: list, dpooled, dgmean, grads) -> None:
+    """The channel MLPs' backward of one task's training step (:func:`mlp_bwd_kernel`), one program
+    per image. parts: (N, blocks, 4, BLOCK_HID) from :func:`mix_backward_pix`; pooled, gmean: (N,
+    hid) float32 from the forward; mlp: (proj1_w, proj1_b, proj2_w, ci1_w, ci1_b, ci2_w, ci2_b),
+    float32, contiguous; out: dpooled, dgmean (N, hid) and grads (N, sum of
+    :func:`mlp_grad_columns`), each image's share of the parameter gradients."""
+    p1w, p1b, p2w, c1w, c1b, c2w, c2b = mlp
+    n, nb, _, block_hid = parts.shape
+    hid = pooled.shape[1]
+    h2, q = p1b.numel(), c1b.numel()
+    if n == 0:
+        return
+    mlp_bwd_kernel[(n,)](parts, pooled, gmean, p1w, p1b, p2w, c1w, c1b, c2w, c2b, dpooled, dgmean, grads, nb, hid,
+                         h2, q, BLOCK_NB=pow2(nb, 1), BLOCK_HID=block_hid, BLOCK_H2=pow2(h2, 1),
+                         BLOCK_Q=pow2(q, 1), num_warps=4)
 
 
 def mix_backward_channel(y, scale, shift, task, k9, mix: list, glob, dloc, dgabs, dpooled, dgmean, out) -> None:

@@ -183,6 +183,15 @@ def adapter_signatures(c, hid, q, side, xdt, prec):
     sig.update(task_ptr="*i64", HID="i32", H="i32", W="i32", BH="constexpr", BW="constexpr", BK="constexpr",
                PREC="constexpr")
     yield AK.mix_bwd_channel_kernel, sig, dict(cfg), warps
+    # the training Function's channel-MLP backward (one task, one program per image)
+    nb = AK.cdiv(p, AK.pix_config(hid)["BLOCK_P"])
+    names = ["part_ptr", "pooled_ptr", "gmean_ptr", "p1w_ptr", "p1b_ptr", "p2w_ptr", "c1w_ptr", "c1b_ptr", "c2w_ptr",
+             "c2b_ptr", "dpooled_ptr", "dgmean_ptr", "g_ptr"]
+    sig = {n: "*fp32" for n in names}
+    sig.update(**{n: "i32" for n in ("NB", "HID", "H2", "Q")}, BLOCK_NB="constexpr", BLOCK_HID="constexpr",
+               BLOCK_H2="constexpr", BLOCK_Q="constexpr")
+    yield AK.mlp_bwd_kernel, sig, dict(BLOCK_NB=AK.pow2(nb, 1), BLOCK_HID=AK.pow2(hid), BLOCK_H2=AK.pow2(hid // 2, 1),
+                                       BLOCK_Q=AK.pow2(q, 1)), 4
     # eval on the packed parameters (BatchNorm folded into the head): head, mix channel, mix out
     cfg = AK.linear_config(p, hid, c)
     warps = cfg.pop("num_warps")

@@ -1677,10 +1677,12 @@ class _TritonTrain(torch.autograd.Function):
     step against 4.1-5.5 ms for the public adapter, with ~360 dispatched ops (79 forward, 278
     backward, most of them autograd's plumbing between the stages and the views). This Function
     launches the same kernels (forward: head GEMM, mix, tail; backward: tail input gradient, mix
-    pixel pass, mix channel pass, head input gradient) with the glue in as few ops as it takes:
+    pixel pass, channel MLPs, mix channel pass, head input gradient) with the glue in as few ops as
+    it takes:
     BatchNorm's statistics from one var_mean, its backward in closed form, the two channel MLPs'
-    backward written out (recomputed from the pooled vectors the forward kept), every parameter's
-    gradient made contiguous in its own shape (autograd would otherwise copy it).
+    backward in one more launch (:func:`moce_fast.kernels.adapter.mlp_backward`, recomputed from the
+    pooled vectors the forward kept; it had been ~25 small torch ops), every parameter's gradient
+    made contiguous in its own shape (autograd would otherwise copy it).
 
     Inputs: t (the images in ``layout``), layout, H, W, eps, then head_w, head_b, bn_weight, bn_bias,
     the :class:`MixParams` fields and tail_w, contiguous, of one dtype (float32; bfloat16 or float16
@@ -1737,7 +1739,7 @@ class _TritonTrain(torch.autograd.Function):
         t, *stored = ctx.saved_tensors
         params = stored if ctx.float_params is None else ctx.float_params
         head_w, head_b, bn_w, bn_b, conv_a, conv_b, *mix, tail_w = params
-        (_cbias, _ampw, _ampb, _phaw, _phab, _compw, _compb, p1w, p1b, p2w, p2b, c1w, c1b, c2w, c2b, _siw, _sib) = mix
+        (_cbias, _ampw, _ampb, _phaw, _phab, _compw, _compb, p1w, p1b, p2w, _p2b, c1w, c1b, c2w, c2b, _siw, _sib) = mix
         y, rstd, mean, scale_n, shift_n, k9, task, loc, glob, pooled, gmean = ctx.inter
         layout, hh, ww = ctx.meta
         n, hid = y.shape[:2]
@@ -1752,22 +1754,14 @@ class _TritonTrain(torch.autograd.Function):
         dloc, dgabs, u = (new_buffer(y.shape, dev, f32) for _ in range(3))
         parts = new_buffer(_pix_parts_shape(y.shape), dev, f32)
         kernels.mix_backward_pix(du, task, mix, (loc, glob, pooled, gmean), (dloc, dgabs, u, parts))
-        totals = parts.sum(dim=1)  # (N, 4, BLOCK_HID): [dc, dcg, d si_w, d si_b] per image
-        dcc, dcg = totals[:, 0, :hid], totals[:, 1, :hid]
-        si = totals[:, 2:].sum(0)
-        # the channel MLPs c = proj(pooled), cg = sigmoid(channel_interaction(gmean)), recomputed
+        # the channel MLPs' backward (c = proj(pooled), cg = sigmoid(channel_interaction(gmean)),
+        # recomputed) and si's gradients, each image's share in one row of mlp_rows
         h2, q = p1b.numel(), c1b.numel()
-        w_p1, w_p2, w_c1, w_c2 = p1w.view(h2, hid), p2w.view(hid, h2), c1w.view(q, hid), c2w.view(hid, q)
-        a_p = torch.addmm(p1b.view(h2), pooled, w_p1.t())
-        a_c = torch.addmm(c1b.view(q), gmean, w_c1.t())
-        h_p, h_c = F.gelu(a_p), F.gelu(a_c)
-        cg = torch.addmm(c2b.view(hid), h_c, w_c2.t()).sigmoid_()
-        dz = torch.ops.aten.sigmoid_backward(dcg, cg)
-        da_p = torch.ops.aten.gelu_backward(torch.mm(dcc, w_p2), a_p)
-        da_c = torch.ops.aten.gelu_backward(torch.mm(dz, w_c2), a_c)
-        d_mlp = [torch.mm(da_p.t(), pooled), da_p.sum(0), torch.mm(dcc.t(), h_p), dcc.sum(0),
-                 torch.mm(da_c.t(), gmean), da_c.sum(0), torch.mm(dz.t(), h_c), dz.sum(0)]
-        dpooled, dgmean = torch.mm(da_p, w_p1), torch.mm(da_c, w_c1)
+        cols = kernels.mlp_grad_columns(hid, h2, q)
+        dpooled, dgmean = new_buffer((n, hid), dev, f32), new_buffer((n, hid), dev, f32)
+        mlp_rows = new_buffer((n, sum(cols)), dev, f32)
+        kernels.mlp_backward(parts, pooled, gmean, [p1w, p1b, p2w, c1w, c1b, c2w, c2b], dpooled, dgmean, mlp_rows)
+        d_mlp = (mlp_rows[0] if n == 1 else mlp_rows.sum(0)).split(cols)
         # the mix's channel pass: dy with the BatchNorm affine map as constants, per-channel sums
         dy = new_buffer(y.shape, dev, f32)
         scal = new_buffer((n, hid, 18), dev, f32)
@@ -1795,8 +1789,7 @@ class _TritonTrain(torch.autograd.Function):
         dk9 = per[9:].t()  # (h, 9)
         a2 = conv_a.view(hid, -1)
         grads = [d_hw, dyf.sum((0, 2)), k.mul_(rstd), d_shift, torch.mm(dk9, conv_b.view(-1, 9).t()),
-                 torch.mm(a2.t(), dk9), per[4], per[5], per[6], per[7], per[8], per[2], per[3, :1], *d_mlp,
-                 si[0, :hid], si[1, :1], d_tw]
+                 torch.mm(a2.t(), dk9), per[4], per[5], per[6], per[7], per[8], per[2], per[3, :1], *d_mlp, d_tw]
         if stored[0].dtype != f32:  # a bfloat16 / float16 module's: one cast of them all
             grads = _split_like(torch.cat([d.reshape(-1) for d in grads]).to(stored[0].dtype), stored)
         return (dx, None, None, None, None, *[d if d.shape == p.shape else d.view(p.shape)
