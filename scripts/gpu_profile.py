@@ -117,7 +117,9 @@ def profile_case(name: str, impls: dict, reps: int) -> list[dict]:
     return rows
 
 
-def adapter_cases(batch: int, dtype, compile_too: bool):
+def _adapter_shapes(batch: int, dtype, train: bool):
+    """(variant, dim, side, moce_fast adapter, public adapter, x) at each of bench_adapter.py's
+    shapes: the same random weights in both, on the GPU in ``dtype``, in train or eval mode."""
     import moce_fast
     sys.path.insert(0, "bench")
     from bench_adapter import SHAPES, PublicAdapter, _randomize
@@ -129,11 +131,15 @@ def adapter_cases(batch: int, dtype, compile_too: bool):
         _randomize(fast)
         ref = AdaptIR(dim, variant)
         ref.load_state_dict(fast.state_dict())
-        fast, ref = fast.cuda().to(dtype).eval(), ref.cuda().to(dtype).eval()
-        pub = PublicAdapter(ref, layout)
+        fast, ref = fast.cuda().to(dtype).train(train), ref.cuda().to(dtype).train(train)
         shape = (side * side, batch, dim) if layout == "lnc" else (batch, side, side, dim)
-        x = torch.randn(shape, device="cuda", dtype=dtype)
+        yield variant, dim, side, fast, PublicAdapter(ref, layout), torch.randn(shape, device="cuda", dtype=dtype)
 
+
+def adapter_cases(batch: int, dtype, compile_too: bool):
+    import moce_fast
+
+    for variant, dim, side, fast, pub, x in _adapter_shapes(batch, dtype, False):
         def run(module, backend=None):
             def call():
                 with torch.no_grad():
@@ -154,21 +160,10 @@ def train_cases(batch: int, dtype, compile_too: bool):
     """The adapter's training step at issue 5's shapes as bench_adapter.py times it: gradients set
     to None, forward in train mode (batch statistics), backward of a fixed upstream gradient."""
     import moce_fast
-    sys.path.insert(0, "bench")
-    from bench_adapter import SHAPES, PublicAdapter, _randomize
-    from moce_fast.reference import AdaptIR
 
-    for variant, dim, layout, side in SHAPES:
-        torch.manual_seed(0)
-        fast = moce_fast.AdaptIRAdapter(dim, variant, layout)
-        _randomize(fast)
-        ref = AdaptIR(dim, variant)
-        ref.load_state_dict(fast.state_dict())
-        fast, ref = fast.cuda().to(dtype).train(), ref.cuda().to(dtype).train()
-        pub = PublicAdapter(ref, layout)
-        shape = (side * side, batch, dim) if layout == "lnc" else (batch, side, side, dim)
-        x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
-        grad = torch.randn(shape, device="cuda", dtype=dtype)
+    for variant, dim, side, fast, pub, x in _adapter_shapes(batch, dtype, True):
+        x.requires_grad_()
+        grad = torch.randn_like(x)
 
         def run(module, backend=None):
             leaves = [x, *module.parameters()]

@@ -460,26 +460,31 @@ def test_training_function_unused_output_statistics_only():
     assert rel_err(fast.BN.running_var.cpu(), ref.BN.running_var) < TOL32
 
 
-@pytest.mark.skipif(not ON_GPU, reason="bfloat16 needs a CUDA device (the interpreter gets bfloat16 wrong)")
-def test_bf16_training_on_gpu():
-    """bfloat16 tokens through the fused training Function (float32 parameters, float32 h-space):
-    output, input and parameter gradients within bfloat16's accuracy of the float64 reference."""
-    fast, ref = make_adapter("ipt", "lnc")
-    fast.train(), ref.train()
-    x = torch.randn(2, 192, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+def _check_bf16_tokens_training(fast, ref, seed):
+    """bfloat16 tokens through ``fast`` in training (the triton Function), output, input and
+    parameter gradients within bfloat16's accuracy of the float64 reference on the same input."""
+    x = torch.randn(2, 192, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     x = x.bfloat16().double()  # the reference on the input the kernels read (see test_bf16_on_gpu)
     xb = to_layout(x, "lnc").to(DEVICE, torch.bfloat16).requires_grad_()
     xr = x.clone().requires_grad_()
     with moce_fast.backend("triton"):
         y = fast(xb)
         assert type(y.grad_fn).__name__ == "_TritonTrainBackward" and y.dtype == torch.bfloat16
-        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(13))
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1))
         y.backward(grad.to(DEVICE, torch.bfloat16))
     expected = ref(xr)
     expected.backward(from_layout(grad.double(), "lnc", 8, 8))
     assert rel_err(from_layout(y.detach().float().cpu(), "lnc", 8, 8), expected) < 2e-2
     assert rel_err(from_layout(xb.grad.float().cpu(), "lnc", 8, 8), xr.grad) < 2e-2
     assert_param_grads_close(fast, ref, 3e-2)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bfloat16 needs a CUDA device (the interpreter gets bfloat16 wrong)")
+def test_bf16_training_on_gpu():
+    """bfloat16 tokens through the fused training Function (float32 parameters, float32 h-space)."""
+    fast, ref = make_adapter("ipt", "lnc")
+    fast.train(), ref.train()
+    _check_bf16_tokens_training(fast, ref, 12)
 
 
 def _bf16_module_case(seed):
@@ -520,22 +525,10 @@ def test_bf16_module_trains_through_the_function(seed):
 @pytest.mark.skipif(not ON_GPU, reason="bfloat16 needs a CUDA device (the interpreter gets bfloat16 wrong)")
 def test_bf16_module_training_on_gpu():
     """A bfloat16 module on bfloat16 tokens in training through the Function, against the float64
-    reference on the same bfloat16 input and parameters."""
+    reference on the same bfloat16 input and parameters; gradients in bfloat16."""
     fast, ref = _bf16_module_case(6)
-    x = torch.randn(2, 192, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(46)).bfloat16().double()
-    xb = to_layout(x, "lnc").to(DEVICE, torch.bfloat16).requires_grad_()
-    xr = x.clone().requires_grad_()
-    with moce_fast.backend("triton"):
-        y = fast(xb)
-        assert type(y.grad_fn).__name__ == "_TritonTrainBackward" and y.dtype == torch.bfloat16
-        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(56))
-        y.backward(grad.to(DEVICE, torch.bfloat16))
-    expected = ref(xr)
-    expected.backward(from_layout(grad.double(), "lnc", 8, 8))
-    assert rel_err(from_layout(y.detach().float().cpu(), "lnc", 8, 8), expected) < 2e-2
-    assert rel_err(from_layout(xb.grad.float().cpu(), "lnc", 8, 8), xr.grad) < 2e-2
+    _check_bf16_tokens_training(fast, ref, 46)
     assert all(p.grad.dtype == torch.bfloat16 for p in fast.parameters())
-    assert_param_grads_close(fast, ref, 3e-2)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="bfloat16 needs a CUDA device (the interpreter gets bfloat16 wrong)")
