@@ -471,6 +471,23 @@ def _gelu_grad(x):
 
 
 @triton.jit
+def _store_mlp_grads(o, da, v, dout, h, rr, rmask, cvec, cmask, R, HID):
+    """One image's share of the gradients of an MLP w2 gelu(w1 v + b1) + b2 (hidden width R, given
+    da at its hidden pre-activation, dout at its output and its hidden activation h), stored from o:
+    d w1 = da v^T (R, HID), d b1 = da, d w2 = dout h^T (HID, R), d b2 = dout. Returns the pointer
+    past them."""
+    m = rmask[:, None] & cmask[None, :]
+    tl.store(o + rr[:, None] * HID + cvec[None, :], da[:, None] * v[None, :], mask=m)
+    o += R * HID
+    tl.store(o + rr, da, mask=rmask)
+    o += R
+    tl.store(o + cvec[None, :] * R + rr[:, None], dout[None, :] * h[:, None], mask=m)
+    o += HID * R
+    tl.store(o + cvec, dout, mask=cmask)
+    return o + HID
+
+
+@triton.jit
 def mlp_bwd_kernel(part_ptr, pooled_ptr, gmean_ptr, p1w_ptr, p1b_ptr, p2w_ptr, c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr,
                    dpooled_ptr, dgmean_ptr, g_ptr, NB, HID, H2, Q,
                    BLOCK_NB: tl.constexpr, BLOCK_HID: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_Q: tl.constexpr):
@@ -519,22 +536,8 @@ def mlp_bwd_kernel(part_ptr, pooled_ptr, gmean_ptr, p1w_ptr, p1b_ptr, p2w_ptr, c
     tl.store(dgmean_ptr + n * HID + cvec, dgmean, mask=cmask)
     # this image's share of the parameter gradients
     o = g_ptr + n * (2 * H2 * HID + H2 + 2 * Q * HID + Q + 3 * HID + 1)
-    tl.store(o + rr[:, None] * HID + cvec[None, :], da_p[:, None] * pooled[None, :], mask=rc)
-    o += H2 * HID
-    tl.store(o + rr, da_p, mask=rmask)
-    o += H2
-    tl.store(o + cvec[None, :] * H2 + rr[:, None], dc[None, :] * h_p[:, None], mask=rc)
-    o += HID * H2
-    tl.store(o + cvec, dc, mask=cmask)
-    o += HID
-    tl.store(o + qq[:, None] * HID + cvec[None, :], da_c[:, None] * gmean[None, :], mask=qc)
-    o += Q * HID
-    tl.store(o + qq, da_c, mask=qmask)
-    o += Q
-    tl.store(o + cvec[None, :] * Q + qq[:, None], dz[None, :] * h_c[:, None], mask=qc)
-    o += HID * Q
-    tl.store(o + cvec, dz, mask=cmask)
-    o += HID
+    o = _store_mlp_grads(o, da_p, pooled, dc, h_p, rr, rmask, cvec, cmask, H2, HID)
+    o = _store_mlp_grads(o, da_c, gmean, dz, h_c, qq, qmask, cvec, cmask, Q, HID)
     tl.store(o + cvec, dsiw, mask=cmask)
     o += HID
     tl.store(o + cvec, tl.where(cvec == 0, dsib, 0.0), mask=cvec == 0)
