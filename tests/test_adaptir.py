@@ -310,11 +310,13 @@ def test_mix_function_gradcheck_float64(dft, monkeypatch):
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows,k,m", [(4608, 24, 576), (4608, 576, 24), (5000, 12, 180), (300, 24, 576)])
+@pytest.mark.parametrize("rows,k,m", [(4608, 24, 576), (4608, 576, 24), (5000, 12, 180), (4100, 12, 180),
+                                      (300, 24, 576)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_rows_linear_gradients_on_every_path(rows, k, m, bias):
     # the head/tail product under autograd on a CPU: oneDNN's 1x1 conv or a GEMM forward (by shape),
-    # a GEMM backward with the weight gradient in either orientation, or oneDNN's input gradient for
+    # a GEMM backward with the weight gradient in either orientation, over 8 row blocks from 4096
+    # rows divisible by 8 (4608, 5000) or as one product (4100, 300), or oneDNN's input gradient for
     # a narrow input of a wide output; float32 against float64 autograd of the plain product
     from moce_fast.ops.adapter import _rows_linear
 
