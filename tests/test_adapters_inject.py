@@ -103,6 +103,60 @@ def test_mixed_task_batch_equals_each_image_alone():
         torch.testing.assert_close(mixed[:, i:i + 1], alone, rtol=1e-5, atol=1e-6)
 
 
+def test_task_indices_made_once_per_block(monkeypatch):
+    # every adapted site of one `tasks` block reads one index tensor, made at the first site (on a
+    # GPU, one pinned non-blocking copy instead of a synchronising copy per site); a new block makes
+    # its own, and a site whose adapters are in another order gets indices into that order
+    import moce_fast.adapters as adapters_module
+
+    host = A.add_adapters(Host().eval(), r"mlp$", DIM, layout="lnc", tasks=("denoise", "derain", "dehaze"))
+    seen = []
+    real = adapters_module.run_adapters
+
+    def spy(adapters, x, task):
+        seen.append(task)
+        return real(adapters, x, task)
+
+    monkeypatch.setattr(adapters_module, "run_adapters", spy)
+    x = tokens(n=3)
+    names = ["dehaze", "denoise", "dehaze"]
+    with torch.no_grad(), A.tasks(names):
+        host(x)
+    assert len(seen) == 2 and seen[0] is seen[1]
+    assert seen[0].tolist() == [2, 0, 2] and seen[0].dtype == torch.int64
+    with torch.no_grad(), A.tasks(names):
+        host(x)
+    assert seen[2] is not seen[0] and torch.equal(seen[2], seen[0])
+    mlp = host.layers[1].mlp
+    mlp.adapters = nn.ModuleDict({k: mlp.adapters[k] for k in ("dehaze", "derain", "denoise")})
+    with torch.no_grad(), A.tasks(names):
+        host(x)
+    assert seen[4].tolist() == [2, 0, 2] and seen[5].tolist() == [0, 2, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (host/device synchronisation)")
+def test_mixed_task_batch_does_not_synchronise_on_gpu():
+    # a mixed-task step through two adapted sites queues its work without waiting for the device:
+    # under sync debug mode "error" any synchronising call (a pageable copy, .item(), nonzero...) raises
+    torch.manual_seed(0)
+    host = A.add_adapters(Host(), r"mlp$", DIM, layout="lnc", tasks=("denoise", "derain")).cuda()
+    _randomize_adapters(host)
+    x = tokens(n=4).cuda()
+    names = ["derain", "denoise", "derain", "derain"]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with A.tasks(names):
+            host.train()
+            host(x).sum().backward()
+            host.eval()
+            with torch.no_grad():
+                host(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
 def test_bad_uses():
     host = Host()
     with pytest.raises(ValueError, match="matches no module"):

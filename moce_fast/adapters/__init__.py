@@ -38,7 +38,8 @@ class AdaptedModule(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
-        names = _TASKS.get()
+        batch = _TASKS.get()
+        names = None if batch is None else batch.names
         if names is None:
             if len(self.adapters) != 1:
                 raise ValueError(f"tasks: this model has adapters for {sorted(self.adapters)}; choose one per image "
@@ -52,9 +53,7 @@ class AdaptedModule(nn.Module):
         if unknown:
             raise ValueError(f"tasks: unknown task names {unknown}; this model has {sorted(self.adapters)}")
         # All tasks' adapters in one grouped computation per stage: each image reads its task's weights.
-        index = {t: i for i, t in enumerate(self.adapters)}
-        task = torch.tensor([index[n] for n in names], dtype=torch.int64, device=x.device)
-        return out + run_adapters(list(self.adapters.values()), x, task)
+        return out + run_adapters(list(self.adapters.values()), x, batch.indices(tuple(self.adapters), x.device))
 
 
 def _select(model: nn.Module, targets) -> list[str]:
@@ -155,10 +154,36 @@ def summary(model: nn.Module) -> dict:
             "adapted": [n for n, _ in _adapted(model)]}
 
 
+class _TaskBatch:
+    """The task names of one ``tasks`` block, and their index tensors per (site task order, device),
+    made once for all the adapted sites of a model that share them."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self._kept: dict = {}
+
+    def indices(self, order: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """(N,) int64 indices of the names into ``order`` on ``device``. A CUDA copy goes from pinned
+        memory without blocking: ``torch.tensor(list, device="cuda")`` copies from pageable memory,
+        which synchronises the host with the device at every adapted site, so the host cannot queue
+        work ahead of a busy GPU."""
+        key = (order, device)
+        task = self._kept.get(key)
+        if task is None:
+            position = {t: i for i, t in enumerate(order)}
+            task = torch.tensor([position[n] for n in self.names], dtype=torch.int64)
+            if device.type == "cuda":
+                task = task.pin_memory().to(device, non_blocking=True)
+            elif device.type != "cpu":
+                task = task.to(device)
+            self._kept[key] = task
+        return task
+
+
 @contextlib.contextmanager
 def tasks(names: Iterable[str]):
     """Within the block, image i of a batch goes through the adapter of task ``names[i]``."""
-    token = _TASKS.set(list(names))
+    token = _TASKS.set(_TaskBatch(list(names)))
     try:
         yield
     finally:
