@@ -132,6 +132,10 @@ def test_task_indices_made_once_per_block(monkeypatch):
     with torch.no_grad(), A.tasks(names):
         host(x)
     assert seen[4].tolist() == [2, 0, 2] and seen[5].tolist() == [0, 2, 0]
+    # first needed while a CUDA graph is captured: a clear error, not a captured host copy
+    monkeypatch.setattr(adapters_module, "capturing", lambda device: True)
+    with A.tasks(names), pytest.raises(RuntimeError, match="during CUDA-graph capture"):
+        adapters_module._TASKS.get().indices(("denoise", "derain", "dehaze"), torch.device("cuda"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (host/device synchronisation)")

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..nn.adapter import AdaptIRAdapter, check_layout, run_adapters
+from ..ops.adapter import capturing
 
 _TASKS: contextvars.ContextVar = contextvars.ContextVar("moce_fast_adapter_tasks", default=None)
 
@@ -173,6 +174,10 @@ class _TaskBatch:
             position = {t: i for i, t in enumerate(order)}
             task = torch.tensor([position[n] for n in self.names], dtype=torch.int64)
             if device.type == "cuda":
+                if capturing(device):
+                    raise RuntimeError("tasks: the task indices of this block are first needed during CUDA-graph "
+                                       "capture, where a host-to-device copy cannot be captured safely; run one "
+                                       "call in the same `tasks` block before capturing")
                 task = task.pin_memory().to(device, non_blocking=True)
             elif device.type != "cpu":
                 task = task.to(device)
