@@ -218,8 +218,13 @@ def _update_running_stats(adapters: Sequence[AdaptIR], stats: BatchStats) -> Non
         m = bn.momentum
         if m is None:  # cumulative moving average, as nn.BatchNorm2d: 1 / batches seen
             m = bn.num_batches_tracked.to(bn.running_mean.dtype).reciprocal_()
-        bn.running_mean.lerp_(stats.mean[0].to(bn.running_mean.dtype), m)
-        bn.running_var.lerp_(stats.var[0].to(bn.running_var.dtype), m)
+        rs = [bn.running_mean, bn.running_var]
+        new = [stats.mean[0].to(bn.running_mean.dtype), stats.var[0].to(bn.running_var.dtype)]
+        if isinstance(m, float):
+            torch._foreach_lerp_(rs, new, m)  # one launch on a GPU (its foreach kernel), not two
+        else:
+            for r, v in zip(rs, new):
+                r.lerp_(v, m)
         return
     seen = stats.count > 0
     tracked = torch.stack([bn.num_batches_tracked for bn in bns]) + seen.long()

@@ -1031,9 +1031,20 @@ def fused_training(t: torch.Tensor, layout: str, tensors: list[torch.Tensor]) ->
 
 def _one_task_stats(t: torch.Tensor, rows: int, mean: torch.Tensor, var: torch.Tensor) -> BatchStats:
     """The :class:`BatchStats` of one task's fused training call: its batch mean and unbiased
-    variance (h,) over ``rows`` values per channel, with the task axis."""
-    count = torch.full((1,), float(rows), device=t.device, dtype=t.dtype)
+    variance (h,) over ``rows`` values per channel, with the task axis. The count (1,) is kept per
+    (rows, device, dtype) as :func:`_single_task` is (one fill launch less per training step on a
+    host-bound GPU; it is only read), except under torch.compile and during CUDA-graph capture."""
+    if torch.compiler.is_compiling() or capturing(t.device):
+        count = torch.full((1,), float(rows), device=t.device, dtype=t.dtype)
+    else:
+        count = _kept_count(rows, t.device, t.dtype)
     return BatchStats(mean[None], var[None], count)
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_count(rows: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False):  # (as _kept_single_task)
+        return torch.full((1,), float(rows), device=device, dtype=dtype)
 
 
 def adaptir_fused_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: float
@@ -1734,12 +1745,10 @@ class _TritonTrain(torch.autograd.Function):
                                kernels.adapter_precision(t.dtype))
         var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
         rstd = var.add(eps).rsqrt_()
-        scale = rstd * bn_w.view(hid)
-        shift = torch.addcmul(bn_b.view(hid), mean, scale, value=-1)
-        if n == 1:
-            scale_n, shift_n = scale[None], shift[None]
-        else:  # the kernels read (N, h): one affine map per image
-            scale_n, shift_n = scale.expand(n, hid).contiguous(), shift.expand(n, hid).contiguous()
+        # the kernels read (N, h), one affine map per image: the two ops write them in that shape
+        # (an expanded operand), not (h,) copied N times by two more launches
+        scale_n = torch.mul(rstd.expand(n, hid), bn_w.view(hid))
+        shift_n = torch.addcmul(bn_b.view(hid), mean, scale_n, value=-1)
         k9 = _kernels_3x3(conv_a, conv_b)
         order = OUT_ORDER[layout]
         out = new_buffer(_SHAPE[order](n, npix, c), dev, t.dtype)
@@ -1793,8 +1802,10 @@ class _TritonTrain(torch.autograd.Function):
         dy = new_buffer(y.shape, dev, f32)
         scal = new_buffer((n, hid, 18), dev, f32)
         kernels.mix_backward_channel(y, scale_n, shift_n, task, k9, mix, glob, dloc, dgabs, dpooled, dgmean, (dy, scal))
-        per = scal.sum(0).t().contiguous()  # (18, h): [d scale, d shift, d comp_w, d comp_b, d conv_bias,
-        #                                    d amp_w, d amp_b, d pha_w, d pha_b, d k9 (9)] over the images
+        # (18, h): [d scale, d shift, d comp_w, d comp_b, d conv_bias, d amp_w, d amp_b, d pha_w, d pha_b,
+        # d k9 (9)] over the images, reduced straight into rows (each row a parameter's contiguous
+        # gradient; one launch, not a reduction and a transposing copy)
+        per = torch.sum(scal.transpose(1, 2), 0, out=new_buffer((18, hid), dev, f32))
         # BatchNorm: scale = w rstd, shift = b - mean w rstd, with mean and rstd from the batch
         d_scale, d_shift = per[0], per[1]
         k = torch.addcmul(d_scale, d_shift, mean, value=-1)  # = d rstd / w
