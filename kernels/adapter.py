@@ -660,6 +660,63 @@ def mix_bwd_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, ampw_p
 
 # ------------------------------------------------------------------------------------- launchers
 
+@triton.jit
+def bn_affine_kernel(var_ptr, mean_ptr, w_ptr, b_ptr, rstd_ptr, scale_ptr, shift_ptr, unbiased_ptr, HID, eps,
+                     unbias, BLOCK_HID: tl.constexpr):
+    """Train-mode BatchNorm of one task as each image's affine map (the training Function's), from
+    the batch's biased variance and mean (HID,): rstd = 1 / sqrt(var + eps), scale = w rstd and
+    shift = b - mean scale, written for image n in row n of scale and shift (N, HID); program 0
+    also writes rstd and the unbiased variance var * unbias (for the running statistics)."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_HID)
+    cm = c < HID
+    var = tl.load(var_ptr + c, mask=cm, other=1.0)
+    mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    scale = tl.load(w_ptr + c, mask=cm, other=0.0) * rstd
+    tl.store(scale_ptr + n * HID + c, scale, mask=cm)
+    tl.store(shift_ptr + n * HID + c, tl.load(b_ptr + c, mask=cm, other=0.0) - mean * scale, mask=cm)
+    if n == 0:
+        tl.store(rstd_ptr + c, rstd, mask=cm)
+        tl.store(unbiased_ptr + c, var * unbias, mask=cm)
+
+
+@triton.jit
+def bn_bwd_kernel(dy_ptr, y_ptr, per_ptr, mean_ptr, rstd_ptr, w_ptr, dw_ptr, dsum_ptr, HID, P, inv_m,
+                  BLOCK_P: tl.constexpr):
+    """BatchNorm's backward through the batch statistics for hidden channel c of image n (the
+    training Function's), in place on dy (N, HID, P), the gradient of the head output with the
+    affine map (scale, shift) held constant: with d scale and d shift the batch's sums (rows 0 and 1
+    of per (18, HID)), k = d scale - d shift mean (= d rstd / w),
+    dy += -k w rstd^3 (y - mean) / m - d shift w rstd / m over the m = N P values of the channel.
+    The sum of the corrected dy over this map goes to dsum[n, c] (the head bias's gradient, summed
+    over the images by the caller); program (0, c) writes d w = k rstd to dw[c]."""
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // HID
+    c = pid % HID
+    d_scale = tl.load(per_ptr + c)
+    d_shift = tl.load(per_ptr + HID + c)
+    mean = tl.load(mean_ptr + c)
+    rstd = tl.load(rstd_ptr + c)
+    w = tl.load(w_ptr + c)
+    k = d_scale - d_shift * mean
+    c1 = -k * w * rstd * rstd * rstd * inv_m
+    c0 = -d_shift * w * rstd * inv_m
+    if n == 0:
+        tl.store(dw_ptr + c, k * rstd)
+    base = pid * P
+    offs = tl.arange(0, BLOCK_P)
+    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        m = p0 + offs < P
+        d = tl.load(dy_ptr + base + p0 + offs, mask=m, other=0.0)
+        yv = tl.load(y_ptr + base + p0 + offs, mask=m, other=0.0)
+        d = d + c1 * (yv - mean) + c0
+        tl.store(dy_ptr + base + p0 + offs, d, mask=m)
+        acc += tl.where(m, d, 0.0)
+    tl.store(dsum_ptr + pid, tl.sum(acc, axis=0))
+
+
 def precision(dtype: torch.dtype) -> str:
     """tl.dot input precision for inputs of ``dtype`` (the backbone's and MoCE kernels' too).
     float32 inputs follow torch.get_float32_matmul_precision(): "highest" (torch's default) keeps
@@ -945,6 +1002,36 @@ def mlp_backward(parts, pooled, gmean, mlp: list, dpooled, dgmean, grads) -> Non
     mlp_bwd_kernel[(n,)](parts, pooled, gmean, p1w, p1b, p2w, c1w, c1b, c2w, c2b, dpooled, dgmean, grads, nb, hid,
                          h2, q, BLOCK_NB=pow2(nb, 1), BLOCK_HID=block_hid, BLOCK_H2=pow2(h2, 1),
                          BLOCK_Q=pow2(q, 1), num_warps=4)
+
+
+BN_BWD_BLOCK_P = 1024
+
+
+def bn_affine(var, mean, weight, bias, eps: float, count: int, out) -> None:
+    """Train-mode BatchNorm of one task as per-image affine maps (:func:`bn_affine_kernel`), one
+    program per image. var, mean (hid,): the batch's biased variance and mean over ``count`` values
+    per channel; weight, bias (hid,) float32, contiguous; out: rstd (hid,), scale and shift (N, hid),
+    the unbiased variance (hid,)."""
+    rstd, scale, shift, unbiased = out
+    n, hid = scale.shape
+    if n == 0:
+        return
+    bn_affine_kernel[(n,)](var, mean, weight, bias, rstd, scale, shift, unbiased, hid, float(eps),
+                           count / max(count - 1, 1), BLOCK_HID=pow2(hid), num_warps=1)
+
+
+def bn_backward(dy, y, per, mean, rstd, weight, out) -> None:
+    """BatchNorm's backward through the batch statistics of one task (:func:`bn_bwd_kernel`), in
+    place on dy (N, hid, H, W) float32 contiguous (y alike), one program per (image, channel); per:
+    the (18, hid) parameter sums (rows 0, 1: d scale, d shift); mean, rstd, weight (hid,); out: d
+    weight (hid,) and the per-(image, channel) sums of the corrected dy (N, hid)."""
+    dw, dsum = out
+    n, hid, h, w = dy.shape
+    if n == 0:
+        return
+    p = h * w
+    bn_bwd_kernel[(n * hid,)](dy, y, per, mean, rstd, weight, dw, dsum, hid, p, 1.0 / (n * p),
+                              BLOCK_P=min(BN_BWD_BLOCK_P, pow2(p)), num_warps=4)
 
 
 def mix_backward_channel(y, scale, shift, task, k9, mix: list, glob, dloc, dgabs, dpooled, dgmean, out) -> None:

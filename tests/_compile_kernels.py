@@ -192,6 +192,15 @@ def adapter_signatures(c, hid, q, side, xdt, prec):
                BLOCK_H2="constexpr", BLOCK_Q="constexpr")
     yield AK.mlp_bwd_kernel, sig, dict(BLOCK_NB=AK.pow2(nb, 1), BLOCK_HID=AK.pow2(hid), BLOCK_H2=AK.pow2(hid // 2, 1),
                                        BLOCK_Q=AK.pow2(q, 1)), 4
+    # the training Function's BatchNorm: affine maps from the batch statistics, and its backward
+    names = ["var_ptr", "mean_ptr", "w_ptr", "b_ptr", "rstd_ptr", "scale_ptr", "shift_ptr", "unbiased_ptr"]
+    sig = {n: "*fp32" for n in names}
+    sig.update(HID="i32", eps="fp32", unbias="fp32", BLOCK_HID="constexpr")
+    yield AK.bn_affine_kernel, sig, dict(BLOCK_HID=AK.pow2(hid)), 1
+    names = ["dy_ptr", "y_ptr", "per_ptr", "mean_ptr", "rstd_ptr", "w_ptr", "dw_ptr", "dsum_ptr"]
+    sig = {n: "*fp32" for n in names}
+    sig.update(HID="i32", P="i32", inv_m="fp32", BLOCK_P="constexpr")
+    yield AK.bn_bwd_kernel, sig, dict(BLOCK_P=min(AK.BN_BWD_BLOCK_P, AK.pow2(p))), 4
     # eval on the packed parameters (BatchNorm folded into the head): head, mix channel, mix out
     cfg = AK.linear_config(p, hid, c)
     warps = cfg.pop("num_warps")

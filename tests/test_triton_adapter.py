@@ -408,6 +408,30 @@ def test_training_function_without_input_gradient():
     assert_param_grads_close(fast, ref, 5e-5)
 
 
+def test_training_function_batch_norm_kernels_in_blocks(monkeypatch):
+    """BatchNorm's backward kernel walking each channel map in several blocks of pixels (16 here, a
+    5 x 7 map: two full blocks and a masked one), on three images: output, input and parameter
+    gradients and running statistics equal the float64 reference's."""
+    monkeypatch.setattr(adapter_kernels, "BN_BWD_BLOCK_P", 16)
+    fast, ref = make_adapter("edt", "nhwc", seed=9)
+    fast.train(), ref.train()
+    x = torch.randn(3, DIMS["edt"], 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    xf = to_layout(x, "nhwc").float().to(DEVICE).requires_grad_()
+    with moce_fast.backend("triton"):
+        y = fast(xf)
+        assert type(y.grad_fn).__name__ == "_TritonTrainBackward"
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(11))
+        y.backward(grad.to(DEVICE))
+    xr = x.clone().requires_grad_()
+    expected = ref(xr)
+    assert rel_err(from_layout(y.detach().cpu(), "nhwc", 5, 7), expected) < TOL32
+    expected.backward(from_layout(grad.double(), "nhwc", 5, 7))
+    xr_layout = to_layout(xr.detach(), "nhwc").requires_grad_()
+    xr_layout.grad = to_layout(xr.grad, "nhwc")
+    assert_grads_close(fast, ref, xf, xr_layout, 5e-5)
+    assert rel_err(fast.BN.running_var.cpu(), ref.BN.running_var) < TOL32
+
+
 def test_training_with_a_non_contiguous_parameter_runs_the_staged_kernels():
     """A parameter the fused Function does not take (here a non-contiguous one; or float64, or one
     of another dtype than the rest) sends one task's training through the staged custom ops, on

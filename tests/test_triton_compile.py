@@ -32,7 +32,7 @@ def test_every_kernel_compiles(arch, record_property, capsys):
                        "hidden_bwd_a_kernel", "hidden_bwd_b_kernel", "patch_conv_bwd_kernel", "dwconv_wgrad_kernel",
                        "pos_outer_kernel",
                        "grouped_linear_kernel", "mix_channel_kernel", "mix_out_kernel", "mix_bwd_pix_kernel",
-                       "mix_bwd_channel_kernel", "mlp_bwd_kernel", "head_packed_kernel", "mix_channel_packed_kernel",
+                       "mix_bwd_channel_kernel", "mlp_bwd_kernel", "bn_affine_kernel", "bn_bwd_kernel", "head_packed_kernel", "mix_channel_packed_kernel",
                        "mix_out_packed_kernel",
                        "ln_linear_kernel", "ln_linear_dx_kernel", "ln_linear_wgrad_kernel", "dwgate_kernel",
                        "dwgate_bwd_kernel", "gate_out_kernel", "gate_wgrad_kernel", "gram_kernel", "apply_kernel", "attn_softmax_kernel",

@@ -1717,7 +1717,9 @@ class _TritonTrain(torch.autograd.Function):
     launches the same kernels (forward: head GEMM, mix, tail; backward: tail input gradient, mix
     pixel pass, channel MLPs, mix channel pass, head input gradient) with the glue in as few ops as
     it takes:
-    BatchNorm's statistics from one var_mean, its backward in closed form, the two channel MLPs'
+    BatchNorm's statistics from one var_mean and its per-image affine maps in one launch
+    (:func:`moce_fast.kernels.adapter.bn_affine`), its backward in closed form in one more
+    (:func:`moce_fast.kernels.adapter.bn_backward`, which also sums the head bias's gradient), the two channel MLPs'
     backward in one more launch (:func:`moce_fast.kernels.adapter.mlp_backward`, recomputed from the
     pooled vectors the forward kept; it had been ~25 small torch ops), every parameter's gradient
     made contiguous in its own shape (autograd would otherwise copy it).
@@ -1744,11 +1746,12 @@ class _TritonTrain(torch.autograd.Function):
         kernels.grouped_linear(b, head_w.view(1, hid, c), head_b, task, y, (hid * npix, 1, npix),
                                kernels.adapter_precision(t.dtype))
         var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
-        rstd = var.add(eps).rsqrt_()
-        # the kernels read (N, h), one affine map per image: the two ops write them in that shape
-        # (an expanded operand), not (h,) copied N times by two more launches
-        scale_n = torch.mul(rstd.expand(n, hid), bn_w.view(hid))
-        shift_n = torch.addcmul(bn_b.view(hid), mean, scale_n, value=-1)
+        m = n * npix
+        # BatchNorm as each image's affine map (N, h), which the mix kernels read, and rstd and the
+        # unbiased variance, in one launch (five torch ops otherwise)
+        rstd, unbiased = new_buffer((hid,), dev, f32), new_buffer((hid,), dev, f32)
+        scale_n, shift_n = new_buffer((n, hid), dev, f32), new_buffer((n, hid), dev, f32)
+        kernels.bn_affine(var, mean, bn_w.view(hid), bn_b.view(hid), eps, m, (rstd, scale_n, shift_n, unbiased))
         k9 = _kernels_3x3(conv_a, conv_b)
         order = OUT_ORDER[layout]
         out = new_buffer(_SHAPE[order](n, npix, c), dev, t.dtype)
@@ -1759,8 +1762,6 @@ class _TritonTrain(torch.autograd.Function):
         ctx.inter = (y, rstd, mean, scale_n, shift_n, k9, task, *scratch)
         ctx.float_params = None if params is stored else params  # (the float32 copies made above)
         ctx.meta = (layout, hh, ww)
-        m = n * npix
-        unbiased = var.mul_(m / max(m - 1, 1))
         ctx.mark_non_differentiable(mean, unbiased)
         ctx.set_materialize_grads(False)
         return from_order(out, layout, hh, ww), mean, unbiased
@@ -1806,13 +1807,11 @@ class _TritonTrain(torch.autograd.Function):
         # d k9 (9)] over the images, reduced straight into rows (each row a parameter's contiguous
         # gradient; one launch, not a reduction and a transposing copy)
         per = torch.sum(scal.transpose(1, 2), 0, out=new_buffer((18, hid), dev, f32))
-        # BatchNorm: scale = w rstd, shift = b - mean w rstd, with mean and rstd from the batch
-        d_scale, d_shift = per[0], per[1]
-        k = torch.addcmul(d_scale, d_shift, mean, value=-1)  # = d rstd / w
-        m = n * npix
-        c1 = torch.mul(k, bn_w.view(hid)).mul_(rstd.pow(3)).mul_(-1.0 / m)  # 2 d var / m
-        c0 = torch.mul(d_shift, scale_n[0]).mul_(-1.0 / m)  # d mean / m (direct part)
-        dy.addcmul_(y - mean.view(1, hid, 1, 1), c1.view(1, hid, 1, 1)).add_(c0.view(1, hid, 1, 1))
+        # BatchNorm: scale = w rstd, shift = b - mean w rstd, with mean and rstd from the batch: dy
+        # through them in place, d w, and each (image, channel)'s sum of dy for the head bias, in one
+        # launch (twelve torch ops otherwise)
+        d_bn_w, dsum = new_buffer((hid,), dev, f32), new_buffer((n, hid), dev, f32)
+        kernels.bn_backward(dy, y, per, mean, rstd, bn_w.view(hid), (d_bn_w, dsum))
         # head: dx = dy head_w (in the input's layout), its weight and bias gradients
         dyf = dy.view(n, hid, npix)
         dx = None
@@ -1826,7 +1825,7 @@ class _TritonTrain(torch.autograd.Function):
         d_tw = _pixel_sum_product(g.float(), u.view(n, hid, npix).transpose(1, 2))
         dk9 = per[9:].t()  # (h, 9)
         a2 = conv_a.view(hid, -1)
-        grads = [d_hw, dyf.sum((0, 2)), k.mul_(rstd), d_shift, torch.mm(dk9, conv_b.view(-1, 9).t()),
+        grads = [d_hw, dsum[0] if n == 1 else dsum.sum(0), d_bn_w, per[1], torch.mm(dk9, conv_b.view(-1, 9).t()),
                  torch.mm(a2.t(), dk9), per[4], per[5], per[6], per[7], per[8], per[2], per[3, :1], *d_mlp, d_tw]
         if stored[0].dtype != f32:  # a bfloat16 / float16 module's: one cast of them all
             grads = _split_like(torch.cat([d.reshape(-1) for d in grads]).to(stored[0].dtype), stored)
