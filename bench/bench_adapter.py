@@ -13,6 +13,8 @@ Cases (issue 5): IPT shapes (576 channels, (L, N, C) tokens of 16x16 and 48x48) 
 - triton-graphs: moce_fast.AdaptIRAdapter on the triton backend under torch.compile(mode=
   "reduce-overhead") (its kernels as custom ops, the call replayed from CUDA graphs where inductor
   can capture it: the way to take the host out of a host-bound call), on a GPU only.
+test_adapter_mixed_tasks: two tasks' adapters at one site on a batch of alternating tasks, moce_fast's
+one grouped call against the public adapters run task by task (select, adapter, put back).
 Run: pytest bench/bench_adapter.py --benchmark-only [--benchmark-json=FILE]
 """
 
@@ -123,3 +125,81 @@ def test_adapter(benchmark, compile_case, impl, shape, batch, dtype, mode):
     if impl in ("compile", "triton-graphs"):
         compile_case.warm_up(run)
     benchmark.pedantic(run, rounds=10 if GPU else 15, warmup_rounds=2)  # this CPU VM is noisy: more rounds
+
+
+# Several tasks in one batch (two tasks, alternating images): (variant, dim, layout, side, batch)
+MIXED = [("ipt", 576, "lnc", 16, 8), ("ipt", 576, "lnc", 48, 2), ("edt", 180, "nhwc", 64, 2)]
+
+
+class PublicPerTask(torch.nn.Module):
+    """A batch of mixed tasks through the public adapters, as their code allows: each task's images
+    selected, run through its adapter (with the public layout conversion), and put back in place."""
+
+    def __init__(self, adapters: dict, layout: str, names: list):
+        super().__init__()
+        self.adapters = torch.nn.ModuleDict({k: PublicAdapter(a, layout) for k, a in adapters.items()})
+        self.dim = 1 if layout == "lnc" else 0
+        self.index = {k: torch.tensor([i for i, n in enumerate(names) if n == k]) for k in adapters}
+
+    def forward(self, x):
+        out = torch.zeros_like(x)
+        for k, adapter in self.adapters.items():
+            idx = self.index[k].to(x.device)
+            out = out.index_copy(self.dim, idx, adapter(x.index_select(self.dim, idx)))
+        return x + out
+
+
+@pytest.mark.parametrize("impl", ["public", "torch", "cpu", "triton"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("case", MIXED, ids=lambda s: f"{s[0]}-{s[1]}-{s[3]}x{s[3]}-B{s[4]}")
+def test_adapter_mixed_tasks(benchmark, impl, case, mode):
+    """Two tasks' adapters at one site on a batch of alternating tasks (float32): moce_fast's grouped
+    call (``adapters.tasks``) against the public adapters run task by task; the host adds x."""
+    from moce_fast import adapters
+
+    if impl == "triton" and not GPU:
+        pytest.skip("triton: needs a CUDA device")
+    if impl == "cpu" and (GPU or _backend.cpu_runtime_status() is not None):
+        pytest.skip("cpu: the extension's CPU kernels, benched in a CPU run (this one is on a GPU)" if GPU
+                    else f"cpu: {_backend.cpu_runtime_status()}")
+    variant, dim, layout, side, batch = case
+    names = ["a", "b"] * (batch // 2)
+    torch.manual_seed(0)
+    host = torch.nn.Sequential(torch.nn.Identity())
+    adapters.add_adapters(host, r"^0$", dim, variant=variant, layout=layout, tasks=("a", "b"))
+    refs = {}
+    for i, (k, a) in enumerate(host[0].adapters.items()):
+        _randomize(a, seed=i)
+        refs[k] = AdaptIR(dim, variant)
+        refs[k].load_state_dict(a.state_dict())
+    public = PublicPerTask(refs, layout, names).to(DEVICE)
+    host = host.to(DEVICE)
+    train = mode == "fwd+bwd"
+    host.train(train), public.train(train)
+    shape_x = (side * side, batch, dim) if layout == "lnc" else (batch, side, side, dim)
+    x = torch.randn(shape_x, device=DEVICE, requires_grad=train)
+    grad = torch.randn(shape_x, device=DEVICE) if train else None
+    benchmark.group = f"adapter mixed tasks {variant} C={dim} {side}x{side} B={batch} fp32 {mode}"
+    benchmark.extra_info.update(device=torch.cuda.get_device_name() if GPU else "CPU", impl=impl)
+    leaves = [x, *host.parameters(), *public.parameters()]
+
+    def call():
+        if impl == "public":
+            return public(x)
+        with moce_fast.backend(impl), adapters.tasks(names):
+            return host(x)
+
+    def run():
+        if train:
+            for t in leaves:
+                t.grad = None
+            out = call()
+            out.backward(grad)
+        else:
+            with torch.no_grad():
+                out = call()
+        if GPU:
+            torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(run, rounds=10 if GPU else 15, warmup_rounds=2)

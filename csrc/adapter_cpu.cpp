@@ -758,11 +758,144 @@ std::vector<at::Tensor> adaptir_rows_backward_cpu(const at::Tensor& dout, const 
   });
 }
 
+// ---------------------------------------------------------------- several tasks in one batch
+//
+// The adapters of T tasks on one batch, task[i] the task of image i: each task's images are gathered
+// into (P, n_k, C) rows (the "lnc" order, in which the kernel takes several images), run through its
+// adapter as above (training: BatchNorm on that task's images only), and the output scattered back
+// into x's layout; a task with no image is skipped. params: T x 24 tensors, task k's from k * 24.
+// One call per direction for all tasks (no loop over tasks in Python).
+
+// x (N images in `layout`) as a (P, N, C) view, or a copy where the strides do not allow a view.
+at::Tensor pnc_of(const at::Tensor& x, int64_t layout, int64_t npix) {
+  if (layout == LNC) return x;
+  if (layout == NHWC) return x.reshape({x.size(0), npix, x.size(3)}).transpose(0, 1);
+  return x.reshape({x.size(0), x.size(1), npix}).permute({2, 0, 1});
+}
+
+struct TaskGroups {
+  int64_t t, n, c, npix;
+  std::vector<at::Tensor> images;  // per task: int64 indices of its images (possibly none)
+};
+
+TaskGroups task_groups(const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, at::TensorList params,
+                       const at::Tensor& task) {
+  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got one on ", x.device());
+  TORCH_CHECK(layout >= NCHW && layout <= NHWC, "layout: expected 0 (nchw), 1 (lnc) or 2 (nhwc), got ", layout);
+  TORCH_CHECK(x.dim() == (layout == LNC ? 3 : 4), "x: expected a ", (layout == LNC ? 3 : 4), "-D tensor, got ",
+              x.dim(), "-D");
+  TORCH_CHECK(hh > 0 && ww > 0, "hh, ww: expected positive sizes, got ", hh, ", ", ww);
+  TORCH_CHECK(!params.empty() && params.size() % NUM_PARAMS == 0, "params: expected ", int(NUM_PARAMS),
+              " tensors per task, got ", params.size());
+  TaskGroups g{};
+  g.t = static_cast<int64_t>(params.size()) / NUM_PARAMS;
+  g.npix = hh * ww;
+  g.n = x.size(layout == LNC ? 1 : 0);
+  g.c = layout == NCHW ? x.size(1) : x.size(-1);
+  TORCH_CHECK(x.numel() == g.n * g.npix * g.c, "x: expected ", g.n, " images of ", hh, "x", ww, " pixels and ", g.c,
+              " channels, got shape ", x.sizes());
+  TORCH_CHECK(task.device().is_cpu() && task.scalar_type() == at::kLong && task.dim() == 1 && task.numel() == g.n,
+              "task: expected a CPU int64 tensor of ", g.n, " task indices (one per image), got ", task.sizes(), " ",
+              task.scalar_type(), " on ", task.device());
+  const auto tc = task.contiguous();
+  const int64_t* tp = tc.data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> lists(g.t);
+  for (int64_t i = 0; i < g.n; ++i) {
+    TORCH_CHECK(tp[i] >= 0 && tp[i] < g.t, "task: image ", i, " has task ", tp[i], ", expected 0..", g.t - 1,
+                " (", g.t, " tasks' parameters)");
+    lists[tp[i]].push_back(i);
+  }
+  for (const auto& l : lists)
+    g.images.push_back(at::tensor(l, at::TensorOptions().dtype(at::kLong)));
+  return g;
+}
+
+std::vector<at::Tensor> adaptir_rows_tasks_cpu(const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww,
+                                               at::TensorList params, const at::Tensor& task, const at::Tensor& fwd,
+                                               const at::Tensor& inv, int64_t nb, int64_t s, bool training,
+                                               double eps) {
+  const TaskGroups g = task_groups(x, layout, hh, ww, params, task);
+  auto out = new_buffer(x.sizes(), x);
+  auto out_pnc = pnc_of(out, layout, g.npix);  // a view: out is contiguous
+  const auto x_pnc = pnc_of(x, layout, g.npix);
+  const int64_t hid = params[HEAD_B].numel();
+  auto mean = at::zeros({g.t, hid}, x.options()), var = at::zeros({g.t, hid}, x.options());
+  auto count = at::zeros({g.t}, x.options());
+  std::vector<at::Tensor> res = {out, mean, var, count};
+  for (int64_t k = 0; k < g.t; ++k) {
+    const auto& idx = g.images[k];
+    const int64_t nk = idx.numel();
+    if (nk == 0) continue;
+    const auto prm = params.slice(k * NUM_PARAMS, NUM_PARAMS);
+    const auto xk = x_pnc.index_select(1, idx);  // (P, n_k, C), contiguous
+    const Dims d = check_args(xk, LNC, hh, ww, nk, prm, fwd, inv, nb, s);
+    TORCH_CHECK(d.hid == hid, "params: task ", k, " has ", d.hid, " hidden channels, task 0 has ", hid);
+    TORCH_CHECK(!training || d.rows > 1, "x: BatchNorm in training needs more than one value per channel; task ", k,
+                " has ", d.rows, " row");
+    auto r = AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptir_rows_tasks_cpu", [&] {
+      return forward_impl<scalar_t>(xk, LNC, d, prm, fwd, inv, training, eps);
+    });
+    out_pnc.index_copy_(1, idx, r[0]);
+    if (!training) continue;
+    mean[k].copy_(r[1]), var[k].copy_(r[2]), count[k].fill_(double(d.rows));
+    res.insert(res.end(), r.begin() + 3, r.end());
+  }
+  return res;
+}
+
+std::vector<at::Tensor> adaptir_rows_tasks_backward_cpu(const at::Tensor& dout, const at::Tensor& x, int64_t layout,
+                                                        int64_t hh, int64_t ww, at::TensorList params,
+                                                        const at::Tensor& task, at::TensorList saved,
+                                                        const at::Tensor& fwd, const at::Tensor& inv, int64_t nb,
+                                                        int64_t s, bool need_dx) {
+  const TaskGroups g = task_groups(x, layout, hh, ww, params, task);
+  TORCH_CHECK(dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type() && dout.device().is_cpu(),
+              "dout: expected the output's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
+              dout.sizes(), " ", dout.scalar_type());
+  int64_t present = 0;
+  for (const auto& idx : g.images) present += idx.numel() > 0;
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == present * NUM_SAVED, "saved: expected the ", int(NUM_SAVED),
+              " tensors the forward kept for each of the ", present, " tasks present, got ", saved.size());
+  at::Tensor dx = at::empty({0}, x.options());
+  at::Tensor dx_pnc;
+  if (need_dx) {
+    dx = new_buffer(x.sizes(), x);
+    dx_pnc = pnc_of(dx, layout, g.npix);
+  }
+  const auto dout_pnc = pnc_of(dout, layout, g.npix);
+  std::vector<at::Tensor> res = {dx};
+  int64_t done = 0;
+  for (int64_t k = 0; k < g.t; ++k) {
+    const auto& idx = g.images[k];
+    const int64_t nk = idx.numel();
+    const auto prm = params.slice(k * NUM_PARAMS, NUM_PARAMS);
+    if (nk == 0) {  // no image of this task: zero gradients, as for any parameter the batch did not reach
+      for (const auto& q : prm) res.push_back(at::zeros_like(q));
+      continue;
+    }
+    const auto sv = saved.slice(done * NUM_SAVED, NUM_SAVED);
+    ++done;
+    const auto& rows = sv[S_ROWS];  // the task's gathered input rows (P n_k, C)
+    const Dims d = check_args(rows.view({g.npix, nk, g.c}), LNC, hh, ww, nk, prm, fwd, inv, nb, s);
+    TORCH_CHECK(sv[S_XHAT].numel() == d.rows * d.hid, "saved: the tensors of task ", k, " do not match its ", nk,
+                " images");
+    const auto dk = dout_pnc.index_select(1, idx);
+    auto r = AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptir_rows_tasks_backward_cpu", [&] {
+      return backward_impl<scalar_t>(dk, LNC, d, prm, sv, fwd, inv, need_dx);
+    });
+    if (need_dx) dx_pnc.index_copy_(1, idx, r[0].view({g.npix, nk, g.c}));
+    res.insert(res.end(), r.begin() + 1, r.end());
+  }
+  return res;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moce_fast, CPU, m) {
   m.impl("adaptir_rows", &adaptir_rows_cpu);
   m.impl("adaptir_rows_backward", &adaptir_rows_backward_cpu);
+  m.impl("adaptir_rows_tasks", &adaptir_rows_tasks_cpu);
+  m.impl("adaptir_rows_tasks_backward", &adaptir_rows_tasks_backward_cpu);
 }
 
 }  // namespace moce_fast

@@ -320,6 +320,13 @@ TORCH_LIBRARY(moce_fast, m) {
   m.def(
       "adaptir_rows_backward(Tensor dout, Tensor x, int layout, int hh, int ww, int n, Tensor[] params,"
       " Tensor[] saved, Tensor fwd, Tensor inv, int nb, int s, bool need_dx) -> Tensor[]");
+  // The same for several tasks in one batch (task[i]: the task of image i; params: 24 per task).
+  m.def(
+      "adaptir_rows_tasks(Tensor x, int layout, int hh, int ww, Tensor[] params, Tensor task, Tensor fwd,"
+      " Tensor inv, int nb, int s, bool training, float eps) -> Tensor[]");
+  m.def(
+      "adaptir_rows_tasks_backward(Tensor dout, Tensor x, int layout, int hh, int ww, Tensor[] params,"
+      " Tensor task, Tensor[] saved, Tensor fwd, Tensor inv, int nb, int s, bool need_dx) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(moce_fast, CPU, m) {

@@ -15,7 +15,7 @@ import moce_fast
 from moce_fast.ops import _backend
 from moce_fast.ops import adapter as ops
 from moce_fast.reference import AdaptIR
-from conftest import adapter_case, assert_grads_close, from_layout, randomize_, rel_err, to_layout
+from conftest import adapter_case, assert_grads_close, assert_param_grads_close, from_layout, randomize_, rel_err, to_layout
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("moce_fast._C") is None,
                                 reason="moce_fast._C was not built (needs a CUDA build of torch and nvcc)")
@@ -246,3 +246,139 @@ def test_backward_bad_arguments_are_clear_errors():
         back(dout, x, 2, 4, 4, 1, params, res[3:-1], fwd, inv, nb, s, True)
     with pytest.raises(RuntimeError, match="saved: expected contiguous Float tensors"):
         back(dout, x, 2, 4, 4, 1, params, [t.double() for t in res[3:]], fwd, inv, nb, s, True)
+
+
+# ------------------------------------------------------------------ several tasks in one batch
+
+def _graph_nodes(t):
+    """The names of the autograd nodes below ``t``."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in seen:
+            seen.add(type(node).__name__)
+            todo.extend(n for n, _ in node.next_functions)
+    return seen
+
+
+def _task_site(layout, dtype, seed=30):
+    """A host site with three tasks' adapters (random weights, running statistics and phase maps)
+    and their float64 references."""
+    from moce_fast import adapters
+
+    host = torch.nn.Sequential(torch.nn.Identity())
+    adapters.add_adapters(host, r"^0$", 56, variant="edt", layout=layout, tasks=("a", "b", "c"))
+    refs = {}
+    for i, (name, ad) in enumerate(host[0].adapters.items()):
+        randomize_(ad, seed=seed + i)
+        with torch.no_grad():
+            ad.pha_fuse.weight.uniform_(0.5, 1.5)
+            ad.BN.running_mean.normal_()
+            ad.BN.running_var.uniform_(0.5, 1.5)
+        refs[name] = AdaptIR(56, "edt").double()
+        refs[name].exact_phase = True
+        refs[name].load_state_dict(ad.state_dict())
+    return host.to(dtype), refs
+
+
+# (layout, H, W): dense tables and rfft2 / irfft2 (17x17); "nhwc" and "nchw" images are gathered
+# into rows per task
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("layout,hh,ww", [("lnc", 4, 4), ("nhwc", 5, 3), ("nchw", 4, 6), ("lnc", 17, 17)])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_several_tasks_one_call_equal_each_reference(mode, layout, hh, ww, dtype):
+    """Three tasks' adapters at one site, task "c" absent from the batch: one kernel call per
+    direction (the Function's node), each image equal to its task's float64 reference, in training
+    each task's BatchNorm on its own images (running statistics), every gradient equal to the
+    references', zero gradients and unmoved statistics for the absent task."""
+    from moce_fast import adapters
+
+    host, refs = _task_site(layout, dtype)
+    getattr(host, mode)()
+    names = ["b", "a", "b", "b", "a"]
+    x = torch.randn(len(names), 56, hh, ww, dtype=torch.float64, generator=torch.Generator().manual_seed(31))
+    xl = to_layout(x, layout).to(dtype).clone().requires_grad_(mode == "train")
+    _backend._LAST_RUN.clear()
+    with moce_fast.backend("cpu"), adapters.tasks(names), torch.set_grad_enabled(mode == "train"):
+        y = host(xl) - xl  # the Identity host adds x
+    assert _backend.last_run() == {"adaptir_linear": "cpu", "adaptir_mix_tail": "cpu"}
+    tol_out, tol_grad = TOL[dtype]
+    got = from_layout(y, layout, x.shape)
+    dy = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(32))
+    if mode == "train":
+        assert "_RowsCpuTasksBackward" in _graph_nodes(y) and "StackBackward0" not in _graph_nodes(y)
+        (got * dy.to(dtype)).sum().backward()
+    site = host[0].adapters
+    for task in "ab":
+        idx = [i for i, n in enumerate(names) if n == task]
+        ref = getattr(refs[task], mode)()
+        xr = x[idx].detach().clone().requires_grad_()
+        expected = ref(xr)
+        assert rel_err(got[idx].detach(), expected) < tol_out, task
+        if mode == "eval":
+            continue
+        expected.backward(dy[idx])
+        assert rel_err(from_layout(xl.grad, layout, x.shape)[idx], xr.grad) < tol_grad, task
+        assert_param_grads_close(site[task], ref, tol_grad)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert rel_err(getattr(site[task].BN, name).double(), getattr(ref.BN, name).double()) < tol_out, name
+    absent = site["c"]
+    if mode == "train":
+        assert all(p.grad is not None and not p.grad.any() for p in absent.parameters())
+    assert absent.BN.num_batches_tracked.item() == 0
+    assert torch.equal(absent.BN.running_mean.double(), refs["c"].BN.running_mean)
+
+
+def test_several_tasks_gradcheck_float64():
+    from moce_fast import adapters
+
+    host, _ = _task_site("nhwc", torch.float64)
+    host.train()
+    x = torch.randn(3, 3, 4, 56, dtype=torch.float64, requires_grad=True)
+    with moce_fast.backend("cpu"), adapters.tasks(["c", "a", "c"]):
+        assert "_RowsCpuTasksBackward" in _graph_nodes(host(x))
+        assert torch.autograd.gradcheck(lambda t: host(t), (x,), eps=1e-6, atol=1e-6)
+
+
+def test_several_tasks_the_kernel_does_not_take_run_torch(monkeypatch):
+    """A task with more rows than the kernel's limit sends the whole batch to the torch grouped
+    path (recorded as torch), with the same values."""
+    from moce_fast import adapters
+
+    host, refs = _task_site("lnc", torch.float32)
+    host.train()
+    names = ["a", "b", "a"]
+    x = torch.randn(16, 3, 56)
+    with moce_fast.backend("cpu"), adapters.tasks(names), torch.no_grad():
+        host.eval()
+        kernel = host(x)
+        monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_EVAL", 31)  # task "a": 2 images x 16 pixels
+        _backend._LAST_RUN.clear()
+        staged = host(x)
+    assert _backend.last_run() == {"adaptir_linear": "torch", "adaptir_mix_tail": "torch"}
+    assert rel_err(staged, kernel) < 1e-5
+
+
+def test_several_tasks_bad_arguments_are_clear_errors():
+    x, params, fwd, inv, nb, s = _op_args()  # one image 4x4, "nhwc"
+    op = torch.ops.moce_fast.adaptir_rows_tasks
+    x2 = torch.cat([x, x])
+    task = torch.tensor([1, 0])
+    assert op(x2, 2, 4, 4, params + params, task, fwd, inv, nb, s, True, 1e-5)[0].shape == x2.shape
+    cases = [(dict(params=params + params[:-1]), "params: expected 24 tensors per task, got 47"),
+             (dict(task=torch.tensor([0, 2])), "task: image 1 has task 2, expected 0..1"),
+             (dict(task=torch.tensor([0])), "task: expected a CPU int64 tensor of 2 task indices"),
+             (dict(task=torch.tensor([0.0, 1.0])), "task: expected a CPU int64 tensor"),
+             (dict(hh=5), "x: expected 2 images of 5x4 pixels and 56 channels"),
+             (dict(layout=3), "layout: expected 0 .nchw., 1 .lnc. or 2 .nhwc., got 3")]
+    for kw, message in cases:
+        a = dict(x=x2, layout=2, hh=4, ww=4, params=params + params, task=task, fwd=fwd, inv=inv, nb=nb, s=s,
+                 training=True, eps=1e-5)
+        a.update(kw)
+        with pytest.raises(RuntimeError, match=message):
+            op(*a.values())
+    res = op(x2, 2, 4, 4, params + params, task, fwd, inv, nb, s, True, 1e-5)
+    back = torch.ops.moce_fast.adaptir_rows_tasks_backward
+    assert len(back(torch.randn_like(x2), x2, 2, 4, 4, params + params, task, res[4:], fwd, inv, nb, s, True)) == 49
+    with pytest.raises(RuntimeError, match="saved: expected the 18 tensors the forward kept for each of the 2 tasks"):
+        back(torch.randn_like(x2), x2, 2, 4, 4, params + params, task, res[4:-1], fwd, inv, nb, s, True)

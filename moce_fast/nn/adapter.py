@@ -11,8 +11,8 @@ import torch
 from .. import ops
 from ..ops import adapter as ops_adapter
 from ..ops.adapter import (AdapterParams, BatchStats, MixParams, OneImagePlan, _cpu_params, adaptir_fused_train,
-                           adaptir_rows_cpu, adaptir_triton_train, cpu_kernel_runs, fused_training, kept_versions,
-                           one_image_plan, triton_training)
+                           adaptir_rows_cpu, adaptir_rows_cpu_tasks, adaptir_triton_train, cpu_kernel_runs,
+                           cpu_tasks_kernel_runs, fused_training, kept_versions, one_image_plan, triton_training)
 from ..reference.adaptir import AdaptIR
 
 LAYOUTS = ("nchw", "lnc", "nhwc")
@@ -265,6 +265,12 @@ def run_adapters(adapters: Sequence[AdaptIR], x: torch.Tensor, task: Optional[to
             out, stats = adaptir_fused_train(x, layout, params, first.BN.eps)
         elif raw is not None and triton_training(x, layout, raw):  # (the stored tensors too)
             out, stats = adaptir_triton_train(x, layout, params, first.BN.eps)
+        elif raw is None and x.device.type == "cpu" and cpu_tasks_kernel_runs(
+                x, layout, (flat := [q for a in adapters for q in _cpu_params(_assemble(_raw_tensors(a)))]), task,
+                True):
+            # several tasks on the extension's CPU kernel: each adapter's stored tensors as they are
+            # (no stacks under autograd)
+            out, stats = adaptir_rows_cpu_tasks(x, layout, flat, task, first.BN.eps, True)
         else:
             out, stats = ops.adaptir(x, layout, stack_params(adapters), task, True, first.BN.eps)
     elif (packed := packed_params(adapters, x, layout, first.BN.eps)) is not None:

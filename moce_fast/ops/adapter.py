@@ -853,6 +853,11 @@ def adaptir(t: torch.Tensor, layout: str, p: AdapterParams, task: Optional[torch
         if not training and not folded:  # (the fold keeps every dtype: t's, float32 or float64)
             p = fold_batch_norm(p, eps, t.dtype)
         return adaptir_rows_cpu(t, layout, p, eps, training)
+    if p.head_w.shape[0] > 1 and t.device.type == "cpu" and \
+            cpu_tasks_kernel_runs(t, layout, _task_fields(p), task, training):
+        if not training and not folded:
+            p = fold_batch_norm(p, eps, t.dtype)
+        return adaptir_rows_cpu_tasks(t, layout, _task_fields(p), task, eps, training)
     if training and p.head_w.shape[0] == 1 and fused_training(t, layout, _param_list(p)):
         return adaptir_fused_train(t, layout, p, eps)
     if training and p.head_w.shape[0] == 1 and triton_training(t, layout, _param_list(p)):
@@ -1170,6 +1175,99 @@ class _RowsCpu(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         g = torch.ops.moce_fast.adaptir_rows_backward(dout, t, code, hh, ww, n, params, ctx.inter, fwd, inv, nb, s,
                                                       need_dx)
+        return (g[0] if need_dx else None, None, None, None, None, None, *g[1:])
+
+
+def cpu_tasks_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], task: Optional[torch.Tensor],
+                     training: bool) -> Optional[str]:
+    """Why the extension's CPU kernel does not take this call of several tasks' adapters on one
+    batch (``adaptir_rows_tasks``: each task's images gathered into rows and run as one task's,
+    one call for all tasks), or None: ``tensors`` the 24 parameters of each task in turn
+    (:func:`_cpu_params`), contiguous, in ``t``'s dtype, float32 or float64; ``task`` (N,) int64
+    on the CPU; every task's images at most ``CPU_KERNEL_MAX_ROWS_TRAINING`` (``_EVAL``) rows;
+    outside torch.compile; in eval, no autograd graph to record."""
+    if task is None or task.device.type != "cpu" or task.dtype != torch.int64:
+        return "no per-image task indices on the CPU"
+    if torch.compiler.is_compiling():
+        return "torch.compile traces the call"
+    if t.dtype not in (torch.float32, torch.float64):
+        return f"x is {t.dtype}, the kernel runs float32 and float64"
+    if t.numel() == 0:
+        return "x is empty"
+    b, hh, ww = as_npc(t, layout)
+    n_tasks = len(tensors) // 24
+    counts = torch.bincount(task, minlength=n_tasks).tolist()  # (a CPU tensor: no device to wait for)
+    limit = CPU_KERNEL_MAX_ROWS_TRAINING if training else CPU_KERNEL_MAX_ROWS_EVAL
+    if max(counts) * hh * ww > limit:
+        return f"a task has {max(counts) * hh * ww} rows, more than {limit} ({'training' if training else 'eval'})"
+    for q in tensors:
+        if q.dtype != t.dtype or q.device != t.device or not q.is_contiguous():
+            return f"a parameter is {q.dtype} on {q.device}, not contiguous {t.dtype} on x's device"
+    if not training and torch.is_grad_enabled() and (t.requires_grad or any(q.requires_grad for q in tensors)):
+        return "eval with autograd recording (the eval kernel has no backward)"
+    if training and hh * ww == 1 and min(c for c in counts if c > 0) == 1:
+        return "BatchNorm in training needs more than one row per task"
+    return None
+
+
+def _task_fields(p: AdapterParams) -> list[torch.Tensor]:
+    """The 24 tensors of :func:`_cpu_params` of each task of ``p`` (stacked) in turn, as views."""
+    fields = _cpu_params(p)
+    return [q[k] for k in range(p.head_w.shape[0]) for q in fields]
+
+
+def cpu_tasks_kernel_runs(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], task: Optional[torch.Tensor],
+                          training: bool) -> bool:
+    """Whether the extension's CPU kernel runs this call of several tasks (see :func:`cpu_tasks_reason`)."""
+    return runs_on_cpu_kernel(("adaptir_linear", "adaptir_mix_tail"), t.device,
+                              lambda: cpu_tasks_reason(t, layout, tensors, task, training))
+
+
+def adaptir_rows_cpu_tasks(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], task: torch.Tensor,
+                           eps: float, training: bool) -> tuple[torch.Tensor, Optional[BatchStats]]:
+    """Several tasks' adapters on one batch by the extension's CPU kernel (see
+    :func:`cpu_tasks_reason`): ``tensors`` the 24 parameters of each task in turn, in eval folded
+    (:func:`fold_batch_norm`); in training one autograd Function (:class:`_RowsCpuTasks`), with each
+    task's batch statistics (a task with no image: count 0)."""
+    _, hh, ww = as_npc(t, layout)
+    if not training:
+        fwd, inv, nb, s = _kernel_tables(hh, ww, t.dtype)
+        return torch.ops.moce_fast.adaptir_rows_tasks(t, _LAYOUT_CODE[layout], hh, ww, tensors, task, fwd, inv, nb,
+                                                      s, False, eps)[0], None
+    out, mean, var, count = _RowsCpuTasks.apply(t, layout, hh, ww, eps, task, *tensors)
+    return out, BatchStats(mean, var, count)
+
+
+class _RowsCpuTasks(torch.autograd.Function):
+    """The training adapters of several tasks on one batch by the extension's CPU kernel, forward
+    and backward one call each (``adaptir_rows_tasks`` and its backward). Inputs: t, layout, H, W,
+    eps, task (N,), then the 24 tensors of :func:`_cpu_params` of each task in turn (their gradients
+    come back in their shapes; zeros for a task with no image). Outputs: the adapters' output in
+    ``t``'s layout, each task's batch mean and unbiased variance (T, h) and its number of rows (T,)
+    (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, t, layout, hh, ww, eps, task, *params):
+        fwd, inv, nb, s = _kernel_tables(hh, ww, t.dtype)
+        res = torch.ops.moce_fast.adaptir_rows_tasks(t, _LAYOUT_CODE[layout], hh, ww, params, task, fwd, inv, nb, s,
+                                                     True, eps)
+        ctx.meta = (_LAYOUT_CODE[layout], hh, ww, fwd, inv, nb, s)
+        ctx.save_for_backward(t, task, *params)  # (an in-place change before the backward is an error)
+        ctx.inter = res[4:]  # each present task's h-space intermediates, freed with the graph
+        ctx.mark_non_differentiable(*res[1:4])
+        ctx.set_materialize_grads(False)
+        return tuple(res[:4])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, _dmean, _dvar, _dcount):
+        code, hh, ww, fwd, inv, nb, s = ctx.meta
+        t, task, *params = ctx.saved_tensors
+        if dout is None:
+            return (None,) * (6 + len(params))
+        need_dx = ctx.needs_input_grad[0]
+        g = torch.ops.moce_fast.adaptir_rows_tasks_backward(dout.contiguous(), t, code, hh, ww, params, task,
+                                                            ctx.inter, fwd, inv, nb, s, need_dx)
         return (g[0] if need_dx else None, None, None, None, None, None, *g[1:])
 
 
