@@ -488,10 +488,10 @@ def _store_mlp_grads(o, da, v, dout, h, rr, rmask, cvec, cmask, R, HID):
 
 
 @triton.jit
-def mlp_bwd_kernel(part_ptr, pooled_ptr, gmean_ptr, p1w_ptr, p1b_ptr, p2w_ptr, c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr,
-                   dpooled_ptr, dgmean_ptr, g_ptr, NB, HID, H2, Q,
+def mlp_bwd_kernel(part_ptr, pooled_ptr, gmean_ptr, task_ptr, p1w_ptr, p1b_ptr, p2w_ptr, c1w_ptr, c1b_ptr, c2w_ptr,
+                   c2b_ptr, dpooled_ptr, dgmean_ptr, g_ptr, NB, HID, H2, Q,
                    BLOCK_NB: tl.constexpr, BLOCK_HID: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """The two channel MLPs' backward for image n of one task (the training Function's): from
+    """The two channel MLPs' backward for image n with its task's weights (the training Function's): from
     mix_bwd_pix_kernel's partial sums (NB blocks of [dc, dcg, d si_w, d si_b], BLOCK_HID wide) to
     d pooled and d gmean (N, HID), and this image's share of the parameter gradients, in one row of
     g (N, G): d proj1_w (H2, HID), d proj1_b, d proj2_w (HID, H2), d proj2_b, d ci1_w (Q, HID),
@@ -499,6 +499,14 @@ def mlp_bwd_kernel(part_ptr, pooled_ptr, gmean_ptr, p1w_ptr, p1b_ptr, p2w_ptr, c
     hidden activations are recomputed from pooled and gmean: c = proj2(gelu(proj1(pooled))),
     cg = sigmoid(ci2(gelu(ci1(gmean))))."""
     n = tl.program_id(0).to(tl.int64)
+    t = tl.load(task_ptr + n).to(tl.int64)
+    p1w_ptr += t * H2 * HID
+    p1b_ptr += t * H2
+    p2w_ptr += t * HID * H2
+    c1w_ptr += t * Q * HID
+    c1b_ptr += t * Q
+    c2w_ptr += t * HID * Q
+    c2b_ptr += t * HID
     cvec = tl.arange(0, BLOCK_HID)
     cmask = cvec < HID
     bb = tl.arange(0, BLOCK_NB)
@@ -661,49 +669,53 @@ def mix_bwd_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, ampw_p
 # ------------------------------------------------------------------------------------- launchers
 
 @triton.jit
-def bn_affine_kernel(var_ptr, mean_ptr, w_ptr, b_ptr, rstd_ptr, scale_ptr, shift_ptr, unbiased_ptr, HID, eps,
-                     unbias, BLOCK_HID: tl.constexpr):
-    """Train-mode BatchNorm of one task as each image's affine map (the training Function's), from
-    the batch's biased variance and mean (HID,): rstd = 1 / sqrt(var + eps), scale = w rstd and
-    shift = b - mean scale, written for image n in row n of scale and shift (N, HID); program 0
-    also writes rstd and the unbiased variance var * unbias (for the running statistics)."""
+def bn_affine_kernel(var_ptr, mean_ptr, w_ptr, b_ptr, task_ptr, cnt_ptr, rstd_ptr, scale_ptr, shift_ptr,
+                     unbiased_ptr, HID, P, eps, BLOCK_HID: tl.constexpr):
+    """Train-mode BatchNorm as each image's affine map (the training Function's), from the batch
+    statistics of image n's task t: biased variance and mean (T, HID) over cnt[t] images of P
+    pixels; rstd = 1 / sqrt(var + eps), scale = w rstd and shift = b - mean scale (w, b: task t's),
+    written in row n of scale and shift (N, HID); rstd and the unbiased variance var m / (m - 1),
+    m = cnt[t] P, in row t of rstd and unbiased (each image of the task writes the same values)."""
     n = tl.program_id(0).to(tl.int64)
+    t = tl.load(task_ptr + n).to(tl.int64)
     c = tl.arange(0, BLOCK_HID)
     cm = c < HID
-    var = tl.load(var_ptr + c, mask=cm, other=1.0)
-    mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
+    row = t * HID + c
+    var = tl.load(var_ptr + row, mask=cm, other=1.0)
+    mean = tl.load(mean_ptr + row, mask=cm, other=0.0)
     rstd = 1.0 / tl.sqrt_rn(var + eps)
-    scale = tl.load(w_ptr + c, mask=cm, other=0.0) * rstd
+    scale = tl.load(w_ptr + row, mask=cm, other=0.0) * rstd
     tl.store(scale_ptr + n * HID + c, scale, mask=cm)
-    tl.store(shift_ptr + n * HID + c, tl.load(b_ptr + c, mask=cm, other=0.0) - mean * scale, mask=cm)
-    if n == 0:
-        tl.store(rstd_ptr + c, rstd, mask=cm)
-        tl.store(unbiased_ptr + c, var * unbias, mask=cm)
+    tl.store(shift_ptr + n * HID + c, tl.load(b_ptr + row, mask=cm, other=0.0) - mean * scale, mask=cm)
+    m = tl.load(cnt_ptr + t) * P
+    tl.store(rstd_ptr + row, rstd, mask=cm)
+    tl.store(unbiased_ptr + row, var * (m / tl.maximum(m - 1.0, 1.0)), mask=cm)
 
 
 @triton.jit
-def bn_bwd_kernel(dy_ptr, y_ptr, per_ptr, mean_ptr, rstd_ptr, w_ptr, dw_ptr, dsum_ptr, HID, P, inv_m,
+def bn_bwd_kernel(dy_ptr, y_ptr, per_ptr, mean_ptr, rstd_ptr, w_ptr, task_ptr, cnt_ptr, dw_ptr, dsum_ptr, HID, P,
                   BLOCK_P: tl.constexpr):
-    """BatchNorm's backward through the batch statistics for hidden channel c of image n (the
-    training Function's), in place on dy (N, HID, P), the gradient of the head output with the
-    affine map (scale, shift) held constant: with d scale and d shift the batch's sums (rows 0 and 1
-    of per (18, HID)), k = d scale - d shift mean (= d rstd / w),
-    dy += -k w rstd^3 (y - mean) / m - d shift w rstd / m over the m = N P values of the channel.
-    The sum of the corrected dy over this map goes to dsum[n, c] (the head bias's gradient, summed
-    over the images by the caller); program (0, c) writes d w = k rstd to dw[c]."""
+    """BatchNorm's backward through the batch statistics for hidden channel c of image n of task t
+    (the training Function's), in place on dy (N, HID, P), the gradient of the head output with the
+    affine map (scale, shift) held constant: with d scale and d shift the task's sums (rows 0 and 1
+    of per[t], per (T, 18, HID)), k = d scale - d shift mean (= d rstd / w),
+    dy += -k w rstd^3 (y - mean) / m - d shift w rstd / m over the m = cnt[t] P values of the
+    task's channel. The sum of the corrected dy over this map goes to dsum[n, c] (for the head
+    bias's gradient); d w = k rstd to dw[t, c] (each image of the task writes the same value)."""
     pid = tl.program_id(0).to(tl.int64)
     n = pid // HID
     c = pid % HID
-    d_scale = tl.load(per_ptr + c)
-    d_shift = tl.load(per_ptr + HID + c)
-    mean = tl.load(mean_ptr + c)
-    rstd = tl.load(rstd_ptr + c)
-    w = tl.load(w_ptr + c)
+    t = tl.load(task_ptr + n).to(tl.int64)
+    d_scale = tl.load(per_ptr + t * 18 * HID + c)
+    d_shift = tl.load(per_ptr + (t * 18 + 1) * HID + c)
+    mean = tl.load(mean_ptr + t * HID + c)
+    rstd = tl.load(rstd_ptr + t * HID + c)
+    w = tl.load(w_ptr + t * HID + c)
+    inv_m = 1.0 / (tl.load(cnt_ptr + t) * P)
     k = d_scale - d_shift * mean
     c1 = -k * w * rstd * rstd * rstd * inv_m
     c0 = -d_shift * w * rstd * inv_m
-    if n == 0:
-        tl.store(dw_ptr + c, k * rstd)
+    tl.store(dw_ptr + t * HID + c, k * rstd)
     base = pid * P
     offs = tl.arange(0, BLOCK_P)
     acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -987,50 +999,54 @@ def mlp_grad_columns(hid: int, h2: int, q: int) -> list[int]:
     return [h2 * hid, h2, hid * h2, hid, q * hid, q, hid * q, hid, hid, 1]
 
 
-def mlp_backward(parts, pooled, gmean, mlp: list, dpooled, dgmean, grads) -> None:
-    """The channel MLPs' backward of one task's training step (:func:`mlp_bwd_kernel`), one program
-    per image. parts: (N, blocks, 4, BLOCK_HID) from :func:`mix_backward_pix`; pooled, gmean: (N,
-    hid) float32 from the forward; mlp: (proj1_w, proj1_b, proj2_w, ci1_w, ci1_b, ci2_w, ci2_b),
-    float32, contiguous; out: dpooled, dgmean (N, hid) and grads (N, sum of
-    :func:`mlp_grad_columns`), each image's share of the parameter gradients."""
+def mlp_backward(parts, pooled, gmean, task, mlp: list, dpooled, dgmean, grads) -> None:
+    """The channel MLPs' backward of a training step (:func:`mlp_bwd_kernel`), one program per
+    image, with its task's weights. parts: (N, blocks, 4, BLOCK_HID) from :func:`mix_backward_pix`;
+    pooled, gmean: (N, hid) float32 from the forward; task (N,) int64; mlp: (proj1_w, proj1_b,
+    proj2_w, ci1_w, ci1_b, ci2_w, ci2_b) of the T tasks, stacked, float32, contiguous; out: dpooled,
+    dgmean (N, hid) and grads (N, sum of :func:`mlp_grad_columns`), each image's share of its task's
+    parameter gradients."""
     p1w, p1b, p2w, c1w, c1b, c2w, c2b = mlp
     n, nb, _, block_hid = parts.shape
     hid = pooled.shape[1]
-    h2, q = p1b.numel(), c1b.numel()
+    h2, q = p1b.shape[-1], c1b.shape[-1]
     if n == 0:
         return
-    mlp_bwd_kernel[(n,)](parts, pooled, gmean, p1w, p1b, p2w, c1w, c1b, c2w, c2b, dpooled, dgmean, grads, nb, hid,
-                         h2, q, BLOCK_NB=pow2(nb, 1), BLOCK_HID=block_hid, BLOCK_H2=pow2(h2, 1),
+    mlp_bwd_kernel[(n,)](parts, pooled, gmean, task, p1w, p1b, p2w, c1w, c1b, c2w, c2b, dpooled, dgmean, grads, nb,
+                         hid, h2, q, BLOCK_NB=pow2(nb, 1), BLOCK_HID=block_hid, BLOCK_H2=pow2(h2, 1),
                          BLOCK_Q=pow2(q, 1), num_warps=4)
 
 
 BN_BWD_BLOCK_P = 1024
 
 
-def bn_affine(var, mean, weight, bias, eps: float, count: int, out) -> None:
-    """Train-mode BatchNorm of one task as per-image affine maps (:func:`bn_affine_kernel`), one
-    program per image. var, mean (hid,): the batch's biased variance and mean over ``count`` values
-    per channel; weight, bias (hid,) float32, contiguous; out: rstd (hid,), scale and shift (N, hid),
-    the unbiased variance (hid,)."""
+def bn_affine(var, mean, weight, bias, task, count, pixels: int, eps: float, out) -> None:
+    """Train-mode BatchNorm as per-image affine maps (:func:`bn_affine_kernel`), one program per
+    image. var, mean: each task's biased variance and mean of the head output, (T, hid) ((hid,) for
+    one task); weight, bias: each task's, alike, float32, contiguous; task (N,) int64; count (T,)
+    float32: each task's number of images, of ``pixels`` pixels each; out: rstd (T, hid), scale and
+    shift (N, hid), the unbiased variance (T, hid) (the rows of a task with no image are not
+    written)."""
     rstd, scale, shift, unbiased = out
     n, hid = scale.shape
     if n == 0:
         return
-    bn_affine_kernel[(n,)](var, mean, weight, bias, rstd, scale, shift, unbiased, hid, float(eps),
-                           count / max(count - 1, 1), BLOCK_HID=pow2(hid), num_warps=1)
+    bn_affine_kernel[(n,)](var, mean, weight, bias, task, count, rstd, scale, shift, unbiased, hid, pixels,
+                           float(eps), BLOCK_HID=pow2(hid), num_warps=1)
 
 
-def bn_backward(dy, y, per, mean, rstd, weight, out) -> None:
-    """BatchNorm's backward through the batch statistics of one task (:func:`bn_bwd_kernel`), in
-    place on dy (N, hid, H, W) float32 contiguous (y alike), one program per (image, channel); per:
-    the (18, hid) parameter sums (rows 0, 1: d scale, d shift); mean, rstd, weight (hid,); out: d
-    weight (hid,) and the per-(image, channel) sums of the corrected dy (N, hid)."""
+def bn_backward(dy, y, per, mean, rstd, weight, task, count, out) -> None:
+    """BatchNorm's backward through each task's batch statistics (:func:`bn_bwd_kernel`), in place
+    on dy (N, hid, H, W) float32 contiguous (y alike), one program per (image, channel); per: the
+    (T, 18, hid) parameter sums of each task (rows 0, 1: d scale, d shift); mean, rstd, weight
+    (T, hid); task (N,); count (T,) float32 images per task; out: d weight (T, hid) (the rows of a
+    task with no image are not written) and the per-(image, channel) sums of the corrected dy (N, hid)."""
     dw, dsum = out
     n, hid, h, w = dy.shape
     if n == 0:
         return
     p = h * w
-    bn_bwd_kernel[(n * hid,)](dy, y, per, mean, rstd, weight, dw, dsum, hid, p, 1.0 / (n * p),
+    bn_bwd_kernel[(n * hid,)](dy, y, per, mean, rstd, weight, task, count, dw, dsum, hid, p,
                               BLOCK_P=min(BN_BWD_BLOCK_P, pow2(p)), num_warps=4)
 
 

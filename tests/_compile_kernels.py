@@ -185,21 +185,23 @@ def adapter_signatures(c, hid, q, side, xdt, prec):
     yield AK.mix_bwd_channel_kernel, sig, dict(cfg), warps
     # the training Function's channel-MLP backward (one task, one program per image)
     nb = AK.cdiv(p, AK.pix_config(hid)["BLOCK_P"])
-    names = ["part_ptr", "pooled_ptr", "gmean_ptr", "p1w_ptr", "p1b_ptr", "p2w_ptr", "c1w_ptr", "c1b_ptr", "c2w_ptr",
-             "c2b_ptr", "dpooled_ptr", "dgmean_ptr", "g_ptr"]
+    names = ["part_ptr", "pooled_ptr", "gmean_ptr", "task_ptr", "p1w_ptr", "p1b_ptr", "p2w_ptr", "c1w_ptr",
+             "c1b_ptr", "c2w_ptr", "c2b_ptr", "dpooled_ptr", "dgmean_ptr", "g_ptr"]
     sig = {n: "*fp32" for n in names}
-    sig.update(**{n: "i32" for n in ("NB", "HID", "H2", "Q")}, BLOCK_NB="constexpr", BLOCK_HID="constexpr",
-               BLOCK_H2="constexpr", BLOCK_Q="constexpr")
+    sig.update(task_ptr="*i64", **{n: "i32" for n in ("NB", "HID", "H2", "Q")}, BLOCK_NB="constexpr",
+               BLOCK_HID="constexpr", BLOCK_H2="constexpr", BLOCK_Q="constexpr")
     yield AK.mlp_bwd_kernel, sig, dict(BLOCK_NB=AK.pow2(nb, 1), BLOCK_HID=AK.pow2(hid), BLOCK_H2=AK.pow2(hid // 2, 1),
                                        BLOCK_Q=AK.pow2(q, 1)), 4
     # the training Function's BatchNorm: affine maps from the batch statistics, and its backward
-    names = ["var_ptr", "mean_ptr", "w_ptr", "b_ptr", "rstd_ptr", "scale_ptr", "shift_ptr", "unbiased_ptr"]
+    names = ["var_ptr", "mean_ptr", "w_ptr", "b_ptr", "task_ptr", "cnt_ptr", "rstd_ptr", "scale_ptr", "shift_ptr",
+             "unbiased_ptr"]
     sig = {n: "*fp32" for n in names}
-    sig.update(HID="i32", eps="fp32", unbias="fp32", BLOCK_HID="constexpr")
+    sig.update(task_ptr="*i64", HID="i32", P="i32", eps="fp32", BLOCK_HID="constexpr")
     yield AK.bn_affine_kernel, sig, dict(BLOCK_HID=AK.pow2(hid)), 1
-    names = ["dy_ptr", "y_ptr", "per_ptr", "mean_ptr", "rstd_ptr", "w_ptr", "dw_ptr", "dsum_ptr"]
+    names = ["dy_ptr", "y_ptr", "per_ptr", "mean_ptr", "rstd_ptr", "w_ptr", "task_ptr", "cnt_ptr", "dw_ptr",
+             "dsum_ptr"]
     sig = {n: "*fp32" for n in names}
-    sig.update(HID="i32", P="i32", inv_m="fp32", BLOCK_P="constexpr")
+    sig.update(task_ptr="*i64", HID="i32", P="i32", BLOCK_P="constexpr")
     yield AK.bn_bwd_kernel, sig, dict(BLOCK_P=min(AK.BN_BWD_BLOCK_P, AK.pow2(p))), 4
     # eval on the packed parameters (BatchNorm folded into the head): head, mix channel, mix out
     cfg = AK.linear_config(p, hid, c)

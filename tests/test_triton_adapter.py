@@ -339,6 +339,64 @@ def test_mixed_task_batch_one_grouped_launch(mode, backend, monkeypatch):
     assert torch.equal(c.running_mean.cpu(), refs["c"].BN.running_mean.float())
 
 
+def _graph_nodes(t):
+    """The names of the autograd nodes below ``t``."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in seen:
+            seen.add(type(node).__name__)
+            todo.extend(n for n, _ in node.next_functions)
+    return seen
+
+
+@pytest.mark.parametrize("layout,hh,ww", [("nhwc", 5, 7), ("lnc", 6, 6), ("nchw", 4, 5)])
+def test_mixed_task_training_function_gradients(layout, hh, ww):
+    """Three tasks' adapters on one batch in training, task "c" absent: one Function for all tasks
+    (no stacks of the parameters under autograd), each image, the input gradient, every parameter
+    gradient and the running statistics equal to its task's float64 reference; zero gradients and
+    unmoved statistics for the absent task."""
+    host = torch.nn.Sequential(torch.nn.Identity())
+    A.add_adapters(host, r"^0$", 56, variant="edt", layout=layout, tasks=("a", "b", "c"))
+    site = host[0].adapters
+    refs = {}
+    for i, (name, ad) in enumerate(site.items()):
+        randomize_(ad, seed=40 + i)
+        with torch.no_grad():
+            ad.pha_fuse.weight.uniform_(0.5, 1.5)
+            ad.BN.running_var.uniform_(0.5, 1.5)
+        refs[name] = AdaptIR(56, "edt").double()
+        refs[name].exact_phase = True
+        refs[name].load_state_dict(ad.state_dict())
+    host.to(DEVICE).train()
+    names = ["b", "a", "b", "b", "a"]
+    x = torch.randn(len(names), 56, hh, ww, dtype=torch.float64, generator=torch.Generator().manual_seed(41))
+    xf = to_layout(x, layout).float().to(DEVICE).requires_grad_()
+    with moce_fast.backend("triton"), A.tasks(names):
+        y = host(xf) - xf  # the Identity host adds x
+    nodes = _graph_nodes(y)
+    assert "_TritonTrainBackward" in nodes and "StackBackward0" not in nodes, nodes
+    got = from_layout(y, layout, hh, ww)
+    dy = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(42))
+    with moce_fast.backend("triton"):
+        (got * dy.float().to(DEVICE)).sum().backward()
+    for task in "ab":
+        idx = [i for i, n in enumerate(names) if n == task]
+        xr = x[idx].clone().requires_grad_()
+        expected = refs[task](xr)
+        assert rel_err(got[idx].detach().cpu(), expected) < TOL32, task
+        expected.backward(dy[idx])
+        assert rel_err(from_layout(xf.grad, layout, hh, ww)[idx].cpu(), xr.grad) < 5e-5, task
+        assert_param_grads_close(site[task], refs[task], 5e-5)
+        for stat in ("running_mean", "running_var"):
+            assert rel_err(getattr(site[task].BN, stat).cpu(), getattr(refs[task].BN, stat)) < TOL32, (task, stat)
+        assert site[task].BN.num_batches_tracked.item() == 1
+    absent = site["c"]
+    assert all(p.grad is not None and not p.grad.any() for p in absent.parameters())
+    assert absent.BN.num_batches_tracked.item() == 0
+    assert torch.equal(absent.BN.running_var.cpu(), refs["c"].BN.running_var.float())
+
+
 @pytest.mark.parametrize("layout", ["lnc", "nhwc"])
 def test_torch_grouped_path_gradcheck(layout):
     """The torch backend's grouped (several tasks) path, in float64, in training: gradcheck. (The

@@ -11,7 +11,8 @@ import torch
 from .. import ops
 from ..ops import adapter as ops_adapter
 from ..ops.adapter import (AdapterParams, BatchStats, MixParams, OneImagePlan, _cpu_params, adaptir_fused_train,
-                           adaptir_rows_cpu, adaptir_rows_cpu_tasks, adaptir_triton_train, cpu_kernel_runs,
+                           adaptir_rows_cpu, adaptir_rows_cpu_tasks, adaptir_triton_train,
+                           adaptir_triton_train_tasks, cpu_kernel_runs,
                            cpu_tasks_kernel_runs, fused_training, kept_versions, one_image_plan, triton_training)
 from ..reference.adaptir import AdaptIR
 
@@ -243,6 +244,12 @@ def _update_running_stats(adapters: Sequence[AdaptIR], stats: BatchStats) -> Non
     torch._foreach_copy_([bn.num_batches_tracked for bn in bns], list(tracked.unbind(0)))
 
 
+def _task_tensors(adapters: Sequence[AdaptIR]) -> list[torch.Tensor]:
+    """The 24 stored tensors the fused training paths take (:func:`moce_fast.ops.adapter._cpu_params`
+    order) of each adapter in turn, as the modules hold them."""
+    return [q for a in adapters for q in _cpu_params(_assemble(_raw_tensors(a)))]
+
+
 def run_adapters(adapters: Sequence[AdaptIR], x: torch.Tensor, task: Optional[torch.Tensor]) -> torch.Tensor:
     """Image i of ``x`` through ``adapters[task[i]]`` (all adapters on one batch, one grouped
     computation per stage); ``task`` None means one adapter for all images."""
@@ -266,11 +273,13 @@ def run_adapters(adapters: Sequence[AdaptIR], x: torch.Tensor, task: Optional[to
         elif raw is not None and triton_training(x, layout, raw):  # (the stored tensors too)
             out, stats = adaptir_triton_train(x, layout, params, first.BN.eps)
         elif raw is None and x.device.type == "cpu" and cpu_tasks_kernel_runs(
-                x, layout, (flat := [q for a in adapters for q in _cpu_params(_assemble(_raw_tensors(a)))]), task,
-                True):
+                x, layout, (flat := _task_tensors(adapters)), task, True):
             # several tasks on the extension's CPU kernel: each adapter's stored tensors as they are
             # (no stacks under autograd)
             out, stats = adaptir_rows_cpu_tasks(x, layout, flat, task, first.BN.eps, True)
+        elif raw is None and task is not None and triton_training(x, layout, (flat := _task_tensors(adapters))):
+            # several tasks on the triton kernels, one Function (the stored tensors too)
+            out, stats = adaptir_triton_train_tasks(x, layout, flat, task, first.BN.eps)
         else:
             out, stats = ops.adaptir(x, layout, stack_params(adapters), task, True, first.BN.eps)
     elif (packed := packed_params(adapters, x, layout, first.BN.eps)) is not None:

@@ -1800,13 +1800,75 @@ def adaptir_triton_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: fl
     BatchNorm statistics. ``p``: the task's parameters, with the task axis or as the modules store
     them."""
     b, hh, ww = as_npc(t, layout)
-    out, mean, var = _TritonTrain.apply(t, layout, hh, ww, eps, *p[:4], *p.mix, p.tail_w)
-    return out, _one_task_stats(t, b.shape[0] * hh * ww, mean, var)
+    n = b.shape[0]
+    out, mean, var = _TritonTrain.apply(t, layout, hh, ww, eps, _single_task(n, t.device), 1, *p[:4], *p.mix,
+                                        p.tail_w)
+    return out, _one_task_stats(t, n * hh * ww, mean, var)
+
+
+def adaptir_triton_train_tasks(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], task: torch.Tensor,
+                               eps: float) -> tuple[torch.Tensor, BatchStats]:
+    """The training adapters of several tasks on one batch (image i through task ``task[i]``'s) on
+    the triton kernels, as one autograd Function (:class:`_TritonTrain`): ``tensors`` the 24 stored
+    tensors of each task in turn (:func:`_cpu_params` order), checked by :func:`triton_training`.
+    Returns the output in ``t``'s layout and each task's batch statistics (a task with no image:
+    count 0, mean and variance 0)."""
+    _, hh, ww = as_npc(t, layout)
+    out, mean, var, count = _TritonTrain.apply(t, layout, hh, ww, eps, task, len(tensors) // 24, *tensors)
+    return out, BatchStats(mean, var, count)
+
+
+def _stack_tasks(params: Sequence[torch.Tensor], n_tasks: int) -> list[torch.Tensor]:
+    """The 24 fields of ``n_tasks`` tasks (their tensors task by task) as (T, *shape) views of one
+    concatenation, field by field (one launch, not a stack per field); one task's as they are."""
+    if n_tasks == 1:
+        return list(params)
+    k = len(params) // n_tasks
+    flat = torch.cat([params[j * k + i].reshape(-1) for i in range(k) for j in range(n_tasks)])
+    fields, off = [], 0
+    for i in range(k):
+        size = params[i].numel() * n_tasks
+        fields.append(flat[off:off + size].view(n_tasks, *params[i].shape))
+        off += size
+    return fields
+
+
+def _images_count(n: int, device: torch.device) -> torch.Tensor:
+    """(1,) float32 [n], the image count of one task's batch, kept (as :func:`_kept_count`) outside
+    CUDA-graph capture."""
+    if capturing(device):
+        return torch.full((1,), float(n), device=device, dtype=torch.float32)
+    return _kept_count(n, device, torch.float32)
+
+
+def _task_batch_stats(y: torch.Tensor, task: torch.Tensor, n_tasks: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each task's biased variance and mean (T, h) of y (N, h, H, W) over its images, and its
+    number of images (T,) float32: per-image statistics merged per task (images have equal pixel
+    counts: the task's mean is the mean of its images' means, its variance their variances' mean
+    plus that of their means); 0 for a task with no image."""
+    n, hid = y.shape[:2]
+    vn, mn = torch.var_mean(y, dim=(2, 3), correction=0)  # (N, h)
+    cnt = y.new_zeros(n_tasks).index_add_(0, task, y.new_ones(n))
+    inv = cnt.clamp(min=1).reciprocal_()[:, None]
+    mean = y.new_zeros((n_tasks, hid)).index_add_(0, task, mn).mul_(inv)
+    dm = mn - mean.index_select(0, task)
+    var = y.new_zeros((n_tasks, hid)).index_add_(0, task, torch.addcmul(vn, dm, dm)).mul_(inv)
+    return var, mean, cnt
+
+
+def _task_sums(v: torch.Tensor, task: torch.Tensor, n_tasks: int) -> torch.Tensor:
+    """Per-image values (N, ...) summed over each task's images: (T, ...); for one task, (...)
+    (image 0's own when it is the only one)."""
+    if n_tasks == 1:
+        return v[0] if v.shape[0] == 1 else v.sum(0)
+    return v.new_zeros((n_tasks,) + v.shape[1:]).index_add_(0, task, v)
 
 
 class _TritonTrain(torch.autograd.Function):
-    """The whole adapter of one task in training mode on the triton kernels, forward and backward,
-    as one autograd Function.
+    """The whole adapter in training mode on the triton kernels, forward and backward, as one
+    autograd Function: one task, or several tasks' adapters on one batch (each image through its
+    task's, each task's BatchNorm on its own images).
 
     The staged triton path (head op, BatchNorm as ~15 autograd ops, mix/tail op, the parameters'
     task-axis views) is host-bound on a GPU in training: an H200 measured 6.3-9.0 ms per IPT/EDT
@@ -1814,69 +1876,82 @@ class _TritonTrain(torch.autograd.Function):
     backward, most of them autograd's plumbing between the stages and the views). This Function
     launches the same kernels (forward: head GEMM, mix, tail; backward: tail input gradient, mix
     pixel pass, channel MLPs, mix channel pass, head input gradient) with the glue in as few ops as
-    it takes:
-    BatchNorm's statistics from one var_mean and its per-image affine maps in one launch
+    it takes: BatchNorm's statistics from one var_mean (several tasks: per image, merged per task
+    by a few ops) and its per-image affine maps in one launch
     (:func:`moce_fast.kernels.adapter.bn_affine`), its backward in closed form in one more
-    (:func:`moce_fast.kernels.adapter.bn_backward`, which also sums the head bias's gradient), the two channel MLPs'
-    backward in one more launch (:func:`moce_fast.kernels.adapter.mlp_backward`, recomputed from the
-    pooled vectors the forward kept; it had been ~25 small torch ops), every parameter's gradient
-    made contiguous in its own shape (autograd would otherwise copy it).
+    (:func:`moce_fast.kernels.adapter.bn_backward`, which also sums the head bias's gradient), the
+    two channel MLPs' backward in one more (:func:`moce_fast.kernels.adapter.mlp_backward`,
+    recomputed from the pooled vectors the forward kept; it had been ~25 small torch ops), every
+    parameter's gradient made contiguous in its own shape (autograd would otherwise copy it).
+    Several tasks' parameters are taken as stored (no stacks under autograd) and concatenated
+    field by field in one launch.
 
-    Inputs: t (the images in ``layout``), layout, H, W, eps, then head_w, head_b, bn_weight, bn_bias,
-    the :class:`MixParams` fields and tail_w, contiguous, of one dtype (float32; bfloat16 or float16
-    ones are taken in float32 and their gradients cast back), in the modules' shapes or with a task
-    axis of 1 (their gradients come back in those shapes and dtype). Outputs: the adapter output in
-    ``t``'s layout and dtype, and the batch mean and unbiased variance (h,) of the head output (not
-    differentiable)."""
+    Inputs: t (the images in ``layout``), layout, H, W, eps, task (N,) int64 on t's device, the
+    number of tasks T, then for each task in turn head_w, head_b, bn_weight, bn_bias, the
+    :class:`MixParams` fields and tail_w, contiguous, of one dtype (float32; bfloat16 or float16 ones
+    are taken in float32 and their gradients cast back), in the modules' shapes (one task's also
+    with a task axis of 1); their gradients come back in those shapes and dtype (zeros for a task
+    with no image). Outputs: the adapter output in ``t``'s layout and dtype, and the batch mean and
+    unbiased variance of the head output, (h,) for one task, else (T, h) and each task's number of
+    rows (T,) (not differentiable)."""
 
     @staticmethod
-    def forward(ctx, t, layout, hh, ww, eps, *stored):
+    def forward(ctx, t, layout, hh, ww, eps, task, n_tasks, *stored):
         from moce_fast.kernels import adapter as kernels
 
-        params = _as_float32(stored)
+        floats = _as_float32(stored)
+        params = _stack_tasks(floats, n_tasks)
         head_w, head_b, bn_w, bn_b, conv_a, conv_b, *mix, tail_w = params
         b = as_npc(t, layout)[0]
         n, npix, c = b.shape
-        hid = head_b.numel()
+        hid = head_b.shape[-1]
         dev, f32 = t.device, torch.float32
-        task = _single_task(n, dev)
         y = new_buffer((n, hid, hh, ww), dev, f32)  # the head's output, "nmp" order
-        kernels.grouped_linear(b, head_w.view(1, hid, c), head_b, task, y, (hid * npix, 1, npix),
+        kernels.grouped_linear(b, head_w.view(n_tasks, hid, c), head_b, task, y, (hid * npix, 1, npix),
                                kernels.adapter_precision(t.dtype))
-        var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
-        m = n * npix
+        if n_tasks == 1:
+            var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+            cnt = _images_count(n, dev)
+            rstd, unbiased = new_buffer((hid,), dev, f32), new_buffer((hid,), dev, f32)
+            k9 = _kernels_3x3(conv_a, conv_b)
+        else:
+            var, mean, cnt = _task_batch_stats(y, task, n_tasks)
+            rstd, unbiased = y.new_zeros((n_tasks, hid)), y.new_zeros((n_tasks, hid))  # (absent tasks' stay 0)
+            k9 = torch.bmm(conv_a, conv_b)
         # BatchNorm as each image's affine map (N, h), which the mix kernels read, and rstd and the
         # unbiased variance, in one launch (five torch ops otherwise)
-        rstd, unbiased = new_buffer((hid,), dev, f32), new_buffer((hid,), dev, f32)
         scale_n, shift_n = new_buffer((n, hid), dev, f32), new_buffer((n, hid), dev, f32)
-        kernels.bn_affine(var, mean, bn_w.view(hid), bn_b.view(hid), eps, m, (rstd, scale_n, shift_n, unbiased))
-        k9 = _kernels_3x3(conv_a, conv_b)
+        kernels.bn_affine(var, mean, bn_w, bn_b, task, cnt, npix, eps, (rstd, scale_n, shift_n, unbiased))
         order = OUT_ORDER[layout]
         out = new_buffer(_SHAPE[order](n, npix, c), dev, t.dtype)
         scratch = _mix_scratch(y)
-        kernels.mix_tail(y, scale_n, shift_n, task, k9, mix, tail_w.view(1, c, hid), out, _npm_strides(out, order),
-                         kernels.adapter_precision(t.dtype), scratch)
-        ctx.save_for_backward(t, *stored)  # (an in-place change of any before the backward is an error)
-        ctx.inter = (y, rstd, mean, scale_n, shift_n, k9, task, *scratch)
-        ctx.float_params = None if params is stored else params  # (the float32 copies made above)
-        ctx.meta = (layout, hh, ww)
-        ctx.mark_non_differentiable(mean, unbiased)
+        kernels.mix_tail(y, scale_n, shift_n, task, k9, mix, tail_w.view(n_tasks, c, hid), out,
+                         _npm_strides(out, order), kernels.adapter_precision(t.dtype), scratch)
+        ctx.save_for_backward(t, task, *stored)  # (an in-place change of any before the backward is an error)
+        ctx.inter = (y, rstd, mean, cnt, scale_n, shift_n, k9, *scratch)
+        ctx.params = params if floats is not stored or n_tasks > 1 else None  # (copies made above)
+        ctx.meta = (layout, hh, ww, n_tasks)
         ctx.set_materialize_grads(False)
-        return from_order(out, layout, hh, ww), mean, unbiased
+        if n_tasks == 1:
+            ctx.mark_non_differentiable(mean, unbiased)
+            return from_order(out, layout, hh, ww), mean, unbiased
+        rows = cnt * npix
+        ctx.mark_non_differentiable(mean, unbiased, rows)
+        return from_order(out, layout, hh, ww), mean, unbiased, rows
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, _dmean, _dvar):
+    def backward(ctx, dout, *_stats):
         from moce_fast.kernels import adapter as kernels
 
+        t, task, *stored = ctx.saved_tensors
+        layout, hh, ww, n_tasks = ctx.meta
         if dout is None:  # no gradient reached the output (grads are not materialised)
-            return (None,) * (5 + 24)
-        t, *stored = ctx.saved_tensors
-        params = stored if ctx.float_params is None else ctx.float_params
+            return (None,) * (7 + len(stored))
+        params = stored if ctx.params is None else ctx.params
         head_w, head_b, bn_w, bn_b, conv_a, conv_b, *mix, tail_w = params
         (_cbias, _ampw, _ampb, _phaw, _phab, _compw, _compb, p1w, p1b, p2w, _p2b, c1w, c1b, c2w, c2b, _siw, _sib) = mix
-        y, rstd, mean, scale_n, shift_n, k9, task, loc, glob, pooled, gmean = ctx.inter
-        layout, hh, ww = ctx.meta
+        y, rstd, mean, cnt, scale_n, shift_n, k9, loc, glob, pooled, gmean = ctx.inter
         n, hid = y.shape[:2]
         npix = hh * ww
         b, g = as_npc(t, layout)[0], as_npc(dout, layout)[0]  # (N, P, C) views
@@ -1884,51 +1959,67 @@ class _TritonTrain(torch.autograd.Function):
         dev, f32 = y.device, torch.float32
         # tail: du = g tail_w, then the mix's pixel pass (gates, products, their per-image sums)
         du = new_buffer(y.shape, dev, f32)
-        kernels.grouped_linear(g, tail_w.view(1, c, hid).transpose(1, 2), None, task, du, (hid * npix, 1, npix),
-                               kernels.adapter_precision(g.dtype))
+        kernels.grouped_linear(g, tail_w.view(n_tasks, c, hid).transpose(1, 2), None, task, du,
+                               (hid * npix, 1, npix), kernels.adapter_precision(g.dtype))
         dloc, dgabs, u = (new_buffer(y.shape, dev, f32) for _ in range(3))
         parts = new_buffer(_pix_parts_shape(y.shape), dev, f32)
         kernels.mix_backward_pix(du, task, mix, (loc, glob, pooled, gmean), (dloc, dgabs, u, parts))
         # the channel MLPs' backward (c = proj(pooled), cg = sigmoid(channel_interaction(gmean)),
         # recomputed) and si's gradients, each image's share in one row of mlp_rows
-        h2, q = p1b.numel(), c1b.numel()
+        h2, q = p1b.shape[-1], c1b.shape[-1]
         cols = kernels.mlp_grad_columns(hid, h2, q)
         dpooled, dgmean = new_buffer((n, hid), dev, f32), new_buffer((n, hid), dev, f32)
         mlp_rows = new_buffer((n, sum(cols)), dev, f32)
-        kernels.mlp_backward(parts, pooled, gmean, [p1w, p1b, p2w, c1w, c1b, c2w, c2b], dpooled, dgmean, mlp_rows)
-        d_mlp = (mlp_rows[0] if n == 1 else mlp_rows.sum(0)).split(cols)
+        kernels.mlp_backward(parts, pooled, gmean, task, [p1w, p1b, p2w, c1w, c1b, c2w, c2b], dpooled, dgmean,
+                             mlp_rows)
+        d_mlp = _task_sums(mlp_rows, task, n_tasks).split(cols, dim=-1)
         # the mix's channel pass: dy with the BatchNorm affine map as constants, per-channel sums
         dy = new_buffer(y.shape, dev, f32)
         scal = new_buffer((n, hid, 18), dev, f32)
         kernels.mix_backward_channel(y, scale_n, shift_n, task, k9, mix, glob, dloc, dgabs, dpooled, dgmean, (dy, scal))
-        # (18, h): [d scale, d shift, d comp_w, d comp_b, d conv_bias, d amp_w, d amp_b, d pha_w, d pha_b,
-        # d k9 (9)] over the images, reduced straight into rows (each row a parameter's contiguous
-        # gradient; one launch, not a reduction and a transposing copy)
-        per = torch.sum(scal.transpose(1, 2), 0, out=new_buffer((18, hid), dev, f32))
-        # BatchNorm: scale = w rstd, shift = b - mean w rstd, with mean and rstd from the batch: dy
-        # through them in place, d w, and each (image, channel)'s sum of dy for the head bias, in one
-        # launch (twelve torch ops otherwise)
-        d_bn_w, dsum = new_buffer((hid,), dev, f32), new_buffer((n, hid), dev, f32)
-        kernels.bn_backward(dy, y, per, mean, rstd, bn_w.view(hid), (d_bn_w, dsum))
+        # (T, 18, h): [d scale, d shift, d comp_w, d comp_b, d conv_bias, d amp_w, d amp_b, d pha_w,
+        # d pha_b, d k9 (9)] over each task's images, reduced straight into rows (each row a
+        # parameter's contiguous gradient; for one task one launch, not a reduction and a copy)
+        if n_tasks == 1:
+            per = torch.sum(scal.transpose(1, 2), 0, out=new_buffer((1, 18, hid), dev, f32)[0])[None]
+        else:
+            per = scal.new_zeros((n_tasks, 18, hid)).index_add_(0, task, scal.transpose(1, 2))
+        # BatchNorm: scale = w rstd, shift = b - mean w rstd, with each task's mean and rstd from its
+        # images: dy through them in place, d w, and each (image, channel)'s sum of dy for the head
+        # bias, in one launch (twelve torch ops otherwise)
+        d_bn_w = new_buffer((hid,), dev, f32) if n_tasks == 1 else y.new_zeros((n_tasks, hid))
+        dsum = new_buffer((n, hid), dev, f32)
+        kernels.bn_backward(dy, y, per, mean, rstd, bn_w, task, cnt, (d_bn_w, dsum))
         # head: dx = dy head_w (in the input's layout), its weight and bias gradients
         dyf = dy.view(n, hid, npix)
         dx = None
         if ctx.needs_input_grad[0]:
             order = OUT_ORDER[layout]
             dxo = new_buffer(_SHAPE[order](n, npix, c), dev, t.dtype)
-            kernels.grouped_linear(dyf.transpose(1, 2), head_w.view(1, hid, c).transpose(1, 2), None, task, dxo,
-                                   _npm_strides(dxo, order), kernels.adapter_precision(f32))
+            kernels.grouped_linear(dyf.transpose(1, 2), head_w.view(n_tasks, hid, c).transpose(1, 2), None, task,
+                                   dxo, _npm_strides(dxo, order), kernels.adapter_precision(f32))
             dx = from_order(dxo, layout, hh, ww)
-        d_hw = _pixel_sum_product(dyf.transpose(1, 2), b.float())
-        d_tw = _pixel_sum_product(g.float(), u.view(n, hid, npix).transpose(1, 2))
-        dk9 = per[9:].t()  # (h, 9)
-        a2 = conv_a.view(hid, -1)
-        grads = [d_hw, dsum[0] if n == 1 else dsum.sum(0), d_bn_w, per[1], torch.mm(dk9, conv_b.view(-1, 9).t()),
-                 torch.mm(a2.t(), dk9), per[4], per[5], per[6], per[7], per[8], per[2], per[3, :1], *d_mlp, d_tw]
+        if n_tasks == 1:
+            d_hw = _pixel_sum_product(dyf.transpose(1, 2), b.float())
+            d_tw = _pixel_sum_product(g.float(), u.view(n, hid, npix).transpose(1, 2))
+            per = per[0]
+            dk9 = per[9:].t()  # (h, 9)
+            d_a, d_b = torch.mm(dk9, conv_b.view(-1, 9).t()), torch.mm(conv_a.view(hid, -1).t(), dk9)
+            rows = [per[i] for i in (1, 4, 5, 6, 7, 8, 2)] + [per[3, :1]]
+        else:
+            d_hw = _weight_grad(dyf.transpose(1, 2), b, task, n_tasks)
+            d_tw = _weight_grad(g, u.view(n, hid, npix).transpose(1, 2), task, n_tasks)
+            dk9 = per[:, 9:].transpose(1, 2)  # (T, h, 9)
+            d_a, d_b = torch.bmm(dk9, conv_b.transpose(1, 2)), torch.bmm(conv_a.transpose(1, 2), dk9)
+            rows = [per[:, i] for i in (1, 4, 5, 6, 7, 8, 2)] + [per[:, 3, :1]]
+        d_bn_b, *d_branches = rows  # conv_bias, amp_w, amp_b, pha_w, pha_b, comp_w, comp_b
+        grads = [d_hw, _task_sums(dsum, task, n_tasks), d_bn_w, d_bn_b, d_a, d_b, *d_branches, *d_mlp, d_tw]
+        if n_tasks > 1:  # each task's gradients, task by task (its rows of the stacked ones)
+            grads = [d[k] for k in range(n_tasks) for d in grads]
         if stored[0].dtype != f32:  # a bfloat16 / float16 module's: one cast of them all
             grads = _split_like(torch.cat([d.reshape(-1) for d in grads]).to(stored[0].dtype), stored)
-        return (dx, None, None, None, None, *[d if d.shape == p.shape else d.view(p.shape)
-                                              for d, p in zip(grads, stored)])
+        return (dx, None, None, None, None, None, None, *[d if d.shape == p.shape else d.view(p.shape)
+                                                          for d, p in zip(grads, stored)])
 
 
 def _split_like(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
