@@ -57,10 +57,12 @@
 # bf16: 25 s; profile --cases train --batch 1 8 32 --dtype fp32 bf16: ~60 s; the whole
 # tests/test_triton_adapter.py did 36 of 42 in a 130 s cap; a call's limit is the lease's time
 # left less the machine's start (the third call got 392 s of the 420 asked: leave 30 s spare in
-# GPU_CHECK_BUDGET). Next lease: the bfloat16 module's training through the Function (new since):
-# GPU_CHECK_STEPS="install pytest profile gpu_tests" GPU_CHECK_PYTEST="tests/test_triton_adapter.py"
-# GPU_CHECK_PYTEST_K="bf16 or large_tile" GPU_CHECK_PROFILE_ARGS="--cases train --batch 1 8 32
-# --dtype fp32 bf16" GPU_CHECK_WORKERS=14 GPU_CHECK_CAPS="pytest=120 profile=120".
+# GPU_CHECK_BUDGET). Next lease (new since, none yet run on a GPU: the bfloat16 module's training
+# through the Function, BatchNorm's two kernels, several tasks' training through the Function, the
+# tasks block without host syncs): GPU_CHECK_STEPS="install pytest profile gpu_tests"
+# GPU_CHECK_PYTEST="tests/test_triton_adapter.py tests/test_adapters_inject.py" GPU_CHECK_PYTEST_K=
+# "bf16 or large_tile or mixed or blocks or synchronise" GPU_CHECK_PROFILE_ARGS="--cases train
+# --batch 1 8 32 --dtype fp32 bf16" GPU_CHECK_WORKERS=14 GPU_CHECK_CAPS="pytest=150 profile=120".
 # Benchmark JSON goes to <work>/bench_results/<device>/ as each run goes (--benchmark-json for runs
 # that finish, and <name>.jsonl with one line per finished case, which survives a cut-off run), and
 # at the end to bench/results/<device>/ (commit it). Logs and results are packed at the end into one
