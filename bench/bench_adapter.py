@@ -59,6 +59,28 @@ def _randomize(module, seed=0):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
+def _step(call, leaves, grad):
+    """The timed step: ``call()`` outside autograd when ``grad`` is None, else ``call()`` and its
+    backward of the fixed upstream ``grad`` (a training step's adapter part, not a loss over the
+    wide output) after the leaves' gradients are cleared, as a training loop's
+    zero_grad(set_to_none=True) does (no accumulation timed); synchronised on a GPU."""
+
+    def run():
+        if grad is not None:
+            for t in leaves:
+                t.grad = None
+            out = call()
+            out.backward(grad)
+        else:
+            with torch.no_grad():
+                out = call()
+        if GPU:
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
 # impl outermost: every implementation of one case runs back to back (this VM's speed drifts)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -107,21 +129,7 @@ def test_adapter(benchmark, compile_case, impl, shape, batch, dtype, mode):
     # a fixed upstream gradient: the backward timed is the adapter's, not a loss's over the wide output
     grad = torch.randn(shape_x, device=DEVICE, dtype=dt) if train else None
 
-    leaves = [x, *fast.parameters(), *ref.parameters()]
-
-    def run():
-        if train:
-            for t in leaves:  # as a training loop's zero_grad(set_to_none=True): no accumulation timed
-                t.grad = None
-            out = call()
-            out.backward(grad)
-        else:
-            with torch.no_grad():
-                out = call()
-        if GPU:
-            torch.cuda.synchronize()
-        return out
-
+    run = _step(call, [x, *fast.parameters(), *ref.parameters()], grad)
     if impl in ("compile", "triton-graphs"):
         compile_case.warm_up(run)
     benchmark.pedantic(run, rounds=10 if GPU else 15, warmup_rounds=2)  # this CPU VM is noisy: more rounds
@@ -181,7 +189,6 @@ def test_adapter_mixed_tasks(benchmark, impl, case, mode):
     grad = torch.randn(shape_x, device=DEVICE) if train else None
     benchmark.group = f"adapter mixed tasks {variant} C={dim} {side}x{side} B={batch} fp32 {mode}"
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if GPU else "CPU", impl=impl)
-    leaves = [x, *host.parameters(), *public.parameters()]
 
     def call():
         if impl == "public":
@@ -189,17 +196,5 @@ def test_adapter_mixed_tasks(benchmark, impl, case, mode):
         with moce_fast.backend(impl), adapters.tasks(names):
             return host(x)
 
-    def run():
-        if train:
-            for t in leaves:
-                t.grad = None
-            out = call()
-            out.backward(grad)
-        else:
-            with torch.no_grad():
-                out = call()
-        if GPU:
-            torch.cuda.synchronize()
-        return out
-
-    benchmark.pedantic(run, rounds=10 if GPU else 15, warmup_rounds=2)
+    benchmark.pedantic(_step(call, [x, *host.parameters(), *public.parameters()], grad), rounds=10 if GPU else 15,
+                       warmup_rounds=2)

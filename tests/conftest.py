@@ -54,6 +54,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def graph_nodes(t: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes below ``t``."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in seen:
+            seen.add(type(node).__name__)
+            todo.extend(n for n, _ in node.next_functions)
+    return seen
+
+
 def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     """(N, C, H, W) -> the adapter layout's tensor, a contiguous copy ("lnc": (H W, N, C), H == W)."""
     if layout == "nhwc":

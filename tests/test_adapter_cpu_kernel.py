@@ -15,7 +15,8 @@ import moce_fast
 from moce_fast.ops import _backend
 from moce_fast.ops import adapter as ops
 from moce_fast.reference import AdaptIR
-from conftest import adapter_case, assert_grads_close, assert_param_grads_close, from_layout, randomize_, rel_err, to_layout
+from conftest import (adapter_case, assert_grads_close, assert_param_grads_close, from_layout, graph_nodes, randomize_,
+                      rel_err, to_layout)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("moce_fast._C") is None,
                                 reason="moce_fast._C was not built (needs a CUDA build of torch and nvcc)")
@@ -250,17 +251,6 @@ def test_backward_bad_arguments_are_clear_errors():
 
 # ------------------------------------------------------------------ several tasks in one batch
 
-def _graph_nodes(t):
-    """The names of the autograd nodes below ``t``."""
-    seen, todo = set(), [t.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None and type(node).__name__ not in seen:
-            seen.add(type(node).__name__)
-            todo.extend(n for n, _ in node.next_functions)
-    return seen
-
-
 def _task_site(layout, dtype, seed=30):
     """A host site with three tasks' adapters (random weights, running statistics and phase maps)
     and their float64 references."""
@@ -306,7 +296,7 @@ def test_several_tasks_one_call_equal_each_reference(mode, layout, hh, ww, dtype
     got = from_layout(y, layout, x.shape)
     dy = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(32))
     if mode == "train":
-        assert "_RowsCpuTasksBackward" in _graph_nodes(y) and "StackBackward0" not in _graph_nodes(y)
+        assert "_RowsCpuTasksBackward" in graph_nodes(y) and "StackBackward0" not in graph_nodes(y)
         (got * dy.to(dtype)).sum().backward()
     site = host[0].adapters
     for task in "ab":
@@ -336,7 +326,7 @@ def test_several_tasks_gradcheck_float64():
     host.train()
     x = torch.randn(3, 3, 4, 56, dtype=torch.float64, requires_grad=True)
     with moce_fast.backend("cpu"), adapters.tasks(["c", "a", "c"]):
-        assert "_RowsCpuTasksBackward" in _graph_nodes(host(x))
+        assert "_RowsCpuTasksBackward" in graph_nodes(host(x))
         assert torch.autograd.gradcheck(lambda t: host(t), (x,), eps=1e-6, atol=1e-6)
 
 

@@ -19,7 +19,7 @@ from moce_fast import adapters as A
 from moce_fast.kernels import adapter as adapter_kernels
 from moce_fast.ops import _backend
 from moce_fast.reference import AdaptIR
-from conftest import assert_grads_close, assert_param_grads_close, randomize_, rel_err, to_layout
+from conftest import assert_grads_close, assert_param_grads_close, graph_nodes, randomize_, rel_err, to_layout
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
 
@@ -339,17 +339,6 @@ def test_mixed_task_batch_one_grouped_launch(mode, backend, monkeypatch):
     assert torch.equal(c.running_mean.cpu(), refs["c"].BN.running_mean.float())
 
 
-def _graph_nodes(t):
-    """The names of the autograd nodes below ``t``."""
-    seen, todo = set(), [t.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None and type(node).__name__ not in seen:
-            seen.add(type(node).__name__)
-            todo.extend(n for n, _ in node.next_functions)
-    return seen
-
-
 @pytest.mark.parametrize("layout,hh,ww", [("nhwc", 5, 7), ("lnc", 6, 6), ("nchw", 4, 5)])
 def test_mixed_task_training_function_gradients(layout, hh, ww):
     """Three tasks' adapters on one batch in training, task "c" absent: one Function for all tasks
@@ -374,7 +363,7 @@ def test_mixed_task_training_function_gradients(layout, hh, ww):
     xf = to_layout(x, layout).float().to(DEVICE).requires_grad_()
     with moce_fast.backend("triton"), A.tasks(names):
         y = host(xf) - xf  # the Identity host adds x
-    nodes = _graph_nodes(y)
+    nodes = graph_nodes(y)
     assert "_TritonTrainBackward" in nodes and "StackBackward0" not in nodes, nodes
     got = from_layout(y, layout, hh, ww)
     dy = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(42))
@@ -466,6 +455,19 @@ def test_training_function_without_input_gradient():
     assert_param_grads_close(fast, ref, 5e-5)
 
 
+def _check_against_reference(fast, ref, x, xf, y, grad, layout):
+    """A training call's output y (of xf, x in ``layout``) and the gradients its backward of grad
+    left on fast's parameters and xf, against the float64 reference on x (N, C, H, W)."""
+    h, w = x.shape[2:]
+    xr = x.clone().requires_grad_()
+    expected = ref(xr)
+    assert rel_err(from_layout(y.detach().cpu(), layout, h, w), expected) < TOL32
+    expected.backward(from_layout(grad.double(), layout, h, w))
+    xr_layout = to_layout(xr.detach(), layout).requires_grad_()
+    xr_layout.grad = to_layout(xr.grad, layout)
+    assert_grads_close(fast, ref, xf, xr_layout, 5e-5)
+
+
 def test_training_function_batch_norm_kernels_in_blocks(monkeypatch):
     """BatchNorm's backward kernel walking each channel map in several blocks of pixels (16 here, a
     5 x 7 map: two full blocks and a masked one), on three images: output, input and parameter
@@ -480,13 +482,7 @@ def test_training_function_batch_norm_kernels_in_blocks(monkeypatch):
         assert type(y.grad_fn).__name__ == "_TritonTrainBackward"
         grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(11))
         y.backward(grad.to(DEVICE))
-    xr = x.clone().requires_grad_()
-    expected = ref(xr)
-    assert rel_err(from_layout(y.detach().cpu(), "nhwc", 5, 7), expected) < TOL32
-    expected.backward(from_layout(grad.double(), "nhwc", 5, 7))
-    xr_layout = to_layout(xr.detach(), "nhwc").requires_grad_()
-    xr_layout.grad = to_layout(xr.grad, "nhwc")
-    assert_grads_close(fast, ref, xf, xr_layout, 5e-5)
+    _check_against_reference(fast, ref, x, xf, y, grad, "nhwc")
     assert rel_err(fast.BN.running_var.cpu(), ref.BN.running_var) < TOL32
 
 
@@ -505,13 +501,7 @@ def test_training_with_a_non_contiguous_parameter_runs_the_staged_kernels():
         assert _backend.last_run()["adaptir_mix_tail"] == "triton"
         grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(6))
         y.backward(grad.to(DEVICE))
-    xr = x.clone().requires_grad_()
-    expected = ref(xr)
-    assert rel_err(from_layout(y.detach().cpu(), "lnc", 6, 6), expected) < TOL32
-    expected.backward(from_layout(grad.double(), "lnc", 6, 6))
-    xr_layout = to_layout(xr.detach(), "lnc").requires_grad_()
-    xr_layout.grad = to_layout(xr.grad, "lnc")
-    assert_grads_close(fast, ref, xf, xr_layout, 5e-5)
+    _check_against_reference(fast, ref, x, xf, y, grad, "lnc")
 
 
 def test_training_function_sees_in_place_updates():

@@ -1089,12 +1089,9 @@ def cpu_kernel_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor],
     float64; one image, or N images in "lnc" whose L and N axes merge, at most
     ``CPU_KERNEL_MAX_ROWS_TRAINING`` (``_EVAL``) rows in all; outside torch.compile; in eval, no
     autograd graph to record (the kernel has none)."""
-    if torch.compiler.is_compiling():
-        return "torch.compile traces the call"
-    if t.dtype not in (torch.float32, torch.float64):
-        return f"x is {t.dtype}, the kernel runs float32 and float64"
-    if t.numel() == 0:
-        return "x is empty"
+    why = _cpu_input_reason(t)
+    if why is not None:
+        return why
     b, hh, ww = as_npc(t, layout)
     n = b.shape[0]
     if n > 1 and not (layout == "lnc" and t.stride(0) == n * t.stride(1)):
@@ -1102,13 +1099,31 @@ def cpu_kernel_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor],
     limit = CPU_KERNEL_MAX_ROWS_TRAINING if training else CPU_KERNEL_MAX_ROWS_EVAL
     if n * hh * ww > limit:
         return f"{n * hh * ww} rows, more than {limit} ({'training' if training else 'eval'})"
+    why = _cpu_params_reason(t, tensors, training)
+    if why is None and training and n * hh * ww < 2:
+        return "BatchNorm in training needs more than one row"
+    return why
+
+
+def _cpu_input_reason(t: torch.Tensor) -> Optional[str]:
+    """Why the CPU kernel does not take input ``t`` whatever its layout, or None."""
+    if torch.compiler.is_compiling():
+        return "torch.compile traces the call"
+    if t.dtype not in (torch.float32, torch.float64):
+        return f"x is {t.dtype}, the kernel runs float32 and float64"
+    if t.numel() == 0:
+        return "x is empty"
+    return None
+
+
+def _cpu_params_reason(t: torch.Tensor, tensors: list[torch.Tensor], training: bool) -> Optional[str]:
+    """Why the CPU kernel does not take these parameters for input ``t``, or None: each contiguous,
+    in t's dtype and on its device; in eval, no autograd graph to record (the kernel has none)."""
     for q in tensors:
         if q.dtype != t.dtype or q.device != t.device or not q.is_contiguous():
             return f"a parameter is {q.dtype} on {q.device}, not contiguous {t.dtype} on x's device"
     if not training and torch.is_grad_enabled() and (t.requires_grad or any(q.requires_grad for q in tensors)):
         return "eval with autograd recording (the eval kernel has no backward)"
-    if training and n * hh * ww < 2:
-        return "BatchNorm in training needs more than one row"
     return None
 
 
@@ -1188,26 +1203,19 @@ def cpu_tasks_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], 
     outside torch.compile; in eval, no autograd graph to record."""
     if task is None or task.device.type != "cpu" or task.dtype != torch.int64:
         return "no per-image task indices on the CPU"
-    if torch.compiler.is_compiling():
-        return "torch.compile traces the call"
-    if t.dtype not in (torch.float32, torch.float64):
-        return f"x is {t.dtype}, the kernel runs float32 and float64"
-    if t.numel() == 0:
-        return "x is empty"
+    why = _cpu_input_reason(t)
+    if why is not None:
+        return why
     b, hh, ww = as_npc(t, layout)
     n_tasks = len(tensors) // 24
     counts = torch.bincount(task, minlength=n_tasks).tolist()  # (a CPU tensor: no device to wait for)
     limit = CPU_KERNEL_MAX_ROWS_TRAINING if training else CPU_KERNEL_MAX_ROWS_EVAL
     if max(counts) * hh * ww > limit:
         return f"a task has {max(counts) * hh * ww} rows, more than {limit} ({'training' if training else 'eval'})"
-    for q in tensors:
-        if q.dtype != t.dtype or q.device != t.device or not q.is_contiguous():
-            return f"a parameter is {q.dtype} on {q.device}, not contiguous {t.dtype} on x's device"
-    if not training and torch.is_grad_enabled() and (t.requires_grad or any(q.requires_grad for q in tensors)):
-        return "eval with autograd recording (the eval kernel has no backward)"
-    if training and hh * ww == 1 and min(c for c in counts if c > 0) == 1:
+    why = _cpu_params_reason(t, tensors, training)
+    if why is None and training and hh * ww == 1 and min(c for c in counts if c > 0) == 1:
         return "BatchNorm in training needs more than one row per task"
-    return None
+    return why
 
 
 def _task_fields(p: AdapterParams) -> list[torch.Tensor]:
