@@ -264,6 +264,9 @@ def run_adapters(adapters: Sequence[AdaptIR], x: torch.Tensor, task: Optional[to
     if training:
         raw = _raw_tensors(first) if len(adapters) == 1 else None
         params = _assemble(raw) if raw is not None else None
+        # several tasks: each adapter's stored tensors as they are, for the fused paths (no stacks
+        # under autograd)
+        flat = _task_tensors(adapters) if raw is None and task is not None else None
         if params is not None and cpu_kernel_runs(x, layout, _cpu_params(params), True):
             out, stats = adaptir_rows_cpu(x, layout, params, first.BN.eps, True)
         elif raw is not None and fused_training(x, layout, raw):
@@ -272,13 +275,9 @@ def run_adapters(adapters: Sequence[AdaptIR], x: torch.Tensor, task: Optional[to
             out, stats = adaptir_fused_train(x, layout, params, first.BN.eps)
         elif raw is not None and triton_training(x, layout, raw):  # (the stored tensors too)
             out, stats = adaptir_triton_train(x, layout, params, first.BN.eps)
-        elif raw is None and x.device.type == "cpu" and cpu_tasks_kernel_runs(
-                x, layout, (flat := _task_tensors(adapters)), task, True):
-            # several tasks on the extension's CPU kernel: each adapter's stored tensors as they are
-            # (no stacks under autograd)
+        elif flat is not None and x.device.type == "cpu" and cpu_tasks_kernel_runs(x, layout, flat, task, True):
             out, stats = adaptir_rows_cpu_tasks(x, layout, flat, task, first.BN.eps, True)
-        elif raw is None and task is not None and triton_training(x, layout, (flat := _task_tensors(adapters))):
-            # several tasks on the triton kernels, one Function (the stored tensors too)
+        elif flat is not None and triton_training(x, layout, flat):
             out, stats = adaptir_triton_train_tasks(x, layout, flat, task, first.BN.eps)
         else:
             out, stats = ops.adaptir(x, layout, stack_params(adapters), task, True, first.BN.eps)
