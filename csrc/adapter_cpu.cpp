@@ -46,18 +46,23 @@ struct Dims {
   int64_t wb, edge;    // FFT: W/2 + 1 columns, of which 1 .. edge stand for two bins of the full spectrum
 };
 
+// x on the CPU, with the dimensions of `layout` (a valid layout code).
+void check_x_layout(const at::Tensor& x, int64_t layout) {
+  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got one on ", x.device());
+  TORCH_CHECK(layout >= NCHW && layout <= NHWC, "layout: expected 0 (nchw), 1 (lnc) or 2 (nhwc), got ", layout);
+  TORCH_CHECK(x.dim() == (layout == LNC ? 3 : 4), "x: expected a ", (layout == LNC ? 3 : 4), "-D tensor, got ",
+              x.dim(), "-D");
+}
+
 // Checks every argument and returns the sizes (the error names the argument, what was expected and
 // what came).
 Dims check_args(const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, int64_t n, at::TensorList params,
                 const at::Tensor& fwd, const at::Tensor& inv, int64_t nb, int64_t s) {
-  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got one on ", x.device());
+  check_x_layout(x, layout);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "x: expected float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(layout >= NCHW && layout <= NHWC, "layout: expected 0 (nchw), 1 (lnc) or 2 (nhwc), got ", layout);
   TORCH_CHECK(hh > 0 && ww > 0 && n > 0, "hh, ww, n: expected positive sizes, got ", hh, ", ", ww, ", ", n);
   TORCH_CHECK(n == 1 || layout == LNC, "n: more than one image only in the lnc layout, got n = ", n);
-  TORCH_CHECK(x.dim() == (layout == LNC ? 3 : 4), "x: expected a ", (layout == LNC ? 3 : 4), "-D tensor, got ",
-              x.dim(), "-D");
   Dims d{};
   d.hh = hh, d.ww = ww, d.npix = hh * ww, d.n = n, d.rows = hh * ww * n;
   d.c = layout == NCHW ? x.size(1) : x.size(-1);
@@ -794,10 +799,7 @@ struct TaskGroups {
 
 TaskGroups task_groups(const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, at::TensorList params,
                        const at::Tensor& task) {
-  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got one on ", x.device());
-  TORCH_CHECK(layout >= NCHW && layout <= NHWC, "layout: expected 0 (nchw), 1 (lnc) or 2 (nhwc), got ", layout);
-  TORCH_CHECK(x.dim() == (layout == LNC ? 3 : 4), "x: expected a ", (layout == LNC ? 3 : 4), "-D tensor, got ",
-              x.dim(), "-D");
+  check_x_layout(x, layout);
   TORCH_CHECK(hh > 0 && ww > 0, "hh, ww: expected positive sizes, got ", hh, ", ", ww);
   TORCH_CHECK(!params.empty() && params.size() % NUM_PARAMS == 0, "params: expected ", int(NUM_PARAMS),
               " tensors per task, got ", params.size());

@@ -1036,20 +1036,23 @@ def fused_training(t: torch.Tensor, layout: str, tensors: list[torch.Tensor]) ->
 
 def _one_task_stats(t: torch.Tensor, rows: int, mean: torch.Tensor, var: torch.Tensor) -> BatchStats:
     """The :class:`BatchStats` of one task's fused training call: its batch mean and unbiased
-    variance (h,) over ``rows`` values per channel, with the task axis. The count (1,) is kept per
-    (rows, device, dtype) as :func:`_single_task` is (one fill launch less per training step on a
-    host-bound GPU; it is only read), except under torch.compile and during CUDA-graph capture."""
-    if torch.compiler.is_compiling() or capturing(t.device):
-        count = torch.full((1,), float(rows), device=t.device, dtype=t.dtype)
-    else:
-        count = _kept_count(rows, t.device, t.dtype)
-    return BatchStats(mean[None], var[None], count)
+    variance (h,) over ``rows`` values per channel, with the task axis, and the count (:func:`_count`)."""
+    return BatchStats(mean[None], var[None], _count(rows, t.device, t.dtype))
+
+
+def _count(value: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1,) [value] in ``dtype`` on ``device``, only read by its users: kept per (value, device,
+    dtype) as :func:`_single_task` is (one fill launch less per step on a host-bound GPU), except
+    under torch.compile and during CUDA-graph capture, where a kept one would not be filled."""
+    if torch.compiler.is_compiling() or capturing(device):
+        return torch.full((1,), float(value), device=device, dtype=dtype)
+    return _kept_count(value, device, dtype)
 
 
 @functools.lru_cache(maxsize=64)
-def _kept_count(rows: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _kept_count(value: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     with torch.inference_mode(False):  # (as _kept_single_task)
-        return torch.full((1,), float(rows), device=device, dtype=dtype)
+        return torch.full((1,), float(value), device=device, dtype=dtype)
 
 
 def adaptir_fused_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: float
@@ -1841,14 +1844,6 @@ def _stack_tasks(params: Sequence[torch.Tensor], n_tasks: int) -> list[torch.Ten
     return fields
 
 
-def _images_count(n: int, device: torch.device) -> torch.Tensor:
-    """(1,) float32 [n], the image count of one task's batch, kept (as :func:`_kept_count`) outside
-    CUDA-graph capture."""
-    if capturing(device):
-        return torch.full((1,), float(n), device=device, dtype=torch.float32)
-    return _kept_count(n, device, torch.float32)
-
-
 def _task_batch_stats(y: torch.Tensor, task: torch.Tensor, n_tasks: int
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each task's biased variance and mean (T, h) of y (N, h, H, W) over its images, and its
@@ -1870,7 +1865,7 @@ def _task_sums(v: torch.Tensor, task: torch.Tensor, n_tasks: int) -> torch.Tenso
     (image 0's own when it is the only one)."""
     if n_tasks == 1:
         return v[0] if v.shape[0] == 1 else v.sum(0)
-    return v.new_zeros((n_tasks,) + v.shape[1:]).index_add_(0, task, v)
+    return _per_task(v, task, n_tasks)
 
 
 class _TritonTrain(torch.autograd.Function):
@@ -1919,7 +1914,7 @@ class _TritonTrain(torch.autograd.Function):
                                kernels.adapter_precision(t.dtype))
         if n_tasks == 1:
             var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
-            cnt = _images_count(n, dev)
+            cnt = _count(n, dev, f32)  # (the task's number of images)
             rstd, unbiased = new_buffer((hid,), dev, f32), new_buffer((hid,), dev, f32)
             k9 = _kernels_3x3(conv_a, conv_b)
         else:
