@@ -112,8 +112,11 @@ at::Tensor rows_of(const at::Tensor& x, int64_t layout, const Dims& d) {
   return x.reshape({d.rows, d.c});
 }
 
+// An uninitialised buffer from the CPU buffer cache (csrc/cpu_cache.cpp; poisoned with NaN in the
+// tests' debug mode): the kernels' outputs and the intermediates kept for the backward are the same
+// sizes step after step, so their pages stay mapped.
 at::Tensor new_buffer(at::IntArrayRef shape, const at::Tensor& like) {
-  auto t = at::empty(shape, like.options());
+  auto t = cached_empty(shape, like.options());
   maybe_poison(t);
   return t;
 }
@@ -417,12 +420,15 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
   // tail, written in the host's layout
   const auto tw = prm[TAIL_W].view({d.c, H});
   at::Tensor out;
-  if (layout == NCHW)
-    out = at::mm(tw, u.t()).view({1, d.c, d.hh, d.ww});
-  else if (layout == LNC)
-    out = at::mm(u, tw.t()).view({NP, N, d.c});
-  else
-    out = at::mm(u, tw.t()).view({1, d.hh, d.ww, d.c});
+  if (layout == NCHW) {
+    out = new_buffer({1, d.c, d.hh, d.ww}, x);
+    auto o = out.view({d.c, NP});
+    at::mm_out(o, tw, u.t());
+  } else {
+    out = layout == LNC ? new_buffer({NP, N, d.c}, x) : new_buffer({1, d.hh, d.ww, d.c}, x);
+    auto o = out.view({R, d.c});
+    at::mm_out(o, u, tw.t());
+  }
   if (!training) return {out};
   return {out,     mean_t,  var_t, rows, xh,  istd_t, y, sp.reim, sp.mag, sp.pha,
           sp.cosp, sp.sinp, gl,    k9,   loc, score,  v, a1,      cc,     sg,     u};
@@ -709,10 +715,19 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   }
   // head
   const auto wh = prm[HEAD_W].view({H, d.c});
-  auto dwh = at::mm(dy.t(), sv[S_ROWS]);
+  // wide and long (IPT's 576 channels, 2304+ rows) as (rows^T dy)^T: MKL ran dy^T rows 1.3-1.5x
+  // slower there on this project's 2-core CPU (and faster on EDT's 180 channels)
+  auto dwh = d.c >= 384 && R >= 1024 ? at::mm(sv[S_ROWS].t(), dy).t().contiguous() : at::mm(dy.t(), sv[S_ROWS]);
   auto dbh = dy.sum(0);
   at::Tensor dx = at::empty({0}, like.options());
-  if (need_dx) dx = layout == NCHW ? at::mm(wh.t(), dy.t()) : at::mm(dy, wh);
+  if (need_dx) {
+    dx = new_buffer(dout.sizes(), like);
+    auto o = layout == NCHW ? dx.view({d.c, NP}) : dx.view({R, d.c});
+    if (layout == NCHW)
+      at::mm_out(o, wh.t(), dy.t());
+    else
+      at::mm_out(o, dy, wh);
+  }
   // conv_a, conv_b from the kernel's gradient (k9 = A @ B)
   const auto ca = prm[CONV_A].view({H, d.r}), cb = prm[CONV_B].view({d.r, 9});
   auto dca = at::mm(dk9, cb.t()), dcbw = at::mm(ca.t(), dk9);
@@ -733,6 +748,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
 std::vector<at::Tensor> adaptir_rows_cpu(const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, int64_t n,
                                          at::TensorList params, const at::Tensor& fwd, const at::Tensor& inv,
                                          int64_t nb, int64_t s, bool training, double eps) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // (the caller's autograd.Function records the graph)
   const Dims d = check_args(x, layout, hh, ww, n, params, fwd, inv, nb, s);
   TORCH_CHECK(!training || d.rows > 1, "x: BatchNorm in training needs more than one value per channel, got ",
               d.rows, " row");
@@ -745,6 +761,7 @@ std::vector<at::Tensor> adaptir_rows_backward_cpu(const at::Tensor& dout, const 
                                                   int64_t hh, int64_t ww, int64_t n, at::TensorList params,
                                                   at::TensorList saved, const at::Tensor& fwd, const at::Tensor& inv,
                                                   int64_t nb, int64_t s, bool need_dx) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // (the caller's autograd.Function records the graph)
   const Dims d = check_args(x, layout, hh, ww, n, params, fwd, inv, nb, s);
   TORCH_CHECK(dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type() && dout.device().is_cpu(),
               "dout: expected the output's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
@@ -830,6 +847,7 @@ std::vector<at::Tensor> adaptir_rows_tasks_cpu(const at::Tensor& x, int64_t layo
                                                at::TensorList params, const at::Tensor& task, const at::Tensor& fwd,
                                                const at::Tensor& inv, int64_t nb, int64_t s, bool training,
                                                double eps) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // (the caller's autograd.Function records the graph)
   const TaskGroups g = task_groups(x, layout, hh, ww, params, task);
   auto out = new_buffer(x.sizes(), x);
   const int64_t hid = params[HEAD_B].numel();
@@ -862,6 +880,7 @@ std::vector<at::Tensor> adaptir_rows_tasks_backward_cpu(const at::Tensor& dout, 
                                                         const at::Tensor& task, at::TensorList saved,
                                                         const at::Tensor& fwd, const at::Tensor& inv, int64_t nb,
                                                         int64_t s, bool need_dx) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // (the caller's autograd.Function records the graph)
   const TaskGroups g = task_groups(x, layout, hh, ww, params, task);
   TORCH_CHECK(dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type() && dout.device().is_cpu(),
               "dout: expected the output's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",

@@ -31,4 +31,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_poison_outputs", &moce_fast::set_poison_outputs,
         "Debug: fill op outputs with NaN before the kernels run (tests use it to catch unwritten elements).");
   m.def("poison_outputs", &moce_fast::poison_outputs, "Whether outputs are poisoned with NaN before launch.");
+  m.def("set_cpu_cache_limit", &moce_fast::set_cpu_cache_limit, pybind11::arg("limit_bytes"),
+        "The most bytes of idle blocks the CPU buffer cache keeps (0: off, idle blocks freed at once).");
+  m.def("empty_cpu_cache", &moce_fast::empty_cpu_cache, "Frees every idle block of the CPU buffer cache.");
+  m.def(
+      "cpu_cache_info",
+      [] {
+        const auto i = moce_fast::cpu_cache_info();
+        pybind11::dict d;
+        d["idle_bytes"] = i.idle_bytes;
+        d["idle_blocks"] = i.idle_blocks;
+        d["limit_bytes"] = i.limit_bytes;
+        d["hits"] = i.hits;
+        d["misses"] = i.misses;
+        return d;
+      },
+      "The CPU buffer cache: idle bytes and blocks, its limit, and allocations served from it (hits) or not.");
 }

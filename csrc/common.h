@@ -29,6 +29,19 @@ struct AccType<double> {
 bool poison_outputs();
 void set_poison_outputs(bool on);
 
+// A cache of large CPU buffers (csrc/cpu_cache.cpp): cached_empty gives an uninitialised CPU
+// tensor whose storage of 1 MiB or more is taken from, and given back to, a cache of idle blocks of
+// the same size (their pages stay mapped: no page fault per 4 KiB on each step's fresh buffer).
+struct CpuCacheInfo {
+  size_t idle_bytes, limit_bytes;
+  int64_t hits, misses;
+  size_t idle_blocks;
+};
+at::Tensor cached_empty(at::IntArrayRef shape, const at::TensorOptions& options);
+void set_cpu_cache_limit(int64_t bytes);
+void empty_cpu_cache();
+CpuCacheInfo cpu_cache_info();
+
 inline void maybe_poison(at::Tensor& t) {
   if (poison_outputs() && t.is_floating_point() && t.numel() > 0) t.fill_(NAN);
 }

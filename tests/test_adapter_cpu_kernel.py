@@ -372,3 +372,109 @@ def test_several_tasks_bad_arguments_are_clear_errors():
     assert len(back(torch.randn_like(x2), x2, 2, 4, 4, params + params, task, res[4:], fwd, inv, nb, s, True)) == 49
     with pytest.raises(RuntimeError, match="saved: expected the 18 tensors the forward kept for each of the 2 tasks"):
         back(torch.randn_like(x2), x2, 2, 4, 4, params + params, task, res[4:-1], fwd, inv, nb, s, True)
+
+
+# ---------------------------------------------------------------- the CPU buffer cache
+# (csrc/cpu_cache.cpp): blocks of 1 MiB or more (here the output and the input gradient: 24x24 maps
+# of 2 images at 240 channels, or one 32x32 map at 256, 1.1 and 1.05 MB in float32) come back from it
+# on the next step
+
+
+@pytest.fixture
+def cache_limit():
+    """The cache at its default limit for the test, empty before and after."""
+    from moce_fast import ops as mops
+
+    before = mops.cpu_cache_info()["limit_bytes"] >> 20
+    mops.set_cpu_cache_limit(256)
+    mops.empty_cpu_cache()
+    yield mops
+    mops.set_cpu_cache_limit(before)
+    mops.empty_cpu_cache()
+
+
+@pytest.mark.parametrize("layout,n", [("lnc", 2), ("nhwc", 1), ("nchw", 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cached_buffers_steps_equal_reference(cache_limit, layout, n, dtype):
+    # three training steps on fresh inputs: the second and third take the blocks the first gave back
+    # (NaN-poisoned again when handed out), each step against the float64 reference
+    dim, side = (240, 24) if layout == "lnc" else (256, 32)
+    fast, ref, _ = adapter_case(layout, side, side, n, dtype, dim=dim)
+    fast.train(), ref.train()
+    tol_out, tol_grad = TOL[dtype]
+    hits = [cache_limit.cpu_cache_info()["hits"]]  # (counted since the process started)
+    for step in range(3):
+        x = torch.randn(n, dim, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        for m in (fast, ref):
+            m.zero_grad(set_to_none=True)
+        xl = to_layout(x, layout).to(dtype).requires_grad_()
+        xr = to_layout(x, layout).requires_grad_()
+        with moce_fast.backend("cpu"):
+            y = fast(xl)
+        assert type(y.grad_fn).__name__ == "_RowsCpuBackward"
+        expected = ref(from_layout(xr, layout, x.shape))
+        assert rel_err(from_layout(y, layout, x.shape), expected) < tol_out, step
+        dy = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + step))
+        y.backward(to_layout(dy, layout).to(dtype)), expected.backward(dy)
+        assert_grads_close(fast, ref, xl, xr, tol_grad)
+        del y, xl
+        hits.append(cache_limit.cpu_cache_info()["hits"])
+    steps = [b - a for a, b in zip(hits, hits[1:])]
+    assert steps[0] == 0 and steps[1] >= 2 and steps[2] >= 2, f"the output and the input gradient of steps 2 and 3 " \
+                                                                 f"come from the cache: {steps} hits per step"
+
+
+def test_cached_block_is_never_shared_while_alive(cache_limit):
+    # an output kept alive keeps its block: the next call's output is another block, the first
+    # output's values are untouched; when it dies its block is idle, and handed out again
+    fast = randomize_(moce_fast.AdaptIRAdapter(240, "edt", "lnc")).eval()
+    x1, x2 = torch.randn(576, 2, 240), torch.randn(576, 2, 240)
+    with torch.no_grad(), moce_fast.backend("cpu"):
+        y1 = fast(x1)
+        kept = y1.clone()
+        y2 = fast(x2)
+        assert y1.data_ptr() != y2.data_ptr()
+        assert torch.equal(y1, kept)
+        ptr = y1.data_ptr()
+        assert cache_limit.cpu_cache_info()["idle_blocks"] == 0
+        del y1
+        info = cache_limit.cpu_cache_info()
+        assert info["idle_blocks"] == 1 and info["idle_bytes"] >= 576 * 2 * 240 * 4, info
+        y3 = fast(x1)
+        assert y3.data_ptr() == ptr and torch.equal(y3, kept)
+        assert cache_limit.cpu_cache_info()["idle_blocks"] == 0
+
+
+def test_cache_limit_and_empty(cache_limit):
+    fast = randomize_(moce_fast.AdaptIRAdapter(240, "edt", "lnc")).eval()
+    x = torch.randn(576, 2, 240)
+    with torch.no_grad(), moce_fast.backend("cpu"):
+        fast(x)  # (dies at once: its block is idle)
+        assert cache_limit.cpu_cache_info()["idle_blocks"] == 1
+        cache_limit.empty_cpu_cache()
+        assert cache_limit.cpu_cache_info()["idle_bytes"] == 0
+        cache_limit.set_cpu_cache_limit(0)  # off: a dying block is freed, not kept
+        before = cache_limit.cpu_cache_info()
+        fast(x), fast(x)
+        info = cache_limit.cpu_cache_info()
+        assert info["idle_bytes"] == 0 and info["hits"] == before["hits"] and info["misses"] == before["misses"] + 2, \
+            info
+        cache_limit.set_cpu_cache_limit(1)  # below the block's size: freed too
+        fast(x)
+        assert cache_limit.cpu_cache_info()["idle_bytes"] == 0
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="limit_mib: expected a whole number of MiB >= 0"):
+            cache_limit.set_cpu_cache_limit(bad)
+
+
+def test_cache_limit_from_environment():
+    import subprocess
+    import sys
+
+    code = "import moce_fast.ops as o; print(o.cpu_cache_info()['limit_bytes'])"
+    run = lambda value: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
+                                       env={**__import__("os").environ, "MOCE_FAST_CPU_CACHE_MB": value})
+    ok = run("64")
+    assert ok.returncode == 0 and ok.stdout.strip() == str(64 << 20), ok.stderr
+    bad = run("lots")
+    assert bad.returncode != 0 and "MOCE_FAST_CPU_CACHE_MB: expected a whole number of MiB >= 0, got 'lots'" in bad.stderr

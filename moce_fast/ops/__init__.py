@@ -1,6 +1,7 @@
 """Ops: one file per op, each choosing its backend through :mod:`moce_fast.ops._backend`."""
 
 from . import _cuda
+from ._cuda import cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit
 from ._backend import (BACKENDS, BackendUnavailableError, backend, current_backend, implementations, last_run,
                        set_poison_outputs)
 from .adapter import (AdapterParams, BatchStats, MixParams, adapter_mix, adaptir, fold_batch_norm, grouped_linear,
@@ -31,9 +32,11 @@ __all__ = [
     "ExpertWeights",
     "backend",
     "channel_attention",
+    "cpu_cache_info",
     "current_backend",
     "depthwise",
     "dw_gate",
+    "empty_cpu_cache",
     "expert_forward",
     "gdfn",
     "gdfn_tail",
@@ -46,5 +49,6 @@ __all__ = [
     "patch_circular_conv",
     "pointwise",
     "routing_plan",
+    "set_cpu_cache_limit",
     "set_poison_outputs",
 ]

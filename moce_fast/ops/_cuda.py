@@ -117,3 +117,35 @@ def set_poison_outputs(on: bool) -> None:
     if ext is None:
         raise RuntimeError("moce_fast._C was not built")
     ext.set_poison_outputs(bool(on))
+
+
+def _ext_or_raise():
+    ext = load()
+    if ext is None:
+        raise RuntimeError(f"moce_fast._C is not available: {_LOAD_ERROR}")
+    return ext
+
+
+def cpu_cache_info() -> dict:
+    """The extension's CPU buffer cache (csrc/cpu_cache.cpp): ``idle_bytes`` and ``idle_blocks``
+    held for reuse, ``limit_bytes``, and the allocations of 1 MiB or more it served from idle
+    blocks (``hits``) or by allocating (``misses``). Its CPU kernels (the ``cpu`` backend's
+    adapter) take their outputs and the buffers kept for the backward from it: the same sizes
+    come back step after step, and a block handed out again has its pages mapped already, where
+    fresh memory costs a page fault per 4 KiB."""
+    return dict(_ext_or_raise().cpu_cache_info())
+
+
+def set_cpu_cache_limit(limit_mib: int) -> None:
+    """Keep at most ``limit_mib`` MiB of idle blocks in the CPU buffer cache (0 turns it off;
+    idle blocks over the new limit are freed at once). The default is 256, or the environment
+    variable ``MOCE_FAST_CPU_CACHE_MB`` read when the cache is first used."""
+    if isinstance(limit_mib, bool) or not isinstance(limit_mib, int) or limit_mib < 0:
+        raise ValueError(f"limit_mib: expected a whole number of MiB >= 0, got {limit_mib!r}")
+    _ext_or_raise().set_cpu_cache_limit(limit_mib << 20)
+
+
+def empty_cpu_cache() -> None:
+    """Free every idle block of the CPU buffer cache (tensors still alive keep theirs and give
+    them back when they die, within the limit)."""
+    _ext_or_raise().empty_cpu_cache()
