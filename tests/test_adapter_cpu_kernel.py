@@ -47,6 +47,12 @@ def test_training_equals_reference(layout, hh, ww, n, dtype):
     # the forward's float32 round-off at small bins (the torch backend in float32 is as far off)
     fast, ref, x = adapter_case(layout, hh, ww, n, dtype)
     fast.train(), ref.train()
+    _check_training_step(fast, ref, x, layout, dtype, 9)
+
+
+def _check_training_step(fast, ref, x, layout, dtype, grad_seed):
+    """One training step of ``fast`` on the CPU kernel against the float64 reference ``ref`` on
+    images ``x`` (N, C, H, W): output, running statistics, input and parameter gradients."""
     xl = to_layout(x, layout).to(dtype).requires_grad_()
     xr = to_layout(x, layout).requires_grad_()
     with moce_fast.backend("cpu"):
@@ -58,7 +64,7 @@ def test_training_equals_reference(layout, hh, ww, n, dtype):
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         got, want = getattr(fast.BN, name).double(), getattr(ref.BN, name).double()
         assert (got - want).abs().max() <= tol_out * max(1.0, want.abs().max().item()), name
-    dy = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    dy = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(grad_seed))
     y.backward(to_layout(dy, layout).to(dtype)), expected.backward(dy)
     assert_grads_close(fast, ref, xl, xr, tol_grad)
 
@@ -401,23 +407,12 @@ def test_cached_buffers_steps_equal_reference(cache_limit, layout, n, dtype):
     dim, side = (240, 24) if layout == "lnc" else (256, 32)
     fast, ref, _ = adapter_case(layout, side, side, n, dtype, dim=dim)
     fast.train(), ref.train()
-    tol_out, tol_grad = TOL[dtype]
     hits = [cache_limit.cpu_cache_info()["hits"]]  # (counted since the process started)
     for step in range(3):
         x = torch.randn(n, dim, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
         for m in (fast, ref):
             m.zero_grad(set_to_none=True)
-        xl = to_layout(x, layout).to(dtype).requires_grad_()
-        xr = to_layout(x, layout).requires_grad_()
-        with moce_fast.backend("cpu"):
-            y = fast(xl)
-        assert type(y.grad_fn).__name__ == "_RowsCpuBackward"
-        expected = ref(from_layout(xr, layout, x.shape))
-        assert rel_err(from_layout(y, layout, x.shape), expected) < tol_out, step
-        dy = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + step))
-        y.backward(to_layout(dy, layout).to(dtype)), expected.backward(dy)
-        assert_grads_close(fast, ref, xl, xr, tol_grad)
-        del y, xl
+        _check_training_step(fast, ref, x, layout, dtype, 10 + step)
         hits.append(cache_limit.cpu_cache_info()["hits"])
     steps = [b - a for a, b in zip(hits, hits[1:])]
     assert steps[0] == 0 and steps[1] >= 2 and steps[2] >= 2, f"the output and the input gradient of steps 2 and 3 " \
