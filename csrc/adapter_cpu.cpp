@@ -722,11 +722,13 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   at::Tensor dx = at::empty({0}, like.options());
   if (need_dx) {
     dx = new_buffer(dout.sizes(), like);
-    auto o = layout == NCHW ? dx.view({d.c, NP}) : dx.view({R, d.c});
-    if (layout == NCHW)
+    if (layout == NCHW) {
+      auto o = dx.view({d.c, NP});
       at::mm_out(o, wh.t(), dy.t());
-    else
+    } else {
+      auto o = dx.view({R, d.c});
       at::mm_out(o, dy, wh);
+    }
   }
   // conv_a, conv_b from the kernel's gradient (k9 = A @ B)
   const auto ca = prm[CONV_A].view({H, d.r}), cb = prm[CONV_B].view({d.r, 9});

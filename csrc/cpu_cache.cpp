@@ -8,7 +8,8 @@
 // its h-space intermediates. Blocks of at least kMinBytes are kept here when their tensor dies and
 // handed out again for the same size, so their pages stay mapped; at most `limit` bytes are kept
 // idle (MOCE_FAST_CPU_CACHE_MB, default 256; 0 turns the cache off), the rest goes back to the
-// system at once. The cache never shrinks a live tensor; empty_cpu_cache() frees every idle block.
+// system at once. A block is never handed out while a tensor holds it; empty_cpu_cache() frees every
+// idle block.
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>
@@ -18,7 +19,6 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <string>
 
 #include "common.h"
 
