@@ -1072,15 +1072,17 @@ def adaptir_fused_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: flo
 # ------------------------------------------------------------------- the extension's CPU kernel
 
 # The C++ kernel (csrc/adapter_cpu.cpp) runs up to this many rows (pixels x images), in training and
-# in eval. Its loops run on one thread; beyond these the torch paths were faster on this project's
-# 2-core CPU (public / torch / kernel, interleaved): eval at 48x48 x 4 (9216 rows) 6.8x against
-# 6.2x, at 48x48 x 8 (18432) 6.4x against 7.5x. Training was held to 4608 rows (at 16x16 x 32,
+# in eval. Its loops run on one thread; beyond these the torch paths are faster on this project's
+# 2-core CPU. Eval (kernel / torch path, interleaved, AMD EPYC VM, after the torch path's packed
+# eval): IPT 16x16 x 8 (2048 rows) 2.7 / 3.3 ms, 48x48 x 1 3.6 / 4.1 ms, 16x16 x 16 (4096) 5.7-6.2 /
+# 5.6-6.0 ms, 48x48 x 2 5.3 / 5.0 ms, 16x16 x 32 11.8-14.3 / 9.8-12.6 ms, 48x48 x 4 11.4 / 8.5 ms
+# (the limit was 9216, from an older torch path). Training was held to 4608 rows (at 16x16 x 32,
 # 8192 rows, 2.9x against 3.2x) until the kernel's buffers came from the CPU buffer cache; since
 # then (kernel / torch path, interleaved, AMD EPYC VM): 16x16 x 8 7.4 / 11.3 ms, x 32 (8192) 27.2-29.9
 # / 34.2-38.7 ms, 48x48 x 4 34.4 / 39.7 ms, x 8 (18432) 62.1-67.3 / 66.5-72.9 ms, x 16 126 / 130 ms,
 # x 32 298 / 290 ms.
 CPU_KERNEL_MAX_ROWS_TRAINING = 18432
-CPU_KERNEL_MAX_ROWS_EVAL = 9216
+CPU_KERNEL_MAX_ROWS_EVAL = 4096
 _LAYOUT_CODE = {"nchw": 0, "lnc": 1, "nhwc": 2}
 
 
