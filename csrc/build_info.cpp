@@ -34,6 +34,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_cache_limit", &moce_fast::set_cpu_cache_limit, pybind11::arg("limit_bytes"),
         "The most bytes of idle blocks the CPU buffer cache keeps (0: off, idle blocks freed at once).");
   m.def("empty_cpu_cache", &moce_fast::empty_cpu_cache, "Frees every idle block of the CPU buffer cache.");
+  m.def("install_cpu_cache", &moce_fast::install_cpu_cache,
+        "Makes the CPU buffer cache torch's CPU allocator until the matching uninstall_cpu_cache (nested).");
+  m.def("uninstall_cpu_cache", &moce_fast::uninstall_cpu_cache, "Undoes one install_cpu_cache.");
+  m.def("cpu_cache_install_depth", &moce_fast::cpu_cache_install_depth, "How many installs are in force.");
   m.def(
       "cpu_cache_info",
       [] {

@@ -41,6 +41,11 @@ at::Tensor cached_empty(at::IntArrayRef shape, const at::TensorOptions& options)
 void set_cpu_cache_limit(int64_t bytes);
 void empty_cpu_cache();
 CpuCacheInfo cpu_cache_info();
+// Makes the cache torch's CPU allocator (every CPU tensor torch allocates then takes its blocks of
+// 1 MiB or more from it) until the matching uninstall; nested installs count.
+void install_cpu_cache();
+void uninstall_cpu_cache();
+int64_t cpu_cache_install_depth();
 
 inline void maybe_poison(at::Tensor& t) {
   if (poison_outputs() && t.is_floating_point() && t.numel() > 0) t.fill_(NAN);

@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <unordered_map>
 
 #include "common.h"
 
@@ -27,6 +28,9 @@ namespace {
 
 constexpr size_t kMinBytes = size_t(1) << 20;  // smaller blocks: the default allocator
 constexpr size_t kPage = 4096;
+// SetCPUAllocator's priority for installing the cache and putting the replaced allocator back (a
+// lower one would be refused once the first install has raised it)
+constexpr uint8_t kInstallPriority = 200;
 
 size_t limit_from_env() {
   const char* v = std::getenv("MOCE_FAST_CPU_CACHE_MB");
@@ -38,33 +42,39 @@ size_t limit_from_env() {
   return size_t(mb) << 20;
 }
 
-struct Block {
-  void* ptr;
-  size_t size;
-};
-
 class BufferCache final : public c10::Allocator {
  public:
-  BufferCache() : limit_(limit_from_env()) {}
+  // (small: the CPU allocator when the cache was made, which smaller blocks go to; never the cache
+  // itself, which install_cpu_cache makes torch's CPU allocator for a while)
+  BufferCache() : small_(c10::GetCPUAllocator()), limit_(limit_from_env()) {}
 
+  // Blocks of kMinBytes or more are "simple" data pointers (context = data, one raw deleter), as
+  // oneDNN's raw_allocate / raw_deallocate need of torch's CPU allocator while the cache is it.
   c10::DataPtr allocate(size_t n) override {
-    if (n < kMinBytes) return c10::GetCPUAllocator()->allocate(n);
+    if (n < kMinBytes) return small_->allocate(n);
     const size_t size = (n + kPage - 1) / kPage * kPage;
+    void* ptr = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = idle_.find(size);
       if (it != idle_.end()) {
-        Block* b = it->second;
+        ptr = it->second;
         idle_.erase(it);
         idle_bytes_ -= size;
         ++hits_;
-        return {b->ptr, b, &release, c10::Device(c10::DeviceType::CPU)};
+      } else {
+        ++misses_;
       }
-      ++misses_;
     }
-    auto* b = new Block{c10::alloc_cpu(size), size};
-    return {b->ptr, b, &release, c10::Device(c10::DeviceType::CPU)};
+    if (ptr == nullptr) ptr = c10::alloc_cpu(size);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      live_[ptr] = size;
+    }
+    return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
   }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
@@ -87,34 +97,46 @@ class BufferCache final : public c10::Allocator {
   }
 
  private:
-  static void release(void* ctx);
+  static void release(void* ptr);
 
   // frees idle blocks, largest first, until at most `keep` bytes are idle
   void trim_locked(size_t keep) {
     while (idle_bytes_ > keep && !idle_.empty()) {
       auto it = std::prev(idle_.end());
       idle_bytes_ -= it->first;
-      c10::free_cpu(it->second->ptr);
-      delete it->second;
+      c10::free_cpu(it->second);
       idle_.erase(it);
     }
   }
 
-  void give_back(Block* b) {
+  // a block of ours back to the idle ones (or freed, over the limit); any other pointer (a small
+  // block, raw-deallocated through the cache while it was installed) to the allocator it came from
+  void give_back(void* ptr) {
+    bool ours = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (idle_bytes_ + b->size <= limit_) {
-        idle_.emplace(b->size, b);
-        idle_bytes_ += b->size;
-        return;
+      auto it = live_.find(ptr);
+      if (it != live_.end()) {
+        ours = true;
+        const size_t size = it->second;
+        live_.erase(it);
+        if (idle_bytes_ + size <= limit_) {
+          idle_.emplace(size, ptr);
+          idle_bytes_ += size;
+          return;
+        }
       }
     }
-    c10::free_cpu(b->ptr);
-    delete b;
+    if (ours)
+      c10::free_cpu(ptr);
+    else
+      small_->raw_deallocate(ptr);
   }
 
+  c10::Allocator* small_;
   std::mutex mu_;
-  std::multimap<size_t, Block*> idle_;
+  std::multimap<size_t, void*> idle_;
+  std::unordered_map<void*, size_t> live_;
   size_t idle_bytes_ = 0, limit_;
   int64_t hits_ = 0, misses_ = 0;
 };
@@ -125,7 +147,7 @@ BufferCache& cache() {
   return *c;
 }
 
-void BufferCache::release(void* ctx) { cache().give_back(static_cast<Block*>(ctx)); }
+void BufferCache::release(void* ptr) { cache().give_back(ptr); }
 
 }  // namespace
 
@@ -141,6 +163,32 @@ void set_cpu_cache_limit(int64_t bytes) {
 }
 
 void empty_cpu_cache() { cache().empty(); }
+
+namespace {
+std::mutex g_install_mu;
+int64_t g_install_depth = 0;
+c10::Allocator* g_replaced = nullptr;
+}  // namespace
+
+void install_cpu_cache() {
+  auto& c = cache();  // (made before it is installed: it keeps the allocator it replaces)
+  std::lock_guard<std::mutex> lock(g_install_mu);
+  if (g_install_depth++ == 0) {
+    g_replaced = c10::GetCPUAllocator();
+    c10::SetCPUAllocator(&c, kInstallPriority);
+  }
+}
+
+void uninstall_cpu_cache() {
+  std::lock_guard<std::mutex> lock(g_install_mu);
+  TORCH_CHECK(g_install_depth > 0, "uninstall_cpu_cache: the cache is not installed");
+  if (--g_install_depth == 0) c10::SetCPUAllocator(g_replaced, kInstallPriority);
+}
+
+int64_t cpu_cache_install_depth() {
+  std::lock_guard<std::mutex> lock(g_install_mu);
+  return g_install_depth;
+}
 
 CpuCacheInfo cpu_cache_info() { return cache().info(); }
 

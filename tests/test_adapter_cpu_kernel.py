@@ -473,3 +473,71 @@ def test_cache_limit_from_environment():
     assert ok.returncode == 0 and ok.stdout.strip() == str(64 << 20), ok.stderr
     bad = run("lots")
     assert bad.returncode != 0 and "MOCE_FAST_CPU_CACHE_MB: expected a whole number of MiB >= 0, got 'lots'" in bad.stderr
+
+
+def test_cache_installed_as_torch_cpu_allocator(cache_limit):
+    # while installed, torch's own CPU allocations of 1 MiB or more come from the cache (and go back
+    # to it), smaller ones and everything after the scope closes do not; oneDNN's raw allocations
+    # (a convolution) work through it; nested scopes count; an error inside still closes the scope
+    from moce_fast.ops import _cuda
+
+    ext = _cuda.load()
+    x = torch.randn(1, 64, 48, 48)
+    w = torch.randn(64, 64, 1, 1)
+    expected = torch.nn.functional.conv2d(x, w)
+    assert ext.cpu_cache_install_depth() == 0
+    with _cuda.cpu_cache_installed(x):
+        with _cuda.cpu_cache_installed(x):
+            assert ext.cpu_cache_install_depth() == 2
+        assert ext.cpu_cache_install_depth() == 1
+        before = cache_limit.cpu_cache_info()
+        big = torch.empty(1 << 19)  # 2 MiB
+        torch.empty(1 << 10)  # 4 KiB: not the cache's
+        assert cache_limit.cpu_cache_info()["misses"] == before["misses"] + 1
+        del big
+        assert cache_limit.cpu_cache_info()["idle_blocks"] == before["idle_blocks"] + 1
+        again = torch.empty(1 << 19)
+        assert cache_limit.cpu_cache_info()["hits"] == before["hits"] + 1
+        got = torch.nn.functional.conv2d(x, w)  # (oneDNN: raw_allocate / raw_deallocate)
+        assert torch.equal(got, expected)
+    assert ext.cpu_cache_install_depth() == 0
+    after = cache_limit.cpu_cache_info()
+    torch.empty(1 << 19)
+    assert cache_limit.cpu_cache_info()["misses"] == after["misses"]
+    del again  # (a block of the cache, dying after the scope closed: back to the cache)
+    assert cache_limit.cpu_cache_info()["idle_blocks"] == after["idle_blocks"] + 1
+    with pytest.raises(RuntimeError, match="boom"):
+        with _cuda.cpu_cache_installed(x):
+            raise RuntimeError("boom")
+    assert ext.cpu_cache_install_depth() == 0
+    with pytest.raises(RuntimeError, match="uninstall_cpu_cache: the cache is not installed"):
+        ext.uninstall_cpu_cache()
+
+
+def test_adapter_torch_path_allocates_from_the_cache(cache_limit):
+    # several "nhwc" images in training run the torch backend's path (not the kernel), inside the
+    # scope: its big buffers come from the cache (a hit from the second step on), and the output and
+    # gradients still equal the float64 reference
+    fast, ref, _ = adapter_case("nhwc", 32, 32, 2, torch.float32, dim=256)
+    fast.train(), ref.train()
+    hits = [cache_limit.cpu_cache_info()["hits"]]
+    for step in range(2):
+        x = torch.randn(2, 256, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        for m in (fast, ref):
+            m.zero_grad(set_to_none=True)
+        xl = to_layout(x, "nhwc").float().requires_grad_()
+        xr = to_layout(x, "nhwc").requires_grad_()
+        _backend._LAST_RUN.clear()
+        with moce_fast.backend("cpu"):
+            y = fast(xl)
+        assert set(_backend.last_run().values()) == {"torch"}
+        hits.append(cache_limit.cpu_cache_info()["hits"])
+        expected = ref(from_layout(xr, "nhwc", x.shape))
+        assert rel_err(from_layout(y, "nhwc", x.shape), expected) < TOL[torch.float32][0]
+        dy = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        y.backward(to_layout(dy, "nhwc").float()), expected.backward(dy)
+        assert_grads_close(fast, ref, xl, xr, TOL[torch.float32][1])
+        del y, xl
+    # (the output, 2 MiB, is the one buffer of the forward that lives past it and is at least the
+    # cache's 1 MiB at this size)
+    assert hits[2] - hits[1] >= 1, f"the second step's forward took blocks from the cache: {hits}"

@@ -10,6 +10,7 @@ import torch
 
 from .. import ops
 from ..ops import adapter as ops_adapter
+from ..ops._cuda import cpu_cache_installed
 from ..ops.adapter import (AdapterParams, BatchStats, MixParams, OneImagePlan, _cpu_params, adaptir_fused_train,
                            adaptir_rows_cpu, adaptir_rows_cpu_tasks, adaptir_triton_train,
                            adaptir_triton_train_tasks, cpu_kernel_runs,
@@ -252,7 +253,13 @@ def _task_tensors(adapters: Sequence[AdaptIR]) -> list[torch.Tensor]:
 
 def run_adapters(adapters: Sequence[AdaptIR], x: torch.Tensor, task: Optional[torch.Tensor]) -> torch.Tensor:
     """Image i of ``x`` through ``adapters[task[i]]`` (all adapters on one batch, one grouped
-    computation per stage); ``task`` None means one adapter for all images."""
+    computation per stage); ``task`` None means one adapter for all images. On a CPU its
+    allocations come from the extension's buffer cache (:class:`moce_fast.ops._cuda.cpu_cache_installed`)."""
+    with cpu_cache_installed(x):
+        return _run_adapters(adapters, x, task)
+
+
+def _run_adapters(adapters: Sequence[AdaptIR], x: torch.Tensor, task: Optional[torch.Tensor]) -> torch.Tensor:
     first = adapters[0]
     layout = getattr(first, "layout", "nchw")
     training = first.BN.training
