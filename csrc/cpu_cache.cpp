@@ -9,7 +9,8 @@
 // handed out again for the same size, so their pages stay mapped; at most `limit` bytes are kept
 // idle (MOCE_FAST_CPU_CACHE_MB, default 256; 0 turns the cache off), the rest goes back to the
 // system at once. A block is never handed out while a tensor holds it; empty_cpu_cache() frees every
-// idle block.
+// idle block. install_cpu_cache() makes the cache torch's CPU allocator until the matching
+// uninstall (the adapters' torch paths on a CPU run so: their own buffers come from it too).
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>

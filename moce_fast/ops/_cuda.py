@@ -130,7 +130,8 @@ def cpu_cache_info() -> dict:
     """The extension's CPU buffer cache (csrc/cpu_cache.cpp): ``idle_bytes`` and ``idle_blocks``
     held for reuse, ``limit_bytes``, and the allocations of 1 MiB or more it served from idle
     blocks (``hits``) or by allocating (``misses``). Its CPU kernels (the ``cpu`` backend's
-    adapter) take their outputs and the buffers kept for the backward from it: the same sizes
+    adapter) take their outputs and the buffers kept for the backward from it, and so does torch
+    itself while an adapter call runs on CPU tensors (:class:`cpu_cache_installed`): the same sizes
     come back step after step, and a block handed out again has its pages mapped already, where
     fresh memory costs a page fault per 4 KiB."""
     return dict(_ext_or_raise().cpu_cache_info())
@@ -158,9 +159,9 @@ class cpu_cache_installed:
     more from the cache and gives it back when it dies (within the cache's limit: see
     :func:`cpu_cache_info`); smaller ones, and everything after it closes, go to the allocator it
     replaced. The adapters' torch paths on a CPU run inside it: their fresh buffers each step paid a
-    page fault per 4 KiB (measured on this project's 2-core VM: EDT 64x64 x 8 training 46 -> 31 ms,
-    x 32 eval 76 -> 35-38 ms). Nested scopes count; the allocator comes back when the outermost
-    closes."""
+    page fault per 4 KiB (measured on this project's 2-core VM: EDT 64x64 x 8 eval 14-15 -> 10 ms,
+    x 32 eval 76 -> 35-38 ms; their backward runs after the scope and still allocates through the
+    replaced allocator). Nested scopes count; the allocator comes back when the outermost closes."""
 
     __slots__ = ("_ext",)
 
