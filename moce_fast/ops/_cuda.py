@@ -111,19 +111,16 @@ def _register_python_side():
                 logits.new_empty((e + 1,), **long))
 
 
-def set_poison_outputs(on: bool) -> None:
-    """Debug/tests: the extension fills every output with NaN before its kernels run."""
-    ext = load()
-    if ext is None:
-        raise RuntimeError("moce_fast._C was not built")
-    ext.set_poison_outputs(bool(on))
-
-
 def _ext_or_raise():
     ext = load()
     if ext is None:
         raise RuntimeError(f"moce_fast._C is not available: {_LOAD_ERROR}")
     return ext
+
+
+def set_poison_outputs(on: bool) -> None:
+    """Debug/tests: the extension fills every output with NaN before its kernels run."""
+    _ext_or_raise().set_poison_outputs(bool(on))
 
 
 def cpu_cache_info() -> dict:
