@@ -54,20 +54,20 @@ class BufferCache final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (n < kMinBytes) return small_->allocate(n);
     const size_t size = (n + kPage - 1) / kPage * kPage;
-    void* ptr = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = idle_.find(size);
       if (it != idle_.end()) {
-        ptr = it->second;
+        void* ptr = it->second;
         idle_.erase(it);
         idle_bytes_ -= size;
         ++hits_;
-      } else {
-        ++misses_;
+        live_[ptr] = size;
+        return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
       }
+      ++misses_;
     }
-    if (ptr == nullptr) ptr = c10::alloc_cpu(size);
+    void* ptr = c10::alloc_cpu(size);  // (outside the lock: a fresh block)
     {
       std::lock_guard<std::mutex> lock(mu_);
       live_[ptr] = size;
