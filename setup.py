@@ -88,7 +88,11 @@ def extension_modules():
         "moce_fast._C",
         sources,
         define_macros=[("MOCE_FAST_ARCHS", archs)],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        # -fopenmp: ATen's at::parallel_for is a header template whose `#pragma omp parallel` compiles
+        # away without it (every CPU loop of the extension then ran on one thread). The extension
+        # needs libgomp.so.1 by that name, which resolves to the copy torch loaded: one OpenMP runtime.
+        extra_compile_args={"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]},
+        extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 

@@ -1,9 +1,13 @@
 // moce_fast._C: the CUDA C++ extension. This file reports how the extension was built, so a user
 // (and the tests) can see which toolkit and GPU architectures the installed binary targets.
 // The ops themselves are declared in ops.cpp (schemas, CPU) and the .cu files (CUDA).
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "common.h"
 
@@ -20,17 +24,40 @@ pybind11::dict build_info() {
   pybind11::dict info;
   info["cuda_runtime_version"] = CUDART_VERSION;
   info["archs"] = std::string(MOCE_FAST_STR(MOCE_FAST_ARCHS));  // e.g. "sm80_sm90"
+#ifdef _OPENMP
+  info["openmp"] = true;  // the CPU kernels' at::parallel_for loops run on torch's threads
+#else
+  info["openmp"] = false;
+#endif
   return info;
+}
+
+// How many threads an at::parallel_for over one item per intra-op thread ran on, as this extension
+// compiled it (1 without OpenMP, whatever torch.get_num_threads() says).
+int64_t cpu_parallel_threads() {
+  const int64_t n = at::get_num_threads();
+  std::vector<int64_t> ran(n, 0);
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) ran[i] = at::get_thread_num();
+  });
+  std::sort(ran.begin(), ran.end());
+  return std::unique(ran.begin(), ran.end()) - ran.begin();
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moce_fast CUDA C++ extension";
-  m.def("build_info", &build_info, "How this extension was built: CUDA runtime version and GPU archs.");
+  m.def("build_info", &build_info,
+        "How this extension was built: CUDA runtime version, GPU archs, and whether with OpenMP.");
+  m.def("cpu_parallel_threads", &cpu_parallel_threads,
+        "How many threads an at::parallel_for of this extension runs on (torch.get_num_threads() items).");
   m.def("set_poison_outputs", &moce_fast::set_poison_outputs,
         "Debug: fill op outputs with NaN before the kernels run (tests use it to catch unwritten elements).");
   m.def("poison_outputs", &moce_fast::poison_outputs, "Whether outputs are poisoned with NaN before launch.");
+  m.def("set_cpu_chunk_values", &moce_fast::set_cpu_chunk_values, pybind11::arg("values"),
+        "Tests: the values per chunk of the CPU adapter kernel's parallel loops (default 8192); returns the "
+        "previous value.");
   m.def("set_cpu_cache_limit", &moce_fast::set_cpu_cache_limit, pybind11::arg("limit_bytes"),
         "The most bytes of idle blocks the CPU buffer cache keeps (0: off, idle blocks freed at once).");
   m.def("empty_cpu_cache", &moce_fast::empty_cpu_cache, "Frees every idle block of the CPU buffer cache.");

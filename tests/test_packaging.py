@@ -48,6 +48,26 @@ def test_extension_built_where_a_toolkit_exists():
     info = _C.build_info()
     assert info["cuda_runtime_version"] >= 11000
     assert "sm80" in info["archs"] and "sm90" in info["archs"]
+    assert info["openmp"], "built without -fopenmp: the CPU kernels' at::parallel_for loops run on one thread"
+
+
+def test_extension_cpu_loops_run_on_torch_threads():
+    """The extension's at::parallel_for runs on torch's intra-op threads (compiled with OpenMP),
+    and the process has one OpenMP runtime: the extension's libgomp is the one torch loaded."""
+    if importlib.util.find_spec("moce_fast._C") is None:
+        pytest.skip(f"moce_fast._C is not built here: {_expect_extension() or 'the build failed'}")
+    from moce_fast import _C
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert _C.cpu_parallel_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        runtimes = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+        assert len(runtimes) <= 1, f"several OpenMP runtimes loaded: {sorted(runtimes)}"
 
 
 def _fake_toolkit(root: Path) -> Path:
