@@ -16,15 +16,29 @@
 // which the last s are self-conjugate, their imaginary parts not computed) as two dense products;
 // else (empty tables) by ATen's rfft2/irfft2 over the map's two axes of the (H, W, N h) rows.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
 #include "common.h"
 
 namespace moce_fast {
+
+namespace {
+std::atomic<int64_t> g_chunk_values{8192};
+}  // namespace
+
+int64_t cpu_chunk_values() { return g_chunk_values.load(std::memory_order_relaxed); }
+
+int64_t set_cpu_chunk_values(int64_t values) {
+  TORCH_CHECK(values >= 1, "values: expected at least 1 value per chunk, got ", values);
+  return g_chunk_values.exchange(values);
+}
+
 namespace {
 
 // The parameters, in the order the ops take them (moce_fast.ops.adapter._param_list).
@@ -154,6 +168,46 @@ std::vector<T> per_value(const T* v, int64_t hid, int64_t n) {
   return out;
 }
 
+// The loops over the (rows, h) map run in parallel over fixed chunks of about cpu_chunk_values()
+// values (8192; one chunk, run inline, below that: IPT 16x16 at batch 1 is 256 rows x 24). The chunks
+// do not depend on the number of threads, and a reduction keeps one partial sum per chunk (in double),
+// added in chunk order afterwards: the result is the same on any number of threads.
+
+// How many of [0, n) items of `per_item` values each make one chunk.
+inline int64_t chunk_items(int64_t per_item) {
+  return std::max<int64_t>(1, cpu_chunk_values() / std::max<int64_t>(per_item, 1));
+}
+
+inline int64_t num_chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
+
+// fn(k, begin, end) for chunk k = [begin, end) of [0, n) in chunks of `chunk` items, the chunks in
+// parallel when there are several.
+template <typename F>
+void for_chunks(int64_t n, int64_t chunk, const F& fn) {
+  const int64_t nc = num_chunks(n, chunk);
+  if (nc <= 1) {
+    if (n > 0) fn(int64_t(0), int64_t(0), n);
+    return;
+  }
+  at::parallel_for(0, nc, 1, [&](int64_t a, int64_t b) {
+    for (int64_t k = a; k < b; ++k) fn(k, k * chunk, std::min(n, (k + 1) * chunk));
+  });
+}
+
+// Per-chunk partial sums of `width` values (zeroed), and their total in chunk order.
+struct Partials {
+  int64_t width;
+  std::vector<double> v;
+  Partials(int64_t chunks, int64_t width) : width(width), v(chunks * width, 0.0) {}
+  double* operator[](int64_t k) { return v.data() + k * width; }
+  std::vector<double> total() const {
+    std::vector<double> out(width, 0.0);
+    for (size_t k = 0; k < v.size(); k += width)
+      for (int64_t j = 0; j < width; ++j) out[j] += v[k + j];
+    return out;
+  }
+};
+
 // Whether rfft2 bin (row i, column jb) of an (hh, ww) map is self-conjugate (real).
 inline bool self_conjugate(const Dims& d, int64_t b) {
   const int64_t i = b / d.wb, jb = b % d.wb;
@@ -180,33 +234,44 @@ Spectrum spectrum_forward(const at::Tensor& y, const Dims& d, const at::Tensor& 
     re.copy_(spec.narrow(0, 0, nb));
     im.narrow(0, 0, nb - d.s).copy_(spec.narrow(0, nb, nb - d.s));
     im.narrow(0, nb - d.s, d.s).zero_();  // the self-conjugate bins: +0, so their phase is exact
-  } else {
-    auto spec = at::view_as_real(at::fft_rfft2(y.view({d.hh, d.ww, nh}), c10::nullopt, {0, 1}, "ortho"));
-    const auto sp_c = spec.contiguous();  // (H, W/2 + 1, N h, 2)
-    const T* src = sp_c.data_ptr<T>();
-    T* rp = re.data_ptr<T>();
-    T* ip = im.data_ptr<T>();
-    for (int64_t b = 0; b < nb; ++b) {
-      const bool real = self_conjugate(d, b);
-      for (int64_t j = 0; j < nh; ++j) {
-        const int64_t e = b * nh + j;
-        rp[e] = src[2 * e];
-        ip[e] = real ? T(0) : src[2 * e + 1];
+  }
+  at::Tensor spec_c;  // FFT: (H, W/2 + 1, N h, 2)
+  if (!d.dense)
+    spec_c = at::view_as_real(at::fft_rfft2(y.view({d.hh, d.ww, nh}), c10::nullopt, {0, 1}, "ortho")).contiguous();
+  sp.mag = at::empty({nb, nh}, y.options());
+  sp.pha = at::empty({nb, nh}, y.options());
+  sp.cosp = at::empty({nb, nh}, y.options());
+  sp.sinp = at::empty({nb, nh}, y.options());
+  const auto pw = per_value(pha_w, d.hid, d.n), pb = per_value(pha_b, d.hid, d.n);
+  // per chunk of bins: (FFT) the parts split from the interleaved spectrum, then ATen's vectorised
+  // passes on the chunk's slices (one thread each inside the parallel loop)
+  for_chunks(nb, chunk_items(nh), [&](int64_t, int64_t b0, int64_t b1) {
+    if (!d.dense) {
+      const T* src = spec_c.data_ptr<T>();
+      T* rp = re.data_ptr<T>();
+      T* ip = im.data_ptr<T>();
+      for (int64_t b = b0; b < b1; ++b) {
+        const bool real = self_conjugate(d, b);
+        for (int64_t j = 0; j < nh; ++j) {
+          const int64_t e = b * nh + j;
+          rp[e] = src[2 * e];
+          ip[e] = real ? T(0) : src[2 * e + 1];
+        }
       }
     }
-  }
-  sp.mag = at::hypot(re, im);
-  sp.pha = at::atan2(im, re);
-  auto p = at::empty_like(sp.pha);
-  {
-    const T* ph = sp.pha.data_ptr<T>();
+    const int64_t len = b1 - b0;
+    const auto rs = re.narrow(0, b0, len), is = im.narrow(0, b0, len);
+    auto ph = sp.pha.narrow(0, b0, len), p = sp.sinp.narrow(0, b0, len), cs = sp.cosp.narrow(0, b0, len);
+    auto mg = sp.mag.narrow(0, b0, len);
+    at::hypot_out(mg, rs, is);
+    at::atan2_out(ph, is, rs);
+    const T* php = ph.data_ptr<T>();
     T* pp = p.data_ptr<T>();
-    const auto pw = per_value(pha_w, d.hid, d.n), pb = per_value(pha_b, d.hid, d.n);
-    for (int64_t b = 0; b < nb; ++b)
-      for (int64_t j = 0; j < nh; ++j) pp[b * nh + j] = pb[j] + ph[b * nh + j] * pw[j];
-  }
-  sp.cosp = at::cos(p);
-  sp.sinp = p.sin_();
+    for (int64_t b = 0; b < len; ++b)
+      for (int64_t j = 0; j < nh; ++j) pp[b * nh + j] = pb[j] + php[b * nh + j] * pw[j];
+    at::cos_out(cs, p);
+    p.sin_();
+  });
   return sp;
 }
 
@@ -233,13 +298,15 @@ at::Tensor spectrum_inverse(const Spectrum& sp, const Dims& d, const at::Tensor&
   }
   auto z = new_buffer({d.hh, d.wb, nh, 2}, like);
   T* zp = z.data_ptr<T>();
-  for (int64_t b = 0; b < nb; ++b)
-    for (int64_t j = 0; j < nh; ++j) {
-      const int64_t e = b * nh + j;
-      const T m = ab[j] + mg[e] * aw[j];
-      zp[2 * e] = m * cs[e];
-      zp[2 * e + 1] = m * sn[e];
-    }
+  for_chunks(nb, chunk_items(nh), [&](int64_t, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t j = 0; j < nh; ++j) {
+        const int64_t e = b * nh + j;
+        const T m = ab[j] + mg[e] * aw[j];
+        zp[2 * e] = m * cs[e];
+        zp[2 * e + 1] = m * sn[e];
+      }
+  });
   auto gl = at::fft_irfft2(at::view_as_complex(z), at::IntArrayRef({d.hh, d.ww}), {0, 1}, "ortho");
   return gl.reshape({d.rows, d.hid}).contiguous();
 }
@@ -263,10 +330,14 @@ inline TapRuns tap_runs(const Dims& d, int t, int64_t px) {
   return r;
 }
 
-// A tap's h weights repeated over a run of ww pixels of N images: (ww N h) values.
+// Each tap's h weights (k9, tap-major (9, h)) repeated over a run of ww pixels of N images: (9, line)
+// values, line = ww N h.
 template <typename T>
-void tap_row(const T* kt, int64_t hid, std::vector<T>& row) {
-  for (size_t k = 0; k < row.size(); ++k) row[k] = kt[k % hid];
+std::vector<T> tap_rows(const T* k9, int64_t hid, int64_t line) {
+  std::vector<T> rows(9 * line);
+  for (int t = 0; t < 9; ++t)
+    for (int64_t k = 0; k < line; ++k) rows[t * line + k] = k9[t * hid + k % hid];
+  return rows;
 }
 
 template <typename T>
@@ -282,15 +353,24 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
     y = new_buffer({R, H}, x);
     mean_t = new_buffer({H}, x), var_t = new_buffer({H}, x), istd_t = new_buffer({H}, x);
     T* xp = xh.data_ptr<T>();
-    std::vector<double> mu(H, 0.0), sq(H, 0.0);
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t c = 0; c < H; ++c) mu[c] += xp[r * H + c];
+    const int64_t chunk = chunk_items(H), nc = num_chunks(R, chunk);
+    Partials pmu(nc, H), psq(nc, H);
+    for_chunks(R, chunk, [&](int64_t k, int64_t r0, int64_t r1) {
+      double* acc = pmu[k];
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = 0; c < H; ++c) acc[c] += xp[r * H + c];
+    });
+    std::vector<double> mu = pmu.total();
     for (int64_t c = 0; c < H; ++c) mu[c] /= double(R);
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t c = 0; c < H; ++c) {
-        const double v = xp[r * H + c] - mu[c];
-        sq[c] += v * v;
-      }
+    for_chunks(R, chunk, [&](int64_t k, int64_t r0, int64_t r1) {
+      double* acc = psq[k];
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = 0; c < H; ++c) {
+          const double v = xp[r * H + c] - mu[c];
+          acc[c] += v * v;
+        }
+    });
+    const std::vector<double> sq = psq.total();
     T* mp = mean_t.data_ptr<T>();
     T* vp = var_t.data_ptr<T>();
     T* ip = istd_t.data_ptr<T>();
@@ -301,12 +381,14 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
     }
     const T *bw = P(BN_W), *bb = P(BN_B);
     T* yp = y.data_ptr<T>();
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t c = 0; c < H; ++c) {
-        const T v = (xp[r * H + c] - mp[c]) * ip[c];
-        xp[r * H + c] = v;
-        yp[r * H + c] = v * bw[c] + bb[c];
-      }
+    for_chunks(R, chunk, [&](int64_t, int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = 0; c < H; ++c) {
+          const T v = (xp[r * H + c] - mp[c]) * ip[c];
+          xp[r * H + c] = v;
+          yp[r * H + c] = v * bw[c] + bb[c];
+        }
+    });
   }
   const T* yp = y.data_ptr<T>();
   // global branch: gl (R, h) before |.|
@@ -329,20 +411,22 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
   T* lp = loc.data_ptr<T>();
   {
     const T* bias = P(CONV_BIAS);
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t c = 0; c < H; ++c) lp[r * H + c] = bias[c];
-    const int64_t px = N * H;
-    std::vector<T> krow(d.ww * px);
-    for (int t = 0; t < 9; ++t) {
-      const TapRuns tr = tap_runs(d, t, px);
-      tap_row(k9p + t * H, H, krow);
-      const T* __restrict__ kr = krow.data() + tr.j0 * px;
-      for (int64_t i = tr.i0; i < tr.i1; ++i) {
-        T* __restrict__ o = lp + (i * d.ww + tr.j0) * px;
-        const T* __restrict__ in = yp + (i * d.ww + tr.j0) * px + tr.shift;
-        for (int64_t k = 0; k < tr.len; ++k) o[k] += kr[k] * in[k];
+    const int64_t px = N * H, line = d.ww * px;
+    const auto krows = tap_rows(k9p, H, line);
+    // in chunks of map rows (each output row is written by its own chunk only)
+    for_chunks(d.hh, chunk_items(line), [&](int64_t, int64_t i0, int64_t i1) {
+      for (int64_t r = i0 * d.ww * N; r < i1 * d.ww * N; ++r)
+        for (int64_t c = 0; c < H; ++c) lp[r * H + c] = bias[c];
+      for (int t = 0; t < 9; ++t) {
+        const TapRuns tr = tap_runs(d, t, px);
+        const T* __restrict__ kr = krows.data() + t * line + tr.j0 * px;
+        for (int64_t i = std::max(tr.i0, i0); i < std::min(tr.i1, i1); ++i) {
+          T* __restrict__ o = lp + (i * d.ww + tr.j0) * px;
+          const T* __restrict__ in = yp + (i * d.ww + tr.j0) * px + tr.shift;
+          for (int64_t k = 0; k < tr.len; ++k) o[k] += kr[k] * in[k];
+        }
       }
-    }
+    });
   }
   // attention pooling per image, the mean of |gl|: v = [pooled, gmean] (N, 2h)
   auto score = new_buffer({NP, N}, x);
@@ -351,27 +435,35 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
   T* vp = v.data_ptr<T>();
   {
     const T *cw = P(COMP_W), cb = *P(COMP_B);
-    for (int64_t r = 0; r < R; ++r) sc[r] = affine_dot(yp + r * H, cw, cb, H);
-    for (int64_t m = 0; m < N; ++m) {
+    const int64_t chunk = chunk_items(H), nc = num_chunks(R, chunk);
+    for_chunks(R, chunk, [&](int64_t, int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) sc[r] = affine_dot(yp + r * H, cw, cb, H);
+    });
+    for (int64_t m = 0; m < N; ++m) {  // the softmax over each image's pixels
       T mx = sc[m];
       for (int64_t p = 1; p < NP; ++p) mx = std::max(mx, sc[p * N + m]);
       double sum = 0;
       for (int64_t p = 0; p < NP; ++p) sum += (sc[p * N + m] = std::exp(sc[p * N + m] - mx));
       const T inv_sum = T(1.0 / sum);
       for (int64_t p = 0; p < NP; ++p) sc[p * N + m] *= inv_sum;
-      std::vector<double> pooled(H, 0.0), gm(H, 0.0);
-      for (int64_t p = 0; p < NP; ++p) {
-        const int64_t r = p * N + m;
+    }
+    Partials part(nc, N * 2 * H);  // per image: [sum_p score y, sum_p |gl|]
+    for_chunks(R, chunk, [&](int64_t k, int64_t r0, int64_t r1) {
+      double* acc = part[k];
+      for (int64_t r = r0; r < r1; ++r) {
+        double* am = acc + (r % N) * 2 * H;
         for (int64_t c = 0; c < H; ++c) {
-          pooled[c] += double(sc[r]) * yp[r * H + c];
-          gm[c] += std::abs(glp[r * H + c]);
+          am[c] += double(sc[r]) * yp[r * H + c];
+          am[H + c] += std::abs(glp[r * H + c]);
         }
       }
+    });
+    const std::vector<double> sums = part.total();
+    for (int64_t m = 0; m < N; ++m)
       for (int64_t c = 0; c < H; ++c) {
-        vp[m * 2 * H + c] = T(pooled[c]);
-        vp[m * 2 * H + H + c] = T(gm[c] / double(NP));
+        vp[m * 2 * H + c] = T(sums[m * 2 * H + c]);
+        vp[m * 2 * H + H + c] = T(sums[m * 2 * H + H + c] / double(NP));
       }
-    }
   }
   // the two channel MLPs: a1 = [proj.0 pooled, ci.1 gmean] (N, h2 + q); cc = [c, sigmoid(cg)] (N, 2h)
   auto a1 = new_buffer({N, h2 + q}, x);
@@ -409,13 +501,15 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
   T* up = u.data_ptr<T>();
   {
     const T *sw = P(SI_W), sb = *P(SI_B);
-    for (int64_t r = 0; r < R; ++r) {
-      const T g = sigmoid(affine_dot(lp + r * H, sw, sb, H));
-      sgp[r] = g;
-      const T* cm = ccp + (r % N) * 2 * H;
-      for (int64_t c = 0; c < H; ++c)
-        up[r * H + c] = cm[c] * (cm[H + c] * lp[r * H + c] + g * std::abs(glp[r * H + c]));
-    }
+    for_chunks(R, chunk_items(H), [&](int64_t, int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T g = sigmoid(affine_dot(lp + r * H, sw, sb, H));
+        sgp[r] = g;
+        const T* cm = ccp + (r % N) * 2 * H;
+        for (int64_t c = 0; c < H; ++c)
+          up[r * H + c] = cm[c] * (cm[H + c] * lp[r * H + c] + g * std::abs(glp[r * H + c]));
+      }
+    });
   }
   // tail, written in the host's layout
   const auto tw = prm[TAIL_W].view({d.c, H});
@@ -463,31 +557,39 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   // the mix and the spatial gate
   auto dloc = new_buffer({R, H}, like);
   T* dlp = dloc.data_ptr<T>();
-  std::vector<double> dul(N * H, 0.0), dc(N * H, 0.0), dsiw(H, 0.0);
-  double dsib = 0;
+  // per chunk of rows: [dul (N h), dc (N h), dsiw (h), dsib], then their totals
+  std::vector<double> mix_sums;
   {
     const T* sw = P(SI_W);
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t m = r % N;
-      const T* cm = ccp + m * 2 * H;
-      const T g = sgp[r];
-      double dsz = 0;
-      for (int64_t c = 0; c < H; ++c) {
-        const int64_t e = r * H + c;
-        const double dug = double(dup[e]) * std::abs(glp[e]);
-        dul[m * H + c] += double(dup[e]) * lp[e];
-        dc[m * H + c] += dug * g;
-        dsz += dug * cm[c];
+    const int64_t chunk = chunk_items(H);
+    Partials part(num_chunks(R, chunk), 2 * N * H + H + 1);
+    for_chunks(R, chunk, [&](int64_t k, int64_t r0, int64_t r1) {
+      double *dul = part[k], *dc = dul + N * H, *dsiw = dc + N * H, *dsib = dsiw + H;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t m = r % N;
+        const T* cm = ccp + m * 2 * H;
+        const T g = sgp[r];
+        double dsz = 0;
+        for (int64_t c = 0; c < H; ++c) {
+          const int64_t e = r * H + c;
+          const double dug = double(dup[e]) * std::abs(glp[e]);
+          dul[m * H + c] += double(dup[e]) * lp[e];
+          dc[m * H + c] += dug * g;
+          dsz += dug * cm[c];
+        }
+        dsz *= double(g) * (1.0 - g);
+        for (int64_t c = 0; c < H; ++c) {
+          const int64_t e = r * H + c;
+          dlp[e] = T(double(dup[e]) * cm[c] * cm[H + c] + dsz * sw[c]);
+          dsiw[c] += dsz * lp[e];
+        }
+        *dsib += dsz;
       }
-      dsz *= double(g) * (1.0 - g);
-      for (int64_t c = 0; c < H; ++c) {
-        const int64_t e = r * H + c;
-        dlp[e] = T(double(dup[e]) * cm[c] * cm[H + c] + dsz * sw[c]);
-        dsiw[c] += dsz * lp[e];
-      }
-      dsib += dsz;
-    }
+    });
+    mix_sums = part.total();
   }
+  const double *dul = mix_sums.data(), *dc = dul + N * H, *dsiw = dc + N * H;
+  const double dsib = dsiw[H];
   // gradients of c and of the channel gate before its sigmoid; the MLPs' backward
   auto dpw1 = new_buffer({h2, H}, like), dpb1 = new_buffer({h2}, like), dpw2 = new_buffer({H, h2}, like),
        dpb2 = new_buffer({H}, like), dcw1 = new_buffer({q, H}, like), dcb1 = new_buffer({q}, like),
@@ -549,15 +651,17 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   auto dgl = new_buffer({R, H}, like);
   {
     T* g = dgl.data_ptr<T>();
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t m = r % N;
-      const T* cm = ccp + m * 2 * H;
-      for (int64_t c = 0; c < H; ++c) {
-        const int64_t e = r * H + c;
-        const T sgn = T((glp[e] > 0) - (glp[e] < 0));
-        g[e] = T(double(dup[e]) * sgp[r] * cm[c] + dv[m * 2 * H + H + c] / double(NP)) * sgn;
+    for_chunks(R, chunk_items(H), [&](int64_t, int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t m = r % N;
+        const T* cm = ccp + m * 2 * H;
+        for (int64_t c = 0; c < H; ++c) {
+          const int64_t e = r * H + c;
+          const T sgn = T((glp[e] > 0) - (glp[e] < 0));
+          g[e] = T(double(dup[e]) * sgp[r] * cm[c] + dv[m * 2 * H + H + c] / double(NP)) * sgn;
+        }
       }
-    }
+    });
   }
   // gradients of Re P and Im P: dense, the inverse table's transpose; FFT, rfft2 of dgl with the
   // columns that stand for two bins doubled (irfft2's adjoint, as torch's)
@@ -577,41 +681,48 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
     const T *amw = P(AMP_W), *amb = P(AMP_B), *phw = P(PHA_W);
     T* dsp = ds.data_ptr<T>();
     const auto aw = per_value(amw, H, N), ab = per_value(amb, H, N), pw = per_value(phw, H, N);
-    std::vector<double> g_aw(nh, 0.0), g_ab(nh, 0.0), g_pw(nh, 0.0), g_pb(nh, 0.0);  // per value of a row
-    for (int64_t b = 0; b < d.nb; ++b) {
-      const bool has_im = !d.dense || b < d.nb - d.s;
-      const int64_t col = b % d.wb;
-      const bool doubled = !d.dense && col >= 1 && col <= d.edge;
-      const T twice = doubled ? T(2) : T(1), half = doubled ? T(0.5) : T(1);
-      for (int64_t j = 0; j < nh; ++j) {
-        const int64_t c = j, e = b * nh + j;  // (c: the value's place in the per_value rows)
-        T dre, dim;
-        if (d.dense) {
-          dre = dzp[e], dim = has_im ? dzp[(d.nb + b) * nh + j] : T(0);
-        } else {
-          dre = dzp[2 * e] * twice, dim = dzp[2 * e + 1] * twice;
-        }
-        const T mag = mg[e];
-        T inv_mag = T(1) / mag;
-        if (std::isinf(inv_mag)) inv_mag = T(0);  // S = 0: no gradient, as torch's abs and angle
-        const T ure = rep[e] * inv_mag, uim = imp[e] * inv_mag;
-        const T m = ab[c] + mag * aw[c];
-        const T dm = dre * cs[e] + dim * sn[e];
-        const T dpp = (dim * cs[e] - dre * sn[e]) * m;
-        g_ab[c] += dm;
-        g_aw[c] += double(dm) * mag;
-        g_pb[c] += dpp;
-        g_pw[c] += double(dpp) * ph[e];
-        const T a = dm * aw[c], bb = dpp * inv_mag * pw[c];  // dS = (a + i bb) S / |S|
-        if (d.dense) {
-          dsp[e] = a * ure - bb * uim;
-          if (has_im) dsp[(d.nb + b) * nh + j] = a * uim + bb * ure;
-        } else {  // (halved where rfft2's adjoint counts the column twice)
-          dsp[2 * e] = (a * ure - bb * uim) * half;
-          dsp[2 * e + 1] = (a * uim + bb * ure) * half;
+    // per chunk of bins, per value of a row: the sums for amp_w, amp_b, pha_w, pha_b
+    const int64_t chunk = chunk_items(nh);
+    Partials part(num_chunks(d.nb, chunk), 4 * nh);
+    for_chunks(d.nb, chunk, [&](int64_t kc, int64_t b0, int64_t b1) {
+      double *g_aw = part[kc], *g_ab = g_aw + nh, *g_pw = g_ab + nh, *g_pb = g_pw + nh;
+      for (int64_t b = b0; b < b1; ++b) {
+        const bool has_im = !d.dense || b < d.nb - d.s;
+        const int64_t col = b % d.wb;
+        const bool doubled = !d.dense && col >= 1 && col <= d.edge;
+        const T twice = doubled ? T(2) : T(1), half = doubled ? T(0.5) : T(1);
+        for (int64_t j = 0; j < nh; ++j) {
+          const int64_t c = j, e = b * nh + j;  // (c: the value's place in the per_value rows)
+          T dre, dim;
+          if (d.dense) {
+            dre = dzp[e], dim = has_im ? dzp[(d.nb + b) * nh + j] : T(0);
+          } else {
+            dre = dzp[2 * e] * twice, dim = dzp[2 * e + 1] * twice;
+          }
+          const T mag = mg[e];
+          T inv_mag = T(1) / mag;
+          if (std::isinf(inv_mag)) inv_mag = T(0);  // S = 0: no gradient, as torch's abs and angle
+          const T ure = rep[e] * inv_mag, uim = imp[e] * inv_mag;
+          const T m = ab[c] + mag * aw[c];
+          const T dm = dre * cs[e] + dim * sn[e];
+          const T dpp = (dim * cs[e] - dre * sn[e]) * m;
+          g_ab[c] += dm;
+          g_aw[c] += double(dm) * mag;
+          g_pb[c] += dpp;
+          g_pw[c] += double(dpp) * ph[e];
+          const T a = dm * aw[c], bb = dpp * inv_mag * pw[c];  // dS = (a + i bb) S / |S|
+          if (d.dense) {
+            dsp[e] = a * ure - bb * uim;
+            if (has_im) dsp[(d.nb + b) * nh + j] = a * uim + bb * ure;
+          } else {  // (halved where rfft2's adjoint counts the column twice)
+            dsp[2 * e] = (a * ure - bb * uim) * half;
+            dsp[2 * e + 1] = (a * uim + bb * ure) * half;
+          }
         }
       }
-    }
+    });
+    const std::vector<double> sums = part.total();
+    const double *g_aw = sums.data(), *g_ab = g_aw + nh, *g_pw = g_ab + nh, *g_pb = g_pw + nh;
     T *paw = damw.data_ptr<T>(), *pab = damb.data_ptr<T>(), *ppw = dphw.data_ptr<T>(), *ppb = dphb.data_ptr<T>();
     for (int64_t c = 0; c < H; ++c) {
       double sw = 0, sb = 0, tw = 0, tb = 0;
@@ -630,30 +741,41 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   auto dcbias = new_buffer({H}, like);
   {
     const T* k9p = S(S_K9);
-    std::vector<double> gk(9 * H, 0.0), gb(H, 0.0);
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t c = 0; c < H; ++c) gb[c] += dlp[r * H + c];
-    // per tap: dy at the input pixels += k dloc at the outputs that read them; the kernel's gradient
-    // sums y dloc over those pairs (per value over the map's rows in T, then per channel in double)
-    const int64_t px = N * H;
-    std::vector<T> krow(d.ww * px), part(d.ww * px);
-    for (int t = 0; t < 9; ++t) {
-      const TapRuns tr = tap_runs(d, t, px);
-      tap_row(k9p + t * H, H, krow);
-      std::fill(part.begin(), part.end(), T(0));
-      const T* __restrict__ kr = krow.data() + tr.j0 * px;
-      T* __restrict__ acc = part.data();
-      for (int64_t i = tr.i0; i < tr.i1; ++i) {
-        const T* __restrict__ g = dlp + (i * d.ww + tr.j0) * px;
-        T* __restrict__ o = dyp + (i * d.ww + tr.j0) * px + tr.shift;
-        const T* __restrict__ in = yp + (i * d.ww + tr.j0) * px + tr.shift;
-        for (int64_t k = 0; k < tr.len; ++k) {
-          o[k] += kr[k] * g[k];
-          acc[k] += in[k] * g[k];
+    const int64_t px = N * H, line = d.ww * px;
+    const auto krows = tap_rows(k9p, H, line);
+    // in chunks of the map rows of dy: per tap, dy at the input pixels += k dloc at the outputs that
+    // read them (the output rows i whose input row i + di is in the chunk); the kernel's gradient sums
+    // y dloc over those pairs (per value over the chunk's rows in T, then per channel in double), the
+    // bias's dloc over the chunk's rows. Per chunk: [kernel (9, h), bias (h)].
+    const int64_t chunk = chunk_items(line);
+    Partials part(num_chunks(d.hh, chunk), 10 * H);
+    for_chunks(d.hh, chunk, [&](int64_t kc, int64_t a0, int64_t a1) {
+      double *gk = part[kc], *gb = gk + 9 * H;
+      for (int64_t r = a0 * d.ww * N; r < a1 * d.ww * N; ++r)
+        for (int64_t c = 0; c < H; ++c) gb[c] += dlp[r * H + c];
+      std::vector<T> sums(line);
+      for (int t = 0; t < 9; ++t) {
+        const TapRuns tr = tap_runs(d, t, px);
+        const int64_t lo = std::max(tr.i0, a0 - tr.di), hi = std::min(tr.i1, a1 - tr.di);
+        if (lo >= hi) continue;
+        std::fill(sums.begin(), sums.end(), T(0));
+        const T* __restrict__ kr = krows.data() + t * line + tr.j0 * px;
+        T* __restrict__ acc = sums.data();
+        for (int64_t i = lo; i < hi; ++i) {
+          const T* __restrict__ g = dlp + (i * d.ww + tr.j0) * px;
+          T* __restrict__ o = dyp + (i * d.ww + tr.j0) * px + tr.shift;
+          const T* __restrict__ in = yp + (i * d.ww + tr.j0) * px + tr.shift;
+          for (int64_t k = 0; k < tr.len; ++k) {
+            o[k] += kr[k] * g[k];
+            acc[k] += in[k] * g[k];
+          }
         }
+        for (int64_t k = 0; k < tr.len; k += H)  // (runs of whole pixels: len is a multiple of h)
+          for (int64_t c = 0; c < H; ++c) gk[t * H + c] += acc[k + c];
       }
-      for (int64_t k = 0; k < tr.len; ++k) gk[t * H + k % H] += acc[k];
-    }
+    });
+    const std::vector<double> totals = part.total();
+    const double *gk = totals.data(), *gb = gk + 9 * H;
     T* k = dk9.data_ptr<T>();
     T* bp = dcbias.data_ptr<T>();
     for (int64_t c = 0; c < H; ++c) {
@@ -665,53 +787,68 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   auto dcw = new_buffer({H}, like), dcb = new_buffer({1}, like);
   {
     const T *sc = S(S_SCORE), *cw = P(COMP_W);
-    std::vector<double> dsc(R), gcw(H, 0.0);
-    double gcb = 0;
-    for (int64_t r = 0; r < R; ++r) {
-      const double* dp = dv.data() + (r % N) * 2 * H;
-      double acc = 0;
-      for (int64_t c = 0; c < H; ++c) acc += double(yp[r * H + c]) * dp[c];
-      dsc[r] = acc;
-    }
-    for (int64_t m = 0; m < N; ++m) {
+    std::vector<double> dsc(R);
+    const int64_t chunk = chunk_items(H);
+    for_chunks(R, chunk, [&](int64_t, int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const double* dp = dv.data() + (r % N) * 2 * H;
+        double acc = 0;
+        for (int64_t c = 0; c < H; ++c) acc += double(yp[r * H + c]) * dp[c];
+        dsc[r] = acc;
+      }
+    });
+    for (int64_t m = 0; m < N; ++m) {  // the softmax's adjoint over each image's pixels
       double dot = 0;
       for (int64_t p = 0; p < NP; ++p) dot += double(sc[p * N + m]) * dsc[p * N + m];
       for (int64_t p = 0; p < NP; ++p) dsc[p * N + m] = sc[p * N + m] * (dsc[p * N + m] - dot);
     }
-    for (int64_t r = 0; r < R; ++r) {
-      const double* dp = dv.data() + (r % N) * 2 * H;
-      const double dzr = dsc[r];
-      gcb += dzr;
-      for (int64_t c = 0; c < H; ++c) {
-        gcw[c] += dzr * yp[r * H + c];
-        dyp[r * H + c] = T(dyp[r * H + c] + double(sc[r]) * dp[c] + dzr * cw[c]);
+    Partials part(num_chunks(R, chunk), H + 1);  // per chunk: [comp_w (h), comp_b]
+    for_chunks(R, chunk, [&](int64_t k, int64_t r0, int64_t r1) {
+      double *gcw = part[k], *gcb = gcw + H;
+      for (int64_t r = r0; r < r1; ++r) {
+        const double* dp = dv.data() + (r % N) * 2 * H;
+        const double dzr = dsc[r];
+        *gcb += dzr;
+        for (int64_t c = 0; c < H; ++c) {
+          gcw[c] += dzr * yp[r * H + c];
+          dyp[r * H + c] = T(dyp[r * H + c] + double(sc[r]) * dp[c] + dzr * cw[c]);
+        }
       }
-    }
+    });
+    const std::vector<double> sums = part.total();
     T* g = dcw.data_ptr<T>();
-    for (int64_t c = 0; c < H; ++c) g[c] = T(gcw[c]);
-    *dcb.data_ptr<T>() = T(gcb);
+    for (int64_t c = 0; c < H; ++c) g[c] = T(sums[c]);
+    *dcb.data_ptr<T>() = T(sums[H]);
   }
   // BatchNorm on the batch statistics: dy0 = istd w (dy - mean dy - xhat mean(dy xhat))
   auto dbnw = new_buffer({H}, like), dbnb = new_buffer({H}, like);
   {
     const T *xh = S(S_XHAT), *istd = S(S_ISTD), *bw = P(BN_W);
-    std::vector<double> gb(H, 0.0), gw(H, 0.0);
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t c = 0; c < H; ++c) {
-        gb[c] += dyp[r * H + c];
-        gw[c] += double(dyp[r * H + c]) * xh[r * H + c];
-      }
+    const int64_t chunk = chunk_items(H);
+    Partials part(num_chunks(R, chunk), 2 * H);  // per chunk: [bias (h), weight (h)]
+    for_chunks(R, chunk, [&](int64_t k, int64_t r0, int64_t r1) {
+      double *gb = part[k], *gw = gb + H;
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = 0; c < H; ++c) {
+          gb[c] += dyp[r * H + c];
+          gw[c] += double(dyp[r * H + c]) * xh[r * H + c];
+        }
+    });
+    const std::vector<double> sums = part.total();
+    const double *gb = sums.data(), *gw = gb + H;
     std::vector<T> mb(H), mw(H), sc(H);
     T *pw = dbnw.data_ptr<T>(), *pb = dbnb.data_ptr<T>();
     for (int64_t c = 0; c < H; ++c) {
       pw[c] = T(gw[c]), pb[c] = T(gb[c]);
       mb[c] = T(gb[c] / double(R)), mw[c] = T(gw[c] / double(R)), sc[c] = bw[c] * istd[c];
     }
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t c = 0; c < H; ++c) {
-        const int64_t e = r * H + c;
-        dyp[e] = (dyp[e] - mb[c] - xh[e] * mw[c]) * sc[c];
-      }
+    for_chunks(R, chunk, [&](int64_t, int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = 0; c < H; ++c) {
+          const int64_t e = r * H + c;
+          dyp[e] = (dyp[e] - mb[c] - xh[e] * mw[c]) * sc[c];
+        }
+    });
   }
   // head
   const auto wh = prm[HEAD_W].view({H, d.c});

@@ -47,6 +47,11 @@ void install_cpu_cache();
 void uninstall_cpu_cache();
 int64_t cpu_cache_install_depth();
 
+// The values per chunk of the CPU adapter kernel's parallel loops (csrc/adapter_cpu.cpp; 8192);
+// tests set a few to run many uneven chunks on small maps. Returns the previous value.
+int64_t cpu_chunk_values();
+int64_t set_cpu_chunk_values(int64_t values);
+
 inline void maybe_poison(at::Tensor& t) {
   if (poison_outputs() && t.is_floating_point() && t.numel() > 0) t.fill_(NAN);
 }

@@ -69,6 +69,39 @@ def _check_training_step(fast, ref, x, layout, dtype, grad_seed):
     assert_grads_close(fast, ref, xl, xr, tol_grad)
 
 
+@pytest.fixture
+def small_chunks():
+    """The kernel's parallel loops in chunks of 30 values (7 rows of the tests' 4 hidden channels:
+    uneven chunks, many of them on these small maps) for the test, then the default again."""
+    from moce_fast.ops import _cuda
+
+    previous = _cuda.set_cpu_chunk_values(30)
+    yield
+    _cuda.set_cpu_chunk_values(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout,hh,ww,n", [("lnc", 5, 5, 3), ("nchw", 17, 17, 1), ("nhwc", 9, 30, 1),
+                                           ("lnc", 17, 17, 2)])
+def test_parallel_chunks_equal_reference(small_chunks, layout, hh, ww, n, threads):
+    # dense tables and rfft2 / irfft2; each loop's chunks run on `threads` threads, each reduction's
+    # per-chunk partial sums added in chunk order: float64 within the reference's tolerances either way
+    fast, ref, x = adapter_case(layout, hh, ww, n, torch.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast.train(), ref.train()
+        _check_training_step(fast, ref, x, layout, torch.float64, 11)
+        fast.eval(), ref.eval()
+        _backend._LAST_RUN.clear()
+        with torch.no_grad(), moce_fast.backend("cpu"):
+            y = fast(to_layout(x, layout))
+        assert _backend.last_run() == {"adaptir_linear": "cpu", "adaptir_mix_tail": "cpu"}
+        assert rel_err(from_layout(y, layout, x.shape), ref(x)) < TOL[torch.float64][0]
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("layout,hh,ww,n", SIZES)
 def test_eval_equals_reference(layout, hh, ww, n, dtype):

@@ -123,6 +123,15 @@ def set_poison_outputs(on: bool) -> None:
     _ext_or_raise().set_poison_outputs(bool(on))
 
 
+def set_cpu_chunk_values(values: int) -> int:
+    """Tests: the values per chunk of the CPU adapter kernel's parallel loops (csrc/adapter_cpu.cpp,
+    default 8192; a few values run many uneven chunks on a small map). The chunks do not depend on
+    the number of threads, so neither does the result. Returns the previous value."""
+    if isinstance(values, bool) or not isinstance(values, int) or values < 1:
+        raise ValueError(f"values: expected a whole number >= 1, got {values!r}")
+    return _ext_or_raise().set_cpu_chunk_values(values)
+
+
 def cpu_cache_info() -> dict:
     """The extension's CPU buffer cache (csrc/cpu_cache.cpp): ``idle_bytes`` and ``idle_blocks``
     held for reuse, ``limit_bytes``, and the allocations of 1 MiB or more it served from idle
