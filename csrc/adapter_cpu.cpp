@@ -9,8 +9,12 @@
 // the depthwise 3x3 and its adjoint, attention pooling, the two channel MLPs, the gates and all
 // their gradients) is plain loops over the (rows, h) map, reductions accumulated in double.
 //
-// Rows are pixel-major, image by image within a pixel ((P, N, h), as "lnc" stores N images). The
-// global branch is |irfft2(m e^{ip})| with m = amp_w |S| + amp_b, p = pha_w angle(S) + pha_b,
+// The h-wide maps' rows are pixel-major, image by image within a pixel ((P, N, h), as "lnc" stores
+// N images); "nhwc" with N images stores them one after the other, so its head output is reordered
+// to pixel-major rows and the tail's input back (the C-wide rows stay in x's order). The loops over
+// the maps run in parallel (at::parallel_for, over fixed chunks; see for_chunks).
+//
+// The global branch is |irfft2(m e^{ip})| with m = amp_w |S| + amp_b, p = pha_w angle(S) + pha_b,
 // S = rfft2(y) (orthonormal), the self-conjugate bins' imaginary parts exactly +0. On small maps
 // (given the tables of moce_fast.ops.adapter.dft_tables, fwd and inv (2 nb - s, P): nb bins of
 // which the last s are self-conjugate, their imaginary parts not computed) as two dense products;
@@ -58,6 +62,7 @@ struct Dims {
   bool dense;          // the DFT as the dense tables' products, else rfft2 / irfft2
   int64_t nb, s, k;    // bins (H (W/2 + 1)); dense: self-conjugate ones (the last s), table rows 2 nb - s
   int64_t wb, edge;    // FFT: W/2 + 1 columns, of which 1 .. edge stand for two bins of the full spectrum
+  bool image_major;    // x's rows image by image ("nhwc", N > 1): the head's and tail's rows (N, P, .)
 };
 
 // x on the CPU, with the dimensions of `layout` (a valid layout code).
@@ -76,9 +81,10 @@ Dims check_args(const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, int
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "x: expected float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(hh > 0 && ww > 0 && n > 0, "hh, ww, n: expected positive sizes, got ", hh, ", ", ww, ", ", n);
-  TORCH_CHECK(n == 1 || layout == LNC, "n: more than one image only in the lnc layout, got n = ", n);
+  TORCH_CHECK(n == 1 || layout != NCHW, "n: more than one image only in the lnc and nhwc layouts, got n = ", n);
   Dims d{};
   d.hh = hh, d.ww = ww, d.npix = hh * ww, d.n = n, d.rows = hh * ww * n;
+  d.image_major = layout == NHWC && n > 1;
   d.c = layout == NCHW ? x.size(1) : x.size(-1);
   const int64_t expect_numel = d.rows * d.c;
   TORCH_CHECK(x.numel() == expect_numel, "x: expected ", d.rows, " pixel rows of ", d.c, " channels, got shape ",
@@ -126,6 +132,23 @@ at::Tensor rows_of(const at::Tensor& x, int64_t layout, const Dims& d) {
   return x.reshape({d.rows, d.c});
 }
 
+// An (R, h) map's rows from image-major order (N, P, h) to the kernel's pixel-major order (P, N, h),
+// and back: "nhwc" stores N images one after the other, and only the h-wide maps are reordered (the
+// head's and tail's C-wide rows stay in x's order).
+at::Tensor new_buffer(at::IntArrayRef shape, const at::Tensor& like);
+
+at::Tensor to_pixel_major(const at::Tensor& t, const Dims& d) {
+  auto out = new_buffer({d.npix, d.n, d.hid}, t);
+  out.copy_(t.view({d.n, d.npix, d.hid}).transpose(0, 1));
+  return out.view({d.rows, d.hid});
+}
+
+at::Tensor to_image_major(const at::Tensor& t, const Dims& d) {
+  auto out = new_buffer({d.n, d.npix, d.hid}, t);
+  out.copy_(t.view({d.npix, d.n, d.hid}).transpose(0, 1));
+  return out.view({d.rows, d.hid});
+}
+
 // An uninitialised buffer from the CPU buffer cache (csrc/cpu_cache.cpp; poisoned with NaN in the
 // tests' debug mode): the kernels' outputs and the intermediates kept for the backward are the same
 // sizes step after step, so their pages stay mapped.
@@ -133,6 +156,41 @@ at::Tensor new_buffer(at::IntArrayRef shape, const at::Tensor& like) {
   auto t = cached_empty(shape, like.options());
   maybe_poison(t);
   return t;
+}
+
+// The products on the C-wide rows (R, C) with the h-wide maps, chosen as the torch backend's paths
+// chose them (moce_fast.ops.adapter._as_conv and _rows_t_product, measured there): from 4096 float32
+// rows, rows @ w^T with a wide side (w (M, K), M >= 128 or K >= 512) as oneDNN's 1x1 convolution over
+// the rows viewed as a channels-last (1, K, R, 1) map, and a weight gradient a^T b of two narrow maps
+// (both under 384 columns) as 8 row-block products in one bmm and their sum. Measured here (2-core
+// AMD EPYC, median of 15): EDT 64x64 x 8 (32768 rows, 180 <-> 12) the tail 7.9 -> 3.0 ms, the input
+// gradient 8.9 -> 2.9, the weight gradients 4.3 -> 3.2 and 4.1 -> 3.2; IPT 48x48 x 8 (18432 rows,
+// 576 <-> 24) the head and du 8.3-8.7 -> 4.6; below 4096 rows (IPT 48x48 at batch 1) no gain.
+bool rows_as_conv(const at::Tensor& rows, int64_t m) {
+  return rows.scalar_type() == at::kFloat && rows.is_contiguous() && rows.size(0) >= 4096 &&
+         (m >= 128 || rows.size(1) >= 512);
+}
+
+// rows (R, K) @ w^T (w (M, K)) + bias (M, or undefined) as an (R, M) tensor: where rows_as_conv, a
+// new one from oneDNN's convolution (channels-last, so (R, M) rows), else written into `out` (a
+// contiguous (R, M) buffer) or, undefined, a new one.
+at::Tensor rows_times(const at::Tensor& rows, const at::Tensor& w, const at::Tensor& bias, at::Tensor out = {}) {
+  const int64_t r = rows.size(0), k = rows.size(1), m = w.size(0);
+  if (rows_as_conv(rows, m)) {
+    auto y = at::conv2d(rows.view({1, r, 1, k}).permute({0, 3, 1, 2}), w.reshape({m, k, 1, 1}), bias);
+    return y.permute({0, 2, 3, 1}).reshape({r, m});
+  }
+  if (!out.defined()) return bias.defined() ? at::addmm(bias, rows, w.t()) : at::mm(rows, w.t());
+  if (bias.defined()) return at::addmm_out(out, bias, rows, w.t());
+  return at::mm_out(out, rows, w.t());
+}
+
+// a^T b (m, k) over the R rows of a (R, m) and b (R, k), both narrow (see rows_as_conv).
+at::Tensor narrow_rows_t_product(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t r = a.size(0), c = 8;
+  if (a.scalar_type() == at::kFloat && r >= 4096 && r % c == 0 && a.size(1) < 384 && b.size(1) < 384)
+    return at::bmm(a.reshape({c, r / c, a.size(1)}).transpose(1, 2), b.reshape({c, r / c, b.size(1)})).sum(0);
+  return at::mm(a.t(), b);
 }
 
 template <typename T>
@@ -347,7 +405,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
   const int64_t R = d.rows, H = d.hid, N = d.n, NP = d.npix, h2 = d.h2, q = d.q;
   const auto rows = rows_of(x, layout, d);
   // head: (R, h); in training normalised in place into xhat, then y = bn_w xhat + bn_b
-  auto xh = at::addmm(prm[HEAD_B].view({H}), rows, prm[HEAD_W].view({H, d.c}).t());
+  auto xh = rows_times(rows, prm[HEAD_W].view({H, d.c}), prm[HEAD_B].view({H}));
+  if (d.image_major) xh = to_pixel_major(xh, d);
   at::Tensor y = xh, mean_t, var_t, istd_t;
   if (training) {
     y = new_buffer({R, H}, x);
@@ -519,9 +578,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
     auto o = out.view({d.c, NP});
     at::mm_out(o, tw, u.t());
   } else {
-    out = layout == LNC ? new_buffer({NP, N, d.c}, x) : new_buffer({1, d.hh, d.ww, d.c}, x);
-    auto o = out.view({R, d.c});
-    at::mm_out(o, u, tw.t());
+    if (d.image_major) u = to_image_major(u, d);  // (kept so for the tail's weight gradient)
+    const auto shape = layout == LNC ? std::vector<int64_t>{NP, N, d.c} : std::vector<int64_t>{N, d.hh, d.ww, d.c};
+    out = rows_times(u, tw, {}, rows_as_conv(u, d.c) ? at::Tensor() : new_buffer({R, d.c}, x)).view(shape);
   }
   if (!training) return {out};
   return {out,     mean_t,  var_t, rows, xh,  istd_t, y, sp.reim, sp.mag, sp.pha,
@@ -549,8 +608,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
     dtw = at::mm(g, sv[S_U]);
   } else {
     const auto g = dout.reshape({R, d.c});
-    du = at::mm(g, tw);
-    dtw = at::mm(g.t(), sv[S_U]);
+    du = rows_times(g, tw.t(), {});
+    // (u kept in the tail's row order)
+    dtw = d.c < 384 ? narrow_rows_t_product(sv[S_U], g).t().contiguous() : at::mm(g.t(), sv[S_U]);
+    if (d.image_major) du = to_pixel_major(du, d);
   }
   const T* dup = du.data_ptr<T>();
   const T *lp = S(S_LOC), *glp = S(S_GL), *sgp = S(S_SG), *ccp = S(S_CC), *yp = S(S_Y);
@@ -850,22 +911,22 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
         }
     });
   }
-  // head
+  // head, on x's rows (dy reordered to them)
+  if (d.image_major) dy = to_image_major(dy, d);
   const auto wh = prm[HEAD_W].view({H, d.c});
   // wide and long (IPT's 576 channels, 2304+ rows) as (rows^T dy)^T: MKL ran dy^T rows 1.3-1.5x
   // slower there on this project's 2-core CPU (and faster on EDT's 180 channels)
-  auto dwh = d.c >= 384 && R >= 1024 ? at::mm(sv[S_ROWS].t(), dy).t().contiguous() : at::mm(dy.t(), sv[S_ROWS]);
+  auto dwh = d.c >= 384 && R >= 1024 ? at::mm(sv[S_ROWS].t(), dy).t().contiguous()
+                                     : narrow_rows_t_product(dy, sv[S_ROWS]);
   auto dbh = dy.sum(0);
   at::Tensor dx = at::empty({0}, like.options());
-  if (need_dx) {
+  if (need_dx && layout == NCHW) {
     dx = new_buffer(dout.sizes(), like);
-    if (layout == NCHW) {
-      auto o = dx.view({d.c, NP});
-      at::mm_out(o, wh.t(), dy.t());
-    } else {
-      auto o = dx.view({R, d.c});
-      at::mm_out(o, dy, wh);
-    }
+    auto o = dx.view({d.c, NP});
+    at::mm_out(o, wh.t(), dy.t());
+  } else if (need_dx) {
+    dx = rows_times(dy, wh.t(), {}, rows_as_conv(dy, d.c) ? at::Tensor() : new_buffer({R, d.c}, like))
+             .view(dout.sizes());
   }
   // conv_a, conv_b from the kernel's gradient (k9 = A @ B)
   const auto ca = prm[CONV_A].view({H, d.r}), cb = prm[CONV_B].view({d.r, 9});

@@ -6,6 +6,7 @@ with NaN before the kernel writes them; gradcheck; which calls it takes; errors 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -35,8 +36,8 @@ def _poisoned_outputs():
 
 # (layout, H, W, N): dense DFT tables up to 256 pixels, rfft2 / irfft2 beyond (17x17, 9x30, 24x20)
 SIZES = [("nchw", 5, 5, 1), ("lnc", 5, 5, 1), ("nhwc", 5, 5, 1), ("nchw", 3, 7, 1), ("nhwc", 1, 6, 1),
-         ("lnc", 16, 16, 1), ("lnc", 4, 4, 3), ("nchw", 17, 17, 1), ("nhwc", 9, 30, 1), ("lnc", 17, 17, 2),
-         ("nchw", 24, 20, 1)]
+         ("lnc", 16, 16, 1), ("lnc", 4, 4, 3), ("nhwc", 4, 5, 3), ("nchw", 17, 17, 1), ("nhwc", 9, 30, 1),
+         ("lnc", 17, 17, 2), ("nhwc", 17, 17, 2), ("nchw", 24, 20, 1)]
 TOL = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-4)}  # (output, gradients)
 
 
@@ -82,7 +83,7 @@ def small_chunks():
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("layout,hh,ww,n", [("lnc", 5, 5, 3), ("nchw", 17, 17, 1), ("nhwc", 9, 30, 1),
-                                           ("lnc", 17, 17, 2)])
+                                           ("lnc", 17, 17, 2), ("nhwc", 5, 3, 3)])
 def test_parallel_chunks_equal_reference(small_chunks, layout, hh, ww, n, threads):
     # dense tables and rfft2 / irfft2; each loop's chunks run on `threads` threads, each reduction's
     # per-chunk partial sums added in chunk order: float64 within the reference's tolerances either way
@@ -102,6 +103,25 @@ def test_parallel_chunks_equal_reference(small_chunks, layout, hh, ww, n, thread
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("layout,hh,ww,n,variant,dim", [("nhwc", 32, 64, 2, "edt", 128), ("lnc", 16, 16, 16, "ipt", 576)])
+def test_many_rows_products_equal_reference(layout, hh, ww, n, variant, dim):
+    # 4096 float32 rows: the wide products run as oneDNN's 1x1 convolution (EDT-like 128 <-> 9: the
+    # tail and the input gradient; IPT-like 576 <-> 24: the head and du too) and the narrow weight
+    # gradients (128 channels) as row-block products in one bmm; training and eval against float64
+    fast, ref, x = adapter_case(layout, hh, ww, n, torch.float32, variant=variant, dim=dim)
+    fast.train(), ref.train()
+    probe, xl = copy.deepcopy(fast), to_layout(x, layout).float().requires_grad_()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, moce_fast.backend("cpu"):
+        probe(xl).backward(torch.randn_like(xl))
+    ran = {e.key for e in prof.key_averages()}
+    assert "aten::convolution" in ran and ("aten::bmm" in ran) == (dim < 384), sorted(ran)
+    _check_training_step(fast, ref, x, layout, torch.float32, 12)
+    fast.eval(), ref.eval()
+    with torch.no_grad(), moce_fast.backend("cpu"):
+        y = fast(to_layout(x, layout))
+    assert rel_err(from_layout(y, layout, x.shape), ref(x)) < TOL[torch.float32][0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("layout,hh,ww,n", SIZES)
 def test_eval_equals_reference(layout, hh, ww, n, dtype):
@@ -115,7 +135,7 @@ def test_eval_equals_reference(layout, hh, ww, n, dtype):
     assert rel_err(from_layout(y, layout, x.shape), ref(x)) < TOL[dtype][0]
 
 
-@pytest.mark.parametrize("layout,hh,ww,n", [("nhwc", 4, 4, 1), ("lnc", 3, 3, 2), ("nchw", 17, 17, 1)])
+@pytest.mark.parametrize("layout,hh,ww,n", [("nhwc", 4, 4, 1), ("lnc", 3, 3, 2), ("nhwc", 3, 3, 2), ("nchw", 17, 17, 1)])
 def test_zero_map(layout, hh, ww, n):
     # variance 0 (BatchNorm divides by sqrt(eps)) and every spectrum bin 0 (abs and angle take their
     # zero-guarded gradients: none flows through 1/|S|)
@@ -136,10 +156,11 @@ def test_zero_map(layout, hh, ww, n):
         assert (p.grad - expect).abs().max() <= 1e-10 * max(1.0, expect.abs().max().item()), name
 
 
-@pytest.mark.parametrize("layout,shape", [("nhwc", (1, 4, 5, 56)), ("lnc", (9, 2, 56)), ("nchw", (1, 56, 17, 17))])
+@pytest.mark.parametrize("layout,shape", [("nhwc", (1, 4, 5, 56)), ("lnc", (9, 2, 56)), ("nhwc", (2, 3, 4, 56)),
+                                          ("nchw", (1, 56, 17, 17))])
 def test_gradcheck_float64(layout, shape):
-    # dense tables (one image; two images in "lnc") and rfft2 / irfft2 (17x17, fast mode: a random
-    # projection of the Jacobian)
+    # dense tables (one image; two images in "lnc" and "nhwc") and rfft2 / irfft2 (17x17, fast mode: a
+    # random projection of the Jacobian)
     adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", layout)).double().train()
     names = [name for name, _ in adapter.named_parameters()]
 
@@ -167,13 +188,15 @@ def test_auto_takes_the_kernel_on_cpu_and_torch_does_not():
 
 def test_calls_the_kernel_does_not_take_run_torch(monkeypatch):
     # under backend("cpu"), a call the kernel does not take runs the torch implementation (recorded
-    # as torch): more rows than CPU_KERNEL_MAX_ROWS_TRAINING, several images outside "lnc", bfloat16, an input
+    # as torch): more rows than CPU_KERNEL_MAX_ROWS_TRAINING, several images in "nchw", bfloat16, an input
     # in another dtype than the parameters, eval with autograd recording
     lnc = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "lnc")).train()
     nhwc = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).train()
+    nchw = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nchw")).train()
     monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_TRAINING", 32)
-    cases = [(lnc, torch.randn(16, 3, 56)), (nhwc, torch.randn(2, 4, 4, 56)), (nhwc, torch.randn(1, 4, 4, 56).double()),
-             (lnc, torch.randn(2, 16, 56).transpose(0, 1))]  # (L and N axes that do not merge)
+    cases = [(lnc, torch.randn(16, 3, 56)), (nchw, torch.randn(2, 56, 4, 4)), (nhwc, torch.randn(1, 4, 4, 56).double()),
+             (lnc, torch.randn(2, 16, 56).transpose(0, 1)),  # (L and N axes that do not merge)
+             (nhwc, torch.randn(3, 4, 4, 56))]
     with moce_fast.backend("cpu"):
         for adapter, x in cases:
             _backend._LAST_RUN.clear()
@@ -182,6 +205,8 @@ def test_calls_the_kernel_does_not_take_run_torch(monkeypatch):
             assert set(_backend.last_run().values()) == {"torch"}, x.shape
         _backend._LAST_RUN.clear()
         assert type(lnc(torch.randn(16, 2, 56)).grad_fn).__name__ == "_RowsCpuBackward"  # (32 rows)
+        assert set(_backend.last_run().values()) == {"cpu"}
+        assert type(nhwc(torch.randn(2, 4, 4, 56)).grad_fn).__name__ == "_RowsCpuBackward"
         assert set(_backend.last_run().values()) == {"cpu"}
         bf = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).bfloat16().train()
         _backend._LAST_RUN.clear()
@@ -262,7 +287,7 @@ def test_bad_arguments_are_clear_errors():
              (dict(x=x.to(torch.bfloat16)), "x: expected float32 or float64"),
              (dict(layout=3), "layout: expected 0 .nchw., 1 .lnc. or 2 .nhwc., got 3"),
              (dict(hh=5), "x: expected 20 pixel rows of 56 channels"),
-             (dict(n=2), "n: more than one image only in the lnc layout"),
+             (dict(layout=0, n=2), "n: more than one image only in the lnc and nhwc layouts"),
              (dict(nb=3), "nb: expected 12 bins of a 4x4 map, got 3"),
              (dict(fwd=fwd[:-1]), "fwd: expected a contiguous"),
              (dict(inv=torch.empty(0)), "inv: expected a contiguous")]
@@ -548,27 +573,27 @@ def test_cache_installed_as_torch_cpu_allocator(cache_limit):
 
 
 def test_adapter_torch_path_allocates_from_the_cache(cache_limit):
-    # several "nhwc" images in training run the torch backend's path (not the kernel), inside the
+    # several "nchw" images in training run the torch backend's path (not the kernel), inside the
     # scope: its big buffers come from the cache (a hit from the second step on), and the output and
     # gradients still equal the float64 reference
-    fast, ref, _ = adapter_case("nhwc", 32, 32, 2, torch.float32, dim=256)
+    fast, ref, _ = adapter_case("nchw", 32, 32, 2, torch.float32, dim=256)
     fast.train(), ref.train()
     hits = [cache_limit.cpu_cache_info()["hits"]]
     for step in range(2):
         x = torch.randn(2, 256, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
         for m in (fast, ref):
             m.zero_grad(set_to_none=True)
-        xl = to_layout(x, "nhwc").float().requires_grad_()
-        xr = to_layout(x, "nhwc").requires_grad_()
+        xl = to_layout(x, "nchw").float().requires_grad_()
+        xr = to_layout(x, "nchw").requires_grad_()
         _backend._LAST_RUN.clear()
         with moce_fast.backend("cpu"):
             y = fast(xl)
         assert set(_backend.last_run().values()) == {"torch"}
         hits.append(cache_limit.cpu_cache_info()["hits"])
-        expected = ref(from_layout(xr, "nhwc", x.shape))
-        assert rel_err(from_layout(y, "nhwc", x.shape), expected) < TOL[torch.float32][0]
+        expected = ref(from_layout(xr, "nchw", x.shape))
+        assert rel_err(from_layout(y, "nchw", x.shape), expected) < TOL[torch.float32][0]
         dy = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-        y.backward(to_layout(dy, "nhwc").float()), expected.backward(dy)
+        y.backward(to_layout(dy, "nchw").float()), expected.backward(dy)
         assert_grads_close(fast, ref, xl, xr, TOL[torch.float32][1])
         del y, xl
     # (the output, 2 MiB, is the one buffer of the forward that lives past it and is at least the

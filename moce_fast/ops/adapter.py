@@ -1094,7 +1094,7 @@ def _cpu_params(p: AdapterParams) -> list[torch.Tensor]:
 def cpu_kernel_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], training: bool) -> Optional[str]:
     """Why the extension's CPU kernel of the whole adapter does not take this call, or None: one
     task's parameters (``tensors``, :func:`_cpu_params`), contiguous, in ``t``'s dtype, float32 or
-    float64; one image, or N images in "lnc" whose L and N axes merge, at most
+    float64; one image, or N images in "nhwc", or in "lnc" whose L and N axes merge, at most
     ``CPU_KERNEL_MAX_ROWS_TRAINING`` (``_EVAL``) rows in all; outside torch.compile; in eval, no
     autograd graph to record (the kernel has none)."""
     why = _cpu_input_reason(t)
@@ -1102,8 +1102,9 @@ def cpu_kernel_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor],
         return why
     b, hh, ww = as_npc(t, layout)
     n = b.shape[0]
-    if n > 1 and not (layout == "lnc" and t.stride(0) == n * t.stride(1)):
-        return f"{n} images in layout {layout!r} (several images only in 'lnc' with mergeable L and N axes)"
+    if n > 1 and not (layout == "nhwc" or (layout == "lnc" and t.stride(0) == n * t.stride(1))):
+        return (f"{n} images in layout {layout!r} (several images only in 'nhwc', or in 'lnc' with mergeable L "
+                f"and N axes)")
     limit = CPU_KERNEL_MAX_ROWS_TRAINING if training else CPU_KERNEL_MAX_ROWS_EVAL
     if n * hh * ww > limit:
         return f"{n * hh * ww} rows, more than {limit} ({'training' if training else 'eval'})"
