@@ -1072,17 +1072,15 @@ def adaptir_fused_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: flo
 # ------------------------------------------------------------------- the extension's CPU kernel
 
 # The C++ kernel (csrc/adapter_cpu.cpp) runs up to this many rows (pixels x images), in training and
-# in eval. Its loops run on one thread; beyond these the torch paths are faster on this project's
-# 2-core CPU. Eval (kernel / torch path, interleaved, AMD EPYC VM, after the torch path's packed
-# eval): IPT 16x16 x 8 (2048 rows) 2.7 / 3.3 ms, 48x48 x 1 3.6 / 4.1 ms, 16x16 x 16 (4096) 5.7-6.2 /
-# 5.6-6.0 ms, 48x48 x 2 5.3 / 5.0 ms, 16x16 x 32 11.8-14.3 / 9.8-12.6 ms, 48x48 x 4 11.4 / 8.5 ms
-# (the limit was 9216, from an older torch path). Training was held to 4608 rows (at 16x16 x 32,
-# 8192 rows, 2.9x against 3.2x) until the kernel's buffers came from the CPU buffer cache; since
-# then (kernel / torch path, interleaved, AMD EPYC VM): 16x16 x 8 7.4 / 11.3 ms, x 32 (8192) 27.2-29.9
-# / 34.2-38.7 ms, 48x48 x 4 34.4 / 39.7 ms, x 8 (18432) 62.1-67.3 / 66.5-72.9 ms, x 16 126 / 130 ms,
-# x 32 298 / 290 ms.
-CPU_KERNEL_MAX_ROWS_TRAINING = 18432
-CPU_KERNEL_MAX_ROWS_EVAL = 4096
+# in eval; beyond these the torch paths are as fast or faster on this project's 2-core CPU. Since its
+# loops run in parallel and its wide products as the torch paths' (kernel / torch path, median of 6-8
+# interleaved in one process, AMD EPYC VM): training IPT 48x48 x 8 (18432 rows) 51.8 / 59.4 ms, x 32
+# (73728) 267 / 283 ms, EDT 64x64 x 8 (32768) 37.9 / 39.8 ms, x 32 (131072) 149 / 135 ms; eval IPT
+# 16x16 x 32 (8192) 8.7-9.0 / 9.4-9.5 ms, 48x48 x 4 (9216) 9.0-10.2 / 9.6-11.3 ms, EDT x 2 (8192) 4.3
+# / 4.9 ms, x 4 (16384) 6.0 / 5.6 ms, 48x48 x 8 19.3 / 19.2 ms, x 16 42.8 / 40.3 ms, EDT x 8 14.9 /
+# 13.8 ms. (Before, with its loops on one thread: 18432 in training, 4096 in eval.)
+CPU_KERNEL_MAX_ROWS_TRAINING = 73728
+CPU_KERNEL_MAX_ROWS_EVAL = 9216
 _LAYOUT_CODE = {"nchw": 0, "lnc": 1, "nhwc": 2}
 
 
