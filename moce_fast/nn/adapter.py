@@ -185,9 +185,10 @@ def packed_params(adapters: Sequence[AdaptIR], x: torch.Tensor, layout: str, eps
     The pack is kept on the first adapter while every tensor is the same storage at the same version
     (as :func:`folded_params`): the path is bound by the host on a GPU, and the pack is built by a
     few dozen small ops."""
-    raws = [t for a in adapters for t in _raw_tensors(a)]
-    if not ops_adapter.triton_eval(x, layout, raws[0].shape[0]):
+    hid = adapters[0]._modules["head"]._parameters["weight"].shape[0]  # (the tensors gathered only if so)
+    if not ops_adapter.triton_eval(x, layout, hid):
         return None
+    raws = [t for a in adapters for t in _raw_tensors(a)]
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in raws)):
         return None
     key = _kept_key(raws, eps, len(adapters))
