@@ -132,23 +132,6 @@ at::Tensor rows_of(const at::Tensor& x, int64_t layout, const Dims& d) {
   return x.reshape({d.rows, d.c});
 }
 
-// An (R, h) map's rows from image-major order (N, P, h) to the kernel's pixel-major order (P, N, h),
-// and back: "nhwc" stores N images one after the other, and only the h-wide maps are reordered (the
-// head's and tail's C-wide rows stay in x's order).
-at::Tensor new_buffer(at::IntArrayRef shape, const at::Tensor& like);
-
-at::Tensor to_pixel_major(const at::Tensor& t, const Dims& d) {
-  auto out = new_buffer({d.npix, d.n, d.hid}, t);
-  out.copy_(t.view({d.n, d.npix, d.hid}).transpose(0, 1));
-  return out.view({d.rows, d.hid});
-}
-
-at::Tensor to_image_major(const at::Tensor& t, const Dims& d) {
-  auto out = new_buffer({d.n, d.npix, d.hid}, t);
-  out.copy_(t.view({d.npix, d.n, d.hid}).transpose(0, 1));
-  return out.view({d.rows, d.hid});
-}
-
 // An uninitialised buffer from the CPU buffer cache (csrc/cpu_cache.cpp; poisoned with NaN in the
 // tests' debug mode): the kernels' outputs and the intermediates kept for the backward are the same
 // sizes step after step, so their pages stay mapped.
@@ -171,18 +154,16 @@ bool rows_as_conv(const at::Tensor& rows, int64_t m) {
          (m >= 128 || rows.size(1) >= 512);
 }
 
-// rows (R, K) @ w^T (w (M, K)) + bias (M, or undefined) as an (R, M) tensor: where rows_as_conv, a
-// new one from oneDNN's convolution (channels-last, so (R, M) rows), else written into `out` (a
-// contiguous (R, M) buffer) or, undefined, a new one.
-at::Tensor rows_times(const at::Tensor& rows, const at::Tensor& w, const at::Tensor& bias, at::Tensor out = {}) {
+// rows (R, K) @ w^T (w (M, K)) + bias (M, or undefined) as a new (R, M) tensor: where rows_as_conv,
+// oneDNN's convolution's output (channels-last, so (R, M) rows), else a buffer from the cache.
+at::Tensor rows_times(const at::Tensor& rows, const at::Tensor& w, const at::Tensor& bias) {
   const int64_t r = rows.size(0), k = rows.size(1), m = w.size(0);
   if (rows_as_conv(rows, m)) {
     auto y = at::conv2d(rows.view({1, r, 1, k}).permute({0, 3, 1, 2}), w.reshape({m, k, 1, 1}), bias);
     return y.permute({0, 2, 3, 1}).reshape({r, m});
   }
-  if (!out.defined()) return bias.defined() ? at::addmm(bias, rows, w.t()) : at::mm(rows, w.t());
-  if (bias.defined()) return at::addmm_out(out, bias, rows, w.t());
-  return at::mm_out(out, rows, w.t());
+  auto out = new_buffer({r, m}, rows);
+  return bias.defined() ? at::addmm_out(out, bias, rows, w.t()) : at::mm_out(out, rows, w.t());
 }
 
 // a^T b (m, k) over the R rows of a (R, m) and b (R, k), both narrow (see rows_as_conv).
@@ -191,6 +172,17 @@ at::Tensor narrow_rows_t_product(const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == at::kFloat && r >= 4096 && r % c == 0 && a.size(1) < 384 && b.size(1) < 384)
     return at::bmm(a.reshape({c, r / c, a.size(1)}).transpose(1, 2), b.reshape({c, r / c, b.size(1)})).sum(0);
   return at::mm(a.t(), b);
+}
+
+// An h-wide map's rows, given as `outer` groups of `inner` rows, reordered as `inner` groups of
+// `outer`: "nhwc" stores N images one after the other, so its head output goes from image-major rows
+// to the kernel's pixel-major ones (swap_rows(t, N, P)), and the tail's input and dy back
+// (swap_rows(t, P, N)); the head's and tail's C-wide rows stay in x's order.
+at::Tensor swap_rows(const at::Tensor& t, int64_t outer, int64_t inner) {
+  const int64_t h = t.size(1);
+  auto out = new_buffer({inner, outer, h}, t);
+  out.copy_(t.view({outer, inner, h}).transpose(0, 1));
+  return out.view({outer * inner, h});
 }
 
 template <typename T>
@@ -406,7 +398,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
   const auto rows = rows_of(x, layout, d);
   // head: (R, h); in training normalised in place into xhat, then y = bn_w xhat + bn_b
   auto xh = rows_times(rows, prm[HEAD_W].view({H, d.c}), prm[HEAD_B].view({H}));
-  if (d.image_major) xh = to_pixel_major(xh, d);
+  if (d.image_major) xh = swap_rows(xh, N, NP);
   at::Tensor y = xh, mean_t, var_t, istd_t;
   if (training) {
     y = new_buffer({R, H}, x);
@@ -578,9 +570,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
     auto o = out.view({d.c, NP});
     at::mm_out(o, tw, u.t());
   } else {
-    if (d.image_major) u = to_image_major(u, d);  // (kept so for the tail's weight gradient)
+    if (d.image_major) u = swap_rows(u, NP, N);  // (kept so for the tail's weight gradient)
     const auto shape = layout == LNC ? std::vector<int64_t>{NP, N, d.c} : std::vector<int64_t>{N, d.hh, d.ww, d.c};
-    out = rows_times(u, tw, {}, rows_as_conv(u, d.c) ? at::Tensor() : new_buffer({R, d.c}, x)).view(shape);
+    out = rows_times(u, tw, {}).view(shape);
   }
   if (!training) return {out};
   return {out,     mean_t,  var_t, rows, xh,  istd_t, y, sp.reim, sp.mag, sp.pha,
@@ -611,7 +603,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
     du = rows_times(g, tw.t(), {});
     // (u kept in the tail's row order)
     dtw = d.c < 384 ? narrow_rows_t_product(sv[S_U], g).t().contiguous() : at::mm(g.t(), sv[S_U]);
-    if (d.image_major) du = to_pixel_major(du, d);
+    if (d.image_major) du = swap_rows(du, N, NP);
   }
   const T* dup = du.data_ptr<T>();
   const T *lp = S(S_LOC), *glp = S(S_GL), *sgp = S(S_SG), *ccp = S(S_CC), *yp = S(S_Y);
@@ -912,7 +904,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
     });
   }
   // head, on x's rows (dy reordered to them)
-  if (d.image_major) dy = to_image_major(dy, d);
+  if (d.image_major) dy = swap_rows(dy, NP, N);
   const auto wh = prm[HEAD_W].view({H, d.c});
   // wide and long (IPT's 576 channels, 2304+ rows) as (rows^T dy)^T: MKL ran dy^T rows 1.3-1.5x
   // slower there on this project's 2-core CPU (and faster on EDT's 180 channels)
@@ -925,8 +917,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
     auto o = dx.view({d.c, NP});
     at::mm_out(o, wh.t(), dy.t());
   } else if (need_dx) {
-    dx = rows_times(dy, wh.t(), {}, rows_as_conv(dy, d.c) ? at::Tensor() : new_buffer({R, d.c}, like))
-             .view(dout.sizes());
+    dx = rows_times(dy, wh.t(), {}).view(dout.sizes());
   }
   // conv_a, conv_b from the kernel's gradient (k9 = A @ B)
   const auto ca = prm[CONV_A].view({H, d.r}), cb = prm[CONV_B].view({d.r, 9});
