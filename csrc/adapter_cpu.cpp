@@ -974,28 +974,36 @@ std::vector<at::Tensor> adaptir_rows_backward_cpu(const at::Tensor& dout, const 
 // ---------------------------------------------------------------- several tasks in one batch
 //
 // The adapters of T tasks on one batch, task[i] the task of image i: each task's images are gathered
-// into (P, n_k, C) rows (the "lnc" order, in which the kernel takes several images), run through its
-// adapter as above (training: BatchNorm on that task's images only), and the output scattered back
-// into x's layout; a task with no image is skipped. params: T x 24 tensors, task k's from k * 24.
-// One call per direction for all tasks (no loop over tasks in Python).
+// (task_layout: "nhwc" images as they are, whole images one after the other; the others into (P, n_k,
+// C) rows, the "lnc" order), run through its adapter as above (training: BatchNorm on that task's
+// images only), and the output scattered back into x's layout; a task with no image is skipped.
+// params: T x 24 tensors, task k's from k * 24. One call per direction for all tasks (no loop over
+// tasks in Python).
 
-// The images idx of x (N images in `layout`, P pixels, C channels) as contiguous (P, n_k, C) rows.
-// "nhwc" and "nchw" select whole images first (contiguous blocks), then transpose: an index_select
-// along the N axis of a (P, N, C) strided view copies element by element, 10-30x slower here.
+// The layout in which a task's gathered images run: "nhwc" stays (the kernel takes several of its
+// images), "lnc" and "nchw" go to "lnc".
+int64_t task_layout(int64_t layout) { return layout == NHWC ? NHWC : LNC; }
+
+// The images idx of x (N images in `layout`, P pixels, C channels), contiguous in task_layout: "nhwc"
+// (n_k, H, W, C) by selecting whole images; else (P, n_k, C) rows, "nchw" selecting whole images
+// first (contiguous blocks), then transposing: an index_select along the N axis of a (P, N, C)
+// strided view copies element by element, 10-30x slower here.
 at::Tensor gather_rows(const at::Tensor& x, int64_t layout, int64_t npix, int64_t c, const at::Tensor& idx) {
   if (layout == LNC) return x.index_select(1, idx);
-  if (layout == NHWC) return x.reshape({x.size(0), npix, c}).index_select(0, idx).transpose(0, 1).contiguous();
+  if (layout == NHWC) return x.index_select(0, idx);
   return x.reshape({x.size(0), c, npix}).index_select(0, idx).permute({2, 0, 1}).contiguous();
 }
 
-// rows (P n_k, C) of the images idx written into out (contiguous, N images in `layout`).
+// The images idx, in task_layout (gather_rows), written into out (contiguous, N images in `layout`).
 void scatter_rows(at::Tensor& out, int64_t layout, int64_t npix, int64_t c, const at::Tensor& idx,
                   const at::Tensor& rows) {
+  if (layout == NHWC) {
+    out.view({out.size(0), npix, c}).index_copy_(0, idx, rows.reshape({idx.numel(), npix, c}));
+    return;
+  }
   const auto r = rows.reshape({npix, idx.numel(), c});
   if (layout == LNC)
     out.index_copy_(1, idx, r);
-  else if (layout == NHWC)
-    out.view({out.size(0), npix, c}).index_copy_(0, idx, r.transpose(0, 1));
   else
     out.view({out.size(0), c, npix}).index_copy_(0, idx, r.permute({1, 2, 0}));
 }
@@ -1050,13 +1058,13 @@ std::vector<at::Tensor> adaptir_rows_tasks_cpu(const at::Tensor& x, int64_t layo
     const int64_t nk = idx.numel();
     if (nk == 0) continue;
     const auto prm = params.slice(k * NUM_PARAMS, NUM_PARAMS);
-    const auto xk = gather_rows(x, layout, g.npix, g.c, idx);  // (P, n_k, C), contiguous
-    const Dims d = check_args(xk, LNC, hh, ww, nk, prm, fwd, inv, nb, s);
+    const auto xk = gather_rows(x, layout, g.npix, g.c, idx);  // contiguous, in task_layout
+    const Dims d = check_args(xk, task_layout(layout), hh, ww, nk, prm, fwd, inv, nb, s);
     TORCH_CHECK(d.hid == hid, "params: task ", k, " has ", d.hid, " hidden channels, task 0 has ", hid);
     TORCH_CHECK(!training || d.rows > 1, "x: BatchNorm in training needs more than one value per channel; task ", k,
                 " has ", d.rows, " row");
     auto r = AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptir_rows_tasks_cpu", [&] {
-      return forward_impl<scalar_t>(xk, LNC, d, prm, fwd, inv, training, eps);
+      return forward_impl<scalar_t>(xk, task_layout(layout), d, prm, fwd, inv, training, eps);
     });
     scatter_rows(out, layout, g.npix, g.c, idx, r[0]);
     if (!training) continue;
@@ -1093,13 +1101,15 @@ std::vector<at::Tensor> adaptir_rows_tasks_backward_cpu(const at::Tensor& dout, 
     }
     const auto sv = saved.slice(done * NUM_SAVED, NUM_SAVED);
     ++done;
-    const auto& rows = sv[S_ROWS];  // the task's gathered input rows (P n_k, C)
-    const Dims d = check_args(rows.view({g.npix, nk, g.c}), LNC, hh, ww, nk, prm, fwd, inv, nb, s);
+    const auto& rows = sv[S_ROWS];  // the task's gathered input rows (P n_k or n_k P, C)
+    const int64_t kl = task_layout(layout);
+    const Dims d = check_args(kl == NHWC ? rows.view({nk, hh, ww, g.c}) : rows.view({g.npix, nk, g.c}), kl, hh, ww,
+                              nk, prm, fwd, inv, nb, s);
     TORCH_CHECK(sv[S_XHAT].numel() == d.rows * d.hid, "saved: the tensors of task ", k, " do not match its ", nk,
                 " images");
     const auto dk = gather_rows(dout, layout, g.npix, g.c, idx);
     auto r = AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptir_rows_tasks_backward_cpu", [&] {
-      return backward_impl<scalar_t>(dk, LNC, d, prm, sv, fwd, inv, need_dx);
+      return backward_impl<scalar_t>(dk, kl, d, prm, sv, fwd, inv, need_dx);
     });
     if (need_dx) scatter_rows(dx, layout, g.npix, g.c, idx, r[0]);
     res.insert(res.end(), r.begin() + 1, r.end());
