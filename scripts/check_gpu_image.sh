@@ -23,7 +23,8 @@
 # passed on 2.11 + Triton 3.6: 16 passed, 442 s. Sixth session (81d419f: mlp_bwd_kernel, a bfloat16
 # module's parameters through the training Function): -k "train or function or bf16_module or
 # compiles" on the triton adapter and compile test files: 16 passed, 2 skipped (bfloat16 on CUDA
-# only), 160 s.
+# only), 160 s. Ninth session (e775472: the extension built with -fopenmp, the CPU kernel's parallel
+# loops): tests/test_adapter_cpu_kernel.py and tests/test_packaging.py 114 passed, 1 skipped (CUDA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/moce-fast-gpu-image}
