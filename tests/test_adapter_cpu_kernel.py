@@ -93,12 +93,7 @@ def test_parallel_chunks_equal_reference(small_chunks, layout, hh, ww, n, thread
     try:
         fast.train(), ref.train()
         _check_training_step(fast, ref, x, layout, torch.float64, 11)
-        fast.eval(), ref.eval()
-        _backend._LAST_RUN.clear()
-        with torch.no_grad(), moce_fast.backend("cpu"):
-            y = fast(to_layout(x, layout))
-        assert _backend.last_run() == {"adaptir_linear": "cpu", "adaptir_mix_tail": "cpu"}
-        assert rel_err(from_layout(y, layout, x.shape), ref(x)) < TOL[torch.float64][0]
+        _check_eval(fast, ref, x, layout, torch.float64)
     finally:
         torch.set_num_threads(previous)
 
@@ -116,16 +111,19 @@ def test_many_rows_products_equal_reference(layout, hh, ww, n, variant, dim):
     ran = {e.key for e in prof.key_averages()}
     assert "aten::convolution" in ran and ("aten::bmm" in ran) == (dim < 384), sorted(ran)
     _check_training_step(fast, ref, x, layout, torch.float32, 12)
-    fast.eval(), ref.eval()
-    with torch.no_grad(), moce_fast.backend("cpu"):
-        y = fast(to_layout(x, layout))
-    assert rel_err(from_layout(y, layout, x.shape), ref(x)) < TOL[torch.float32][0]
+    _check_eval(fast, ref, x, layout, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("layout,hh,ww,n", SIZES)
 def test_eval_equals_reference(layout, hh, ww, n, dtype):
     fast, ref, x = adapter_case(layout, hh, ww, n, dtype)
+    _check_eval(fast, ref, x, layout, dtype)
+
+
+def _check_eval(fast, ref, x, layout, dtype):
+    """``fast`` in eval on the CPU kernel (recorded as "cpu") against the float64 reference ``ref``
+    on images ``x`` (N, C, H, W) in ``dtype``: the output's dtype, shape and values."""
     fast.eval(), ref.eval()
     _backend._LAST_RUN.clear()
     with torch.no_grad(), moce_fast.backend("cpu"):
