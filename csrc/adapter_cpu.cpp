@@ -142,16 +142,22 @@ at::Tensor new_buffer(at::IntArrayRef shape, const at::Tensor& like) {
 }
 
 // The products on the C-wide rows (R, C) with the h-wide maps, chosen as the torch backend's paths
-// chose them (moce_fast.ops.adapter._as_conv and _rows_t_product, measured there): from 4096 float32
-// rows, rows @ w^T with a wide side (w (M, K), M >= 128 or K >= 512) as oneDNN's 1x1 convolution over
-// the rows viewed as a channels-last (1, K, R, 1) map, and a weight gradient a^T b of two narrow maps
-// (both under 384 columns) as 8 row-block products in one bmm and their sum. Measured here (2-core
-// AMD EPYC, median of 15): EDT 64x64 x 8 (32768 rows, 180 <-> 12) the tail 7.9 -> 3.0 ms, the input
-// gradient 8.9 -> 2.9, the weight gradients 4.3 -> 3.2 and 4.1 -> 3.2; IPT 48x48 x 8 (18432 rows,
-// 576 <-> 24) the head and du 8.3-8.7 -> 4.6; below 4096 rows (IPT 48x48 at batch 1) no gain.
+// chose them (moce_fast.ops.adapter._as_conv and _rows_t_product, measured there), and below their
+// 4096 rows as measured for this kernel: rows @ w^T with a wide side as oneDNN's 1x1 convolution
+// over the rows viewed as a channels-last (1, K, R, 1) map, from 4096 float32 rows where w (M, K) has
+// M >= 128 or K >= 512, from 2048 where M or K >= 512 (IPT's 576 channels); and a weight gradient
+// a^T b of two narrow maps (both under 384 columns) from 4096 rows as 8 row-block products in one
+// bmm and their sum. Measured here (2-core AMD EPYC, median of 15): EDT 64x64 x 8 (32768 rows,
+// 180 <-> 12) the tail 7.9 -> 3.0 ms, the input gradient 8.9 -> 2.9, the weight gradients 4.3 -> 3.2
+// and 4.1 -> 3.2; IPT 48x48 x 8 (18432 rows, 576 <-> 24) the head and du 8.3-8.7 -> 4.6. Whole
+// calls, MKL against the convolution, alternating blocks of 10 in one process: IPT 48x48 batch 1
+// (2304 rows) training 6.5-7.2 -> 5.8 ms, eval 2.0-2.2 -> 1.9; IPT 16x16 x 8 (2048 rows) training
+// 7.0 -> 6.5, eval 1.78 -> 1.70; but IPT 16x16 x 4 (1024 rows) training 3.3 -> 4.5 and EDT's 180
+// channels at 2048-2116 rows 2.6 -> 2.9 (training), 0.94 -> 1.01 (eval): MKL there.
 bool rows_as_conv(const at::Tensor& rows, int64_t m) {
-  return rows.scalar_type() == at::kFloat && rows.is_contiguous() && rows.size(0) >= 4096 &&
-         (m >= 128 || rows.size(1) >= 512);
+  const int64_t r = rows.size(0), k = rows.size(1);
+  if (rows.scalar_type() != at::kFloat || !rows.is_contiguous()) return false;
+  return r >= 4096 ? (m >= 128 || k >= 512) : r >= 2048 && (m >= 512 || k >= 512);
 }
 
 // rows (R, K) @ w^T (w (M, K)) + bias (M, or undefined) as a new (R, M) tensor: where rows_as_conv,

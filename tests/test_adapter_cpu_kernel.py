@@ -98,18 +98,22 @@ def test_parallel_chunks_equal_reference(small_chunks, layout, hh, ww, n, thread
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("layout,hh,ww,n,variant,dim", [("nhwc", 32, 64, 2, "edt", 128), ("lnc", 16, 16, 16, "ipt", 576)])
+@pytest.mark.parametrize("layout,hh,ww,n,variant,dim", [("nhwc", 32, 64, 2, "edt", 128), ("lnc", 16, 16, 16, "ipt", 576),
+                                                        ("lnc", 16, 16, 8, "ipt", 576), ("nhwc", 32, 32, 2, "edt", 128)])
 def test_many_rows_products_equal_reference(layout, hh, ww, n, variant, dim):
-    # 4096 float32 rows: the wide products run as oneDNN's 1x1 convolution (EDT-like 128 <-> 9: the
-    # tail and the input gradient; IPT-like 576 <-> 24: the head and du too) and the narrow weight
-    # gradients (128 channels) as row-block products in one bmm; training and eval against float64
+    # from 4096 float32 rows the wide products run as oneDNN's 1x1 convolution (EDT-like 128 <-> 9:
+    # the tail and the input gradient; IPT-like 576 <-> 24: the head and du too) and the narrow weight
+    # gradients (128 channels) as row-block products in one bmm; from 2048 rows the convolution runs
+    # where a side is 512 or wider (IPT), the rest on MKL; training and eval against float64
+    rows = n * hh * ww
     fast, ref, x = adapter_case(layout, hh, ww, n, torch.float32, variant=variant, dim=dim)
     fast.train(), ref.train()
     probe, xl = copy.deepcopy(fast), to_layout(x, layout).float().requires_grad_()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, moce_fast.backend("cpu"):
         probe(xl).backward(torch.randn_like(xl))
     ran = {e.key for e in prof.key_averages()}
-    assert "aten::convolution" in ran and ("aten::bmm" in ran) == (dim < 384), sorted(ran)
+    assert ("aten::convolution" in ran) == (rows >= 4096 or dim >= 512), sorted(ran)
+    assert ("aten::bmm" in ran) == (rows >= 4096 and dim < 384), sorted(ran)
     _check_training_step(fast, ref, x, layout, torch.float32, 12)
     _check_eval(fast, ref, x, layout, torch.float32)
 
