@@ -169,6 +169,21 @@ at::Tensor rows_times(const at::Tensor& rows, const at::Tensor& w, const at::Ten
     return y.permute({0, 2, 3, 1}).reshape({r, m});
   }
   auto out = new_buffer({r, m}, rows);
+  // K < M (the tail, the input gradient) on fewer rows: MKL ran IPT 16x16's 256 x 24 -> 576 on one
+  // thread (0.08-0.095 ms on 2 threads, 0.08 on 1), so each thread takes its block of rows (a product
+  // inside the parallel region runs on its own thread). Measured, alternating blocks of 10 calls in
+  // one process: IPT 16x16 batch 1 eval 0.415 -> 0.383 ms and 0.394 -> 0.359, training 1.12 -> 1.07;
+  // 1024 rows (IPT 16x16 x 4, EDT 32x32) within noise.
+  const int64_t nt = at::get_num_threads();
+  if (k < m && nt > 1 && r >= 64 * nt) {
+    at::parallel_for(0, r, (r + nt - 1) / nt, [&](int64_t b, int64_t e) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // (thread-local: the callers' guard is not here)
+      auto o = out.narrow(0, b, e - b);
+      const auto a = rows.narrow(0, b, e - b);
+      if (bias.defined()) at::addmm_out(o, bias, a, w.t()); else at::mm_out(o, a, w.t());
+    });
+    return out;
+  }
   return bias.defined() ? at::addmm_out(out, bias, rows, w.t()) : at::mm_out(out, rows, w.t());
 }
 
