@@ -73,28 +73,22 @@ void check_x_layout(const at::Tensor& x, int64_t layout) {
               x.dim(), "-D");
 }
 
-// Checks every argument and returns the sizes (the error names the argument, what was expected and
-// what came).
-Dims check_args(const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, int64_t n, at::TensorList params,
-                const at::Tensor& fwd, const at::Tensor& inv, int64_t nb, int64_t s) {
-  check_x_layout(x, layout);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "x: expected float32 or float64, got ", x.scalar_type());
+// Checks the sizes and the other arguments of n images of c channels in `layout` (x's dtype st)
+// and returns the sizes (the error names the argument, what was expected and what came).
+Dims check_sizes(at::ScalarType st, int64_t layout, int64_t c, int64_t hh, int64_t ww, int64_t n,
+                 at::TensorList params, const at::Tensor& fwd, const at::Tensor& inv, int64_t nb, int64_t s) {
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble, "x: expected float32 or float64, got ", st);
   TORCH_CHECK(hh > 0 && ww > 0 && n > 0, "hh, ww, n: expected positive sizes, got ", hh, ", ", ww, ", ", n);
   TORCH_CHECK(n == 1 || layout != NCHW, "n: more than one image only in the lnc and nhwc layouts, got n = ", n);
   Dims d{};
   d.hh = hh, d.ww = ww, d.npix = hh * ww, d.n = n, d.rows = hh * ww * n;
   d.image_major = layout == NHWC && n > 1;
-  d.c = layout == NCHW ? x.size(1) : x.size(-1);
-  const int64_t expect_numel = d.rows * d.c;
-  TORCH_CHECK(x.numel() == expect_numel, "x: expected ", d.rows, " pixel rows of ", d.c, " channels, got shape ",
-              x.sizes());
+  d.c = c;
   TORCH_CHECK(static_cast<int64_t>(params.size()) == NUM_PARAMS, "params: expected ", int(NUM_PARAMS),
               " tensors, got ", params.size());
   for (int i = 0; i < NUM_PARAMS; ++i) {
-    TORCH_CHECK(params[i].scalar_type() == x.scalar_type() && params[i].device() == x.device() &&
-                    params[i].is_contiguous(),
-                kParamNames[i], ": expected a contiguous ", x.scalar_type(), " tensor on the CPU, got ",
+    TORCH_CHECK(params[i].scalar_type() == st && params[i].device().is_cpu() && params[i].is_contiguous(),
+                kParamNames[i], ": expected a contiguous ", st, " tensor on the CPU, got ",
                 params[i].scalar_type(), " on ", params[i].device(), params[i].is_contiguous() ? "" : " (strided)");
   }
   d.hid = params[HEAD_B].numel();
@@ -119,11 +113,25 @@ Dims check_args(const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, int
   }
   TORCH_CHECK(s >= 1 && s <= 4 && s <= nb, "s: expected 1..4 self-conjugate bins, got ", s);
   for (const auto* t : {&fwd, &inv})
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == d.k && t->size(1) == d.npix && t->scalar_type() == x.scalar_type() &&
-                    t->is_contiguous() && t->device() == x.device(),
-                (t == &fwd ? "fwd" : "inv"), ": expected a contiguous (", d.k, ", ", d.npix, ") ", x.scalar_type(),
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == d.k && t->size(1) == d.npix && t->scalar_type() == st &&
+                    t->is_contiguous() && t->device().is_cpu(),
+                (t == &fwd ? "fwd" : "inv"), ": expected a contiguous (", d.k, ", ", d.npix, ") ", st,
                 " CPU table, got ", t->sizes(), " ", t->scalar_type());
   return d;
+}
+
+// check_sizes for x, n images in `layout`.
+Dims check_args(const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, int64_t n, at::TensorList params,
+                const at::Tensor& fwd, const at::Tensor& inv, int64_t nb, int64_t s) {
+  check_x_layout(x, layout);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "x: expected float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(hh > 0 && ww > 0 && n > 0, "hh, ww, n: expected positive sizes, got ", hh, ", ", ww, ", ", n);
+  TORCH_CHECK(n == 1 || layout != NCHW, "n: more than one image only in the lnc and nhwc layouts, got n = ", n);
+  const int64_t c = layout == NCHW ? x.size(1) : x.size(-1);
+  TORCH_CHECK(x.numel() == hh * ww * n * c, "x: expected ", hh * ww * n, " pixel rows of ", c,
+              " channels, got shape ", x.sizes());
+  return check_sizes(x.scalar_type(), layout, c, hh, ww, n, params, fwd, inv, nb, s);
 }
 
 // The rows (P N, C) of x in its layout, a view where the strides allow one.
@@ -411,15 +419,55 @@ std::vector<T> tap_rows(const T* k9, int64_t hid, int64_t line) {
   return rows;
 }
 
+// One task's images of a batch of several tasks, with the batch left in its layout: the C-wide
+// products run image by image on the batch's (P, C) blocks ("lnc" rows N C values apart, "nchw"
+// transposed: BLAS takes those strides), reading and writing the kernel's pixel-major h-wide rows
+// (P, n_k, h) directly, so no image is gathered or scattered. The kernel runs such a task as "lnc".
+struct ImageBlocks {
+  int64_t layout, npix, c, n;  // the batch's layout; the task's n images, idx[j] the batch index of its j-th
+  const int64_t* idx;
+  at::Tensor out;              // the batch's output (forward) or input gradient (backward), or undefined
+
+  // image j's (P, C) block of t, a tensor in the batch's layout (a copy where t's strides need one:
+  // read only)
+  at::Tensor of(const at::Tensor& t, int64_t j) const {
+    const int64_t i = idx[j];
+    if (layout == LNC) return t.select(1, i);
+    if (layout == NHWC) return t[i].reshape({npix, c});
+    return t[i].reshape({c, npix}).t();
+  }
+  // image j's (P, C) block of `out` (contiguous: a view, written in place)
+  at::Tensor out_of(int64_t j) const {
+    const int64_t i = idx[j];
+    if (layout == LNC) return out.select(1, i);
+    if (layout == NHWC) return out[i].view({npix, c});
+    return out[i].view({c, npix}).t();
+  }
+  // image j's rows (P, h) of a pixel-major h-wide map (P n_k, h)
+  at::Tensor rows(const at::Tensor& m, int64_t j) const { return m.view({npix, n, m.size(1)}).select(1, j); }
+};
+
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const Dims& d, at::TensorList prm,
-                                     const at::Tensor& fwd, const at::Tensor& inv, bool training, double eps) {
+                                     const at::Tensor& fwd, const at::Tensor& inv, bool training, double eps,
+                                     const ImageBlocks* blocks = nullptr) {
   auto P = [&](Param i) { return prm[i].data_ptr<T>(); };
   const int64_t R = d.rows, H = d.hid, N = d.n, NP = d.npix, h2 = d.h2, q = d.q;
-  const auto rows = rows_of(x, layout, d);
   // head: (R, h); in training normalised in place into xhat, then y = bn_w xhat + bn_b
-  auto xh = rows_times(rows, prm[HEAD_W].view({H, d.c}), prm[HEAD_B].view({H}));
-  if (d.image_major) xh = swap_rows(xh, N, NP);
+  const auto wh = prm[HEAD_W].view({H, d.c});
+  at::Tensor rows, xh;
+  if (blocks) {  // (x is the whole batch)
+    rows = x;
+    xh = new_buffer({R, H}, x);
+    for (int64_t j = 0; j < N; ++j) {
+      auto o = blocks->rows(xh, j);
+      at::addmm_out(o, prm[HEAD_B].view({H}), blocks->of(x, j), wh.t());
+    }
+  } else {
+    rows = rows_of(x, layout, d);
+    xh = rows_times(rows, wh, prm[HEAD_B].view({H}));
+    if (d.image_major) xh = swap_rows(xh, N, NP);
+  }
   at::Tensor y = xh, mean_t, var_t, istd_t;
   if (training) {
     y = new_buffer({R, H}, x);
@@ -586,7 +634,13 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
   // tail, written in the host's layout
   const auto tw = prm[TAIL_W].view({d.c, H});
   at::Tensor out;
-  if (layout == NCHW) {
+  if (blocks) {  // into the batch's output
+    out = blocks->out;
+    for (int64_t j = 0; j < N; ++j) {
+      auto o = blocks->out_of(j);
+      at::mm_out(o, blocks->rows(u, j), tw.t());
+    }
+  } else if (layout == NCHW) {
     out = new_buffer({1, d.c, d.hh, d.ww}, x);
     auto o = out.view({d.c, NP});
     at::mm_out(o, tw, u.t());
@@ -607,7 +661,8 @@ enum Saved : int {
 
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, const Dims& d, at::TensorList prm,
-                                      at::TensorList sv, const at::Tensor& fwd, const at::Tensor& inv, bool need_dx) {
+                                      at::TensorList sv, const at::Tensor& fwd, const at::Tensor& inv, bool need_dx,
+                                      const ImageBlocks* blocks = nullptr) {
   auto P = [&](Param i) { return prm[i].data_ptr<T>(); };
   auto S = [&](Saved i) { return sv[i].data_ptr<T>(); };
   const int64_t R = d.rows, H = d.hid, N = d.n, NP = d.npix, h2 = d.h2, q = d.q, nh = N * H;
@@ -615,7 +670,16 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   const auto tw = prm[TAIL_W].view({d.c, H});
   // tail
   at::Tensor du, dtw;
-  if (layout == NCHW) {
+  if (blocks) {  // dout: the whole batch's
+    du = new_buffer({R, H}, like);
+    dtw = at::zeros({d.c, H}, like.options());
+    for (int64_t j = 0; j < N; ++j) {
+      const auto g = blocks->of(dout, j);
+      auto o = blocks->rows(du, j);
+      at::mm_out(o, g, tw);
+      dtw.addmm_(g.t(), blocks->rows(sv[S_U], j));
+    }
+  } else if (layout == NCHW) {
     const auto g = dout.reshape({d.c, NP});
     du = at::mm(g.t(), tw);
     dtw = at::mm(g, sv[S_U]);
@@ -929,11 +993,24 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   const auto wh = prm[HEAD_W].view({H, d.c});
   // wide and long (IPT's 576 channels, 2304+ rows) as (rows^T dy)^T: MKL ran dy^T rows 1.3-1.5x
   // slower there on this project's 2-core CPU (and faster on EDT's 180 channels)
-  auto dwh = d.c >= 384 && R >= 1024 ? at::mm(sv[S_ROWS].t(), dy).t().contiguous()
-                                     : narrow_rows_t_product(dy, sv[S_ROWS]);
+  at::Tensor dwh;
+  if (blocks) {  // sv[S_ROWS]: the whole batch's x
+    auto acc = at::zeros({d.c, H}, like.options());
+    for (int64_t j = 0; j < N; ++j) acc.addmm_(blocks->of(sv[S_ROWS], j).t(), blocks->rows(dy, j));
+    dwh = acc.t().contiguous();
+  } else {
+    dwh = d.c >= 384 && R >= 1024 ? at::mm(sv[S_ROWS].t(), dy).t().contiguous()
+                                  : narrow_rows_t_product(dy, sv[S_ROWS]);
+  }
   auto dbh = dy.sum(0);
   at::Tensor dx = at::empty({0}, like.options());
-  if (need_dx && layout == NCHW) {
+  if (need_dx && blocks) {
+    dx = blocks->out;
+    for (int64_t j = 0; j < N; ++j) {
+      auto o = blocks->out_of(j);
+      at::mm_out(o, blocks->rows(dy, j), wh);
+    }
+  } else if (need_dx && layout == NCHW) {
     dx = new_buffer(dout.sizes(), like);
     auto o = dx.view({d.c, NP});
     at::mm_out(o, wh.t(), dy.t());
@@ -994,40 +1071,13 @@ std::vector<at::Tensor> adaptir_rows_backward_cpu(const at::Tensor& dout, const 
 
 // ---------------------------------------------------------------- several tasks in one batch
 //
-// The adapters of T tasks on one batch, task[i] the task of image i: each task's images are gathered
-// (task_layout: "nhwc" images as they are, whole images one after the other; the others into (P, n_k,
-// C) rows, the "lnc" order), run through its adapter as above (training: BatchNorm on that task's
-// images only), and the output scattered back into x's layout; a task with no image is skipped.
-// params: T x 24 tensors, task k's from k * 24. One call per direction for all tasks (no loop over
-// tasks in Python).
-
-// The layout in which a task's gathered images run: "nhwc" stays (the kernel takes several of its
-// images), "lnc" and "nchw" go to "lnc".
-int64_t task_layout(int64_t layout) { return layout == NHWC ? NHWC : LNC; }
-
-// The images idx of x (N images in `layout`, P pixels, C channels), contiguous in task_layout: "nhwc"
-// (n_k, H, W, C) by selecting whole images; else (P, n_k, C) rows, "nchw" selecting whole images
-// first (contiguous blocks), then transposing: an index_select along the N axis of a (P, N, C)
-// strided view copies element by element, 10-30x slower here.
-at::Tensor gather_rows(const at::Tensor& x, int64_t layout, int64_t npix, int64_t c, const at::Tensor& idx) {
-  if (layout == LNC) return x.index_select(1, idx);
-  if (layout == NHWC) return x.index_select(0, idx);
-  return x.reshape({x.size(0), c, npix}).index_select(0, idx).permute({2, 0, 1}).contiguous();
-}
-
-// The images idx, in task_layout (gather_rows), written into out (contiguous, N images in `layout`).
-void scatter_rows(at::Tensor& out, int64_t layout, int64_t npix, int64_t c, const at::Tensor& idx,
-                  const at::Tensor& rows) {
-  if (layout == NHWC) {
-    out.view({out.size(0), npix, c}).index_copy_(0, idx, rows.reshape({idx.numel(), npix, c}));
-    return;
-  }
-  const auto r = rows.reshape({npix, idx.numel(), c});
-  if (layout == LNC)
-    out.index_copy_(1, idx, r);
-  else
-    out.view({out.size(0), c, npix}).index_copy_(0, idx, r.permute({1, 2, 0}));
-}
+// The adapters of T tasks on one batch, task[i] the task of image i: each task's images run through
+// its adapter as above (training: BatchNorm on that task's images only), as n_k images in "lnc" order
+// whose C-wide products read and write the batch in place, image by image (ImageBlocks: no image is
+// gathered into a task's own buffer, nor its output scattered back: those copies of the C-wide rows
+// cost ~0.6 ms per 48x48 image of 576 channels in the two-task step, DRAM-bound); a task with no image
+// is skipped. params: T x 24 tensors, task k's from k * 24. One call per direction for all tasks (no
+// loop over tasks in Python). The saved S_ROWS of each task is x itself.
 
 struct TaskGroups {
   int64_t t, n, c, npix;
@@ -1079,15 +1129,14 @@ std::vector<at::Tensor> adaptir_rows_tasks_cpu(const at::Tensor& x, int64_t layo
     const int64_t nk = idx.numel();
     if (nk == 0) continue;
     const auto prm = params.slice(k * NUM_PARAMS, NUM_PARAMS);
-    const auto xk = gather_rows(x, layout, g.npix, g.c, idx);  // contiguous, in task_layout
-    const Dims d = check_args(xk, task_layout(layout), hh, ww, nk, prm, fwd, inv, nb, s);
+    const Dims d = check_sizes(x.scalar_type(), LNC, g.c, hh, ww, nk, prm, fwd, inv, nb, s);
     TORCH_CHECK(d.hid == hid, "params: task ", k, " has ", d.hid, " hidden channels, task 0 has ", hid);
     TORCH_CHECK(!training || d.rows > 1, "x: BatchNorm in training needs more than one value per channel; task ", k,
                 " has ", d.rows, " row");
+    const ImageBlocks blocks{layout, g.npix, g.c, nk, idx.data_ptr<int64_t>(), out};
     auto r = AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptir_rows_tasks_cpu", [&] {
-      return forward_impl<scalar_t>(xk, task_layout(layout), d, prm, fwd, inv, training, eps);
+      return forward_impl<scalar_t>(x, LNC, d, prm, fwd, inv, training, eps, &blocks);
     });
-    scatter_rows(out, layout, g.npix, g.c, idx, r[0]);
     if (!training) continue;
     mean[k].copy_(r[1]), var[k].copy_(r[2]), count[k].fill_(double(d.rows));
     res.insert(res.end(), r.begin() + 3, r.end());
@@ -1122,17 +1171,13 @@ std::vector<at::Tensor> adaptir_rows_tasks_backward_cpu(const at::Tensor& dout, 
     }
     const auto sv = saved.slice(done * NUM_SAVED, NUM_SAVED);
     ++done;
-    const auto& rows = sv[S_ROWS];  // the task's gathered input rows (P n_k or n_k P, C)
-    const int64_t kl = task_layout(layout);
-    const Dims d = check_args(kl == NHWC ? rows.view({nk, hh, ww, g.c}) : rows.view({g.npix, nk, g.c}), kl, hh, ww,
-                              nk, prm, fwd, inv, nb, s);
-    TORCH_CHECK(sv[S_XHAT].numel() == d.rows * d.hid, "saved: the tensors of task ", k, " do not match its ", nk,
-                " images");
-    const auto dk = gather_rows(dout, layout, g.npix, g.c, idx);
+    const Dims d = check_sizes(x.scalar_type(), LNC, g.c, hh, ww, nk, prm, fwd, inv, nb, s);
+    TORCH_CHECK(sv[S_ROWS].sizes() == x.sizes() && sv[S_XHAT].numel() == d.rows * d.hid, "saved: the tensors of task ",
+                k, " do not match x and its ", nk, " images");
+    const ImageBlocks blocks{layout, g.npix, g.c, nk, idx.data_ptr<int64_t>(), dx};
     auto r = AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adaptir_rows_tasks_backward_cpu", [&] {
-      return backward_impl<scalar_t>(dk, kl, d, prm, sv, fwd, inv, need_dx);
+      return backward_impl<scalar_t>(dout, LNC, d, prm, sv, fwd, inv, need_dx, &blocks);
     });
-    if (need_dx) scatter_rows(dx, layout, g.npix, g.c, idx, r[0]);
     res.insert(res.end(), r.begin() + 1, r.end());
   }
   return res;

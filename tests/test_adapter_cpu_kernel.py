@@ -337,8 +337,8 @@ def _task_site(layout, dtype, seed=30):
     return host.to(dtype), refs
 
 
-# (layout, H, W): dense tables and rfft2 / irfft2 (17x17); "nhwc" and "nchw" images are gathered
-# into rows per task
+# (layout, H, W): dense tables and rfft2 / irfft2 (17x17); each layout's images read and written in
+# the batch, image by image
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("layout,hh,ww", [("lnc", 4, 4), ("nhwc", 5, 3), ("nchw", 4, 6), ("lnc", 17, 17)])
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -383,6 +383,41 @@ def test_several_tasks_one_call_equal_each_reference(mode, layout, hh, ww, dtype
         assert all(p.grad is not None and not p.grad.any() for p in absent.parameters())
     assert absent.BN.num_batches_tracked.item() == 0
     assert torch.equal(absent.BN.running_mean.double(), refs["c"].BN.running_mean)
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "lnc", "nchw"])
+def test_several_tasks_strided_batch(layout):
+    """The kernel reads each task's images from the batch in place and writes the output and the
+    input gradient there: a batch with strides of another layout (and a strided upstream gradient)
+    gives what its contiguous copy gives, in training with every gradient."""
+    from moce_fast import adapters
+
+    host, _ = _task_site(layout, torch.float64)
+    host.train()
+    names = ["b", "a", "b", "a"]
+    base = torch.randn(4, 56, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(33))
+    # nhwc and lnc: views of the (N, C, H, W) batch; nchw: channel-major across images
+    strided = {"nhwc": base.permute(0, 2, 3, 1), "lnc": base.flatten(2).permute(2, 0, 1),
+               "nchw": base.transpose(0, 1).contiguous().transpose(0, 1)}[layout]
+    assert not strided.is_contiguous()
+    results = []
+    for x in (strided, strided.contiguous()):
+        x = x.detach().clone() if x.is_contiguous() else x.detach()
+        x.requires_grad_()
+        for p in host.parameters():
+            p.grad = None
+        state = copy.deepcopy(host.state_dict())
+        dy = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(34))
+        with moce_fast.backend("cpu"), adapters.tasks(names):
+            y = host(x)
+        assert "_RowsCpuTasksBackward" in graph_nodes(y)
+        y.backward(dy.transpose(0, 1).contiguous().transpose(0, 1))  # a strided upstream gradient
+        results.append((y.detach(), x.grad, [p.grad for p in host.parameters()]))
+        host.load_state_dict(state)  # the same running statistics for the second call
+    (y0, dx0, g0), (y1, dx1, g1) = results
+    assert rel_err(y0, y1) < 1e-12 and rel_err(dx0, dx1) < 1e-12
+    # (absolute below 1: the head's bias and compress's bias have gradients that are 0 up to rounding)
+    assert all(((a - b).abs().max() <= 1e-12 * (1 + b.abs().max())).item() for a, b in zip(g0, g1))
 
 
 def test_several_tasks_gradcheck_float64():

@@ -1203,8 +1203,8 @@ class _RowsCpu(torch.autograd.Function):
 def cpu_tasks_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], task: Optional[torch.Tensor],
                      training: bool) -> Optional[str]:
     """Why the extension's CPU kernel does not take this call of several tasks' adapters on one
-    batch (``adaptir_rows_tasks``: each task's images gathered into rows and run as one task's,
-    one call for all tasks), or None: ``tensors`` the 24 parameters of each task in turn
+    batch (``adaptir_rows_tasks``: each task's images run as one task's, read from and written to
+    the batch in place, one call for all tasks), or None: ``tensors`` the 24 parameters of each task in turn
     (:func:`_cpu_params`), contiguous, in ``t``'s dtype, float32 or float64; ``task`` (N,) int64
     on the CPU; every task's images at most ``CPU_KERNEL_MAX_ROWS_TRAINING`` (``_EVAL``) rows;
     outside torch.compile; in eval, no autograd graph to record."""
