@@ -445,6 +445,22 @@ struct ImageBlocks {
   }
   // image j's rows (P, h) of a pixel-major h-wide map (P n_k, h)
   at::Tensor rows(const at::Tensor& m, int64_t j) const { return m.view({npix, n, m.size(1)}).select(1, j); }
+  // fn(j) for each image j (the products that write image j's own rows), in parallel over the
+  // images where there are several, each image's product on its thread's MKL. Measured, IPT 16x16
+  // two tasks x 4 images (256 rows each, which MKL ran on one thread), alternating blocks in one
+  // process: training 10.8 -> 9.0 ms, eval 6.2 -> 5.1. (The weight gradients' sums over the images
+  // stay sequential: per-image partial products in parallel, added in order, measured no gain.)
+  template <typename F>
+  void each(const F& fn) const {
+    if (n == 1) {
+      fn(0);
+      return;
+    }
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // (thread-local: the callers' guard is not here)
+      for (int64_t j = b; j < e; ++j) fn(j);
+    });
+  }
 };
 
 template <typename T>
@@ -459,10 +475,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
   if (blocks) {  // (x is the whole batch)
     rows = x;
     xh = new_buffer({R, H}, x);
-    for (int64_t j = 0; j < N; ++j) {
+    blocks->each([&](int64_t j) {
       auto o = blocks->rows(xh, j);
       at::addmm_out(o, prm[HEAD_B].view({H}), blocks->of(x, j), wh.t());
-    }
+    });
   } else {
     rows = rows_of(x, layout, d);
     xh = rows_times(rows, wh, prm[HEAD_B].view({H}));
@@ -636,10 +652,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
   at::Tensor out;
   if (blocks) {  // into the batch's output
     out = blocks->out;
-    for (int64_t j = 0; j < N; ++j) {
+    blocks->each([&](int64_t j) {
       auto o = blocks->out_of(j);
       at::mm_out(o, blocks->rows(u, j), tw.t());
-    }
+    });
   } else if (layout == NCHW) {
     out = new_buffer({1, d.c, d.hh, d.ww}, x);
     auto o = out.view({d.c, NP});
@@ -672,13 +688,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   at::Tensor du, dtw;
   if (blocks) {  // dout: the whole batch's
     du = new_buffer({R, H}, like);
-    dtw = at::zeros({d.c, H}, like.options());
-    for (int64_t j = 0; j < N; ++j) {
-      const auto g = blocks->of(dout, j);
+    blocks->each([&](int64_t j) {
       auto o = blocks->rows(du, j);
-      at::mm_out(o, g, tw);
-      dtw.addmm_(g.t(), blocks->rows(sv[S_U], j));
-    }
+      at::mm_out(o, blocks->of(dout, j), tw);
+    });
+    dtw = at::zeros({d.c, H}, like.options());
+    for (int64_t j = 0; j < N; ++j) dtw.addmm_(blocks->of(dout, j).t(), blocks->rows(sv[S_U], j));
   } else if (layout == NCHW) {
     const auto g = dout.reshape({d.c, NP});
     du = at::mm(g.t(), tw);
@@ -1006,10 +1021,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   at::Tensor dx = at::empty({0}, like.options());
   if (need_dx && blocks) {
     dx = blocks->out;
-    for (int64_t j = 0; j < N; ++j) {
+    blocks->each([&](int64_t j) {
       auto o = blocks->out_of(j);
       at::mm_out(o, blocks->rows(dy, j), wh);
-    }
+    });
   } else if (need_dx && layout == NCHW) {
     dx = new_buffer(dout.sizes(), like);
     auto o = dx.view({d.c, NP});
