@@ -73,10 +73,12 @@ void check_x_layout(const at::Tensor& x, int64_t layout) {
               x.dim(), "-D");
 }
 
-// Checks the sizes and the other arguments of n images of c channels in `layout` (x's dtype st)
-// and returns the sizes (the error names the argument, what was expected and what came).
+// Checks the sizes and the other arguments of n images of c channels in `layout` (x's dtype st;
+// x itself, where given, holds them) and returns the sizes (the error names the argument, what was
+// expected and what came).
 Dims check_sizes(at::ScalarType st, int64_t layout, int64_t c, int64_t hh, int64_t ww, int64_t n,
-                 at::TensorList params, const at::Tensor& fwd, const at::Tensor& inv, int64_t nb, int64_t s) {
+                 at::TensorList params, const at::Tensor& fwd, const at::Tensor& inv, int64_t nb, int64_t s,
+                 const at::Tensor* x = nullptr) {
   TORCH_CHECK(st == at::kFloat || st == at::kDouble, "x: expected float32 or float64, got ", st);
   TORCH_CHECK(hh > 0 && ww > 0 && n > 0, "hh, ww, n: expected positive sizes, got ", hh, ", ", ww, ", ", n);
   TORCH_CHECK(n == 1 || layout != NCHW, "n: more than one image only in the lnc and nhwc layouts, got n = ", n);
@@ -84,6 +86,8 @@ Dims check_sizes(at::ScalarType st, int64_t layout, int64_t c, int64_t hh, int64
   d.hh = hh, d.ww = ww, d.npix = hh * ww, d.n = n, d.rows = hh * ww * n;
   d.image_major = layout == NHWC && n > 1;
   d.c = c;
+  TORCH_CHECK(!x || x->numel() == d.rows * c, "x: expected ", d.rows, " pixel rows of ", c, " channels, got shape ",
+              x->sizes());
   TORCH_CHECK(static_cast<int64_t>(params.size()) == NUM_PARAMS, "params: expected ", int(NUM_PARAMS),
               " tensors, got ", params.size());
   for (int i = 0; i < NUM_PARAMS; ++i) {
@@ -124,14 +128,8 @@ Dims check_sizes(at::ScalarType st, int64_t layout, int64_t c, int64_t hh, int64
 Dims check_args(const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, int64_t n, at::TensorList params,
                 const at::Tensor& fwd, const at::Tensor& inv, int64_t nb, int64_t s) {
   check_x_layout(x, layout);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "x: expected float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(hh > 0 && ww > 0 && n > 0, "hh, ww, n: expected positive sizes, got ", hh, ", ", ww, ", ", n);
-  TORCH_CHECK(n == 1 || layout != NCHW, "n: more than one image only in the lnc and nhwc layouts, got n = ", n);
-  const int64_t c = layout == NCHW ? x.size(1) : x.size(-1);
-  TORCH_CHECK(x.numel() == hh * ww * n * c, "x: expected ", hh * ww * n, " pixel rows of ", c,
-              " channels, got shape ", x.sizes());
-  return check_sizes(x.scalar_type(), layout, c, hh, ww, n, params, fwd, inv, nb, s);
+  return check_sizes(x.scalar_type(), layout, layout == NCHW ? x.size(1) : x.size(-1), hh, ww, n, params, fwd, inv,
+                     nb, s, &x);
 }
 
 // The rows (P N, C) of x in its layout, a view where the strides allow one.
