@@ -138,6 +138,17 @@ at::Tensor rows_of(const at::Tensor& x, int64_t layout, const Dims& d) {
   return x.reshape({d.rows, d.c});
 }
 
+// fn(b, e) over [begin, end) in grains on torch's threads, for loops that call ATen ops (each
+// product then runs on its own thread's MKL): below autograd on every thread, since that guard is
+// thread-local and the entry points' own is only on the calling thread.
+template <typename F>
+void parallel_ops(int64_t begin, int64_t end, int64_t grain, const F& fn) {
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    fn(b, e);
+  });
+}
+
 // An uninitialised buffer from the CPU buffer cache (csrc/cpu_cache.cpp; poisoned with NaN in the
 // tests' debug mode): the kernels' outputs and the intermediates kept for the backward are the same
 // sizes step after step, so their pages stay mapped.
@@ -182,8 +193,7 @@ at::Tensor rows_times(const at::Tensor& rows, const at::Tensor& w, const at::Ten
   // 1024 rows (IPT 16x16 x 4, EDT 32x32) within noise.
   const int64_t nt = at::get_num_threads();
   if (k < m && nt > 1 && r >= 64 * nt) {
-    at::parallel_for(0, r, (r + nt - 1) / nt, [&](int64_t b, int64_t e) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;  // (thread-local: the callers' guard is not here)
+    parallel_ops(0, r, (r + nt - 1) / nt, [&](int64_t b, int64_t e) {
       auto o = out.narrow(0, b, e - b);
       const auto a = rows.narrow(0, b, e - b);
       if (bias.defined()) at::addmm_out(o, bias, a, w.t()); else at::mm_out(o, a, w.t());
@@ -454,8 +464,7 @@ struct ImageBlocks {
       fn(0);
       return;
     }
-    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;  // (thread-local: the callers' guard is not here)
+    parallel_ops(0, n, 1, [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) fn(j);
     });
   }
