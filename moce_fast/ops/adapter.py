@@ -1281,8 +1281,9 @@ class _RowsCpuTasks(torch.autograd.Function):
         if dout is None:
             return (None,) * (6 + len(params))
         need_dx = ctx.needs_input_grad[0]
-        g = torch.ops.moce_fast.adaptir_rows_tasks_backward(dout.contiguous(), t, code, hh, ww, params, task,
-                                                            ctx.inter, fwd, inv, nb, s, need_dx)
+        # (dout as it comes: the kernel reads each image's block in place, whatever its strides)
+        g = torch.ops.moce_fast.adaptir_rows_tasks_backward(dout, t, code, hh, ww, params, task, ctx.inter, fwd, inv,
+                                                            nb, s, need_dx)
         return (g[0] if need_dx else None, None, None, None, None, None, *g[1:])
 
 
