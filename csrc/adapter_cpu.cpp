@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <vector>
@@ -201,6 +202,31 @@ at::Tensor rows_times(const at::Tensor& rows, const at::Tensor& w, const at::Ten
     return out;
   }
   return bias.defined() ? at::addmm_out(out, bias, rows, w.t()) : at::mm_out(out, rows, w.t());
+}
+
+// The backward of rows_times's convolution (where rows_as_conv(rows, M): rows (R, K) @ w^T + bias, w
+// (M, K)) for dy (R, M), contiguous: {drows (R, K), or undefined unless need_drows; dw (M, K); db (M),
+// or undefined unless with_bias} from one oneDNN convolution_backward, which reads dy and rows in
+// its own blocked order for both products. Measured against drows as rows_times(dy, w^T) and dw as
+// the MKL product (2-core AMD EPYC, medians of 7 blocks, three rounds): IPT's 576 <-> 24 at 2304 rows
+// the tail's (du, dtw) 0.99 -> 0.82-0.83 ms, the head's (dx, dwh, dbh) 0.97-1.03 -> 0.87-0.95; at 2048
+// rows 0.89-1.03 -> 0.74-1.01 and 0.85-1.10 -> 0.78-0.86; EDT's tail (12 -> 180) at 4096 rows
+// 0.44-0.48 -> 0.38 (products alone, hot). Whole training steps, alternating blocks of 10 in one
+// process, medians (minima) of 25: IPT 48x48 batch 1 6.49-7.02 (5.89-5.91) -> 6.62-6.77 (5.65-5.80)
+// ms, IPT 16x16 x 8 8.87 (7.39) -> 8.79 (6.26), IPT 48x48 x 8 54.6 (52.2) -> 54.1 (50.8): a gain
+// within this VM's noise. Not where the forward's product ran on MKL: at 256-1024 rows it lost (IPT
+// 16x16's head 0.15-0.19 -> 0.21-0.30 ms), and EDT's head at 4096 rows was even.
+std::vector<at::Tensor> rows_times_backward(const at::Tensor& dy, const at::Tensor& rows, const at::Tensor& w,
+                                            bool need_drows, bool with_bias) {
+  const int64_t r = rows.size(0), k = rows.size(1), m = w.size(0);
+  auto as_map = [r](const at::Tensor& t) { return t.view({1, r, 1, t.size(1)}).permute({0, 3, 1, 2}); };
+  const std::array<int64_t, 1> bias_sizes{m};
+  auto g = at::convolution_backward(as_map(dy), as_map(rows), w.reshape({m, k, 1, 1}),
+                                    with_bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(),
+                                    {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1, {need_drows, true, with_bias});
+  at::Tensor drows;
+  if (need_drows) drows = std::get<0>(g).permute({0, 2, 3, 1}).reshape({r, k});
+  return {drows, std::get<1>(g).reshape({m, k}), std::get<2>(g)};
 }
 
 // a^T b (m, k) over the R rows of a (R, m) and b (R, k), both narrow (see rows_as_conv).
@@ -707,9 +733,14 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
     dtw = at::mm(g, sv[S_U]);
   } else {
     const auto g = dout.reshape({R, d.c});
-    du = rows_times(g, tw.t(), {});
     // (u kept in the tail's row order)
-    dtw = d.c < 384 ? narrow_rows_t_product(sv[S_U], g).t().contiguous() : at::mm(g.t(), sv[S_U]);
+    if (rows_as_conv(sv[S_U], d.c) && g.is_contiguous()) {  // the forward's convolution's backward
+      auto gr = rows_times_backward(g, sv[S_U], tw, true, false);
+      du = gr[0], dtw = gr[1];
+    } else {
+      du = rows_times(g, tw.t(), {});
+      dtw = d.c < 384 ? narrow_rows_t_product(sv[S_U], g).t().contiguous() : at::mm(g.t(), sv[S_U]);
+    }
     if (d.image_major) du = swap_rows(du, N, NP);
   }
   const T* dup = du.data_ptr<T>();
@@ -1013,31 +1044,37 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   // head, on x's rows (dy reordered to them)
   if (d.image_major) dy = swap_rows(dy, NP, N);
   const auto wh = prm[HEAD_W].view({H, d.c});
-  // wide and long (IPT's 576 channels, 2304+ rows) as (rows^T dy)^T: MKL ran dy^T rows 1.3-1.5x
-  // slower there on this project's 2-core CPU (and faster on EDT's 180 channels)
-  at::Tensor dwh;
-  if (blocks) {  // sv[S_ROWS]: the whole batch's x
-    auto acc = at::zeros({d.c, H}, like.options());
-    for (int64_t j = 0; j < N; ++j) acc.addmm_(blocks->of(sv[S_ROWS], j).t(), blocks->rows(dy, j));
-    dwh = acc.t().contiguous();
+  at::Tensor dwh, dbh, dx = at::empty({0}, like.options());
+  if (!blocks && layout != NCHW && rows_as_conv(sv[S_ROWS], H) && dy.is_contiguous()) {
+    // the forward's convolution's backward: dx, dwh and dbh in one call
+    auto gr = rows_times_backward(dy, sv[S_ROWS], wh, need_dx, true);
+    if (need_dx) dx = gr[0].view(dout.sizes());
+    dwh = gr[1], dbh = gr[2];
   } else {
-    dwh = d.c >= 384 && R >= 1024 ? at::mm(sv[S_ROWS].t(), dy).t().contiguous()
-                                  : narrow_rows_t_product(dy, sv[S_ROWS]);
-  }
-  auto dbh = dy.sum(0);
-  at::Tensor dx = at::empty({0}, like.options());
-  if (need_dx && blocks) {
-    dx = blocks->out;
-    blocks->each([&](int64_t j) {
-      auto o = blocks->out_of(j);
-      at::mm_out(o, blocks->rows(dy, j), wh);
-    });
-  } else if (need_dx && layout == NCHW) {
-    dx = new_buffer(dout.sizes(), like);
-    auto o = dx.view({d.c, NP});
-    at::mm_out(o, wh.t(), dy.t());
-  } else if (need_dx) {
-    dx = rows_times(dy, wh.t(), {}).view(dout.sizes());
+    // wide and long (IPT's 576 channels, 1024+ rows) as (rows^T dy)^T: MKL ran dy^T rows 1.3-1.5x
+    // slower there on this project's 2-core CPU (and faster on EDT's 180 channels)
+    if (blocks) {  // sv[S_ROWS]: the whole batch's x
+      auto acc = at::zeros({d.c, H}, like.options());
+      for (int64_t j = 0; j < N; ++j) acc.addmm_(blocks->of(sv[S_ROWS], j).t(), blocks->rows(dy, j));
+      dwh = acc.t().contiguous();
+    } else {
+      dwh = d.c >= 384 && R >= 1024 ? at::mm(sv[S_ROWS].t(), dy).t().contiguous()
+                                    : narrow_rows_t_product(dy, sv[S_ROWS]);
+    }
+    dbh = dy.sum(0);
+    if (need_dx && blocks) {
+      dx = blocks->out;
+      blocks->each([&](int64_t j) {
+        auto o = blocks->out_of(j);
+        at::mm_out(o, blocks->rows(dy, j), wh);
+      });
+    } else if (need_dx && layout == NCHW) {
+      dx = new_buffer(dout.sizes(), like);
+      auto o = dx.view({d.c, NP});
+      at::mm_out(o, wh.t(), dy.t());
+    } else if (need_dx) {
+      dx = rows_times(dy, wh.t(), {}).view(dout.sizes());
+    }
   }
   // conv_a, conv_b from the kernel's gradient (k9 = A @ B)
   const auto ca = prm[CONV_A].view({H, d.r}), cb = prm[CONV_B].view({d.r, 9});

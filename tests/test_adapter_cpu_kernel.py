@@ -104,7 +104,9 @@ def test_many_rows_products_equal_reference(layout, hh, ww, n, variant, dim):
     # from 4096 float32 rows the wide products run as oneDNN's 1x1 convolution (EDT-like 128 <-> 9:
     # the tail and the input gradient; IPT-like 576 <-> 24: the head and du too) and the narrow weight
     # gradients (128 channels) as row-block products in one bmm; from 2048 rows the convolution runs
-    # where a side is 512 or wider (IPT), the rest on MKL; training and eval against float64
+    # where a side is 512 or wider (IPT), the rest on MKL; the backward of a product that ran as a
+    # convolution is its convolution_backward (the tail's; IPT's head's too); training and eval
+    # against float64
     rows = n * hh * ww
     fast, ref, x = adapter_case(layout, hh, ww, n, torch.float32, variant=variant, dim=dim)
     fast.train(), ref.train()
@@ -114,6 +116,8 @@ def test_many_rows_products_equal_reference(layout, hh, ww, n, variant, dim):
     ran = {e.key for e in prof.key_averages()}
     assert ("aten::convolution" in ran) == (rows >= 4096 or dim >= 512), sorted(ran)
     assert ("aten::bmm" in ran) == (rows >= 4096 and dim < 384), sorted(ran)
+    backward_convs = sum(e.count for e in prof.key_averages() if e.key == "aten::convolution_backward")
+    assert backward_convs == (2 if dim >= 512 else 1 if rows >= 4096 else 0), backward_convs
     _check_training_step(fast, ref, x, layout, torch.float32, 12)
     _check_eval(fast, ref, x, layout, torch.float32)
 
