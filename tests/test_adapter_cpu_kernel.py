@@ -518,6 +518,24 @@ def test_cached_buffers_steps_equal_reference(cache_limit, layout, n, dtype):
                                                                  f"come from the cache: {steps} hits per step"
 
 
+def test_backward_allocations_come_from_the_cache(cache_limit):
+    # the kernel's backward runs with the cache installed: buffers ATen makes inside it come from the
+    # cache too (here the input gradient, from the head's convolution_backward at IPT's width), so the
+    # input gradient, freed, is an idle block of the cache (a heap that a host's other work churned
+    # gave those buffers fresh pages, a page fault per 4 KiB)
+    fast = randomize_(moce_fast.AdaptIRAdapter(576, "ipt", "lnc")).train()
+    x = torch.randn(2304, 1, 576, requires_grad=True)
+    _backend._LAST_RUN.clear()
+    with moce_fast.backend("cpu"):
+        fast(x).backward(torch.randn(2304, 1, 576))
+    assert _backend.last_run() == {"adaptir_linear": "cpu", "adaptir_mix_tail": "cpu"}
+    cache_limit.empty_cpu_cache()  # (the forward's buffers, idle since the step)
+    assert x.grad is not None and cache_limit.cpu_cache_info()["idle_bytes"] == 0
+    x.grad = None
+    info = cache_limit.cpu_cache_info()
+    assert info["idle_blocks"] >= 1 and info["idle_bytes"] >= 2304 * 576 * 4, info
+
+
 def test_cached_block_is_never_shared_while_alive(cache_limit):
     # an output kept alive keeps its block: the next call's output is another block, the first
     # output's values are untouched; when it dies its block is idle, and handed out again

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..reference.adaptir import exact_real_bins
 from ._backend import dispatch, new_buffer, record, register, runs_on_cpu_kernel, runs_on_torch, triton_chosen
+from ._cuda import cpu_cache_installed
 
 LAYOUTS = ("nchw", "lnc", "nhwc")
 
@@ -1195,8 +1196,9 @@ class _RowsCpu(torch.autograd.Function):
             return (None,) * (6 + 24)
         t, *params = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
-        g = torch.ops.moce_fast.adaptir_rows_backward(dout, t, code, hh, ww, n, params, ctx.inter, fwd, inv, nb, s,
-                                                      need_dx)
+        with cpu_cache_installed(dout):  # (its allocations too: see cpu_cache_installed)
+            g = torch.ops.moce_fast.adaptir_rows_backward(dout, t, code, hh, ww, n, params, ctx.inter, fwd, inv, nb,
+                                                          s, need_dx)
         return (g[0] if need_dx else None, None, None, None, None, None, *g[1:])
 
 
@@ -1282,8 +1284,9 @@ class _RowsCpuTasks(torch.autograd.Function):
             return (None,) * (6 + len(params))
         need_dx = ctx.needs_input_grad[0]
         # (dout as it comes: the kernel reads each image's block in place, whatever its strides)
-        g = torch.ops.moce_fast.adaptir_rows_tasks_backward(dout, t, code, hh, ww, params, task, ctx.inter, fwd, inv,
-                                                            nb, s, need_dx)
+        with cpu_cache_installed(dout):  # (its allocations too: see cpu_cache_installed)
+            g = torch.ops.moce_fast.adaptir_rows_tasks_backward(dout, t, code, hh, ww, params, task, ctx.inter, fwd,
+                                                                inv, nb, s, need_dx)
         return (g[0] if need_dx else None, None, None, None, None, None, *g[1:])
 
 
