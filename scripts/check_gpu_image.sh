@@ -27,6 +27,8 @@
 # loops): tests/test_adapter_cpu_kernel.py and tests/test_packaging.py 114 passed, 1 skipped (CUDA).
 # Tenth session (ec0122a: the two-task kernel reading and writing the batch in place, the per-thread
 # row blocks, the convolution from 2048 rows): the same two files 119 passed, 1 skipped (CUDA), 107 s.
+# Eleventh session (1fd92ed: the kernel's backward through at::convolution_backward, the buffer cache
+# installed during it): the same two files 120 passed, 1 skipped (CUDA), 27 s of tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/moce-fast-gpu-image}
