@@ -70,6 +70,24 @@ def _check_training_step(fast, ref, x, layout, dtype, grad_seed):
     assert_grads_close(fast, ref, xl, xr, tol_grad)
 
 
+@pytest.mark.parametrize("layout,hh,ww,n,variant,dim", [("lnc", 48, 48, 1, "ipt", 576), ("nhwc", 5, 6, 2, "edt", 56)])
+def test_parameter_gradients_without_input_gradient(layout, hh, ww, n, variant, dim):
+    # x not requiring grad: the kernel's backward skips the input gradient (at IPT's width the head's
+    # convolution_backward then gives the weight and bias gradients alone); the parameters'
+    # gradients still equal the float64 reference's
+    fast, ref, x = adapter_case(layout, hh, ww, n, torch.float32, variant=variant, dim=dim)
+    fast.train(), ref.train()
+    xl = to_layout(x, layout).float()
+    with moce_fast.backend("cpu"):
+        y = fast(xl)
+    assert type(y.grad_fn).__name__ == "_RowsCpuBackward"
+    expected = ref(x)
+    dy = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    y.backward(to_layout(dy, layout).float()), expected.backward(dy)
+    assert xl.grad is None
+    assert_param_grads_close(fast, ref, TOL[torch.float32][1])
+
+
 @pytest.fixture
 def small_chunks():
     """The kernel's parallel loops in chunks of 30 values (7 rows of the tests' 4 hidden channels:
