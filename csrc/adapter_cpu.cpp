@@ -1045,30 +1045,30 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   if (d.image_major) dy = swap_rows(dy, NP, N);
   const auto wh = prm[HEAD_W].view({H, d.c});
   at::Tensor dwh, dbh, dx = at::empty({0}, like.options());
-  if (!blocks && layout != NCHW && rows_as_conv(sv[S_ROWS], H) && dy.is_contiguous()) {
-    // the forward's convolution's backward: dx, dwh and dbh in one call
+  if (blocks) {  // sv[S_ROWS]: the whole batch's x
+    auto acc = at::zeros({d.c, H}, like.options());
+    for (int64_t j = 0; j < N; ++j) acc.addmm_(blocks->of(sv[S_ROWS], j).t(), blocks->rows(dy, j));
+    dwh = acc.t().contiguous();
+    dbh = dy.sum(0);
+    if (need_dx) {
+      dx = blocks->out;
+      blocks->each([&](int64_t j) {
+        auto o = blocks->out_of(j);
+        at::mm_out(o, blocks->rows(dy, j), wh);
+      });
+    }
+  } else if (layout != NCHW && rows_as_conv(sv[S_ROWS], H)) {
+    // the forward's convolution's backward: dx, dwh and dbh in one call (dy is contiguous)
     auto gr = rows_times_backward(dy, sv[S_ROWS], wh, need_dx, true);
     if (need_dx) dx = gr[0].view(dout.sizes());
     dwh = gr[1], dbh = gr[2];
   } else {
     // wide and long (IPT's 576 channels, 1024+ rows) as (rows^T dy)^T: MKL ran dy^T rows 1.3-1.5x
     // slower there on this project's 2-core CPU (and faster on EDT's 180 channels)
-    if (blocks) {  // sv[S_ROWS]: the whole batch's x
-      auto acc = at::zeros({d.c, H}, like.options());
-      for (int64_t j = 0; j < N; ++j) acc.addmm_(blocks->of(sv[S_ROWS], j).t(), blocks->rows(dy, j));
-      dwh = acc.t().contiguous();
-    } else {
-      dwh = d.c >= 384 && R >= 1024 ? at::mm(sv[S_ROWS].t(), dy).t().contiguous()
-                                    : narrow_rows_t_product(dy, sv[S_ROWS]);
-    }
+    dwh = d.c >= 384 && R >= 1024 ? at::mm(sv[S_ROWS].t(), dy).t().contiguous()
+                                  : narrow_rows_t_product(dy, sv[S_ROWS]);
     dbh = dy.sum(0);
-    if (need_dx && blocks) {
-      dx = blocks->out;
-      blocks->each([&](int64_t j) {
-        auto o = blocks->out_of(j);
-        at::mm_out(o, blocks->rows(dy, j), wh);
-      });
-    } else if (need_dx && layout == NCHW) {
+    if (need_dx && layout == NCHW) {
       dx = new_buffer(dout.sizes(), like);
       auto o = dx.view({d.c, NP});
       at::mm_out(o, wh.t(), dy.t());
