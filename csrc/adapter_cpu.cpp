@@ -178,10 +178,13 @@ bool rows_as_conv(const at::Tensor& rows, int64_t m) {
   return r >= 4096 ? (m >= 128 || k >= 512) : r >= 2048 && (m >= 512 || k >= 512);
 }
 
-// rows (R, K) @ w^T (w (M, K)) + bias (M, or undefined) as a new (R, M) tensor: where rows_as_conv,
+// rows (R, K) @ w^T (w (M, K)) + bias (M, or undefined) as a new (R, M) tensor: where a narrow product
+// applies (csrc/cpu_narrow.cpp: a side of at most 32, w of at most 4096 values, the CPU's ISA), its
+// own loop into a buffer from the cache (EDT's head and tail); else, where rows_as_conv,
 // oneDNN's convolution's output (channels-last, so (R, M) rows), else a buffer from the cache.
 at::Tensor rows_times(const at::Tensor& rows, const at::Tensor& w, const at::Tensor& bias) {
   const int64_t r = rows.size(0), k = rows.size(1), m = w.size(0);
+  if (narrow_product_kind(rows, w) != nullptr) return narrow_rows_times(rows, w, bias, new_buffer({r, m}, rows));
   if (rows_as_conv(rows, m)) {
     auto y = at::conv2d(rows.view({1, r, 1, k}).permute({0, 3, 1, 2}), w.reshape({m, k, 1, 1}), bias);
     return y.permute({0, 2, 3, 1}).reshape({r, m});

@@ -29,6 +29,7 @@ pybind11::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
+  info["cpu_isa"] = moce_fast::cpu_isa();  // the CPU adapter kernel's narrow products (csrc/cpu_narrow.cpp)
   return info;
 }
 
@@ -58,6 +59,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_chunk_values", &moce_fast::set_cpu_chunk_values, pybind11::arg("values"),
         "Tests: the values per chunk of the CPU adapter kernel's parallel loops (default 8192); returns the "
         "previous value.");
+  m.def("cpu_isa", &moce_fast::cpu_isa,
+        "The ISA of the CPU adapter kernel's narrow products (\"avx512\", \"avx2\" or \"none\": ATen's products).");
+  m.def("set_cpu_isa_cap", &moce_fast::set_cpu_isa_cap, pybind11::arg("isa"),
+        "Tests: use at most this ISA (\"avx512\", \"avx2\" or \"none\") for the narrow products; returns the "
+        "previous cap.");
+  m.def(
+      "cpu_narrow_rows_times",
+      [](const at::Tensor& rows, const at::Tensor& w, const c10::optional<at::Tensor>& bias) -> pybind11::object {
+        if (moce_fast::narrow_product_kind(rows, w) == nullptr) return pybind11::none();
+        auto out = at::empty({rows.size(0), w.size(0)}, rows.options());
+        moce_fast::maybe_poison(out);
+        return pybind11::cast(moce_fast::narrow_rows_times(rows, w, bias.value_or(at::Tensor()), out));
+      },
+      pybind11::arg("rows"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none(),
+      "Tests: rows (R, K) @ w^T + bias by the narrow CPU product, or None where none applies (see cpu_isa).");
   m.def("set_cpu_cache_limit", &moce_fast::set_cpu_cache_limit, pybind11::arg("limit_bytes"),
         "The most bytes of idle blocks the CPU buffer cache keeps (0: off, idle blocks freed at once).");
   m.def("empty_cpu_cache", &moce_fast::empty_cpu_cache, "Frees every idle block of the CPU buffer cache.");

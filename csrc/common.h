@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <string>
 
 #if defined(__CUDACC__)
 #define MOCE_HD __host__ __device__ __forceinline__
@@ -51,6 +52,19 @@ int64_t cpu_cache_install_depth();
 // tests set a few to run many uneven chunks on small maps. Returns the previous value.
 int64_t cpu_chunk_values();
 int64_t set_cpu_chunk_values(int64_t values);
+
+// The CPU products with a narrow side (csrc/cpu_narrow.cpp): out (R, M) = rows (R, K) @ w^T + bias
+// for float32 contiguous rows where M <= kNarrowWidth < K ("narrow_out", needs AVX2 + FMA) or
+// K <= kNarrowWidth < M ("narrow_in", needs AVX-512F). narrow_product_kind says which applies on this
+// CPU (nullptr: none); narrow_rows_times writes out (contiguous (R, M)) and returns it. cpu_isa: the
+// ISA they use, "avx512", "avx2" or "none", at most the cap set_cpu_isa_cap sets (tests; returns the
+// previous cap).
+constexpr int64_t kNarrowWidth = 32;
+constexpr int64_t kNarrowWeights = 4096;  // w's values, read for every row: kept within half of L1
+const char* narrow_product_kind(const at::Tensor& rows, const at::Tensor& w);
+at::Tensor narrow_rows_times(const at::Tensor& rows, const at::Tensor& w, const at::Tensor& bias, at::Tensor out);
+std::string cpu_isa();
+std::string set_cpu_isa_cap(const std::string& name);
 
 inline void maybe_poison(at::Tensor& t) {
   if (poison_outputs() && t.is_floating_point() && t.numel() > 0) t.fill_(NAN);

@@ -1,7 +1,9 @@
 """The extension's CPU kernel of the whole AdaptIR adapter (csrc/adapter_cpu.cpp, backend "cpu")
 against the float64 reference: eval and training (output, every gradient, running statistics),
 dense DFT sizes and FFT sizes, one image in each layout and several in "lnc"; outputs poisoned
-with NaN before the kernel writes them; gradcheck; which calls it takes; errors on bad arguments.
+with NaN before the kernel writes them; gradcheck; which calls it takes; errors on bad arguments;
+its products with a narrow side (csrc/cpu_narrow.cpp) alone and in the whole adapter, at each ISA
+this CPU has.
 """
 
 from __future__ import annotations
@@ -116,15 +118,101 @@ def test_parallel_chunks_equal_reference(small_chunks, layout, hh, ww, n, thread
         torch.set_num_threads(previous)
 
 
+ISA_LEVELS = ("none", "avx2", "avx512")
+
+
+def _detected_isa():
+    from moce_fast.ops import _cuda
+
+    previous = _cuda.set_cpu_isa_cap("avx512")
+    try:
+        return _cuda.cpu_isa()
+    finally:
+        _cuda.set_cpu_isa_cap(previous)
+
+
+@pytest.fixture(params=ISA_LEVELS)
+def isa(request):
+    """The narrow products (csrc/cpu_narrow.cpp) capped at each ISA in turn, for the test; skipped
+    where this CPU lacks that ISA."""
+    from moce_fast.ops import _cuda
+
+    _cuda.load()
+    if ISA_LEVELS.index(request.param) > ISA_LEVELS.index(_detected_isa()):
+        pytest.skip(f"needs a CPU with {request.param} (this one has {_detected_isa()})")
+    previous = _cuda.set_cpu_isa_cap(request.param)
+    assert _cuda.cpu_isa() == request.param
+    yield request.param
+    _cuda.set_cpu_isa_cap(previous)
+
+
+# (rows, K, M, bias): w (M, K). Narrow outputs (M <= 32 < K): K not a multiple of 8, more than 12
+# outputs (several blocks of the loop), one output, 4096 weights (the largest taken). Narrow inputs
+# (K <= 32 < M): M not a multiple of 16, more than 192 columns (several blocks), K = 1 and 32.
+NARROW_PRODUCTS = [(1, 180, 12, True), (37, 180, 12, True), (4099, 180, 12, False), (33, 56, 4, True),
+                   (5, 33, 1, False), (9, 100, 13, True), (50, 128, 32, True), (37, 12, 180, False),
+                   (5, 4, 56, True), (7, 1, 33, False), (21, 3, 200, True), (11, 32, 128, True)]
+
+
+@pytest.mark.parametrize("rows,k,m,bias", NARROW_PRODUCTS)
+def test_narrow_products_equal_reference(isa, rows, k, m, bias):
+    # the extension's own loops against float64 on random rows, output poisoned: narrow outputs from
+    # AVX2, narrow inputs from AVX-512; below those (and "none") no narrow product is offered
+    from moce_fast import _C
+
+    g = torch.Generator().manual_seed(rows * 1000 + k * 10 + m)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(m, k, generator=g)
+    b = torch.randn(m, generator=g) if bias else None
+    y = _C.cpu_narrow_rows_times(x, w, b)
+    offered = isa == "avx512" or (isa == "avx2" and m <= 32)
+    if not offered:
+        assert y is None
+        return
+    want = x.double() @ w.double().t() + (b.double() if bias else 0)
+    assert y.dtype == torch.float32 and y.shape == (rows, m)
+    assert rel_err(y, want) < 1e-6
+
+
+def test_narrow_products_decline_other_inputs():
+    # float64, non-contiguous rows, more than 4096 weights (w no longer stays in L1), no narrow side:
+    # None (the kernel then takes ATen's products); an unknown ISA cap is an error naming the choices
+    from moce_fast import _C
+    from moce_fast.ops import _cuda
+
+    x, w = torch.randn(40, 180), torch.randn(12, 180)
+    if _detected_isa() != "none":
+        assert _C.cpu_narrow_rows_times(x, w) is not None
+    assert _C.cpu_narrow_rows_times(x.double(), w.double()) is None
+    assert _C.cpu_narrow_rows_times(torch.randn(180, 40).t(), w) is None
+    assert _C.cpu_narrow_rows_times(torch.randn(40, 576), torch.randn(24, 576)) is None
+    assert _C.cpu_narrow_rows_times(torch.randn(40, 24), torch.randn(576, 24)) is None
+    assert _C.cpu_narrow_rows_times(torch.randn(40, 64), torch.randn(48, 64)) is None
+    with pytest.raises(ValueError, match="isa: expected 'avx512', 'avx2' or 'none', got 'sse'"):
+        _cuda.set_cpu_isa_cap("sse")
+    with pytest.raises(RuntimeError, match="expected \"avx512\", \"avx2\" or \"none\", got \"sse\""):
+        _C.set_cpu_isa_cap("sse")
+
+
+@pytest.mark.parametrize("layout,hh,ww,n", [("nhwc", 17, 17, 2), ("lnc", 5, 5, 3), ("nchw", 9, 30, 1)])
+def test_isa_caps_equal_reference(isa, layout, hh, ww, n):
+    # the whole adapter in float32 (EDT-like, 56 <-> 4: both products narrow where the ISA allows;
+    # "nchw"'s rows are a transposed view, which takes ATen's) at each ISA: training and eval
+    fast, ref, x = adapter_case(layout, hh, ww, n, torch.float32)
+    fast.train(), ref.train()
+    _check_training_step(fast, ref, x, layout, torch.float32, 15)
+    _check_eval(fast, ref, x, layout, torch.float32)
+
+
 @pytest.mark.parametrize("layout,hh,ww,n,variant,dim", [("nhwc", 32, 64, 2, "edt", 128), ("lnc", 16, 16, 16, "ipt", 576),
                                                         ("lnc", 16, 16, 8, "ipt", 576), ("nhwc", 32, 32, 2, "edt", 128)])
-def test_many_rows_products_equal_reference(layout, hh, ww, n, variant, dim):
+def test_many_rows_products_equal_reference(isa, layout, hh, ww, n, variant, dim):
     # from 4096 float32 rows the wide products run as oneDNN's 1x1 convolution (EDT-like 128 <-> 9:
     # the tail and the input gradient; IPT-like 576 <-> 24: the head and du too) and the narrow weight
     # gradients (128 channels) as row-block products in one bmm; from 2048 rows the convolution runs
     # where a side is 512 or wider (IPT), the rest on MKL; the backward of a product that ran as a
     # convolution is its convolution_backward (the tail's; IPT's head's too); training and eval
-    # against float64
+    # against float64. With AVX-512 the EDT-like tail (9 x 128 weights) runs on the extension's
+    # narrow-input loop instead of the forward's convolution (IPT's 24 x 576 weights never do).
     rows = n * hh * ww
     fast, ref, x = adapter_case(layout, hh, ww, n, torch.float32, variant=variant, dim=dim)
     fast.train(), ref.train()
@@ -132,7 +220,8 @@ def test_many_rows_products_equal_reference(layout, hh, ww, n, variant, dim):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, moce_fast.backend("cpu"):
         probe(xl).backward(torch.randn_like(xl))
     ran = {e.key for e in prof.key_averages()}
-    assert ("aten::convolution" in ran) == (rows >= 4096 or dim >= 512), sorted(ran)
+    narrow_tail = isa == "avx512" and dim < 512
+    assert ("aten::convolution" in ran) == ((rows >= 4096 or dim >= 512) and not narrow_tail), sorted(ran)
     assert ("aten::bmm" in ran) == (rows >= 4096 and dim < 384), sorted(ran)
     backward_convs = sum(e.count for e in prof.key_averages() if e.key == "aten::convolution_backward")
     assert backward_convs == (2 if dim >= 512 else 1 if rows >= 4096 else 0), backward_convs

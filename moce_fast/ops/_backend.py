@@ -257,6 +257,10 @@ def runs_on_cpu_kernel(ops: tuple[str, ...], device: torch.device, reason: Calla
             log.debug("ops %s: the cpu kernel does not take these inputs (%s); torch runs them", ops, why)
         return False
     record(ops, "cpu", device)
+    if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
+        from . import _cuda
+
+        log.debug("ops %s: the cpu kernel's narrow products use ISA %s", ops, _cuda.cpu_isa())
     return True
 
 

@@ -132,6 +132,22 @@ def set_cpu_chunk_values(values: int) -> int:
     return _ext_or_raise().set_cpu_chunk_values(values)
 
 
+def cpu_isa() -> str:
+    """The instruction set of the CPU adapter kernel's products with a narrow side
+    (csrc/cpu_narrow.cpp), read from this CPU at run time: ``"avx512"`` (both loops), ``"avx2"``
+    (the narrow-output loop; the narrow-input products stay on ATen's) or ``"none"`` (ATen's products
+    only), at most the cap :func:`set_cpu_isa_cap` sets."""
+    return _ext_or_raise().cpu_isa()
+
+
+def set_cpu_isa_cap(isa: str) -> str:
+    """Tests: let the narrow products use at most ``isa`` (``"avx512"``, ``"avx2"`` or ``"none"``),
+    so each version runs on one machine. Returns the previous cap."""
+    if isa not in ("avx512", "avx2", "none"):
+        raise ValueError(f"isa: expected 'avx512', 'avx2' or 'none', got {isa!r}")
+    return _ext_or_raise().set_cpu_isa_cap(isa)
+
+
 def cpu_cache_info() -> dict:
     """The extension's CPU buffer cache (csrc/cpu_cache.cpp): ``idle_bytes`` and ``idle_blocks``
     held for reuse, ``limit_bytes``, and the allocations of 1 MiB or more it served from idle
