@@ -207,6 +207,19 @@ at::Tensor rows_times(const at::Tensor& rows, const at::Tensor& w, const at::Ten
   return bias.defined() ? at::addmm_out(out, bias, rows, w.t()) : at::mm_out(out, rows, w.t());
 }
 
+// o (R, M) = rows (R, K) @ w^T + bias (M, or undefined), w (M, K), into o in place: one task's image
+// blocks of a batch of several tasks (ImageBlocks), where rows and o are strided views. The narrow
+// product where it applies and o's rows are contiguous values ("lnc" and "nhwc"), else MKL.
+void rows_times_into(at::Tensor o, const at::Tensor& rows, const at::Tensor& w, const at::Tensor& bias) {
+  if (narrow_product_kind(rows, w) != nullptr && o.stride(1) == 1 && o.stride(0) >= o.size(1)) {
+    narrow_rows_times(rows, w, bias, o);
+  } else if (bias.defined()) {
+    at::addmm_out(o, bias, rows, w.t());
+  } else {
+    at::mm_out(o, rows, w.t());
+  }
+}
+
 // The backward of rows_times's convolution (where rows_as_conv(rows, M): rows (R, K) @ w^T + bias, w
 // (M, K)) for dy (R, M), contiguous: {drows (R, K), or undefined unless need_drows; dw (M, K); db (M),
 // or undefined unless with_bias} from one oneDNN convolution_backward, which reads dy and rows in
@@ -512,8 +525,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
     rows = x;
     xh = new_buffer({R, H}, x);
     blocks->each([&](int64_t j) {
-      auto o = blocks->rows(xh, j);
-      at::addmm_out(o, prm[HEAD_B].view({H}), blocks->of(x, j), wh.t());
+      rows_times_into(blocks->rows(xh, j), blocks->of(x, j), wh, prm[HEAD_B].view({H}));
     });
   } else {
     rows = rows_of(x, layout, d);
@@ -689,8 +701,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, int64_t layout, const 
   if (blocks) {  // into the batch's output
     out = blocks->out;
     blocks->each([&](int64_t j) {
-      auto o = blocks->out_of(j);
-      at::mm_out(o, blocks->rows(u, j), tw.t());
+      rows_times_into(blocks->out_of(j), blocks->rows(u, j), tw, at::Tensor());
     });
   } else if (layout == NCHW) {
     out = new_buffer({1, d.c, d.hh, d.ww}, x);
@@ -725,8 +736,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   if (blocks) {  // dout: the whole batch's
     du = new_buffer({R, H}, like);
     blocks->each([&](int64_t j) {
-      auto o = blocks->rows(du, j);
-      at::mm_out(o, blocks->of(dout, j), tw);
+      rows_times_into(blocks->rows(du, j), blocks->of(dout, j), tw.t(), at::Tensor());
     });
     dtw = at::zeros({d.c, H}, like.options());
     for (int64_t j = 0; j < N; ++j) dtw.addmm_(blocks->of(dout, j).t(), blocks->rows(sv[S_U], j));
@@ -1056,8 +1066,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
     if (need_dx) {
       dx = blocks->out;
       blocks->each([&](int64_t j) {
-        auto o = blocks->out_of(j);
-        at::mm_out(o, blocks->rows(dy, j), wh);
+        rows_times_into(blocks->out_of(j), blocks->rows(dy, j), wh.t(), at::Tensor());
       });
     }
   } else if (layout != NCHW && rows_as_conv(sv[S_ROWS], H)) {

@@ -54,10 +54,11 @@ int64_t cpu_chunk_values();
 int64_t set_cpu_chunk_values(int64_t values);
 
 // The CPU products with a narrow side (csrc/cpu_narrow.cpp): out (R, M) = rows (R, K) @ w^T + bias
-// for float32 contiguous rows where M <= kNarrowWidth < K ("narrow_out", needs AVX2 + FMA) or
-// K <= kNarrowWidth < M ("narrow_in", needs AVX-512F). narrow_product_kind says which applies on this
-// CPU (nullptr: none); narrow_rows_times writes out (contiguous (R, M)) and returns it. cpu_isa: the
-// ISA they use, "avx512", "avx2" or "none", at most the cap set_cpu_isa_cap sets (tests; returns the
+// for float32 rows of contiguous values (any row stride) where M <= kNarrowWidth < K ("narrow_out",
+// needs AVX2 + FMA) or K <= kNarrowWidth < M and w has at most kNarrowWeights values ("narrow_in",
+// needs AVX-512F). narrow_product_kind says which applies on this CPU (nullptr: none);
+// narrow_rows_times writes out ((R, M), rows of contiguous values) and returns it. cpu_isa: the ISA
+// they use, "avx512", "avx2" or "none", at most the cap set_cpu_isa_cap sets (tests; returns the
 // previous cap).
 constexpr int64_t kNarrowWidth = 32;
 constexpr int64_t kNarrowWeights = 4096;  // w's values, read for every row: kept within half of L1

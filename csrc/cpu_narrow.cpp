@@ -109,14 +109,15 @@ MOCE_ALWAYS_INLINE void narrow_out_row(const float* x, int64_t k, const float* w
 }
 
 template <int JB>
-MOCE_ALWAYS_INLINE void narrow_out_rows(const float* x, int64_t k, const float* wp, int64_t kp, const float* b,
-                                        float* out, int64_t m, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) narrow_out_row<JB>(x + r * k, k, wp, kp, b, out + r * m);
+MOCE_ALWAYS_INLINE void narrow_out_rows(const float* x, int64_t ldx, int64_t k, const float* wp, int64_t kp,
+                                        const float* b, float* out, int64_t ldo, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) narrow_out_row<JB>(x + r * ldx, k, wp, kp, b, out + r * ldo);
 }
 
-__attribute__((target("avx2,fma"), flatten)) void narrow_out_avx2(const float* x, int64_t k, const float* wp,
-                                                                  int64_t kp, const float* b, float* out, int64_t m,
-                                                                  int64_t r0, int64_t r1) {
+__attribute__((target("avx2,fma"), flatten)) void narrow_out_avx2(const float* x, int64_t ldx, int64_t k,
+                                                                  const float* wp, int64_t kp, const float* b,
+                                                                  float* out, int64_t ldo, int64_t m, int64_t r0,
+                                                                  int64_t r1) {
   // the outputs in blocks of up to 12 (12 accumulators, the row's vector and w's: 14 of 16 ymm registers)
   for (int64_t j0 = 0; j0 < m; j0 += 12) {
     const float* w = wp + j0 * kp;
@@ -124,7 +125,7 @@ __attribute__((target("avx2,fma"), flatten)) void narrow_out_avx2(const float* x
     switch (std::min<int64_t>(12, m - j0)) {
 #define MOCE_CASE(n) \
   case n:            \
-    narrow_out_rows<n>(x, k, w, kp, b + j0, o, m, r0, r1); \
+    narrow_out_rows<n>(x, ldx, k, w, kp, b + j0, o, ldo, r0, r1); \
     break;
       MOCE_CASE(1) MOCE_CASE(2) MOCE_CASE(3) MOCE_CASE(4) MOCE_CASE(5) MOCE_CASE(6)
       MOCE_CASE(7) MOCE_CASE(8) MOCE_CASE(9) MOCE_CASE(10) MOCE_CASE(11) MOCE_CASE(12)
@@ -161,21 +162,23 @@ MOCE_ALWAYS_INLINE void narrow_in_row(const float* u, int64_t k, const float* t,
 }
 
 template <int NC>
-MOCE_ALWAYS_INLINE void narrow_in_rows(const float* u, int64_t k, const float* t, int64_t mp, const float* bp,
-                                       int64_t c0, float* out, int64_t m, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) narrow_in_row<NC, 1>(u + r * k, k, t, mp, bp, c0, out + r * m, m);
+MOCE_ALWAYS_INLINE void narrow_in_rows(const float* u, int64_t ldu, int64_t k, const float* t, int64_t mp,
+                                       const float* bp, int64_t c0, float* out, int64_t ldo, int64_t m, int64_t r0,
+                                       int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) narrow_in_row<NC, 1>(u + r * ldu, k, t, mp, bp, c0, out + r * ldo, m);
 }
 
-__attribute__((target("avx512f,avx2,fma"), flatten)) void narrow_in_avx512(const float* u, int64_t k, const float* t,
-                                                                           int64_t mp, const float* bp, float* out,
-                                                                           int64_t m, int64_t r0, int64_t r1) {
+__attribute__((target("avx512f,avx2,fma"), flatten)) void narrow_in_avx512(const float* u, int64_t ldu, int64_t k,
+                                                                           const float* t, int64_t mp, const float* bp,
+                                                                           float* out, int64_t ldo, int64_t m,
+                                                                           int64_t r0, int64_t r1) {
   // the columns in blocks of up to 12 vectors (12 accumulators, u[j] and t's: 14 of 32 zmm registers;
   // two rows at a time, sharing t's loads, measured slower)
   for (int64_t c0 = 0; c0 < m; c0 += 12 * 16) {
     switch (std::min<int64_t>(12, (m - c0 + 15) / 16)) {
 #define MOCE_CASE(n) \
   case n:            \
-    narrow_in_rows<n>(u, k, t, mp, bp, c0, out, m, r0, r1); \
+    narrow_in_rows<n>(u, ldu, k, t, mp, bp, c0, out, ldo, m, r0, r1); \
     break;
       MOCE_CASE(1) MOCE_CASE(2) MOCE_CASE(3) MOCE_CASE(4) MOCE_CASE(5) MOCE_CASE(6)
       MOCE_CASE(7) MOCE_CASE(8) MOCE_CASE(9) MOCE_CASE(10) MOCE_CASE(11) MOCE_CASE(12)
@@ -184,6 +187,9 @@ __attribute__((target("avx512f,avx2,fma"), flatten)) void narrow_in_avx512(const
   }
 }
 #endif
+
+// Whether t (R, K) is rows of K contiguous values, any (non-overlapping) distance apart.
+bool unit_rows(const at::Tensor& t) { return t.stride(1) == 1 && t.stride(0) >= t.size(1); }
 
 // Rows per task of the parallel loops: about 64 KiB of rows, at least 16.
 int64_t rows_grain(int64_t width) { return std::max<int64_t>(16, 16384 / std::max<int64_t>(width, 1)); }
@@ -199,7 +205,7 @@ std::string set_cpu_isa_cap(const std::string& name) {
 }
 
 const char* narrow_product_kind(const at::Tensor& rows, const at::Tensor& w) {
-  if (rows.scalar_type() != at::kFloat || rows.dim() != 2 || !rows.is_contiguous() || w.dim() != 2 ||
+  if (rows.scalar_type() != at::kFloat || rows.dim() != 2 || !unit_rows(rows) || w.dim() != 2 ||
       w.size(1) != rows.size(1))
     return nullptr;
   const int isa = std::min(detected_isa(), isa_cap());
@@ -217,13 +223,15 @@ at::Tensor narrow_rows_times(const at::Tensor& rows, const at::Tensor& w, const 
   const int64_t r = rows.size(0), k = rows.size(1), m = w.size(0);
   TORCH_CHECK(w.scalar_type() == at::kFloat && (!bias.defined() || (bias.numel() == m && bias.scalar_type() == at::kFloat)),
               "narrow_rows_times: expected float32 w (", m, ", ", k, ") and bias (", m, ")");
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == r &&
-                  out.size(1) == m,
-              "narrow_rows_times: expected a contiguous float32 out (", r, ", ", m, "), got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == r && out.size(1) == m &&
+                  unit_rows(out),
+              "narrow_rows_times: expected a float32 out (", r, ", ", m, ") of contiguous rows, got ", out.sizes(),
+              " with strides ", out.strides());
   const auto wc = w.contiguous();
   const float* wd = wc.data_ptr<float>();
   const float* x = rows.data_ptr<float>();
   float* o = out.data_ptr<float>();
+  const int64_t ldx = rows.stride(0), ldo = out.stride(0);
 #ifdef MOCE_NARROW_KERNELS
   if (std::strcmp(kind, "narrow_out") == 0) {
     const int64_t kp = (k + 7) / 8 * 8;
@@ -231,7 +239,7 @@ at::Tensor narrow_rows_times(const at::Tensor& rows, const at::Tensor& w, const 
     for (int64_t j = 0; j < m; ++j) std::memcpy(wp.data() + j * kp, wd + j * k, k * sizeof(float));
     if (bias.defined()) std::memcpy(b.data(), bias.contiguous().data_ptr<float>(), m * sizeof(float));
     at::parallel_for(0, r, rows_grain(k), [&](int64_t r0, int64_t r1) {
-      narrow_out_avx2(x, k, wp.data(), kp, b.data(), o, m, r0, r1);
+      narrow_out_avx2(x, ldx, k, wp.data(), kp, b.data(), o, ldo, m, r0, r1);
     });
   } else {
     const int64_t mp = (m + 15) / 16 * 16;
@@ -240,7 +248,7 @@ at::Tensor narrow_rows_times(const at::Tensor& rows, const at::Tensor& w, const 
       for (int64_t j = 0; j < k; ++j) t[j * mp + c] = wd[c * k + j];
     if (bias.defined()) std::memcpy(bp.data(), bias.contiguous().data_ptr<float>(), m * sizeof(float));
     at::parallel_for(0, r, rows_grain(m), [&](int64_t r0, int64_t r1) {
-      narrow_in_avx512(x, k, t.data(), mp, bp.data(), o, m, r0, r1);
+      narrow_in_avx512(x, ldx, k, t.data(), mp, bp.data(), o, ldo, m, r0, r1);
     });
   }
 #endif

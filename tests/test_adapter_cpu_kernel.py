@@ -154,14 +154,17 @@ NARROW_PRODUCTS = [(1, 180, 12, True), (37, 180, 12, True), (4099, 180, 12, Fals
                    (5, 4, 56, True), (7, 1, 33, False), (21, 3, 200, True), (11, 32, 128, True)]
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("rows,k,m,bias", NARROW_PRODUCTS)
-def test_narrow_products_equal_reference(isa, rows, k, m, bias):
-    # the extension's own loops against float64 on random rows, output poisoned: narrow outputs from
-    # AVX2, narrow inputs from AVX-512; below those (and "none") no narrow product is offered
+def test_narrow_products_equal_reference(isa, rows, k, m, bias, strided):
+    # the extension's own loops against float64 on random rows (contiguous, or rows of K values 7
+    # apart more, as an image's rows of a batch), output poisoned: narrow outputs from AVX2, narrow
+    # inputs from AVX-512; below those (and "none") no narrow product is offered
     from moce_fast import _C
 
     g = torch.Generator().manual_seed(rows * 1000 + k * 10 + m)
-    x, w = torch.randn(rows, k, generator=g), torch.randn(m, k, generator=g)
+    x = torch.randn(rows, k + 7, generator=g)[:, 3:3 + k] if strided else torch.randn(rows, k, generator=g)
+    w = torch.randn(m, k, generator=g)
     b = torch.randn(m, generator=g) if bias else None
     y = _C.cpu_narrow_rows_times(x, w, b)
     offered = isa == "avx512" or (isa == "avx2" and m <= 32)
@@ -453,11 +456,12 @@ def _task_site(layout, dtype, seed=30):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("layout,hh,ww", [("lnc", 4, 4), ("nhwc", 5, 3), ("nchw", 4, 6), ("lnc", 17, 17)])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_several_tasks_one_call_equal_each_reference(mode, layout, hh, ww, dtype):
+def test_several_tasks_one_call_equal_each_reference(isa, mode, layout, hh, ww, dtype):
     """Three tasks' adapters at one site, task "c" absent from the batch: one kernel call per
     direction (the Function's node), each image equal to its task's float64 reference, in training
     each task's BatchNorm on its own images (running statistics), every gradient equal to the
-    references', zero gradients and unmoved statistics for the absent task."""
+    references', zero gradients and unmoved statistics for the absent task. At each ISA: in float32
+    "lnc" and "nhwc" the per-image products run on the narrow loops, on strided rows."""
     from moce_fast import adapters
 
     host, refs = _task_site(layout, dtype)
