@@ -339,11 +339,47 @@ def test_calls_the_kernel_does_not_take_run_torch(monkeypatch):
         # eval has its own row limit
         lnc.eval()
         monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_EVAL", 32)
+        monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_EVAL_NARROW", 32)
         with torch.no_grad():
             lnc(torch.randn(16, 2, 56))
             assert set(_backend.last_run().values()) == {"cpu"}
             lnc(torch.randn(16, 3, 56))
             assert set(_backend.last_run().values()) == {"torch"}
+
+
+def test_eval_row_limit_of_narrow_adapters(monkeypatch):
+    # in eval, a float32 adapter whose head and tail both run on the narrow products (at most 4096
+    # weights, AVX-512) takes the kernel up to CPU_KERNEL_MAX_ROWS_EVAL_NARROW rows; in float64, at
+    # IPT's width, or with the ISA capped at AVX2, up to CPU_KERNEL_MAX_ROWS_EVAL; the same values
+    from moce_fast.ops import _cuda
+
+    if _detected_isa() != "avx512":
+        pytest.skip(f"needs a CPU with avx512 (this one has {_detected_isa()})")
+    monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_EVAL", 16)
+    monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_EVAL_NARROW", 32)
+    edt = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "lnc")).eval()
+    ipt = randomize_(moce_fast.AdaptIRAdapter(576, "ipt", "lnc")).eval()
+    x = torch.randn(16, 2, 56)  # 32 rows
+
+    def ran(module, t):
+        _backend._LAST_RUN.clear()
+        with torch.no_grad(), moce_fast.backend("cpu"):
+            y = module(t)
+        return y, set(_backend.last_run().values())
+
+    y, where = ran(edt, x)
+    assert where == {"cpu"}
+    assert ran(edt, torch.randn(16, 3, 56))[1] == {"torch"}
+    assert ran(copy.deepcopy(edt).double(), x.double())[1] == {"torch"}
+    assert ran(ipt, torch.randn(16, 2, 576))[1] == {"torch"}
+    assert ran(ipt, torch.randn(16, 1, 576))[1] == {"cpu"}
+    previous = _cuda.set_cpu_isa_cap("avx2")
+    try:
+        y_torch, where = ran(edt, x)
+    finally:
+        _cuda.set_cpu_isa_cap(previous)
+    assert where == {"torch"}
+    assert rel_err(y, y_torch) < 1e-5
 
 
 def test_parameter_changed_in_place_before_backward_is_an_error():
@@ -559,6 +595,7 @@ def test_several_tasks_the_kernel_does_not_take_run_torch(monkeypatch):
         host.eval()
         kernel = host(x)
         monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_EVAL", 31)  # task "a": 2 images x 16 pixels
+        monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_EVAL_NARROW", 31)
         _backend._LAST_RUN.clear()
         staged = host(x)
     assert _backend.last_run() == {"adaptir_linear": "torch", "adaptir_mix_tail": "torch"}

@@ -1082,6 +1082,12 @@ def adaptir_fused_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: flo
 # 13.8 ms. (Before, with its loops on one thread: 18432 in training, 4096 in eval.)
 CPU_KERNEL_MAX_ROWS_TRAINING = 73728
 CPU_KERNEL_MAX_ROWS_EVAL = 9216
+# In eval, float32 adapters whose head and tail both run on the extension's narrow products (at most
+# 4096 weights, AVX-512: csrc/cpu_narrow.cpp, EDT's 12 x 180) take the kernel up to this many rows.
+# Kernel / torch path, interleaved with the public adapter in one process: EDT 64x64 x 8 (32768 rows)
+# 9.1-10.4 / 10.1-11.1 ms; x 4 6.76 / 6.88. IPT's 576 channels (ATen's products) stay at 9216: 48x48
+# x 8 14.7 / 14.2 ms, 16x16 x 128 30.3 / 28.8.
+CPU_KERNEL_MAX_ROWS_EVAL_NARROW = 32768
 _LAYOUT_CODE = {"nchw": 0, "lnc": 1, "nhwc": 2}
 
 
@@ -1094,8 +1100,8 @@ def cpu_kernel_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor],
     """Why the extension's CPU kernel of the whole adapter does not take this call, or None: one
     task's parameters (``tensors``, :func:`_cpu_params`), contiguous, in ``t``'s dtype, float32 or
     float64; one image, or N images in "nhwc", or in "lnc" whose L and N axes merge, at most
-    ``CPU_KERNEL_MAX_ROWS_TRAINING`` (``_EVAL``) rows in all; outside torch.compile; in eval, no
-    autograd graph to record (the kernel has none)."""
+    :func:`_row_limit` rows in all; outside torch.compile; in eval, no autograd graph to record (the
+    kernel has none)."""
     why = _cpu_input_reason(t)
     if why is not None:
         return why
@@ -1104,13 +1110,27 @@ def cpu_kernel_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor],
     if n > 1 and not (layout == "nhwc" or (layout == "lnc" and t.stride(0) == n * t.stride(1))):
         return (f"{n} images in layout {layout!r} (several images only in 'nhwc', or in 'lnc' with mergeable L "
                 f"and N axes)")
-    limit = CPU_KERNEL_MAX_ROWS_TRAINING if training else CPU_KERNEL_MAX_ROWS_EVAL
+    limit = _row_limit(t, tensors, training)
     if n * hh * ww > limit:
         return f"{n * hh * ww} rows, more than {limit} ({'training' if training else 'eval'})"
     why = _cpu_params_reason(t, tensors, training)
     if why is None and training and n * hh * ww < 2:
         return "BatchNorm in training needs more than one row"
     return why
+
+
+def _row_limit(t: torch.Tensor, tensors: list[torch.Tensor], training: bool) -> int:
+    """The most rows the CPU kernel takes in one task's call: ``CPU_KERNEL_MAX_ROWS_TRAINING``,
+    ``CPU_KERNEL_MAX_ROWS_EVAL``, or in eval ``CPU_KERNEL_MAX_ROWS_EVAL_NARROW`` where both of
+    the head's and the tail's products are narrow ones (float32, at most 4096 weights, AVX-512)."""
+    if training:
+        return CPU_KERNEL_MAX_ROWS_TRAINING
+    if t.dtype == torch.float32 and tensors[0].numel() <= 4096:
+        from . import _cuda
+
+        if _cuda.cpu_isa() == "avx512":
+            return CPU_KERNEL_MAX_ROWS_EVAL_NARROW
+    return CPU_KERNEL_MAX_ROWS_EVAL
 
 
 def _cpu_input_reason(t: torch.Tensor) -> Optional[str]:
@@ -1208,7 +1228,7 @@ def cpu_tasks_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], 
     batch (``adaptir_rows_tasks``: each task's images run as one task's, read from and written to
     the batch in place, one call for all tasks), or None: ``tensors`` the 24 parameters of each task in turn
     (:func:`_cpu_params`), contiguous, in ``t``'s dtype, float32 or float64; ``task`` (N,) int64
-    on the CPU; every task's images at most ``CPU_KERNEL_MAX_ROWS_TRAINING`` (``_EVAL``) rows;
+    on the CPU; every task's images at most :func:`_row_limit` rows;
     outside torch.compile; in eval, no autograd graph to record."""
     if task is None or task.device.type != "cpu" or task.dtype != torch.int64:
         return "no per-image task indices on the CPU"
@@ -1218,7 +1238,7 @@ def cpu_tasks_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], 
     b, hh, ww = as_npc(t, layout)
     n_tasks = len(tensors) // 24
     counts = torch.bincount(task, minlength=n_tasks).tolist()  # (a CPU tensor: no device to wait for)
-    limit = CPU_KERNEL_MAX_ROWS_TRAINING if training else CPU_KERNEL_MAX_ROWS_EVAL
+    limit = _row_limit(t, tensors, training)
     if max(counts) * hh * ww > limit:
         return f"a task has {max(counts) * hh * ww} rows, more than {limit} ({'training' if training else 'eval'})"
     why = _cpu_params_reason(t, tensors, training)
