@@ -29,6 +29,9 @@
 # row blocks, the convolution from 2048 rows): the same two files 119 passed, 1 skipped (CUDA), 107 s.
 # Eleventh session (1fd92ed: the kernel's backward through at::convolution_backward, the buffer cache
 # installed during it): the same two files 120 passed, 1 skipped (CUDA), 27 s of tests.
+# Twelfth session (06d4ee2, csrc/cpu_narrow.cpp: AVX2 / AVX-512 loops behind target
+# attributes, ISA read at run time; builds with torch 2.11's toolchain): those two files and
+# tests/test_adapters_inject.py 250 passed, 2 skipped (CUDA), 25 s of tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/moce-fast-gpu-image}
