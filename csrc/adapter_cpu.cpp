@@ -211,7 +211,7 @@ at::Tensor rows_times(const at::Tensor& rows, const at::Tensor& w, const at::Ten
 // blocks of a batch of several tasks (ImageBlocks), where rows and o are strided views. The narrow
 // product where it applies and o's rows are contiguous values ("lnc" and "nhwc"), else MKL.
 void rows_times_into(at::Tensor o, const at::Tensor& rows, const at::Tensor& w, const at::Tensor& bias) {
-  if (narrow_product_kind(rows, w) != nullptr && o.stride(1) == 1 && o.stride(0) >= o.size(1)) {
+  if (narrow_product_kind(rows, w) != nullptr && unit_rows(o)) {
     narrow_rows_times(rows, w, bias, o);
   } else if (bias.defined()) {
     at::addmm_out(o, bias, rows, w.t());

@@ -60,6 +60,9 @@ int64_t set_cpu_chunk_values(int64_t values);
 // narrow_rows_times writes out ((R, M), rows of contiguous values) and returns it. cpu_isa: the ISA
 // they use, "avx512", "avx2" or "none", at most the cap set_cpu_isa_cap sets (tests; returns the
 // previous cap).
+// Whether t (R, K) is rows of K contiguous values, any (non-overlapping) distance apart: what the
+// narrow products read and write.
+inline bool unit_rows(const at::Tensor& t) { return t.stride(1) == 1 && t.stride(0) >= t.size(1); }
 constexpr int64_t kNarrowWidth = 32;
 constexpr int64_t kNarrowWeights = 4096;  // w's values, read for every row: kept within half of L1
 const char* narrow_product_kind(const at::Tensor& rows, const at::Tensor& w);

@@ -188,9 +188,6 @@ __attribute__((target("avx512f,avx2,fma"), flatten)) void narrow_in_avx512(const
 }
 #endif
 
-// Whether t (R, K) is rows of K contiguous values, any (non-overlapping) distance apart.
-bool unit_rows(const at::Tensor& t) { return t.stride(1) == 1 && t.stride(0) >= t.size(1); }
-
 // Rows per task of the parallel loops: about 64 KiB of rows, at least 16.
 int64_t rows_grain(int64_t width) { return std::max<int64_t>(16, 16384 / std::max<int64_t>(width, 1)); }
 
