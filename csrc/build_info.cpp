@@ -65,6 +65,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Tests: use at most this ISA (\"avx512\", \"avx2\" or \"none\") for the narrow products; returns the "
         "previous cap.");
   m.def(
+      "cpu_narrow_kind",
+      [](const at::ScalarType dtype, int64_t k, int64_t m) -> pybind11::object {
+        const char* kind = moce_fast::narrow_kind(dtype, k, m);
+        if (kind == nullptr) return pybind11::none();
+        return pybind11::str(kind);
+      },
+      pybind11::arg("dtype"), pybind11::arg("k"), pybind11::arg("m"),
+      "Which narrow CPU product (\"narrow_out\" or \"narrow_in\") rows of this dtype and K contiguous values "
+      "times a w (M, K) take on this CPU at its ISA cap, or None (ATen's products).");
+  m.def(
       "cpu_narrow_rows_times",
       [](const at::Tensor& rows, const at::Tensor& w, const c10::optional<at::Tensor>& bias) -> pybind11::object {
         if (moce_fast::narrow_product_kind(rows, w) == nullptr) return pybind11::none();

@@ -56,7 +56,8 @@ int64_t set_cpu_chunk_values(int64_t values);
 // The CPU products with a narrow side (csrc/cpu_narrow.cpp): out (R, M) = rows (R, K) @ w^T + bias
 // for float32 rows of contiguous values (any row stride) where M <= kNarrowWidth < K ("narrow_out",
 // needs AVX2 + FMA) or K <= kNarrowWidth < M and w has at most kNarrowWeights values ("narrow_in",
-// needs AVX-512F). narrow_product_kind says which applies on this CPU (nullptr: none);
+// needs AVX-512F). narrow_product_kind says which applies on this CPU (nullptr: none), and
+// narrow_kind the same for any rows of that dtype and width K times a w of M outputs;
 // narrow_rows_times writes out ((R, M), rows of contiguous values) and returns it. cpu_isa: the ISA
 // they use, "avx512", "avx2" or "none", at most the cap set_cpu_isa_cap sets (tests; returns the
 // previous cap).
@@ -65,6 +66,7 @@ int64_t set_cpu_chunk_values(int64_t values);
 inline bool unit_rows(const at::Tensor& t) { return t.stride(1) == 1 && t.stride(0) >= t.size(1); }
 constexpr int64_t kNarrowWidth = 32;
 constexpr int64_t kNarrowWeights = 4096;  // w's values, read for every row: kept within half of L1
+const char* narrow_kind(at::ScalarType dtype, int64_t k, int64_t m);
 const char* narrow_product_kind(const at::Tensor& rows, const at::Tensor& w);
 at::Tensor narrow_rows_times(const at::Tensor& rows, const at::Tensor& w, const at::Tensor& bias, at::Tensor out);
 std::string cpu_isa();

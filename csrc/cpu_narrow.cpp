@@ -201,16 +201,17 @@ std::string set_cpu_isa_cap(const std::string& name) {
   return before;
 }
 
-const char* narrow_product_kind(const at::Tensor& rows, const at::Tensor& w) {
-  if (rows.scalar_type() != at::kFloat || rows.dim() != 2 || !unit_rows(rows) || w.dim() != 2 ||
-      w.size(1) != rows.size(1))
-    return nullptr;
+const char* narrow_kind(at::ScalarType dtype, int64_t k, int64_t m) {
+  if (dtype != at::kFloat || k < 1 || m < 1 || m * k > kNarrowWeights) return nullptr;
   const int isa = std::min(detected_isa(), isa_cap());
-  const int64_t k = rows.size(1), m = w.size(0);
-  if (m * k > kNarrowWeights) return nullptr;
   if (isa >= 1 && m <= kNarrowWidth && k > kNarrowWidth) return "narrow_out";
   if (isa >= 2 && k <= kNarrowWidth && m > kNarrowWidth) return "narrow_in";
   return nullptr;
+}
+
+const char* narrow_product_kind(const at::Tensor& rows, const at::Tensor& w) {
+  if (rows.dim() != 2 || !unit_rows(rows) || w.dim() != 2 || w.size(1) != rows.size(1)) return nullptr;
+  return narrow_kind(rows.scalar_type(), rows.size(1), w.size(0));
 }
 
 at::Tensor narrow_rows_times(const at::Tensor& rows, const at::Tensor& w, const at::Tensor& bias, at::Tensor out) {

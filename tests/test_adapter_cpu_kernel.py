@@ -196,6 +196,24 @@ def test_narrow_products_decline_other_inputs():
         _C.set_cpu_isa_cap("sse")
 
 
+def test_narrow_kind_is_what_the_products_take(isa):
+    # cpu_narrow_kind (what Python asks, e.g. for the eval row limit) says a product is taken exactly
+    # where cpu_narrow_rows_times takes it, at each ISA: EDT's head (180 -> 12) from AVX2, its tail
+    # (12 -> 180) only with AVX-512, IPT's 24 x 576 (w out of L1), float64 and no narrow side never
+    from moce_fast import _C
+    from moce_fast.ops import _cuda
+
+    level = ISA_LEVELS.index(isa)
+    expected = {(180, 12): "narrow_out" if level >= 1 else None, (12, 180): "narrow_in" if level >= 2 else None,
+                (64, 64): None, (576, 24): None, (24, 576): None, (4096, 1): "narrow_out" if level >= 1 else None,
+                (4097, 1): None, (1, 4096): "narrow_in" if level >= 2 else None}
+    for (k, m), kind in expected.items():
+        assert _cuda.cpu_narrow_kind(torch.float32, k, m) == kind, (k, m)
+        assert _cuda.cpu_narrow_kind(torch.float64, k, m) is None, (k, m)
+        taken = _C.cpu_narrow_rows_times(torch.randn(3, k), torch.randn(m, k))
+        assert (taken is not None) == (kind is not None), (k, m)
+
+
 @pytest.mark.parametrize("layout,hh,ww,n", [("nhwc", 17, 17, 2), ("lnc", 5, 5, 3), ("nchw", 9, 30, 1)])
 def test_isa_caps_equal_reference(isa, layout, hh, ww, n):
     # the whole adapter in float32 (EDT-like, 56 <-> 4: both products narrow where the ISA allows;

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+from typing import Optional
 
 import torch
 
@@ -138,6 +139,14 @@ def cpu_isa() -> str:
     (the narrow-output loop; the narrow-input products stay on ATen's) or ``"none"`` (ATen's products
     only), at most the cap :func:`set_cpu_isa_cap` sets."""
     return _ext_or_raise().cpu_isa()
+
+
+def cpu_narrow_kind(dtype: torch.dtype, k: int, m: int) -> Optional[str]:
+    """Which of the narrow products (csrc/cpu_narrow.cpp) the CPU adapter kernel runs for rows of
+    ``dtype`` with ``k`` contiguous values times a weight (``m``, ``k``) on this CPU, at its ISA cap:
+    ``"narrow_out"``, ``"narrow_in"``, or None (ATen's products). The C++ rule itself, so that
+    Python's choices (the eval row limit) cannot drift from it."""
+    return _ext_or_raise().cpu_narrow_kind(dtype, int(k), int(m))
 
 
 def set_cpu_isa_cap(isa: str) -> str:

@@ -1122,14 +1122,16 @@ def cpu_kernel_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor],
 def _row_limit(t: torch.Tensor, tensors: list[torch.Tensor], training: bool) -> int:
     """The most rows the CPU kernel takes in one task's call: ``CPU_KERNEL_MAX_ROWS_TRAINING``,
     ``CPU_KERNEL_MAX_ROWS_EVAL``, or in eval ``CPU_KERNEL_MAX_ROWS_EVAL_NARROW`` where both of
-    the head's and the tail's products are narrow ones (float32, at most 4096 weights, AVX-512)."""
+    the head's and the tail's products both run on the extension's narrow products on this CPU
+    (:func:`moce_fast.ops._cuda.cpu_narrow_kind`: today float32, at most 4096 weights, AVX-512 for
+    the tail's)."""
     if training:
         return CPU_KERNEL_MAX_ROWS_TRAINING
-    if t.dtype == torch.float32 and tensors[0].numel() <= 4096:
-        from . import _cuda
+    from . import _cuda
 
-        if _cuda.cpu_isa() == "avx512":
-            return CPU_KERNEL_MAX_ROWS_EVAL_NARROW
+    hidden, dim = tensors[0].shape[-2:]  # the head's weights (T, h, C)
+    if _cuda.cpu_narrow_kind(t.dtype, dim, hidden) and _cuda.cpu_narrow_kind(t.dtype, hidden, dim):
+        return CPU_KERNEL_MAX_ROWS_EVAL_NARROW
     return CPU_KERNEL_MAX_ROWS_EVAL
 
 
