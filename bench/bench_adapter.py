@@ -13,6 +13,8 @@ Cases (issue 5): IPT shapes (576 channels, (L, N, C) tokens of 16x16 and 48x48) 
 - triton-graphs: moce_fast.AdaptIRAdapter on the triton backend under torch.compile(mode=
   "reduce-overhead") (its kernels as custom ops, the call replayed from CUDA graphs where inductor
   can capture it: the way to take the host out of a host-bound call), on a GPU only.
+test_adapter_interleaved: the public adapter and moce_fast's backend timed alternately in one loop
+(batch 1 and 8, float32), their ratio free of the machine's drift between tests.
 test_adapter_mixed_tasks: two tasks' adapters at one site on a batch of alternating tasks, moce_fast's
 one grouped call against the public adapters run task by task (select, adapter, put back).
 Run: pytest bench/bench_adapter.py --benchmark-only [--benchmark-json=FILE]
@@ -21,6 +23,7 @@ Run: pytest bench/bench_adapter.py --benchmark-only [--benchmark-json=FILE]
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import pytest
@@ -82,6 +85,26 @@ def _step(call, leaves, grad):
     return run
 
 
+def _case(shape, batch, dtype, mode):
+    """One case's moce_fast adapter and the public adapter's module with the same random parameters
+    (train or eval as ``mode`` says), the input x, and the upstream gradient (None in eval)."""
+    variant, dim, layout, side = shape
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    torch.manual_seed(0)
+    fast = moce_fast.AdaptIRAdapter(dim, variant, layout)
+    _randomize(fast)  # the zero init would make the tail a no-op GEMM on zeros
+    ref = AdaptIR(dim, variant)
+    ref.load_state_dict(fast.state_dict())
+    fast, ref = fast.to(DEVICE, dt), ref.to(DEVICE, dt)
+    train = mode == "fwd+bwd"
+    fast.train(train), ref.train(train)
+    shape_x = (side * side, batch, dim) if layout == "lnc" else (batch, side, side, dim)
+    x = torch.randn(shape_x, device=DEVICE, dtype=dt, requires_grad=train)
+    # a fixed upstream gradient: the backward timed is the adapter's, not a loss's over the wide output
+    grad = torch.randn(shape_x, device=DEVICE, dtype=dt) if train else None
+    return fast, ref, x, grad
+
+
 CPU_CASE_SECONDS = 1.5
 
 
@@ -116,17 +139,7 @@ def test_adapter(benchmark, compile_case, impl, shape, batch, dtype, mode):
     if impl in ("public", "compile") and dtype == "bf16":
         pytest.skip("the public adapter runs torch.fft on its input dtype, which has no bfloat16 FFT")
     variant, dim, layout, side = shape
-    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
-    torch.manual_seed(0)
-    fast = moce_fast.AdaptIRAdapter(dim, variant, layout)
-    _randomize(fast)  # the zero init would make the tail a no-op GEMM on zeros
-    ref = AdaptIR(dim, variant)
-    ref.load_state_dict(fast.state_dict())
-    fast, ref = fast.to(DEVICE, dt), ref.to(DEVICE, dt)
-    train = mode == "fwd+bwd"
-    fast.train(train), ref.train(train)
-    shape_x = (side * side, batch, dim) if layout == "lnc" else (batch, side, side, dim)
-    x = torch.randn(shape_x, device=DEVICE, dtype=dt, requires_grad=train)
+    fast, ref, x, grad = _case(shape, batch, dtype, mode)
     benchmark.group = f"adapter {variant} C={dim} {side}x{side} B={batch} {dtype} {mode}"
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if GPU else "CPU", impl=impl)
 
@@ -146,13 +159,49 @@ def test_adapter(benchmark, compile_case, impl, shape, batch, dtype, mode):
             with moce_fast.backend(name):
                 return module(x)
 
-    # a fixed upstream gradient: the backward timed is the adapter's, not a loss's over the wide output
-    grad = torch.randn(shape_x, device=DEVICE, dtype=dt) if train else None
-
     run = _step(call, [x, *fast.parameters(), *ref.parameters()], grad)
     if impl in ("compile", "triton-graphs"):
         compile_case.warm_up(run)
     _pedantic(benchmark, run)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-{s[1]}-{s[3]}x{s[3]}")
+def test_adapter_interleaved(benchmark, shape, batch, mode):
+    """The speed-up over the public adapter with both timed call by call in one loop (float32):
+    each round runs the public adapter and moce_fast's backend (cpu in a CPU run, triton on a GPU),
+    in alternating order, and the ratio is of the two medians. test_adapter's implementations run
+    one after another, so a drift of the machine's speed between them (10-40% between minutes on
+    this project's 2-core VM) enters their ratios; here both see the same minutes. The benchmark's
+    own time is of the pair; extra_info holds each median (``median_s``) and ``speedup``."""
+    impl = "triton" if GPU else "cpu"
+    if impl == "cpu" and _backend.cpu_runtime_status() is not None:
+        pytest.skip(f"cpu: {_backend.cpu_runtime_status()}")
+    variant, dim, layout, side = shape
+    fast, ref, x, grad = _case(shape, batch, "fp32", mode)
+    public = PublicAdapter(ref, layout)
+    benchmark.group = f"adapter interleaved {variant} C={dim} {side}x{side} B={batch} fp32 {mode}"
+
+    def call():
+        with moce_fast.backend(impl):
+            return fast(x)
+
+    leaves = [x, *fast.parameters(), *ref.parameters()]
+    runs = [("public", _step(lambda: public(x), leaves, grad)), (impl, _step(call, leaves, grad))]
+    times: dict[str, list[float]] = {name: [] for name, _ in runs}
+
+    def pair():
+        order = runs if len(times["public"]) % 2 == 0 else runs[::-1]
+        for name, run in order:
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+
+    _pedantic(benchmark, pair)
+    median = {name: statistics.median(t[2:]) for name, t in times.items()}  # after _pedantic's 2 warm-ups
+    benchmark.extra_info.update(device=torch.cuda.get_device_name() if GPU else "CPU", impl=f"public+{impl}",
+                                median_s=median, speedup=median["public"] / median[impl])
 
 
 # Several tasks in one batch (two tasks, alternating images): (variant, dim, layout, side, batch)

@@ -1,6 +1,7 @@
 """Print benchmark results as one line per case: each implementation's median and its speed-up over
 the case's baseline (public-eval, public or reference, whichever the case has), measured in the
-same run.
+same run; for test_adapter_interleaved's records, each implementation's median and the speed-up of
+the two timed alternately in one loop.
 
     python scripts/bench_table.py FILE [FILE ...]
 
@@ -28,10 +29,15 @@ def records(path: str) -> list[dict]:
 
 def table(recs: list[dict]) -> list[str]:
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    lines, interleaved = [], []
     for r in recs:
+        extra = r.get("extra_info", {})
+        if "speedup" in extra:  # bench_adapter.py's test_adapter_interleaved: both timed in one loop
+            cells = [f"{impl} {t * 1e3:.3f} ms" for impl, t in extra["median_s"].items()]
+            interleaved.append(f"{r['group']}: " + ", ".join(cells) + f" ({extra['speedup']:.2f}x, interleaved)")
+            continue
         impl = r.get("extra_info", {}).get("impl") or r["name"].rsplit("-", 1)[-1].rstrip("]")
         groups[r["group"]][impl] = r["stats"]
-    lines = []
     for group in sorted(groups):
         stats = groups[group]
         base = next((b for b in BASELINES if b in stats), None)
@@ -44,7 +50,7 @@ def table(recs: list[dict]) -> list[str]:
                 cell += f" [{st.get('rounds')} rounds]"
             cells.append(cell)
         lines.append(f"{group}: " + ", ".join(cells))
-    return lines
+    return lines + sorted(interleaved)
 
 
 def main(argv: list[str]) -> int:

@@ -98,6 +98,33 @@ def test_benchmark_lines_are_written_as_each_case_ends(tmp_path):
     assert f"({pub / fast:.2f}x)" in table.stdout, table.stdout
 
 
+def test_interleaved_case_records_both_medians_and_their_ratio(tmp_path):
+    """test_adapter_interleaved: the public adapter and moce_fast's backend timed alternately; its
+    record holds both medians and their ratio, which scripts/bench_table.py prints as interleaved."""
+    import json
+
+    from moce_fast.ops import _backend
+
+    if _backend.cpu_runtime_status() is not None:
+        import pytest
+
+        pytest.skip(f"the interleaved case times the cpu backend: {_backend.cpu_runtime_status()}")
+    lines = tmp_path / "interleaved.jsonl"
+    proc = _pytest(["-q", "bench/bench_adapter.py", "--benchmark-only", "-k", "interleaved and ipt-576-16x16-1-fwd]"],
+                   {"MOCE_FAST_BENCH_JSONL": str(lines)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (record,) = [json.loads(line) for line in lines.read_text().splitlines()]
+    extra = record["extra_info"]
+    assert record["group"] == "adapter interleaved ipt C=576 16x16 B=1 fp32 fwd"
+    assert extra["impl"] == "public+cpu" and set(extra["median_s"]) == {"public", "cpu"}
+    assert all(t > 0 for t in extra["median_s"].values())
+    assert extra["speedup"] == extra["median_s"]["public"] / extra["median_s"]["cpu"]
+    table = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_table.py"), str(lines)],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    assert f"({extra['speedup']:.2f}x, interleaved)" in table.stdout, table.stdout
+
+
 def test_compile_case_skips_a_case_the_compiler_rejects_and_names_the_error():
     import importlib.util
 
