@@ -36,9 +36,10 @@ def _poisoned_outputs():
     _cuda.set_poison_outputs(False)
 
 
-# (layout, H, W, N): dense DFT tables up to 256 pixels, rfft2 / irfft2 beyond (17x17, 9x30, 24x20)
+# (layout, H, W, N): dense DFT tables up to ops.CPU_KERNEL_DENSE_DFT_MAX_PIXELS (64: 8x8 the largest),
+# rfft2 / irfft2 beyond (16x16, 17x17, 9x30, 24x20)
 SIZES = [("nchw", 5, 5, 1), ("lnc", 5, 5, 1), ("nhwc", 5, 5, 1), ("nchw", 3, 7, 1), ("nhwc", 1, 6, 1),
-         ("lnc", 16, 16, 1), ("lnc", 4, 4, 3), ("nhwc", 4, 5, 3), ("nchw", 17, 17, 1), ("nhwc", 9, 30, 1),
+         ("lnc", 8, 8, 1), ("lnc", 16, 16, 1), ("lnc", 4, 4, 3), ("nhwc", 4, 5, 3), ("nchw", 17, 17, 1), ("nhwc", 9, 30, 1),
          ("lnc", 17, 17, 2), ("nhwc", 17, 17, 2), ("nchw", 24, 20, 1)]
 TOL = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-4)}  # (output, gradients)
 
@@ -363,6 +364,18 @@ def test_calls_the_kernel_does_not_take_run_torch(monkeypatch):
             assert set(_backend.last_run().values()) == {"cpu"}
             lnc(torch.randn(16, 3, 56))
             assert set(_backend.last_run().values()) == {"torch"}
+
+
+def test_dense_dft_tables_only_up_to_their_pixel_limit():
+    # the kernel's global branch: dense DFT tables on maps of at most CPU_KERNEL_DENSE_DFT_MAX_PIXELS
+    # (8x8), rfft2 / irfft2 beyond (empty tables, nb bins, no self-conjugate count); both equal the
+    # float64 reference (SIZES), so only the choice is checked here
+    assert ops.CPU_KERNEL_DENSE_DFT_MAX_PIXELS == 64
+    fwd, inv, nb, s = ops._kernel_tables(8, 8, torch.float32)
+    assert fwd.shape == inv.shape == (2 * nb - s, 64) and (nb, s) == (8 * 5, 4)
+    for hh, ww in [(16, 16), (9, 8), (1, 65)]:
+        fwd, inv, nb, s = ops._kernel_tables(hh, ww, torch.float32)
+        assert fwd.numel() == inv.numel() == 0 and (nb, s) == (hh * (ww // 2 + 1), 0), (hh, ww)
 
 
 def test_eval_row_limit_of_narrow_adapters(monkeypatch):

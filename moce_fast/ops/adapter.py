@@ -1168,10 +1168,24 @@ _NO_TABLE = torch.empty(0)
 _CPU = torch.device("cpu")
 
 
+# The CPU kernel takes the global branch as dense DFT products (dft_tables) on maps of at most this
+# many pixels, and as rfft2 / irfft2 (rfft2_channel_major) beyond. Not DENSE_DFT_MAX_PIXELS (256, the
+# torch path's choice against its complex-valued FFT passes): the kernel's FFTs are real-valued and
+# its tables (2 x 284 x 256 values at 16x16, 0.6 MB) are read from memory when the cache is cold, as
+# in a host model or interleaved with the public adapter. Measured interleaved with the public
+# adapter in one process (IPT's 576 channels, medians of 150 rounds; dense / FFT, each measured 2-5
+# times): 16x16 batch 1 eval 524-738 / 491-645 us (FFT 6-14% faster in all 4), training 1756-1924 /
+# 1574-1938 us (FFT faster or even), batch 8 eval 3374 / 3098, training 8686-8727 / 8027-8301,
+# batch 32 eval 9464 / 9036; 12x12 batch 1 eval 484-544 / 460-495, training 1210 / 1041; 8x8 batch 1
+# eval 403 / 427, batch 8 eval 929 / 1126 (dense faster), training 1189-1284 / 1117-1208. (Hot, the
+# call repeated alone, 16x16 batch 1 eval was 391 / 406 us.)
+CPU_KERNEL_DENSE_DFT_MAX_PIXELS = 64
+
+
 def _kernel_tables(hh: int, ww: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """The DFT arguments of the CPU kernel: :func:`dft_tables` (fwd, inv, nb, s) for a map of at
-    most ``DENSE_DFT_MAX_PIXELS``, else empty tables (the kernel runs rfft2 / irfft2), nb, 0."""
-    if hh * ww <= DENSE_DFT_MAX_PIXELS:
+    most ``CPU_KERNEL_DENSE_DFT_MAX_PIXELS``, else empty tables (the kernel runs rfft2 / irfft2), nb, 0."""
+    if hh * ww <= CPU_KERNEL_DENSE_DFT_MAX_PIXELS:
         return dft_tables(hh, ww, dtype, _CPU)[:4]
     return _NO_TABLE, _NO_TABLE, hh * (ww // 2 + 1), 0
 
