@@ -1177,8 +1177,11 @@ _CPU = torch.device("cpu")
 # times): 16x16 batch 1 eval 524-738 / 491-645 us (FFT 6-14% faster in all 4), training 1756-1924 /
 # 1574-1938 us (FFT faster or even), batch 8 eval 3374 / 3098, training 8686-8727 / 8027-8301,
 # batch 32 eval 9464 / 9036; 12x12 batch 1 eval 484-544 / 460-495, training 1210 / 1041; 8x8 batch 1
-# eval 403 / 427, batch 8 eval 929 / 1126 (dense faster), training 1189-1284 / 1117-1208. (Hot, the
-# call repeated alone, 16x16 batch 1 eval was 391 / 406 us.)
+# eval 403 / 427, batch 8 eval 929 / 1126 (dense faster), training 1189-1284 / 1117-1208. Other
+# conditions at 16x16 put the two within this VM's noise: hot (the call repeated alone) batch 1 eval
+# 391 / 406 us, training 1107 / 1167, batch 8 eval 2111 / 1990; after a 16 MB sweep of memory before
+# each call batch 1 eval 650-784 / 658-829, training 1992 / 2100, batch 8 eval 3703 / 3653; two tasks
+# on 8 images after the sweep, eval 3879-3930 / 3965-4205, training 11506-12193 / 11746-12183.
 CPU_KERNEL_DENSE_DFT_MAX_PIXELS = 64
 
 
