@@ -423,6 +423,33 @@ def test_parameter_changed_in_place_before_backward_is_an_error():
         y.sum().backward()
 
 
+def test_parameters_the_kernel_does_not_take():
+    # each parameter in x's dtype, on its device, contiguous; in eval, nothing requiring grad under
+    # grad mode: otherwise the reason names what was found
+    from moce_fast.nn.adapter import _assemble, _raw_tensors
+
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc"))
+    params = [q.detach() for q in ops._cpu_params(_assemble(_raw_tensors(adapter)))]
+    x = torch.randn(1, 4, 4, 56)
+    assert ops._cpu_params_reason(x, params, False) is None
+    assert ops._cpu_params_reason(x.double(), params, True) == \
+        "a parameter is torch.float32 on cpu, not contiguous torch.float64 on x's device"
+    for i in (0, len(params) - 1):
+        strided = list(params)
+        strided[i] = params[i].transpose(0, 1).contiguous().transpose(0, 1)  # the same values, strided
+        assert not strided[i].is_contiguous()
+        assert ops._cpu_params_reason(x, strided, True) == \
+            "a parameter is torch.float32 on cpu, not contiguous torch.float32 on x's device", i
+    grads = list(params)
+    grads[3] = params[3].clone().requires_grad_()
+    assert ops._cpu_params_reason(x, grads, False) == "eval with autograd recording (the eval kernel has no backward)"
+    assert ops._cpu_params_reason(x, grads, True) is None
+    if torch.cuda.is_available():
+        moved = list(params)
+        moved[5] = params[5].cuda()
+        assert "on cuda:0" in ops._cpu_params_reason(x, moved, True)
+
+
 def test_backend_cpu_needs_the_extension_and_cpu_tensors(monkeypatch):
     from moce_fast.ops import _cuda
 
