@@ -7,8 +7,12 @@
 // training step of the adapter allocates two such buffers (the output, the input gradient) plus
 // its h-space intermediates. Blocks of at least kMinBytes are kept here when their tensor dies and
 // handed out again for the same size, so their pages stay mapped; at most `limit` bytes are kept
-// idle (MOCE_FAST_CPU_CACHE_MB, default 256; 0 turns the cache off), the rest goes back to the
-// system at once. A block is never handed out while a tensor holds it; empty_cpu_cache() frees every
+// idle (MOCE_FAST_CPU_CACHE_MB, default 256; 0 turns the cache off). A block given back is kept,
+// and the idle blocks given back longest ago go back to the system until the rest fit the limit (a
+// block larger than the limit itself goes back at once): blocks of sizes a process no longer asks
+// for (a batch-32 step's, before batch-1 steps) make way for those of the sizes in use. (Before,
+// a full cache freed the block coming back instead: after the bench's batch-32 cases filled it,
+// a later IPT 48x48 batch-1 training step missed one 5.3 MB block per step, its pages fresh each time.) A block is never handed out while a tensor holds it; empty_cpu_cache() frees every
 // idle block. install_cpu_cache() makes the cache torch's CPU allocator until the matching
 // uninstall (the adapters' torch paths on a CPU run so: their own buffers come from it too).
 #include <ATen/ATen.h>
@@ -18,9 +22,12 @@
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
+#include <list>
 #include <map>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "common.h"
 
@@ -58,7 +65,8 @@ class BufferCache final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = idle_.find(size);
       if (it != idle_.end()) {
-        void* ptr = it->second;
+        void* ptr = it->second->second;
+        order_.erase(it->second);
         idle_.erase(it);
         idle_bytes_ -= size;
         ++hits_;
@@ -82,14 +90,22 @@ class BufferCache final : public c10::Allocator {
   }
 
   void set_limit(size_t bytes) {
-    std::lock_guard<std::mutex> lock(mu_);
-    limit_ = bytes;
-    trim_locked(limit_);
+    std::vector<void*> freed;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      limit_ = bytes;
+      trim_locked(limit_, freed);
+    }
+    for (void* p : freed) c10::free_cpu(p);
   }
 
   void empty() {
-    std::lock_guard<std::mutex> lock(mu_);
-    trim_locked(0);
+    std::vector<void*> freed;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      trim_locked(0, freed);
+    }
+    for (void* p : freed) c10::free_cpu(p);
   }
 
   CpuCacheInfo info() {
@@ -100,43 +116,57 @@ class BufferCache final : public c10::Allocator {
  private:
   static void release(void* ptr);
 
-  // frees idle blocks, largest first, until at most `keep` bytes are idle
-  void trim_locked(size_t keep) {
-    while (idle_bytes_ > keep && !idle_.empty()) {
-      auto it = std::prev(idle_.end());
-      idle_bytes_ -= it->first;
-      c10::free_cpu(it->second);
-      idle_.erase(it);
+  // takes idle blocks out, the one given back longest ago first, until at most `keep` bytes are
+  // idle; their pointers go to `freed` (freed by the caller, outside the lock)
+  void trim_locked(size_t keep, std::vector<void*>& freed) {
+    while (idle_bytes_ > keep && !order_.empty()) {
+      const auto [size, ptr] = order_.back();
+      auto range = idle_.equal_range(size);
+      for (auto it = range.first; it != range.second; ++it)
+        if (it->second == std::prev(order_.end())) {
+          idle_.erase(it);
+          break;
+        }
+      order_.pop_back();
+      idle_bytes_ -= size;
+      freed.push_back(ptr);
     }
   }
 
-  // a block of ours back to the idle ones (or freed, over the limit); any other pointer (a small
-  // block, raw-deallocated through the cache while it was installed) to the allocator it came from
+  // a block of ours back to the idle ones (the oldest idle ones freed if over the limit, or this
+  // one if it alone is larger); any other pointer (a small block, raw-deallocated through the cache
+  // while it was installed) to the allocator it came from
   void give_back(void* ptr) {
-    bool ours = false;
+    enum { kKept, kFree, kSmall } what = kSmall;
+    std::vector<void*> freed;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = live_.find(ptr);
       if (it != live_.end()) {
-        ours = true;
         const size_t size = it->second;
         live_.erase(it);
-        if (idle_bytes_ + size <= limit_) {
-          idle_.emplace(size, ptr);
+        what = kFree;
+        if (size <= limit_) {
+          order_.emplace_front(size, ptr);
+          idle_.emplace(size, order_.begin());
           idle_bytes_ += size;
-          return;
+          trim_locked(limit_, freed);  // (never this block: it alone fits)
+          what = kKept;
         }
       }
     }
-    if (ours)
+    for (void* p : freed) c10::free_cpu(p);
+    if (what == kFree)
       c10::free_cpu(ptr);
-    else
+    else if (what == kSmall)
       small_->raw_deallocate(ptr);
   }
 
   c10::Allocator* small_;
   std::mutex mu_;
-  std::multimap<size_t, void*> idle_;
+  // idle blocks, most recently given back first, and by size (each entry's node of order_)
+  std::list<std::pair<size_t, void*>> order_;
+  std::multimap<size_t, std::list<std::pair<size_t, void*>>::iterator> idle_;
   std::unordered_map<void*, size_t> live_;
   size_t idle_bytes_ = 0, limit_;
   int64_t hits_ = 0, misses_ = 0;

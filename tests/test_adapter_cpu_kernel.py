@@ -785,6 +785,37 @@ def test_cache_limit_and_empty(cache_limit):
             cache_limit.set_cpu_cache_limit(bad)
 
 
+def test_cache_frees_the_blocks_given_back_longest_ago(cache_limit):
+    # at the limit, a block given back is kept and the idle ones given back longest ago are freed to
+    # make room (blocks of sizes no longer asked for make way for those in use); a block larger than
+    # the limit itself is freed; a smaller limit frees the oldest first
+    from moce_fast.ops import _cuda
+
+    mib = 1 << 20
+    cache_limit.set_cpu_cache_limit(5)
+
+    def cycle(nbytes):  # a block of nbytes from the cache, given back at once; (hits, misses) added
+        before = cache_limit.cpu_cache_info()
+        with _cuda.cpu_cache_installed(torch.empty(1)):
+            block = torch.empty(nbytes // 4)
+        del block
+        after = cache_limit.cpu_cache_info()
+        return after["hits"] - before["hits"], after["misses"] - before["misses"]
+
+    def idle():
+        info = cache_limit.cpu_cache_info()
+        return info["idle_blocks"], info["idle_bytes"] // mib
+
+    assert cycle(2 * mib) == (0, 1) and cycle(3 * mib) == (0, 1) and idle() == (2, 5)
+    assert cycle(2 * mib) == (1, 0) and idle() == (2, 5)  # (now 2 MiB is the one given back last)
+    assert cycle(4 * mib) == (0, 1) and idle() == (1, 4)  # both older blocks freed to make room
+    assert cycle(4 * mib) == (1, 0) and cycle(3 * mib) == (0, 1) and idle() == (1, 3)
+    assert cycle(6 * mib) == (0, 1) and idle() == (1, 3)  # larger than the limit: freed, the rest kept
+    assert cycle(2 * mib) == (0, 1) and idle() == (2, 5)
+    cache_limit.set_cpu_cache_limit(2)  # the 3 MiB block, given back before the 2 MiB one, goes
+    assert idle() == (1, 2) and cycle(2 * mib) == (1, 0)
+
+
 def test_cache_limit_from_environment():
     import subprocess
     import sys

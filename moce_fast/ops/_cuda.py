@@ -170,7 +170,8 @@ def cpu_cache_info() -> dict:
 
 def set_cpu_cache_limit(limit_mib: int) -> None:
     """Keep at most ``limit_mib`` MiB of idle blocks in the CPU buffer cache (0 turns it off;
-    idle blocks over the new limit are freed at once). The default is 256, or the environment
+    idle blocks over the new limit are freed at once, those given back longest ago first, as when a
+    block given back does not fit). The default is 256, or the environment
     variable ``MOCE_FAST_CPU_CACHE_MB`` read when the cache is first used."""
     if isinstance(limit_mib, bool) or not isinstance(limit_mib, int) or limit_mib < 0:
         raise ValueError(f"limit_mib: expected a whole number of MiB >= 0, got {limit_mib!r}")
