@@ -12,8 +12,8 @@
 // block larger than the limit itself goes back at once): blocks of sizes a process no longer asks
 // for (a batch-32 step's, before batch-1 steps) make way for those of the sizes in use. (Before,
 // a full cache freed the block coming back instead: after the bench's batch-32 cases filled it,
-// a later IPT 48x48 batch-1 training step missed one 5.3 MB block per step, its pages fresh each time.) A block is never handed out while a tensor holds it; empty_cpu_cache() frees every
-// idle block. install_cpu_cache() makes the cache torch's CPU allocator until the matching
+// a later IPT 48x48 batch-1 training step missed one 5.3 MB block per step, its pages fresh each
+// time.) A block is never handed out while a tensor holds it; empty_cpu_cache() frees every idle block. install_cpu_cache() makes the cache torch's CPU allocator until the matching
 // uninstall (the adapters' torch paths on a CPU run so: their own buffers come from it too).
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>

@@ -411,6 +411,19 @@ def test_eval_row_limit_of_narrow_adapters(monkeypatch):
         _cuda.set_cpu_isa_cap(previous)
     assert where == {"torch"}
     assert rel_err(y, y_torch) < 1e-5
+    # several tasks in one batch: the limit per task's rows (here 2 images of 16 rows each)
+    from moce_fast import adapters
+
+    host = torch.nn.Sequential(torch.nn.Identity())
+    adapters.add_adapters(host, r"^0$", 56, variant="edt", layout="lnc", tasks=("a", "b"))
+    for i, a in enumerate(host[0].adapters.values()):
+        randomize_(a, seed=i)
+    host.eval()
+    for names, expected in ((["a", "b", "a", "b"], {"cpu"}), (["a", "b", "a", "a"], {"torch"})):
+        _backend._LAST_RUN.clear()
+        with torch.no_grad(), moce_fast.backend("cpu"), adapters.tasks(names):
+            host(torch.randn(16, 4, 56))
+        assert set(_backend.last_run().values()) == expected, names
 
 
 def test_parameter_changed_in_place_before_backward_is_an_error():

@@ -1122,14 +1122,15 @@ def cpu_kernel_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor],
 def _row_limit(t: torch.Tensor, tensors: list[torch.Tensor], training: bool) -> int:
     """The most rows the CPU kernel takes in one task's call: ``CPU_KERNEL_MAX_ROWS_TRAINING``,
     ``CPU_KERNEL_MAX_ROWS_EVAL``, or in eval ``CPU_KERNEL_MAX_ROWS_EVAL_NARROW`` where both of
-    the head's and the tail's products both run on the extension's narrow products on this CPU
+    the head's and the tail's products run on the extension's narrow products on this CPU
     (:func:`moce_fast.ops._cuda.cpu_narrow_kind`: today float32, at most 4096 weights, AVX-512 for
     the tail's)."""
     if training:
         return CPU_KERNEL_MAX_ROWS_TRAINING
     from . import _cuda
 
-    hidden, dim = tensors[0].shape[-2:]  # the head's weights (T, h, C)
+    head = tensors[0]  # the head's weights: (T, h, C) or (h, C) as folded, (h, C, 1, 1) as stored
+    hidden, dim = head.shape[:2] if head.dim() == 4 else head.shape[-2:]
     if _cuda.cpu_narrow_kind(t.dtype, dim, hidden) and _cuda.cpu_narrow_kind(t.dtype, hidden, dim):
         return CPU_KERNEL_MAX_ROWS_EVAL_NARROW
     return CPU_KERNEL_MAX_ROWS_EVAL
