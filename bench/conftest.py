@@ -42,6 +42,7 @@ QUICK = {
     "test_moce_layer": lambda p: p["level"][0] == 48 and p["size"] == 128 and p["batch"] == 8
     and p["route"] in ("mixed", "all-largest") and p["mode"] == "fwd",
     "test_adapter": lambda p: p["batch"] == 8 and p["mode"] == "fwd",
+    "test_adapter_interleaved": lambda p: p["batch"] == 8 and p["mode"] == "fwd",
     "test_adapter_mixed_tasks": lambda p: False,  # (no target is stated on it)
     "test_backbone_op": lambda p: p["level"][0] == 48 and p["batch"] == 1 and p["mode"] == "fwd",
     "test_model": lambda p: p["model"] == "MoCE_IR_S" and p["case"] in ("infer-b1", "train-b8"),

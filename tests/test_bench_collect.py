@@ -74,6 +74,14 @@ def test_quick_benchmarks_keep_the_headline_cases():
     assert chosen and all("[C48-128-8-" in t and "-fwd-" in t for t in chosen), chosen
     assert {t.split("-")[3] for t in chosen} == {"mixed", "all"}  # mixed and all-largest
     assert "deselected" in proc.stdout
+    # the adapter's: batch 8, forward, each implementation and the interleaved pair, no mixed tasks
+    proc = _pytest(["--collect-only", "-q", "bench/bench_adapter.py"], {"MOCE_FAST_BENCH_QUICK": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    chosen = [line for line in proc.stdout.splitlines() if "::" in line]
+    interleaved = [t for t in chosen if "test_adapter_interleaved[" in t]
+    assert len(interleaved) == 3 and all(t.endswith("-8-fwd]") for t in interleaved), interleaved
+    assert chosen and all("-8-" in t and "-fwd" in t and "fwd+bwd" not in t for t in chosen), chosen
+    assert not any("mixed_tasks" in t for t in chosen)
 
 
 def test_benchmark_lines_are_written_as_each_case_ends(tmp_path):
