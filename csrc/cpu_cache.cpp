@@ -13,7 +13,8 @@
 // for (a batch-32 step's, before batch-1 steps) make way for those of the sizes in use. (Before,
 // a full cache freed the block coming back instead: after the bench's batch-32 cases filled it,
 // a later IPT 48x48 batch-1 training step missed one 5.3 MB block per step, its pages fresh each
-// time.) A block is never handed out while a tensor holds it; empty_cpu_cache() frees every idle block. install_cpu_cache() makes the cache torch's CPU allocator until the matching
+// time.) A block is never handed out while a tensor holds it; empty_cpu_cache() frees every idle
+// block. install_cpu_cache() makes the cache torch's CPU allocator until the matching
 // uninstall (the adapters' torch paths on a CPU run so: their own buffers come from it too).
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -23,7 +24,6 @@
 
 #include <cstdlib>
 #include <list>
-#include <map>
 #include <mutex>
 #include <unordered_map>
 #include <utility>
@@ -63,10 +63,11 @@ class BufferCache final : public c10::Allocator {
     const size_t size = (n + kPage - 1) / kPage * kPage;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      auto it = idle_.find(size);
+      // (the block of this size given back last; a scan over at most limit / 1 MiB blocks)
+      auto it = idle_.begin();
+      while (it != idle_.end() && it->first != size) ++it;
       if (it != idle_.end()) {
-        void* ptr = it->second->second;
-        order_.erase(it->second);
+        void* ptr = it->second;
         idle_.erase(it);
         idle_bytes_ -= size;
         ++hits_;
@@ -96,7 +97,7 @@ class BufferCache final : public c10::Allocator {
       limit_ = bytes;
       trim_locked(limit_, freed);
     }
-    for (void* p : freed) c10::free_cpu(p);
+    free_all(freed);
   }
 
   void empty() {
@@ -105,7 +106,7 @@ class BufferCache final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mu_);
       trim_locked(0, freed);
     }
-    for (void* p : freed) c10::free_cpu(p);
+    free_all(freed);
   }
 
   CpuCacheInfo info() {
@@ -117,20 +118,17 @@ class BufferCache final : public c10::Allocator {
   static void release(void* ptr);
 
   // takes idle blocks out, the one given back longest ago first, until at most `keep` bytes are
-  // idle; their pointers go to `freed` (freed by the caller, outside the lock)
+  // idle; their pointers go to `freed` (free_all, by the caller, outside the lock)
   void trim_locked(size_t keep, std::vector<void*>& freed) {
-    while (idle_bytes_ > keep && !order_.empty()) {
-      const auto [size, ptr] = order_.back();
-      auto range = idle_.equal_range(size);
-      for (auto it = range.first; it != range.second; ++it)
-        if (it->second == std::prev(order_.end())) {
-          idle_.erase(it);
-          break;
-        }
-      order_.pop_back();
-      idle_bytes_ -= size;
-      freed.push_back(ptr);
+    while (idle_bytes_ > keep && !idle_.empty()) {
+      idle_bytes_ -= idle_.back().first;
+      freed.push_back(idle_.back().second);
+      idle_.pop_back();
     }
+  }
+
+  static void free_all(const std::vector<void*>& blocks) {
+    for (void* p : blocks) c10::free_cpu(p);
   }
 
   // a block of ours back to the idle ones (the oldest idle ones freed if over the limit, or this
@@ -147,15 +145,14 @@ class BufferCache final : public c10::Allocator {
         live_.erase(it);
         what = kFree;
         if (size <= limit_) {
-          order_.emplace_front(size, ptr);
-          idle_.emplace(size, order_.begin());
+          idle_.emplace_front(size, ptr);
           idle_bytes_ += size;
           trim_locked(limit_, freed);  // (never this block: it alone fits)
           what = kKept;
         }
       }
     }
-    for (void* p : freed) c10::free_cpu(p);
+    free_all(freed);
     if (what == kFree)
       c10::free_cpu(ptr);
     else if (what == kSmall)
@@ -164,9 +161,8 @@ class BufferCache final : public c10::Allocator {
 
   c10::Allocator* small_;
   std::mutex mu_;
-  // idle blocks, most recently given back first, and by size (each entry's node of order_)
-  std::list<std::pair<size_t, void*>> order_;
-  std::multimap<size_t, std::list<std::pair<size_t, void*>>::iterator> idle_;
+  // idle blocks (size, pointer), the one given back last first
+  std::list<std::pair<size_t, void*>> idle_;
   std::unordered_map<void*, size_t> live_;
   size_t idle_bytes_ = 0, limit_;
   int64_t hits_ = 0, misses_ = 0;

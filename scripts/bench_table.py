@@ -36,7 +36,7 @@ def table(recs: list[dict]) -> list[str]:
             cells = [f"{impl} {t * 1e3:.3f} ms" for impl, t in extra["median_s"].items()]
             interleaved.append(f"{r['group']}: " + ", ".join(cells) + f" ({extra['speedup']:.2f}x, interleaved)")
             continue
-        impl = r.get("extra_info", {}).get("impl") or r["name"].rsplit("-", 1)[-1].rstrip("]")
+        impl = extra.get("impl") or r["name"].rsplit("-", 1)[-1].rstrip("]")
         groups[r["group"]][impl] = r["stats"]
     for group in sorted(groups):
         stats = groups[group]
