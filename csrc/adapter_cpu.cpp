@@ -21,6 +21,8 @@
 // else (empty tables) by ATen's rfft2/irfft2 over the map's two axes of the (H, W, N h) rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -29,6 +31,7 @@
 #include <cmath>
 #include <vector>
 
+#include "adapter_plan.h"
 #include "common.h"
 
 namespace moce_fast {
@@ -1268,6 +1271,85 @@ std::vector<at::Tensor> adaptir_rows_tasks_backward_cpu(const at::Tensor& dout, 
 }
 
 }  // namespace
+
+int64_t eval_row_limit(at::ScalarType dtype, int64_t c, int64_t hid, int64_t wide, int64_t narrow) {
+  return narrow_kind(dtype, c, hid) && narrow_kind(dtype, hid, c) ? narrow : wide;
+}
+
+AdapterEvalPlan::AdapterEvalPlan(std::vector<at::Tensor> raw, std::vector<at::Tensor> params, int64_t layout,
+                                 double eps, at::Tensor fwd, at::Tensor inv, int64_t hh, int64_t ww, int64_t s,
+                                 int64_t dense_max_pixels)
+    : params_(std::move(params)), layout_(layout), eps_(eps), fwd_(std::move(fwd)), inv_(std::move(inv)), hh_(hh),
+      ww_(ww), s_(s), dense_max_pixels_(dense_max_pixels), inference_(c10::InferenceMode::is_enabled()) {
+  TORCH_CHECK(layout >= NCHW && layout <= NHWC, "layout: expected 0 (nchw), 1 (lnc) or 2 (nhwc), got ", layout);
+  TORCH_CHECK(static_cast<int64_t>(params_.size()) == NUM_PARAMS, "params: expected ", int(NUM_PARAMS),
+              " tensors, got ", params_.size());
+  TORCH_CHECK(dense_max_pixels >= 0, "dense_max_pixels: expected a pixel limit >= 0, got ", dense_max_pixels);
+  dtype_ = params_[HEAD_W].scalar_type();
+  hid_ = params_[HEAD_B].numel();
+  TORCH_CHECK(hid_ > 0, "head_b: expected at least one hidden channel");
+  c_ = params_[TAIL_W].numel() / hid_;
+  // the checks of every call's parameters, once (the tables of a hh x ww map, or none)
+  check_sizes(dtype_, layout, c_, hh, ww, 1, params_, fwd_, inv_, hh * (ww / 2 + 1), s);
+  TORCH_CHECK(fwd_.numel() > 0 || hh * ww > dense_max_pixels,
+              "fwd, inv: expected the DFT tables of a map of at most ", dense_max_pixels, " pixels, got none for ", hh,
+              "x", ww);
+  kept_.reserve(raw.size());
+  for (size_t i = 0; i < raw.size(); ++i) {
+    const auto& t = raw[i];
+    TORCH_CHECK(t.defined() && t.has_storage() && !t.is_inference(), "raw: tensor ", i,
+                " has no storage or version counter (an inference tensor): nothing can be kept for it");
+    kept_.push_back({t, t.storage(), t.const_data_ptr(), t.sizes().vec(), t.scalar_type(), t._version()});
+  }
+}
+
+bool AdapterEvalPlan::holds(const std::vector<at::Tensor>& raw, int64_t layout, double eps) const {
+  if (layout != layout_ || eps != eps_ || raw.size() != kept_.size()) return false;
+  for (size_t i = 0; i < raw.size(); ++i) {
+    const at::Tensor& t = raw[i];
+    const Kept& k = kept_[i];
+    if (!t.defined() || t.unsafeGetTensorImpl() != k.tensor.unsafeGetTensorImpl() || !t.has_storage() ||
+        t.storage().unsafeGetStorageImpl() != k.storage.unsafeGetStorageImpl() || t.const_data_ptr() != k.data ||
+        t.scalar_type() != k.dtype || t.sizes() != at::IntArrayRef(k.sizes) || t.is_inference() ||
+        t._version() != k.version)
+      return false;
+  }
+  return true;
+}
+
+at::Tensor AdapterEvalPlan::run(const at::Tensor& x, const std::vector<at::Tensor>& raw, int64_t layout,
+                                double eps, int64_t wide, int64_t narrow) const {
+  if (!holds(raw, layout, eps) || c10::InferenceMode::is_enabled() != inference_) return {};
+  if (at::GradMode::is_enabled()) {  // (the eval kernel records no autograd graph)
+    if (x.requires_grad()) return {};
+    for (const auto& t : raw)
+      if (t.requires_grad()) return {};
+  }
+  if (!x.defined() || !x.device().is_cpu() || x.scalar_type() != dtype_ || x.dim() != (layout_ == LNC ? 3 : 4) ||
+      x.numel() == 0 || (layout_ == NCHW ? x.size(1) : x.size(-1)) != c_)
+    return {};
+  int64_t n, hh, ww;
+  if (layout_ == LNC) {  // (L, N, C), L = H W with H = W; N > 1 where the L and N axes merge
+    const int64_t l = x.size(0);
+    n = x.size(1);
+    hh = ww = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(l))));
+    if (hh * ww != l || (n > 1 && x.stride(0) != n * x.stride(1))) return {};
+  } else if (layout_ == NHWC) {
+    n = x.size(0), hh = x.size(1), ww = x.size(2);
+  } else {  // one (1, C, H, W) image
+    n = x.size(0), hh = x.size(2), ww = x.size(3);
+    if (n != 1) return {};
+  }
+  if (n * hh * ww > eval_row_limit(dtype_, c_, hid_, wide, narrow)) return {};
+  const bool dense = fwd_.numel() > 0;
+  if (dense ? (hh != hh_ || ww != ww_) : hh * ww <= dense_max_pixels_) return {};
+  const Dims d = check_sizes(dtype_, layout_, c_, hh, ww, n, params_, fwd_, inv_, hh * (ww / 2 + 1),
+                             dense ? s_ : 0, &x);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return AT_DISPATCH_FLOATING_TYPES(dtype_, "adapter_eval_plan", [&] {
+    return forward_impl<scalar_t>(x, layout_, d, params_, fwd_, inv_, false, eps_)[0];
+  });
+}
 
 TORCH_LIBRARY_IMPL(moce_fast, CPU, m) {
   m.impl("adaptir_rows", &adaptir_rows_cpu);

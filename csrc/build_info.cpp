@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "adapter_plan.h"
 #include "common.h"
 
 #define MOCE_FAST_STR_(x) #x
@@ -74,6 +75,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("dtype"), pybind11::arg("k"), pybind11::arg("m"),
       "Which narrow CPU product (\"narrow_out\" or \"narrow_in\") rows of this dtype and K contiguous values "
       "times a w (M, K) take on this CPU at its ISA cap, or None (ATen's products).");
+  m.def("cpu_eval_row_limit", &moce_fast::eval_row_limit, pybind11::arg("dtype"), pybind11::arg("c"),
+        pybind11::arg("hid"), pybind11::arg("wide"), pybind11::arg("narrow"),
+        "The most rows of an eval call of the CPU adapter kernel: narrow where its head (C -> hid) and tail "
+        "(hid -> C) both run on the narrow products, else wide.");
   m.def(
       "cpu_narrow_rows_times",
       [](const at::Tensor& rows, const at::Tensor& w, const c10::optional<at::Tensor>& bias) -> pybind11::object {
@@ -84,6 +89,33 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       pybind11::arg("rows"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none(),
       "Tests: rows (R, K) @ w^T + bias by the narrow CPU product, or None where none applies (see cpu_isa).");
+  pybind11::class_<moce_fast::AdapterEvalPlan, std::shared_ptr<moce_fast::AdapterEvalPlan>>(
+      m, "AdapterEvalPlan",
+      "One adapter's eval call on the CPU kernel, kept between calls (csrc/adapter_plan.h): the folded "
+      "parameters, the DFT tables and the row limit, with the stored tensors they came from.")
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, double, at::Tensor, at::Tensor,
+                          int64_t, int64_t, int64_t, int64_t>(),
+           pybind11::arg("raw"), pybind11::arg("params"), pybind11::arg("layout"), pybind11::arg("eps"),
+           pybind11::arg("fwd"), pybind11::arg("inv"), pybind11::arg("hh"), pybind11::arg("ww"), pybind11::arg("s"),
+           pybind11::arg("dense_max_pixels"))
+      .def(
+          "run",
+          [](const moce_fast::AdapterEvalPlan& plan, const at::Tensor& x, const std::vector<at::Tensor>& raw,
+             int64_t layout, double eps, int64_t wide, int64_t narrow) -> pybind11::object {
+            at::Tensor out;
+            {
+              pybind11::gil_scoped_release no_gil;
+              out = plan.run(x, raw, layout, eps, wide, narrow);
+            }
+            if (!out.defined()) return pybind11::none();
+            return pybind11::cast(out);
+          },
+          pybind11::arg("x"), pybind11::arg("raw"), pybind11::arg("layout"), pybind11::arg("eps"),
+          pybind11::arg("wide"), pybind11::arg("narrow"),
+          "The adapter's eval output on x, or None where the plan does not hold for this call (at most "
+          "cpu_eval_row_limit(.., wide, narrow) rows).")
+      .def("holds", &moce_fast::AdapterEvalPlan::holds, pybind11::arg("raw"), pybind11::arg("layout"),
+           pybind11::arg("eps"), "Whether raw, layout and eps are those the plan was made from, unchanged.");
   m.def("set_cpu_cache_limit", &moce_fast::set_cpu_cache_limit, pybind11::arg("limit_bytes"),
         "The most bytes of idle blocks the CPU buffer cache keeps (0: off, idle blocks freed at once).");
   m.def("empty_cpu_cache", &moce_fast::empty_cpu_cache, "Frees every idle block of the CPU buffer cache.");

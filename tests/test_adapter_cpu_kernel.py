@@ -463,6 +463,210 @@ def test_parameters_the_kernel_does_not_take():
         assert "on cuda:0" in ops._cpu_params_reason(x, moved, True)
 
 
+def _kernel_plan(adapter):
+    """The adapter's kept eval plan of the CPU kernel (moce_fast._C.AdapterEvalPlan), or None."""
+    from moce_fast.nn.adapter import _CPU_PLANS
+
+    return _CPU_PLANS.get(adapter)
+
+
+def _full_path_fails(monkeypatch):
+    """From here on an adapter call that does not run on its kept plan fails (AdaptIRAdapter.forward
+    takes its full path through run_adapters)."""
+    from moce_fast.nn import adapter as nn_adapter
+
+    def full_path(*args, **kwargs):
+        raise AssertionError("the call took the full path, not the kept plan")
+
+    monkeypatch.setattr(nn_adapter, "run_adapters", full_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("layout,hh,ww,n", [("nchw", 5, 5, 1), ("lnc", 8, 8, 1), ("lnc", 16, 16, 1), ("lnc", 4, 4, 3),
+                                            ("nhwc", 4, 5, 3), ("nhwc", 9, 30, 1), ("nchw", 17, 17, 1)])
+def test_eval_plan_runs_later_calls(monkeypatch, layout, hh, ww, n, dtype):
+    # an eval call the kernel runs keeps a plan; later calls on new inputs of the same map run on it
+    # alone (the full path would fail), recorded as cpu, into poisoned buffers, equal to the
+    # float64 reference; a map of another size the plan's tables do not serve makes a new plan
+    fast, ref, x = adapter_case(layout, hh, ww, n, dtype)
+    assert _kernel_plan(fast) is None
+    _check_eval(fast, ref, x, layout, dtype)
+    plan = _kernel_plan(fast)
+    assert plan is not None
+    with monkeypatch.context() as m:
+        _full_path_fails(m)
+        for seed in (1, 2):
+            x2 = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+            _check_eval(fast, ref, x2, layout, dtype)
+    assert _kernel_plan(fast) is plan
+    dense = hh * ww <= ops.CPU_KERNEL_DENSE_DFT_MAX_PIXELS
+    other = torch.randn(n, 56, 3, 3, dtype=torch.float64) if dense else torch.randn(n, 56, 12, 12, dtype=torch.float64)
+    _check_eval(fast, ref, other, layout, dtype)
+    assert (_kernel_plan(fast) is plan) == (not dense)  # (an FFT plan serves any map beyond the tables' limit)
+
+
+def _replace_data(adapter):
+    # the same tensor object, its version unchanged, on new memory (nn.Module.to / .double() do this
+    # to every parameter)
+    w = adapter.compress.weight
+    version = w._version
+    w.data = w.data * -2.0
+    assert w._version == version
+
+
+def _at_version(new, old):
+    """``new`` with ``old``'s version (in-place no-ops): only its identity tells them apart."""
+    while new._version < old._version:
+        new.add_(0.0)
+    assert new._version == old._version
+    return new
+
+
+def _replace_parameter(adapter):
+    old = adapter.tail.weight
+    adapter.tail.weight = torch.nn.Parameter(_at_version(old.detach() * 0.5 + 0.1, old))
+
+
+def _replace_submodule(adapter):
+    old = adapter.proj[0]
+    new = copy.deepcopy(old)
+    new.weight.copy_(old.weight.flip(0))
+    _at_version(new.weight, old.weight), _at_version(new.bias, old.bias)
+    adapter.proj[0] = new
+
+
+PLAN_CHANGES = {
+    "in place": lambda a: a.amp_fuse.weight.mul_(-1.5),
+    "running statistics": lambda a: a.BN.running_var.mul_(3.0),
+    "load_state_dict": lambda a: a.load_state_dict(randomize_(copy.deepcopy(a), seed=7).state_dict()),
+    "data replaced": _replace_data,
+    "parameter replaced": _replace_parameter,
+    "submodule replaced": _replace_submodule,
+    "eps": lambda a: setattr(a.BN, "eps", 0.25),
+}
+
+
+@pytest.mark.parametrize("change", list(PLAN_CHANGES))
+@pytest.mark.parametrize("layout,hh,ww,n", [("nhwc", 5, 5, 2), ("lnc", 12, 12, 1)])
+def test_eval_plan_follows_changes_to_the_adapter(change, layout, hh, ww, n):
+    # after each change the kept plan no longer holds: the call takes the full path (the new
+    # parameters, folded again), which keeps a new plan; the stale one is let go
+    fast, ref, x = adapter_case(layout, hh, ww, n)
+    _check_eval(fast, ref, x, layout, torch.float64)
+    stale = _kernel_plan(fast)
+    with torch.no_grad():
+        PLAN_CHANGES[change](fast)
+    ref.load_state_dict(fast.state_dict())
+    ref.BN.eps = fast.BN.eps
+    raw = __import__("moce_fast.nn.adapter", fromlist=["_raw_tensors"])._raw_tensors(fast)
+    assert not stale.holds(raw, ops._LAYOUT_CODE[layout], fast.BN.eps)
+    _check_eval(fast, ref, x, layout, torch.float64)
+    assert _kernel_plan(fast) is not stale and _kernel_plan(fast) is not None
+
+
+def test_eval_plan_declines_what_the_full_path_decides(monkeypatch):
+    # a kept plan runs only an eval call outside autograd under the cpu or auto backend, of at most
+    # the row limit in force at the call; otherwise the full path decides as without a plan
+    fast, ref, x = adapter_case("lnc", 4, 4, 2)  # (16, 2, 56): 32 rows
+    _check_eval(fast, ref, x, "lnc", torch.float64)
+    assert _kernel_plan(fast) is not None
+    xl = to_layout(x, "lnc")
+    with torch.no_grad():
+        expected = fast(xl)
+
+    def ran(t):
+        _backend._LAST_RUN.clear()
+        return fast(t), set(_backend.last_run().values())
+
+    with torch.no_grad(), moce_fast.backend("torch"):
+        y, where = ran(xl)
+    assert where == {"torch"} and rel_err(y, expected) < 1e-12
+    y, where = ran(xl.detach().requires_grad_())  # eval under autograd: differentiable, by torch
+    assert where == {"torch"} and y.grad_fn is not None and rel_err(y, expected) < 1e-12
+    fast.head.weight.requires_grad_(True)
+    with torch.enable_grad():
+        y, where = ran(xl)
+    assert where == {"torch"} and y.grad_fn is not None
+    fast.train()  # training: batch statistics (and their running update), not the plan's folded ones
+    before = fast.BN.running_mean.clone()
+    with torch.no_grad():
+        y, where = ran(xl)
+    assert where == {"cpu"} and not torch.equal(fast.BN.running_mean, before)
+    assert rel_err(y, expected) > 1e-3
+    fast.eval()
+    ref.load_state_dict(fast.state_dict())  # (the train call moved the running statistics: a new plan)
+    _check_eval(fast, ref, x, "lnc", torch.float64)
+    plan = _kernel_plan(fast)
+    monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_EVAL", 16)  # (the limits in force at each call)
+    monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_EVAL_NARROW", 16)
+    with torch.no_grad():
+        y, where = ran(xl)
+    assert where == {"torch"} and _kernel_plan(fast) is plan
+    monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_EVAL", 32)
+    monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_EVAL_NARROW", 32)
+    with monkeypatch.context() as m:
+        _full_path_fails(m)
+        _check_eval(fast, ref, x, "lnc", torch.float64)
+    # bad input still gets the full path's clear errors
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="expected 56 channels"):
+            fast(torch.randn(16, 2, 57, dtype=torch.float64))
+        with pytest.raises(ValueError, match="square token grid"):
+            fast(torch.randn(15, 2, 56, dtype=torch.float64))
+        with pytest.raises(ValueError, match="floating-point tensor"):
+            fast(xl.long())
+
+
+def test_eval_plan_inference_mode_and_copies():
+    # a plan made outside inference mode does not run inside it (its folded tensors are not
+    # inference tensors there), nor one made inside outside it; each call equals the reference.
+    # The plan is kept beside the module: the adapter still deep-copies and pickles.
+    import io
+
+    fast, ref, x = adapter_case("nhwc", 5, 5, 2)
+    _check_eval(fast, ref, x, "nhwc", torch.float64)
+    first = _kernel_plan(fast)
+    with torch.inference_mode():
+        _check_eval(fast, ref, x, "nhwc", torch.float64)
+    inside = _kernel_plan(fast)
+    assert inside is not first
+    _check_eval(fast, ref, x, "nhwc", torch.float64)
+    assert _kernel_plan(fast) is not inside
+    twin = copy.deepcopy(fast)
+    assert _kernel_plan(twin) is None
+    _check_eval(twin, ref, x, "nhwc", torch.float64)
+    buf = io.BytesIO()
+    torch.save(fast, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    _check_eval(loaded, ref, x, "nhwc", torch.float64)
+
+
+def test_eval_plan_bad_arguments_are_clear_errors():
+    from moce_fast.nn.adapter import _raw_tensors, stack_params
+    from moce_fast.ops import _cuda
+
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).eval()
+    raw = _raw_tensors(adapter)
+    with torch.no_grad():
+        params = ops._cpu_params(ops.fold_batch_norm(stack_params([adapter]), 1e-5, torch.float32))
+    fwd, inv, _, s = ops._kernel_tables(4, 4, torch.float32)
+    plan_type = _cuda.load().AdapterEvalPlan
+    plan_type(raw, params, 2, 1e-5, fwd, inv, 4, 4, s, 64)  # (as made)
+    with pytest.raises(RuntimeError, match="params: expected 24 tensors, got 23"):
+        plan_type(raw, params[:-1], 2, 1e-5, fwd, inv, 4, 4, s, 64)
+    with pytest.raises(RuntimeError, match="layout: expected 0 \\(nchw\\), 1 \\(lnc\\) or 2 \\(nhwc\\), got 3"):
+        plan_type(raw, params, 3, 1e-5, fwd, inv, 4, 4, s, 64)
+    with pytest.raises(RuntimeError, match="fwd, inv: expected the DFT tables of a map of at most 64 pixels"):
+        plan_type(raw, params, 2, 1e-5, ops._NO_TABLE, ops._NO_TABLE, 4, 4, 0, 64)
+    with pytest.raises(RuntimeError, match="tail_w: expected a contiguous Float tensor"):
+        plan_type(raw, params[:-1] + [params[-1].double()], 2, 1e-5, fwd, inv, 4, 4, s, 64)
+    with torch.inference_mode():
+        frozen = [t.clone() for t in raw]
+    with pytest.raises(RuntimeError, match="raw: tensor 0 has no storage or version counter"):
+        plan_type(frozen, params, 2, 1e-5, fwd, inv, 4, 4, s, 64)
+
+
 def test_backend_cpu_needs_the_extension_and_cpu_tensors(monkeypatch):
     from moce_fast.ops import _cuda
 

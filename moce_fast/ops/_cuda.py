@@ -149,6 +149,14 @@ def cpu_narrow_kind(dtype: torch.dtype, k: int, m: int) -> Optional[str]:
     return _ext_or_raise().cpu_narrow_kind(dtype, int(k), int(m))
 
 
+def cpu_eval_row_limit(dtype: torch.dtype, c: int, hid: int, wide: int, narrow: int) -> int:
+    """The most rows of one eval call of the CPU adapter kernel on an adapter of ``c`` channels and
+    ``hid`` hidden ones in ``dtype``: ``narrow`` where its head (C -> hid) and tail (hid -> C) both
+    run on the narrow products (:func:`cpu_narrow_kind`), else ``wide``. The C++ rule itself, which
+    the kept eval plans (moce_fast._C.AdapterEvalPlan) apply on every call."""
+    return _ext_or_raise().cpu_eval_row_limit(dtype, int(c), int(hid), int(wide), int(narrow))
+
+
 def set_cpu_isa_cap(isa: str) -> str:
     """Tests: let the narrow products use at most ``isa`` (``"avx512"``, ``"avx2"`` or ``"none"``),
     so each version runs on one machine. Returns the previous cap."""

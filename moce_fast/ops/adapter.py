@@ -1123,17 +1123,15 @@ def _row_limit(t: torch.Tensor, tensors: list[torch.Tensor], training: bool) -> 
     """The most rows the CPU kernel takes in one task's call: ``CPU_KERNEL_MAX_ROWS_TRAINING``,
     ``CPU_KERNEL_MAX_ROWS_EVAL``, or in eval ``CPU_KERNEL_MAX_ROWS_EVAL_NARROW`` where both of
     the head's and the tail's products run on the extension's narrow products on this CPU
-    (:func:`moce_fast.ops._cuda.cpu_narrow_kind`: today float32, at most 4096 weights, AVX-512 for
-    the tail's)."""
+    (:func:`moce_fast.ops._cuda.cpu_eval_row_limit`, the rule the kept eval plans apply too; today
+    float32, at most 4096 weights, AVX-512 for the tail's)."""
     if training:
         return CPU_KERNEL_MAX_ROWS_TRAINING
     from . import _cuda
 
     head = tensors[0]  # the head's weights: (T, h, C) or (h, C) as folded, (h, C, 1, 1) as stored
     hidden, dim = head.shape[:2] if head.dim() == 4 else head.shape[-2:]
-    if _cuda.cpu_narrow_kind(t.dtype, dim, hidden) and _cuda.cpu_narrow_kind(t.dtype, hidden, dim):
-        return CPU_KERNEL_MAX_ROWS_EVAL_NARROW
-    return CPU_KERNEL_MAX_ROWS_EVAL
+    return _cuda.cpu_eval_row_limit(t.dtype, dim, hidden, CPU_KERNEL_MAX_ROWS_EVAL, CPU_KERNEL_MAX_ROWS_EVAL_NARROW)
 
 
 def _cpu_input_reason(t: torch.Tensor) -> Optional[str]:
@@ -1209,6 +1207,23 @@ def adaptir_rows_cpu(t: torch.Tensor, layout: str, p: AdapterParams, eps: float,
         return out[0], None
     out, mean, var = _RowsCpu.apply(t, layout, hh, ww, n, eps, *_cpu_params(p))
     return out, _one_task_stats(t, n * hh * ww, mean, var)
+
+
+def cpu_eval_plan(raw: list[torch.Tensor], t: torch.Tensor, layout: str, p: AdapterParams, eps: float):
+    """The extension's plan of this eval call on the CPU kernel (``moce_fast._C.AdapterEvalPlan``,
+    csrc/adapter_plan.h), to keep with the adapter and run on later calls, or None where the kernel
+    does not take the call (:func:`cpu_kernel_runs`, which records it as run on cpu). ``p``: one
+    task's parameters, folded; ``raw``: the adapter's 26 stored tensors it was folded from, on the
+    CPU, which may be kept (see :func:`moce_fast.nn.adapter._kept_key`)."""
+    from . import _cuda
+
+    tensors = _cpu_params(p)
+    if type(t) is not torch.Tensor or not cpu_kernel_runs(t, layout, tensors, False):
+        return None
+    _, hh, ww = as_npc(t, layout)
+    fwd, inv, _, s = _kernel_tables(hh, ww, t.dtype)
+    return _cuda.load().AdapterEvalPlan(raw, tensors, _LAYOUT_CODE[layout], eps, fwd, inv, hh, ww, s,
+                                        CPU_KERNEL_DENSE_DFT_MAX_PIXELS)
 
 
 class _RowsCpu(torch.autograd.Function):
