@@ -277,11 +277,11 @@ def planned_eval(a: AdaptIR, x: torch.Tensor) -> Optional[torch.Tensor]:
     the layout, eps, grad mode and x; train mode and the backend are checked here."""
     if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
         return None
+    bn = a._modules["BN"]
+    if bn.training or _backend.current_backend() not in ("cpu", "auto"):  # (first: a training step looks no further)
+        return None
     plan = _CPU_PLANS.get(a)
     if plan is None:
-        return None
-    bn = a._modules["BN"]
-    if bn.training or _backend.current_backend() not in ("cpu", "auto"):
         return None
     raw, code = _raw_tensors(a), ops_adapter._LAYOUT_CODE[getattr(a, "layout", "nchw")]
     out = plan.run(x, raw, code, bn.eps, ops_adapter.CPU_KERNEL_MAX_ROWS_EVAL,
