@@ -288,7 +288,7 @@ def planned_eval(a: AdaptIR, x: torch.Tensor) -> Optional[torch.Tensor]:
                    ops_adapter.CPU_KERNEL_MAX_ROWS_EVAL_NARROW)
     if out is None:
         if not plan.holds(raw, code, bn.eps):  # (stale: drop it, and the old tensors it holds)
-            del _CPU_PLANS[a]
+            _CPU_PLANS.pop(a, None)  # (another thread may have dropped or replaced it meanwhile)
         return None
     _backend.record(_CPU_OPS, "cpu", x.device)
     return out
