@@ -1272,6 +1272,25 @@ std::vector<at::Tensor> adaptir_rows_tasks_backward_cpu(const at::Tensor& dout, 
 
 }  // namespace
 
+void cpu_batch_norm_update(at::Tensor& running_mean, at::Tensor& running_var, at::Tensor& num_batches_tracked,
+                           const at::Tensor& mean, const at::Tensor& var, c10::optional<double> momentum) {
+  const int64_t h = mean.numel();
+  for (const at::Tensor* t : std::array<const at::Tensor*, 4>{&running_mean, &running_var, &mean, &var})
+    TORCH_CHECK(t->device().is_cpu() && t->numel() == h && t->is_floating_point(),
+                (t == &running_mean ? "running_mean" : t == &running_var ? "running_var" : t == &mean ? "mean" : "var"),
+                ": expected a CPU floating-point tensor of ", h, " values (the batch mean's), got ", t->sizes(), " ",
+                t->scalar_type(), " on ", t->device());
+  TORCH_CHECK(num_batches_tracked.device().is_cpu() && num_batches_tracked.numel() == 1 &&
+                  num_batches_tracked.scalar_type() == at::kLong,
+              "num_batches_tracked: expected a CPU int64 tensor of one value, got ", num_batches_tracked.sizes(), " ",
+              num_batches_tracked.scalar_type());
+  at::NoGradGuard no_grad;
+  num_batches_tracked.add_(1);
+  const double m = momentum.has_value() ? *momentum : 1.0 / static_cast<double>(num_batches_tracked.item<int64_t>());
+  running_mean.lerp_(mean.view(running_mean.sizes()).to(running_mean.scalar_type()), m);
+  running_var.lerp_(var.view(running_var.sizes()).to(running_var.scalar_type()), m);
+}
+
 int64_t eval_row_limit(at::ScalarType dtype, int64_t c, int64_t hid, int64_t wide, int64_t narrow) {
   return narrow_kind(dtype, c, hid) && narrow_kind(dtype, hid, c) ? narrow : wide;
 }

@@ -75,6 +75,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("dtype"), pybind11::arg("k"), pybind11::arg("m"),
       "Which narrow CPU product (\"narrow_out\" or \"narrow_in\") rows of this dtype and K contiguous values "
       "times a w (M, K) take on this CPU at its ISA cap, or None (ATen's products).");
+  m.def("cpu_batch_norm_update", &moce_fast::cpu_batch_norm_update, pybind11::arg("running_mean"),
+        pybind11::arg("running_var"), pybind11::arg("num_batches_tracked"), pybind11::arg("mean"), pybind11::arg("var"),
+        pybind11::arg("momentum"),
+        "BatchNorm's running-statistics update after a training step (as nn.BatchNorm2d; momentum None: the "
+        "cumulative average), in place, outside autograd.");
   m.def("cpu_eval_row_limit", &moce_fast::eval_row_limit, pybind11::arg("dtype"), pybind11::arg("c"),
         pybind11::arg("hid"), pybind11::arg("wide"), pybind11::arg("narrow"),
         "The most rows of an eval call of the CPU adapter kernel: narrow where its head (C -> hid) and tail "

@@ -72,6 +72,13 @@ at::Tensor narrow_rows_times(const at::Tensor& rows, const at::Tensor& w, const 
 std::string cpu_isa();
 std::string set_cpu_isa_cap(const std::string& name);
 
+// BatchNorm's running-statistics update after a training step of the CPU adapter kernel, as
+// nn.BatchNorm2d makes it: num_batches_tracked + 1, then each running statistic moved toward the
+// batch's by the momentum, or by 1 / num_batches_tracked where momentum is None (a cumulative
+// average); outside autograd (csrc/adapter_cpu.cpp).
+void cpu_batch_norm_update(at::Tensor& running_mean, at::Tensor& running_var, at::Tensor& num_batches_tracked,
+                           const at::Tensor& mean, const at::Tensor& var, c10::optional<double> momentum);
+
 inline void maybe_poison(at::Tensor& t) {
   if (poison_outputs() && t.is_floating_point() && t.numel() > 0) t.fill_(NAN);
 }

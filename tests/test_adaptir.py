@@ -616,11 +616,15 @@ def test_fused_training_runs_only_where_torch_runs_both_stages():
     assert type(adapter.bfloat16()(x.bfloat16()).grad_fn).__name__ != "_FusedTrainBackward"
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("momentum", [None, 0.3])
 @pytest.mark.parametrize("n", [1, 2])
-def test_running_statistics_follow_batchnorm_momentum(momentum, n):
-    # one adapter's update (three ops) and the stacked one, with a momentum and with the cumulative
-    # average (momentum None: 1 / num_batches_tracked), over several steps
+def test_running_statistics_follow_batchnorm_momentum(momentum, n, backend):
+    # one adapter's update (three ops; on a CPU where the extension is built, "auto" runs the CPU
+    # kernel and its own update, cpu_batch_norm_update) and the stacked one, with a momentum and
+    # with the cumulative average (momentum None: 1 / num_batches_tracked), over several steps
+    from moce_fast.ops import _backend
+
     adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).double().train()
     ref = AdaptIR(56, "edt").double().train()
     ref.load_state_dict(adapter.state_dict())
@@ -628,7 +632,10 @@ def test_running_statistics_follow_batchnorm_momentum(momentum, n):
     g = torch.Generator().manual_seed(3)
     for step in range(3):
         x = torch.randn(n, 5, 6, 56, dtype=torch.float64, generator=g) * (step + 1) + step
-        adapter(x), ref(x.permute(0, 3, 1, 2))
+        with moce_fast.backend(backend):
+            adapter(x), ref(x.permute(0, 3, 1, 2))
+        kernel = backend == "auto" and _backend.cpu_runtime_status() is None
+        assert _backend.last_run()["adaptir_linear"] == ("cpu" if kernel else "torch")
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             got, want = getattr(adapter.BN, name), getattr(ref.BN, name)
             assert (got - want).abs().max() <= 1e-13 * max(1.0, want.abs().max().item()), (step, name)

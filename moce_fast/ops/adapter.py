@@ -1205,8 +1205,16 @@ def adaptir_rows_cpu(t: torch.Tensor, layout: str, p: AdapterParams, eps: float,
         out = torch.ops.moce_fast.adaptir_rows(t, _LAYOUT_CODE[layout], hh, ww, n, _cpu_params(p), fwd, inv, nb, s,
                                                False, eps)
         return out[0], None
-    out, mean, var = _RowsCpu.apply(t, layout, hh, ww, n, eps, *_cpu_params(p))
+    out, mean, var = adaptir_rows_cpu_train(t, layout, p, eps)
     return out, _one_task_stats(t, n * hh * ww, mean, var)
+
+
+def adaptir_rows_cpu_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training adapter of one task on ``t`` by the CPU kernel (:class:`_RowsCpu`): the output,
+    and the batch mean and unbiased variance (h,) of the head output, for the running statistics."""
+    b, hh, ww = as_npc(t, layout)
+    return _RowsCpu.apply(t, layout, hh, ww, b.shape[0], eps, *_cpu_params(p))
 
 
 def cpu_eval_plan(raw: list[torch.Tensor], t: torch.Tensor, layout: str, p: AdapterParams, eps: float):
