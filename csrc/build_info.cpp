@@ -80,6 +80,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("momentum"),
         "BatchNorm's running-statistics update after a training step (as nn.BatchNorm2d; momentum None: the "
         "cumulative average), in place, outside autograd.");
+  m.def(
+      "cpu_params_reason",
+      [](const at::Tensor& x, const std::vector<at::Tensor>& params, bool training) -> pybind11::object {
+        for (const auto& q : params)
+          if (q.scalar_type() != x.scalar_type() || q.device() != x.device() || !q.is_contiguous())
+            return pybind11::str("a parameter is {} on {}, not contiguous {} on x's device")
+                .format(pybind11::cast(q.scalar_type()), pybind11::cast(q.device()), pybind11::cast(x.scalar_type()));
+        if (!training && at::GradMode::is_enabled()) {
+          bool records = x.requires_grad();
+          for (const auto& q : params) records = records || q.requires_grad();
+          if (records) return pybind11::str("eval with autograd recording (the eval kernel has no backward)");
+        }
+        return pybind11::none();
+      },
+      pybind11::arg("x"), pybind11::arg("params"), pybind11::arg("training"),
+      "Why the CPU adapter kernel does not take these parameters for x (each contiguous, in x's dtype, on its "
+      "device; in eval, no autograd graph to record), or None.");
   m.def("cpu_eval_row_limit", &moce_fast::eval_row_limit, pybind11::arg("dtype"), pybind11::arg("c"),
         pybind11::arg("hid"), pybind11::arg("wide"), pybind11::arg("narrow"),
         "The most rows of an eval call of the CPU adapter kernel: narrow where its head (C -> hid) and tail "
