@@ -35,6 +35,9 @@
 # Thirteenth session (036d096: cpu_narrow_kind, the buffer cache's eviction of the blocks given back
 # longest ago): tests/test_adapter_cpu_kernel.py and tests/test_adapters_inject.py 254 passed,
 # 2 skipped (CUDA), 31 s of tests.
+# Fourteenth session (9b4e41d: the CPU kernel's eval plan, a pybind11 class; cpu_batch_norm_update,
+# cpu_params_reason): tests/test_adapter_cpu_kernel.py and tests/test_adaptir.py 417 passed,
+# 7 skipped (CUDA), 310 s of tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/moce-fast-gpu-image}
