@@ -114,7 +114,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<moce_fast::AdapterEvalPlan, std::shared_ptr<moce_fast::AdapterEvalPlan>>(
       m, "AdapterEvalPlan",
       "One adapter's eval call on the CPU kernel, kept between calls (csrc/adapter_plan.h): the folded "
-      "parameters, the DFT tables and the row limit, with the stored tensors they came from.")
+      "parameters and the DFT tables, with the stored tensors they came from.")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, double, at::Tensor, at::Tensor,
                           int64_t, int64_t, int64_t, int64_t>(),
            pybind11::arg("raw"), pybind11::arg("params"), pybind11::arg("layout"), pybind11::arg("eps"),

@@ -667,6 +667,20 @@ def test_eval_plan_bad_arguments_are_clear_errors():
         plan_type(frozen, params, 2, 1e-5, fwd, inv, 4, 4, s, 64)
 
 
+def test_batch_norm_update_bad_arguments_are_clear_errors():
+    from moce_fast.ops import _cuda
+
+    rm, rv, nbt = torch.zeros(4), torch.ones(4), torch.zeros((), dtype=torch.int64)
+    mean, var = torch.randn(4), torch.rand(4)
+    _cuda.cpu_batch_norm_update(rm, rv, nbt, mean, var, None)  # (as made: the cumulative average of one batch)
+    assert torch.equal(rm, mean) and torch.equal(rv, var) and nbt.item() == 1
+    with pytest.raises(RuntimeError, match="running_var: expected a CPU floating-point tensor of 4 values"):
+        _cuda.cpu_batch_norm_update(rm, torch.ones(5), nbt, mean, var, 0.1)
+    with pytest.raises(RuntimeError, match="num_batches_tracked: expected a CPU int64 tensor of one value"):
+        _cuda.cpu_batch_norm_update(rm, rv, nbt.float(), mean, var, 0.1)
+    assert nbt.item() == 1  # (nothing updated by a refused call)
+
+
 def test_backend_cpu_needs_the_extension_and_cpu_tensors(monkeypatch):
     from moce_fast.ops import _cuda
 
