@@ -617,6 +617,44 @@ def test_eval_plan_declines_what_the_full_path_decides(monkeypatch):
             fast(xl.long())
 
 
+@pytest.mark.parametrize("layout", ["lnc", "nhwc", "nchw"])
+def test_eval_plan_takes_what_the_full_path_takes(monkeypatch, layout):
+    # the plan's checks of x in C++ and the full path's in Python (cpu_kernel_reason) are two
+    # statements of one rule: on each input, the plan runs exactly where the full path would take
+    # the kernel (dtype, empty, several images by layout, L and N axes that do not merge, the row
+    # limits in force), and then equals the full path's output
+    from moce_fast.nn.adapter import _raw_tensors, folded_params
+
+    fast, ref, x = adapter_case(layout, 12, 12, 1, torch.float32)  # (an FFT plan: any map beyond 8x8)
+    _check_eval(fast, ref, x, layout, torch.float32)
+    plan = _kernel_plan(fast)
+    monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_EVAL", 600)
+    monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_EVAL_NARROW", 600)
+    g = torch.Generator().manual_seed(5)
+
+    def images(n, side=12, dtype=torch.float32):
+        return to_layout(torch.randn(n, 56, side, side, generator=g, dtype=torch.float64), layout).to(dtype)
+
+    inputs = [images(1), images(1, 10), images(1, dtype=torch.float64), images(0), images(2), images(4), images(5),
+              images(1).detach().requires_grad_()]
+    if layout == "lnc":
+        inputs.append(torch.randn(3, 144, 56, generator=g).transpose(0, 1))  # (L and N axes that do not merge)
+    raw, code = _raw_tensors(fast), ops._LAYOUT_CODE[layout]
+    taken = 0
+    with torch.no_grad():
+        for t in inputs:
+            params, _ = folded_params([fast], torch.promote_types(t.dtype, torch.float32), fast.BN.eps)
+            why = ops.cpu_kernel_reason(t, layout, ops._cpu_params(params), False)
+            out = plan.run(t, raw, code, fast.BN.eps, ops.CPU_KERNEL_MAX_ROWS_EVAL,
+                           ops.CPU_KERNEL_MAX_ROWS_EVAL_NARROW)
+            assert (out is None) == (why is not None), (tuple(t.shape), t.dtype, why)
+            if out is not None:
+                taken += 1
+                with moce_fast.backend("torch"):
+                    assert rel_err(out, fast(t)) < 1e-5, tuple(t.shape)
+    assert taken >= 3  # (1 and 10 side maps, and the batches the layout and the limit allow)
+
+
 def test_eval_plan_inference_mode_and_copies():
     # a plan made outside inference mode does not run inside it (its folded tensors are not
     # inference tensors there), nor one made inside outside it; each call equals the reference.
