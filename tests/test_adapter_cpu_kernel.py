@@ -551,6 +551,8 @@ PLAN_CHANGES = {
 def test_eval_plan_follows_changes_to_the_adapter(change, layout, hh, ww, n):
     # after each change the kept plan no longer holds: the call takes the full path (the new
     # parameters, folded again), which keeps a new plan; the stale one is let go
+    from moce_fast.nn.adapter import _raw_tensors
+
     fast, ref, x = adapter_case(layout, hh, ww, n)
     _check_eval(fast, ref, x, layout, torch.float64)
     stale = _kernel_plan(fast)
@@ -558,8 +560,7 @@ def test_eval_plan_follows_changes_to_the_adapter(change, layout, hh, ww, n):
         PLAN_CHANGES[change](fast)
     ref.load_state_dict(fast.state_dict())
     ref.BN.eps = fast.BN.eps
-    raw = __import__("moce_fast.nn.adapter", fromlist=["_raw_tensors"])._raw_tensors(fast)
-    assert not stale.holds(raw, ops._LAYOUT_CODE[layout], fast.BN.eps)
+    assert not stale.holds(_raw_tensors(fast), ops._LAYOUT_CODE[layout], fast.BN.eps)
     _check_eval(fast, ref, x, layout, torch.float64)
     assert _kernel_plan(fast) is not stale and _kernel_plan(fast) is not None
 
@@ -689,7 +690,7 @@ def test_eval_plan_bad_arguments_are_clear_errors():
     with torch.no_grad():
         params = ops._cpu_params(ops.fold_batch_norm(stack_params([adapter]), 1e-5, torch.float32))
     fwd, inv, _, s = ops._kernel_tables(4, 4, torch.float32)
-    plan_type = _cuda.load().AdapterEvalPlan
+    plan_type = _cuda.eval_plan_type()
     plan_type(raw, params, 2, 1e-5, fwd, inv, 4, 4, s, 64)  # (as made)
     with pytest.raises(RuntimeError, match="params: expected 24 tensors, got 23"):
         plan_type(raw, params[:-1], 2, 1e-5, fwd, inv, 4, 4, s, 64)

@@ -297,19 +297,20 @@ def planned_eval(a: AdaptIR, x: torch.Tensor) -> Optional[torch.Tensor]:
 def _plan_and_run(a: AdaptIR, x: torch.Tensor, layout: str, params: AdapterParams) -> Optional[torch.Tensor]:
     """An eval call of one adapter (``params`` its folded parameters) by a new plan of the CPU
     kernel, kept for the next calls (:func:`planned_eval`); None where the kernel does not take the
-    call, or nothing may be kept for the adapter's tensors (:func:`_kept_key`: inference tensors,
-    tensors without storage)."""
-    if x.device.type != "cpu":
+    call (:func:`moce_fast.ops.adapter.cpu_kernel_runs`, checked first: the torch paths gather
+    nothing more), x is a tensor subclass (which :func:`planned_eval` never runs), or nothing may be
+    kept for the adapter's tensors (:func:`_kept_key`: inference tensors, tensors without storage)."""
+    tensors = _cpu_params(params)
+    if type(x) is not torch.Tensor or not cpu_kernel_runs(x, layout, tensors, False):
         return None
     raw = _raw_tensors(a)
     if _kept_key(raw) is None:
         return None
-    plan = ops_adapter.cpu_eval_plan(raw, x, layout, params, a._modules["BN"].eps)
-    if plan is None:
-        return None
+    eps = a._modules["BN"].eps
+    plan = ops_adapter.cpu_eval_plan(raw, x, layout, tensors, eps)
     _CPU_PLANS[a] = plan
-    return plan.run(x, raw, ops_adapter._LAYOUT_CODE[layout], a._modules["BN"].eps,
-                    ops_adapter.CPU_KERNEL_MAX_ROWS_EVAL, ops_adapter.CPU_KERNEL_MAX_ROWS_EVAL_NARROW)
+    return plan.run(x, raw, ops_adapter._LAYOUT_CODE[layout], eps, ops_adapter.CPU_KERNEL_MAX_ROWS_EVAL,
+                    ops_adapter.CPU_KERNEL_MAX_ROWS_EVAL_NARROW)
 
 
 def run_adapters(adapters: Sequence[AdaptIR], x: torch.Tensor, task: Optional[torch.Tensor]) -> torch.Tensor:

@@ -157,6 +157,19 @@ def cpu_eval_row_limit(dtype: torch.dtype, c: int, hid: int, wide: int, narrow: 
     return _ext_or_raise().cpu_eval_row_limit(dtype, int(c), int(hid), int(wide), int(narrow))
 
 
+def cpu_params_reason(x: torch.Tensor, params: list[torch.Tensor], training: bool) -> Optional[str]:
+    """Why the CPU adapter kernel does not take ``params`` for input ``x`` (each contiguous, in x's
+    dtype, on its device; in eval, no autograd graph to record), or None: one call, where the loop
+    over the 24 tensors in Python took about 50 us of a training step in a host's conditions."""
+    return _ext_or_raise().cpu_params_reason(x, params, training)
+
+
+def eval_plan_type():
+    """The extension's class of kept eval plans of the CPU adapter kernel (``AdapterEvalPlan``,
+    csrc/adapter_plan.h)."""
+    return _ext_or_raise().AdapterEvalPlan
+
+
 def cpu_batch_norm_update(running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tracked: torch.Tensor,
                           mean: torch.Tensor, var: torch.Tensor, momentum: Optional[float]) -> None:
     """BatchNorm's running-statistics update after a training step on the CPU kernel, as

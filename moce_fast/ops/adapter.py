@@ -1152,7 +1152,7 @@ def _cpu_params_reason(t: torch.Tensor, tensors: list[torch.Tensor], training: b
     Python took about 50 us of a training step's Python in a host's conditions."""
     from . import _cuda
 
-    return _cuda.load().cpu_params_reason(t, tensors, training)
+    return _cuda.cpu_params_reason(t, tensors, training)
 
 
 def cpu_kernel_runs(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], training: bool) -> bool:
@@ -1196,15 +1196,15 @@ def adaptir_rows_cpu(t: torch.Tensor, layout: str, p: AdapterParams, eps: float,
     """The adapter of one task on ``t`` by the extension's CPU kernel (see :func:`cpu_kernel_reason`):
     in training as one autograd Function (:class:`_RowsCpu`), with the batch statistics; in eval
     ``p`` is folded (:func:`fold_batch_norm`), no statistics."""
+    if training:
+        out, mean, var = adaptir_rows_cpu_train(t, layout, p, eps)
+        rows = t.numel() // (t.shape[1] if layout == "nchw" else t.shape[-1])  # (the pixels of all images)
+        return out, _one_task_stats(t, rows, mean, var)
     b, hh, ww = as_npc(t, layout)
-    n = b.shape[0]
-    if not training:
-        fwd, inv, nb, s = _kernel_tables(hh, ww, t.dtype)
-        out = torch.ops.moce_fast.adaptir_rows(t, _LAYOUT_CODE[layout], hh, ww, n, _cpu_params(p), fwd, inv, nb, s,
-                                               False, eps)
-        return out[0], None
-    out, mean, var = adaptir_rows_cpu_train(t, layout, p, eps)
-    return out, _one_task_stats(t, n * hh * ww, mean, var)
+    fwd, inv, nb, s = _kernel_tables(hh, ww, t.dtype)
+    out = torch.ops.moce_fast.adaptir_rows(t, _LAYOUT_CODE[layout], hh, ww, b.shape[0], _cpu_params(p), fwd, inv, nb,
+                                           s, False, eps)
+    return out[0], None
 
 
 def adaptir_rows_cpu_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: float
@@ -1215,21 +1215,18 @@ def adaptir_rows_cpu_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: 
     return _RowsCpu.apply(t, layout, hh, ww, b.shape[0], eps, *_cpu_params(p))
 
 
-def cpu_eval_plan(raw: list[torch.Tensor], t: torch.Tensor, layout: str, p: AdapterParams, eps: float):
-    """The extension's plan of this eval call on the CPU kernel (``moce_fast._C.AdapterEvalPlan``,
-    csrc/adapter_plan.h), to keep with the adapter and run on later calls, or None where the kernel
-    does not take the call (:func:`cpu_kernel_runs`, which records it as run on cpu). ``p``: one
-    task's parameters, folded; ``raw``: the adapter's 26 stored tensors it was folded from, on the
-    CPU, which may be kept (see :func:`moce_fast.nn.adapter._kept_key`)."""
+def cpu_eval_plan(raw: list[torch.Tensor], t: torch.Tensor, layout: str, tensors: list[torch.Tensor], eps: float):
+    """The extension's plan (``moce_fast._C.AdapterEvalPlan``, csrc/adapter_plan.h) of an eval call
+    on the CPU kernel that the caller found it takes (:func:`cpu_kernel_runs`), to keep with the
+    adapter and run on later calls. ``tensors``: one task's 24 parameters (:func:`_cpu_params`),
+    folded; ``raw``: the adapter's 26 stored tensors they were folded from, which may be kept (see
+    :func:`moce_fast.nn.adapter._kept_key`)."""
     from . import _cuda
 
-    tensors = _cpu_params(p)
-    if type(t) is not torch.Tensor or not cpu_kernel_runs(t, layout, tensors, False):
-        return None
     _, hh, ww = as_npc(t, layout)
     fwd, inv, _, s = _kernel_tables(hh, ww, t.dtype)
-    return _cuda.load().AdapterEvalPlan(raw, tensors, _LAYOUT_CODE[layout], eps, fwd, inv, hh, ww, s,
-                                        CPU_KERNEL_DENSE_DFT_MAX_PIXELS)
+    return _cuda.eval_plan_type()(raw, tensors, _LAYOUT_CODE[layout], eps, fwd, inv, hh, ww, s,
+                                  CPU_KERNEL_DENSE_DFT_MAX_PIXELS)
 
 
 class _RowsCpu(torch.autograd.Function):
