@@ -23,6 +23,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/InferenceMode.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -1291,6 +1293,39 @@ void cpu_batch_norm_update(at::Tensor& running_mean, at::Tensor& running_var, at
   running_var.lerp_(var.view(running_var.sizes()).to(running_var.scalar_type()), m);
 }
 
+bool kernel_map(const at::Tensor& x, int64_t layout, at::ScalarType dtype, int64_t c, int64_t& n, int64_t& hh,
+                int64_t& ww) {
+  if (!x.defined() || !x.device().is_cpu() || x.scalar_type() != dtype || x.dim() != (layout == LNC ? 3 : 4) ||
+      x.numel() == 0 || (layout == NCHW ? x.size(1) : x.size(-1)) != c)
+    return false;
+  if (layout == LNC) {  // (L, N, C), L = H W with H = W; N > 1 where the L and N axes merge
+    const int64_t l = x.size(0);
+    n = x.size(1);
+    hh = ww = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(l))));
+    return hh * ww == l && (n == 1 || x.stride(0) == n * x.stride(1));
+  }
+  if (layout == NHWC) {
+    n = x.size(0), hh = x.size(1), ww = x.size(2);
+    return true;
+  }
+  n = x.size(0), hh = x.size(2), ww = x.size(3);  // one (1, C, H, W) image
+  return n == 1;
+}
+
+int params_check(const at::Tensor& x, at::TensorList params, bool training) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& q = params[i];
+    if (q.scalar_type() != x.scalar_type() || q.device() != x.device() || !q.is_contiguous())
+      return static_cast<int>(i);
+  }
+  if (!training && at::GradMode::is_enabled()) {
+    bool records = x.requires_grad();
+    for (const auto& q : params) records = records || q.requires_grad();
+    if (records) return kParamsRecord;
+  }
+  return kParamsTaken;
+}
+
 int64_t eval_row_limit(at::ScalarType dtype, int64_t c, int64_t hid, int64_t wide, int64_t narrow) {
   return narrow_kind(dtype, c, hid) && narrow_kind(dtype, hid, c) ? narrow : wide;
 }
@@ -1344,22 +1379,9 @@ at::Tensor AdapterEvalPlan::run(const at::Tensor& x, const std::vector<at::Tenso
     for (const auto& t : raw)
       if (t.requires_grad()) return {};
   }
-  if (!x.defined() || !x.device().is_cpu() || x.scalar_type() != dtype_ || x.dim() != (layout_ == LNC ? 3 : 4) ||
-      x.numel() == 0 || (layout_ == NCHW ? x.size(1) : x.size(-1)) != c_)
-    return {};
   int64_t n, hh, ww;
-  if (layout_ == LNC) {  // (L, N, C), L = H W with H = W; N > 1 where the L and N axes merge
-    const int64_t l = x.size(0);
-    n = x.size(1);
-    hh = ww = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(l))));
-    if (hh * ww != l || (n > 1 && x.stride(0) != n * x.stride(1))) return {};
-  } else if (layout_ == NHWC) {
-    n = x.size(0), hh = x.size(1), ww = x.size(2);
-  } else {  // one (1, C, H, W) image
-    n = x.size(0), hh = x.size(2), ww = x.size(3);
-    if (n != 1) return {};
-  }
-  if (n * hh * ww > eval_row_limit(dtype_, c_, hid_, wide, narrow)) return {};
+  if (!kernel_map(x, layout_, dtype_, c_, n, hh, ww) || n * hh * ww > eval_row_limit(dtype_, c_, hid_, wide, narrow))
+    return {};
   const bool dense = fwd_.numel() > 0;
   if (dense ? (hh != hh_ || ww != ww_) : hh * ww <= dense_max_pixels_) return {};
   const Dims d = check_sizes(dtype_, layout_, c_, hh, ww, n, params_, fwd_, inv_, hh * (ww / 2 + 1),
@@ -1368,6 +1390,117 @@ at::Tensor AdapterEvalPlan::run(const at::Tensor& x, const std::vector<at::Tenso
   return AT_DISPATCH_FLOATING_TYPES(dtype_, "adapter_eval_plan", [&] {
     return forward_impl<scalar_t>(x, layout_, d, params_, fwd_, inv_, false, eps_)[0];
   });
+}
+
+// ------------------------------------------------------ the training call as a C++ autograd node
+//
+// The Python autograd.Function that used to record the kernel's training call cost ~65 us of apply
+// and ~0.1 ms of backward dispatch per step at batch 1 on this project's 2-core CPU, a fifth of an
+// IPT 16x16 step in a host's conditions; this node records the same saves and calls.
+
+namespace {
+
+// the buffer cache as torch's CPU allocator while a scope is open (moce_fast.ops._cuda.cpu_cache_installed)
+struct CacheScope {
+  CacheScope() { install_cpu_cache(); }
+  ~CacheScope() { uninstall_cpu_cache(); }
+  CacheScope(const CacheScope&) = delete;
+  CacheScope& operator=(const CacheScope&) = delete;
+};
+
+struct TrainArgs {
+  int64_t layout, hh, ww, n, nb, s;
+  double eps;
+  at::Tensor fwd, inv;
+};
+
+struct AdapterCpuTrain : public torch::autograd::Function<AdapterCpuTrain> {
+  // inputs: x, the 24 parameters, the arguments (not a tensor: no gradient)
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                at::TensorList params, const TrainArgs& a) {
+    auto res = adaptir_rows_cpu(x, a.layout, a.hh, a.ww, a.n, params, a.fwd, a.inv, a.nb, a.s, true, a.eps);
+    torch::autograd::variable_list keep{x};
+    keep.insert(keep.end(), params.begin(), params.end());
+    ctx->save_for_backward(keep);  // (an in-place change of one before the backward is an error)
+    ctx->saved_data["inter"] = std::vector<at::Tensor>(res.begin() + 3, res.end());  // freed with the graph
+    if (a.fwd.defined() && a.fwd.numel() > 0) ctx->saved_data["tables"] = std::vector<at::Tensor>{a.fwd, a.inv};
+    ctx->saved_data["dims"] = std::vector<int64_t>{a.layout, a.hh, a.ww, a.n, a.nb, a.s};
+    ctx->mark_non_differentiable({res[1], res[2]});
+    ctx->set_materialize_grads(false);
+    return {res[0], res[1], res[2]};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    torch::autograd::variable_list res(2 + NUM_PARAMS);  // x, the parameters, the arguments
+    const at::Tensor& dout = grads[0];
+    if (!dout.defined()) return res;
+    const auto saved = ctx->get_saved_variables();
+    const std::vector<at::Tensor> params(saved.begin() + 1, saved.end());
+    const auto inter = ctx->saved_data["inter"].toTensorVector();
+    const auto dims = ctx->saved_data["dims"].toIntVector();
+    const bool need_dx = ctx->needs_input_grad(0);
+    at::Tensor fwd, inv;  // (none: rfft2 / irfft2)
+    if (ctx->saved_data.count("tables")) {
+      const auto tables = ctx->saved_data["tables"].toTensorVector();
+      fwd = tables[0], inv = tables[1];
+    }
+    std::vector<at::Tensor> g;
+    {
+      at::NoGradGuard no_grad;
+      CacheScope cache;  // (its allocations too: see moce_fast.ops._cuda.cpu_cache_installed)
+      g = adaptir_rows_backward_cpu(dout, saved[0], dims[0], dims[1], dims[2], dims[3], params, inter, fwd, inv,
+                                    dims[4], dims[5], need_dx);
+    }
+    if (need_dx) res[0] = g[0];
+    for (int i = 0; i < NUM_PARAMS; ++i) res[1 + i] = g[1 + i];
+    if (!at::GradMode::is_enabled() || !dout.requires_grad()) return res;
+    // a backward that records (create_graph): the gradients themselves are right, but differentiating
+    // them again raises (as Python's @once_differentiable does), rather than giving zeros
+    for (auto& t : res)
+      if (t.defined()) {
+        t = t.detach();
+        t.set_requires_grad(true);
+      }
+    torch::autograd::DelayedError err(
+        "the CPU adapter kernel's backward is once differentiable: for higher-order gradients run the adapter "
+        "under moce_fast.backend('torch')",
+        static_cast<int64_t>(res.size()));
+    return err.apply(std::move(res));
+  }
+};
+
+}  // namespace
+
+std::vector<at::Tensor> rows_train(const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, int64_t n,
+                                   const std::vector<at::Tensor>& params, const at::Tensor& fwd,
+                                   const at::Tensor& inv, int64_t nb, int64_t s, double eps) {
+  return AdapterCpuTrain::apply(x, at::TensorList(params), TrainArgs{layout, hh, ww, n, nb, s, eps, fwd, inv});
+}
+
+at::Tensor train_call(const at::Tensor& x, const std::vector<at::Tensor>& raw, at::Tensor& num_batches_tracked,
+                      int64_t layout, double eps, c10::optional<double> momentum, int64_t max_rows,
+                      int64_t dense_max_pixels) {
+  TORCH_CHECK(raw.size() == NUM_PARAMS + 2, "raw: expected the adapter's ", NUM_PARAMS + 2, " stored tensors, got ",
+              raw.size());
+  TORCH_CHECK(layout >= NCHW && layout <= NHWC, "layout: expected 0 (nchw), 1 (lnc) or 2 (nhwc), got ", layout);
+  if (c10::InferenceMode::is_enabled() || !x.defined()) return {};
+  // raw: head w, b, BN w, b, running mean, var, then the 20 of the mix and the tail (AdapterParams' order)
+  std::vector<at::Tensor> params(raw.begin(), raw.begin() + 4);
+  params.insert(params.end(), raw.begin() + 6, raw.end());
+  const at::ScalarType dtype = x.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble) return {};
+  const int64_t hid = params[HEAD_B].numel();
+  if (hid <= 0) return {};
+  int64_t n, hh, ww;
+  if (!kernel_map(x, layout, dtype, params[TAIL_W].numel() / hid, n, hh, ww)) return {};
+  const int64_t rows = n * hh * ww;
+  if (rows < 2 || rows > max_rows || hh * ww <= dense_max_pixels) return {};
+  if (params_check(x, params, true) != kParamsTaken) return {};
+  auto res = rows_train(x, layout, hh, ww, n, params, at::Tensor(), at::Tensor(), hh * (ww / 2 + 1), 0, eps);
+  at::Tensor running_mean = raw[4], running_var = raw[5];
+  cpu_batch_norm_update(running_mean, running_var, num_batches_tracked, res[1], res[2], momentum);
+  return res[0];
 }
 
 TORCH_LIBRARY_IMPL(moce_fast, CPU, m) {

@@ -13,11 +13,49 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Storage.h>
+#include <c10/util/Optional.h>
 
 #include <cstdint>
 #include <vector>
 
 namespace moce_fast {
+
+// The n images of hh x ww pixels of x as the CPU kernel takes them in `layout` (0 nchw, 1 lnc, 2
+// nhwc): a non-empty CPU tensor of `dtype` with c channels in the layout's dimensions; in "lnc" a
+// square L = H W, and L and N axes that merge into one where N > 1; in "nchw" one image. False for
+// anything else (the caller then takes its full path, whose checks give the errors).
+bool kernel_map(const at::Tensor& x, int64_t layout, at::ScalarType dtype, int64_t c, int64_t& n, int64_t& hh,
+                int64_t& ww);
+
+// Whether the CPU kernel takes these 24 parameters for x: kParamsTaken; the index of the first that
+// is not contiguous, in x's dtype, on x's device; or kParamsRecord in eval where autograd would record
+// (grad mode on and x or a parameter requires grad: the eval kernel has no backward). The one
+// statement of the rule: moce_fast._C.cpu_params_reason (its message) and train_call check by it.
+constexpr int kParamsTaken = -1, kParamsRecord = -2;
+int params_check(const at::Tensor& x, at::TensorList params, bool training);
+
+// The training adapter of one task on x by the CPU kernel (x: n images of hh x ww pixels in
+// `layout`; params: the kernel's 24 tensors, in any shapes of the right sizes; fwd / inv / nb / s:
+// the DFT tables, or empty tables for rfft2 / irfft2), recorded for autograd as one C++ node
+// (AdapterCpuTrain, its backward one call of the kernel's backward, once differentiable):
+// {the output in x's layout, the batch mean and unbiased variance (h,) of the head output (not
+// differentiable)}.
+std::vector<at::Tensor> rows_train(const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, int64_t n,
+                                   const std::vector<at::Tensor>& params, const at::Tensor& fwd,
+                                   const at::Tensor& inv, int64_t nb, int64_t s, double eps);
+
+// A training call of one adapter straight from its stored tensors: raw, the 26 of
+// moce_fast.nn.adapter._raw_tensors (parameters and BatchNorm's running statistics, as stored);
+// BatchNorm's num_batches_tracked, eps and momentum (none: the cumulative average). Where the kernel
+// takes x (kernel_map in `layout`, x's dtype float32 or float64, 2 to max_rows rows, a map of more
+// than dense_max_pixels: those have no tables here) and the parameters (params_check), outside
+// inference mode: rows_train on the rfft2 path, then the running statistics updated as
+// cpu_batch_norm_update does, and the output. Else an undefined tensor, nothing changed: the caller
+// takes its full path. The full path's Python around the same kernel took ~0.3 ms of a 1.0-1.5 ms
+// IPT 16x16 batch-1 step (moce_fast/nn/adapter.py).
+at::Tensor train_call(const at::Tensor& x, const std::vector<at::Tensor>& raw, at::Tensor& num_batches_tracked,
+                      int64_t layout, double eps, c10::optional<double> momentum, int64_t max_rows,
+                      int64_t dense_max_pixels);
 
 // The most rows of one eval call of an adapter of c channels and hid hidden ones on the CPU kernel:
 // `narrow` where both the head's and the tail's products run on the narrow products

@@ -83,20 +83,49 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_params_reason",
       [](const at::Tensor& x, const std::vector<at::Tensor>& params, bool training) -> pybind11::object {
-        for (const auto& q : params)
-          if (q.scalar_type() != x.scalar_type() || q.device() != x.device() || !q.is_contiguous())
-            return pybind11::str("a parameter is {} on {}, not contiguous {} on x's device")
-                .format(pybind11::cast(q.scalar_type()), pybind11::cast(q.device()), pybind11::cast(x.scalar_type()));
-        if (!training && at::GradMode::is_enabled()) {
-          bool records = x.requires_grad();
-          for (const auto& q : params) records = records || q.requires_grad();
-          if (records) return pybind11::str("eval with autograd recording (the eval kernel has no backward)");
-        }
-        return pybind11::none();
+        const int k = moce_fast::params_check(x, params, training);
+        if (k == moce_fast::kParamsTaken) return pybind11::none();
+        if (k == moce_fast::kParamsRecord)
+          return pybind11::str("eval with autograd recording (the eval kernel has no backward)");
+        const auto& q = params[k];
+        return pybind11::str("a parameter is {} on {}, not contiguous {} on x's device")
+            .format(pybind11::cast(q.scalar_type()), pybind11::cast(q.device()), pybind11::cast(x.scalar_type()));
       },
       pybind11::arg("x"), pybind11::arg("params"), pybind11::arg("training"),
       "Why the CPU adapter kernel does not take these parameters for x (each contiguous, in x's dtype, on its "
       "device; in eval, no autograd graph to record), or None.");
+  m.def(
+      "cpu_rows_train",
+      [](const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, int64_t n, const std::vector<at::Tensor>& params,
+         const at::Tensor& fwd, const at::Tensor& inv, int64_t nb, int64_t s, double eps) {
+        std::vector<at::Tensor> res;
+        {
+          pybind11::gil_scoped_release no_gil;
+          res = moce_fast::rows_train(x, layout, hh, ww, n, params, fwd, inv, nb, s, eps);
+        }
+        return pybind11::make_tuple(res[0], res[1], res[2]);
+      },
+      pybind11::arg("x"), pybind11::arg("layout"), pybind11::arg("hh"), pybind11::arg("ww"), pybind11::arg("n"),
+      pybind11::arg("params"), pybind11::arg("fwd"), pybind11::arg("inv"), pybind11::arg("nb"), pybind11::arg("s"),
+      pybind11::arg("eps"),
+      "The training adapter of one task on x by the CPU kernel, recorded for autograd as one C++ node: (out, "
+      "batch mean, unbiased batch variance).");
+  m.def(
+      "cpu_train_call",
+      [](const at::Tensor& x, const std::vector<at::Tensor>& raw, at::Tensor& num_batches_tracked, int64_t layout,
+         double eps, c10::optional<double> momentum, int64_t max_rows, int64_t dense_max_pixels) -> pybind11::object {
+        at::Tensor out;
+        {
+          pybind11::gil_scoped_release no_gil;
+          out = moce_fast::train_call(x, raw, num_batches_tracked, layout, eps, momentum, max_rows, dense_max_pixels);
+        }
+        if (!out.defined()) return pybind11::none();
+        return pybind11::cast(out);
+      },
+      pybind11::arg("x"), pybind11::arg("raw"), pybind11::arg("num_batches_tracked"), pybind11::arg("layout"),
+      pybind11::arg("eps"), pybind11::arg("momentum"), pybind11::arg("max_rows"), pybind11::arg("dense_max_pixels"),
+      "One adapter's training call on the CPU kernel straight from its 26 stored tensors (running statistics "
+      "updated), or None where the kernel does not take it (nothing changed).");
   m.def("cpu_eval_row_limit", &moce_fast::eval_row_limit, pybind11::arg("dtype"), pybind11::arg("c"),
         pybind11::arg("hid"), pybind11::arg("wide"), pybind11::arg("narrow"),
         "The most rows of an eval call of the CPU adapter kernel: narrow where its head (C -> hid) and tail "

@@ -54,13 +54,27 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+CPU_TRAIN_NODE = "AdapterCpuTrain"  # the CPU adapter kernel's training node (C++, csrc/adapter_cpu.cpp)
+
+
+def node_name(node) -> str:
+    """An autograd node's name: its Python type's, or for the C++ node of the CPU adapter kernel's
+    training call (whose Python type is a generic one) ``CPU_TRAIN_NODE``."""
+    return CPU_TRAIN_NODE if CPU_TRAIN_NODE in node.name() else type(node).__name__
+
+
+def grad_node(t: torch.Tensor) -> str:
+    """The name of the autograd node that made ``t`` (:func:`node_name`)."""
+    return node_name(t.grad_fn)
+
+
 def graph_nodes(t: torch.Tensor) -> set[str]:
-    """The names of the autograd nodes below ``t``."""
+    """The names of the autograd nodes below ``t`` (:func:`node_name`)."""
     seen, todo = set(), [t.grad_fn]
     while todo:
         node = todo.pop()
-        if node is not None and type(node).__name__ not in seen:
-            seen.add(type(node).__name__)
+        if node is not None and node_name(node) not in seen:
+            seen.add(node_name(node))
             todo.extend(n for n, _ in node.next_functions)
     return seen
 

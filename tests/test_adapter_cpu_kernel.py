@@ -18,8 +18,8 @@ import moce_fast
 from moce_fast.ops import _backend
 from moce_fast.ops import adapter as ops
 from moce_fast.reference import AdaptIR
-from conftest import (adapter_case, assert_grads_close, assert_param_grads_close, from_layout, graph_nodes, randomize_,
-                      rel_err, to_layout)
+from conftest import (CPU_TRAIN_NODE, adapter_case, assert_grads_close, assert_param_grads_close, from_layout,
+                      grad_node, graph_nodes, randomize_, rel_err, to_layout)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("moce_fast._C") is None,
                                 reason="moce_fast._C was not built (needs a CUDA build of torch and nvcc)")
@@ -61,7 +61,7 @@ def _check_training_step(fast, ref, x, layout, dtype, grad_seed):
     xr = to_layout(x, layout).requires_grad_()
     with moce_fast.backend("cpu"):
         y = fast(xl)
-    assert type(y.grad_fn).__name__ == "_RowsCpuBackward"
+    assert grad_node(y) == CPU_TRAIN_NODE
     expected = ref(from_layout(xr, layout, x.shape))
     tol_out, tol_grad = TOL[dtype]
     assert rel_err(from_layout(y, layout, x.shape), expected) < tol_out
@@ -83,7 +83,7 @@ def test_parameter_gradients_without_input_gradient(layout, hh, ww, n, variant, 
     xl = to_layout(x, layout).float()
     with moce_fast.backend("cpu"):
         y = fast(xl)
-    assert type(y.grad_fn).__name__ == "_RowsCpuBackward"
+    assert grad_node(y) == CPU_TRAIN_NODE
     expected = ref(x)
     dy = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
     y.backward(to_layout(dy, layout).float()), expected.backward(dy)
@@ -305,19 +305,19 @@ def test_gradcheck_float64(layout, shape):
 
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     values = tuple(p.detach().clone().requires_grad_() for p in adapter.parameters())
-    assert type(functional(x, *values).grad_fn).__name__ == "_RowsCpuBackward"
+    assert grad_node(functional(x, *values)) == CPU_TRAIN_NODE
     assert torch.autograd.gradcheck(functional, (x, *values), eps=1e-6, atol=1e-6, fast_mode=shape[-1] == 17)
 
 
 def test_auto_takes_the_kernel_on_cpu_and_torch_does_not():
     adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).train()
     x = torch.randn(1, 4, 4, 56, requires_grad=True)
-    for name, node, ran in (("auto", "_RowsCpuBackward", "cpu"), ("cpu", "_RowsCpuBackward", "cpu"),
+    for name, node, ran in (("auto", CPU_TRAIN_NODE, "cpu"), ("cpu", CPU_TRAIN_NODE, "cpu"),
                             ("torch", "_FusedTrainBackward", "torch")):
         _backend._LAST_RUN.clear()
         with moce_fast.backend(name):
             y = adapter(x)
-        assert type(y.grad_fn).__name__ == node, name
+        assert grad_node(y) == node, name
         assert _backend.last_run() == {"adaptir_linear": ran, "adaptir_mix_tail": ran}, name
 
 
@@ -336,12 +336,12 @@ def test_calls_the_kernel_does_not_take_run_torch(monkeypatch):
         for adapter, x in cases:
             _backend._LAST_RUN.clear()
             y = adapter(x.requires_grad_())
-            assert type(y.grad_fn).__name__ != "_RowsCpuBackward", x.shape
+            assert grad_node(y) != CPU_TRAIN_NODE, x.shape
             assert set(_backend.last_run().values()) == {"torch"}, x.shape
         _backend._LAST_RUN.clear()
-        assert type(lnc(torch.randn(16, 2, 56)).grad_fn).__name__ == "_RowsCpuBackward"  # (32 rows)
+        assert grad_node(lnc(torch.randn(16, 2, 56))) == CPU_TRAIN_NODE  # (32 rows)
         assert set(_backend.last_run().values()) == {"cpu"}
-        assert type(nhwc(torch.randn(2, 4, 4, 56)).grad_fn).__name__ == "_RowsCpuBackward"
+        assert grad_node(nhwc(torch.randn(2, 4, 4, 56))) == CPU_TRAIN_NODE
         assert set(_backend.last_run().values()) == {"cpu"}
         bf = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).bfloat16().train()
         _backend._LAST_RUN.clear()
@@ -429,7 +429,7 @@ def test_eval_row_limit_of_narrow_adapters(monkeypatch):
 def test_parameter_changed_in_place_before_backward_is_an_error():
     adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).train()
     y = adapter(torch.randn(1, 4, 4, 56))
-    assert type(y.grad_fn).__name__ == "_RowsCpuBackward"
+    assert grad_node(y) == CPU_TRAIN_NODE
     with torch.no_grad():
         adapter.amp_fuse.weight.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -729,7 +729,7 @@ def test_backend_cpu_needs_the_extension_and_cpu_tensors(monkeypatch):
     # "auto" then runs torch on a CPU, recorded as such
     adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).train()
     _backend._LAST_RUN.clear()
-    assert type(adapter(torch.randn(1, 4, 4, 56)).grad_fn).__name__ == "_FusedTrainBackward"
+    assert grad_node(adapter(torch.randn(1, 4, 4, 56))) == "_FusedTrainBackward"
     assert set(_backend.last_run().values()) == {"torch"}
 
 
@@ -1165,3 +1165,188 @@ def test_adapter_torch_path_allocates_from_the_cache(cache_limit):
     # (the output, 2 MiB, is the one buffer of the forward that lives past it and is at least the
     # cache's 1 MiB at this size)
     assert hits[2] - hits[1] >= 1, f"the second step's forward took blocks from the cache: {hits}"
+
+
+# ------------------------------------------------------------ the training call straight from C++
+
+
+def _full_path_spy(monkeypatch) -> list:
+    """A list that gets an entry for each adapter call that takes the full path (run_adapters)
+    rather than moce_fast._C.cpu_train_call or a kept eval plan; the full path still runs."""
+    from moce_fast.nn import adapter as nn_adapter
+
+    calls, full = [], nn_adapter.run_adapters
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape)
+        return full(*args, **kwargs)
+
+    monkeypatch.setattr(nn_adapter, "run_adapters", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("layout,hh,ww,n", [("lnc", 16, 16, 1), ("nchw", 9, 8, 1), ("nhwc", 9, 30, 1),
+                                            ("lnc", 17, 17, 2), ("nhwc", 12, 10, 3), ("nchw", 24, 20, 1)])
+def test_direct_training_runs_alone(monkeypatch, layout, hh, ww, n, dtype):
+    # a training call on a map beyond the dense tables' size runs straight from C++ (the full path
+    # would fail), recorded as cpu, its output poisoned before the kernel writes it: output, running
+    # statistics and every gradient equal the float64 reference's, three steps in a row (the running
+    # statistics move each time; momentum None on the second adapter: the cumulative average)
+    from moce_fast.ops import _backend
+
+    for momentum in (0.1, None):
+        fast, ref, x = adapter_case(layout, hh, ww, n, dtype)
+        fast.BN.momentum = ref.BN.momentum = momentum
+        fast.train(), ref.train()
+        with monkeypatch.context() as m:
+            _full_path_fails(m)
+            for step in range(3):
+                xs = x if step == 0 else torch.randn(x.shape, dtype=torch.float64,
+                                                     generator=torch.Generator().manual_seed(step))
+                for p in (*fast.parameters(), *ref.parameters()):
+                    p.grad = None
+                _check_training_step(fast, ref, xs, layout, dtype, 20 + step)
+                assert _backend.last_run()["adaptir_mix_tail"] == "cpu"
+        assert fast.BN.num_batches_tracked.item() == 3
+
+
+def test_direct_training_without_autograd_and_frozen_parameters(monkeypatch):
+    # under no_grad, and with every parameter frozen and x not requiring grad, the call still runs
+    # straight from C++ and updates the running statistics (BatchNorm's training mode, not
+    # autograd, decides that); frozen parameters with x requiring grad give x's gradient alone
+    fast, ref, x = adapter_case("lnc", 12, 12, 1, torch.float32)
+    fast.train(), ref.train()
+    xl = to_layout(x, "lnc").float()
+    with monkeypatch.context() as m:
+        _full_path_fails(m)
+        with moce_fast.backend("cpu"), torch.no_grad():
+            y = fast(xl.requires_grad_())
+        assert y.grad_fn is None
+        with torch.no_grad():
+            expected = ref(x)
+        assert rel_err(from_layout(y, "lnc", x.shape), expected) < 1e-5
+        assert rel_err(fast.BN.running_var, ref.BN.running_var) < 1e-5 and fast.BN.num_batches_tracked.item() == 1
+        fast.requires_grad_(False), ref.requires_grad_(False)
+        with moce_fast.backend("cpu"):
+            y = fast(xl)
+        assert grad_node(y) == CPU_TRAIN_NODE
+        xr = x.clone().requires_grad_()
+        expected = ref(xr)
+        dy = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        y.backward(to_layout(dy, "lnc").float()), expected.backward(dy)
+        assert rel_err(from_layout(xl.grad, "lnc", x.shape), xr.grad) < 1e-4
+        assert all(p.grad is None for p in fast.parameters())
+
+
+def test_direct_training_declines_to_the_full_path(monkeypatch):
+    # what the C++ checks decline takes the full path, which runs it as before (the kernel where it
+    # takes the call, else the torch path) and gives the full path's errors for bad input; nothing
+    # is changed by the declined call (the running statistics move once per call)
+    from moce_fast.ops import _backend
+
+    def run(adapter, x, backend="cpu"):
+        before = adapter.BN.num_batches_tracked.item()
+        with moce_fast.backend(backend):
+            y = adapter(x)
+        assert adapter.BN.num_batches_tracked.item() == before + 1
+        return y
+
+    fast, _, _ = adapter_case("lnc", 12, 12, 1, torch.float32)
+    fast.train()
+    calls = _full_path_spy(monkeypatch)
+    run(fast, torch.randn(144, 1, 56))
+    assert calls == []
+    # a map of the dense tables (64 pixels or fewer): the full path makes them, and runs the kernel
+    assert grad_node(run(fast, torch.randn(64, 1, 56, requires_grad=True))) == CPU_TRAIN_NODE
+    assert len(calls) == 1 and _backend.last_run()["adaptir_mix_tail"] == "cpu"
+    # the torch backend; L and N axes that do not merge; a dtype other than the parameters'
+    assert grad_node(run(fast, torch.randn(144, 1, 56, requires_grad=True), "torch")) == "_FusedTrainBackward"
+    assert _backend.last_run()["adaptir_mix_tail"] == "torch"
+    run(fast, torch.randn(2, 144, 56).transpose(0, 1))
+    run(fast, torch.randn(144, 1, 56, dtype=torch.float64))
+    assert len(calls) == 4
+    # more rows than the limit (lowered here): the torch paths
+    monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_TRAINING", 100)
+    run(fast, torch.randn(144, 1, 56))
+    assert len(calls) == 5 and _backend.last_run()["adaptir_mix_tail"] == "torch"
+    monkeypatch.undo()
+    calls = _full_path_spy(monkeypatch)
+    # no running statistics kept: the full path (BatchNorm on the batch alone)
+    untracked = moce_fast.AdaptIRAdapter(56, "edt", "lnc")
+    untracked.BN = torch.nn.BatchNorm2d(untracked.BN.num_features, track_running_stats=False)
+    with moce_fast.backend("cpu"):
+        untracked(torch.randn(144, 1, 56))
+    assert len(calls) == 1
+    # inference mode: the full path
+    with torch.inference_mode():
+        run(fast, torch.randn(144, 1, 56))
+    assert len(calls) == 2
+    # bad input: the full path's errors, the running statistics unchanged
+    before = fast.BN.num_batches_tracked.item()
+    for bad, match in ((torch.randn(143, 1, 56), "square token grid"), (torch.randn(144, 1, 55), "56 channels"),
+                       (torch.randn(1, 1, 56), "more than one value per channel")):
+        with moce_fast.backend("cpu"), pytest.raises(ValueError, match=match):
+            fast(bad)
+    assert fast.BN.num_batches_tracked.item() == before
+
+
+def test_direct_training_autograd_semantics(monkeypatch):
+    # the C++ node keeps autograd's contracts: an in-place change of x or of a parameter before the
+    # backward is an error; retain_graph runs the backward twice (gradients accumulate); a backward
+    # with create_graph gives the right first-order gradients, and differentiating them again
+    # raises (once differentiable) instead of giving zeros
+    fast, ref, x = adapter_case("nhwc", 9, 10, 2, torch.float64)
+    fast.train(), ref.train()
+    _full_path_fails(monkeypatch)
+
+    def forward(xl):
+        with moce_fast.backend("cpu"):
+            return fast(xl)
+
+    xl = to_layout(x, "nhwc").clone().requires_grad_()
+    y = forward(xl)
+    with torch.no_grad():
+        fast.tail.weight.mul_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    y = forward(xl)
+    with torch.no_grad():
+        xl.add_(0.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    fast.zero_grad(set_to_none=True)
+    xl = to_layout(x, "nhwc").clone().requires_grad_()
+    y = forward(xl)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    y.backward(dy, retain_graph=True)
+    once = [p.grad.clone() for p in fast.parameters()] + [xl.grad.clone()]
+    y.backward(dy)
+    twice = [p.grad for p in fast.parameters()] + [xl.grad]
+    assert all(torch.allclose(b, 2 * a, rtol=1e-12, atol=0) for a, b in zip(once, twice))
+    xl = to_layout(x, "nhwc").clone().requires_grad_()
+    y = forward(xl)
+    (gx,) = torch.autograd.grad(y, xl, dy.clone().requires_grad_(), create_graph=True)
+    assert rel_err(gx, once[-1]) < 1e-12
+    with pytest.raises(RuntimeError, match="once differentiable"):
+        gx.sum().backward()
+
+
+def test_train_call_bad_arguments_are_clear_errors():
+    from moce_fast.nn.adapter import _raw_tensors
+    from moce_fast.ops import _cuda
+
+    fast, _, x = adapter_case("nchw", 12, 12, 1, torch.float64)
+    raw, nbt = _raw_tensors(fast), fast.BN.num_batches_tracked
+    with pytest.raises(RuntimeError, match="raw: expected the adapter's 26 stored tensors, got 25"):
+        _cuda.cpu_train_call(x, raw[:25], nbt, 0, 1e-5, 0.1, 100000, 64)
+    with pytest.raises(RuntimeError, match=r"layout: expected 0 \(nchw\), 1 \(lnc\) or 2 \(nhwc\), got 3"):
+        _cuda.cpu_train_call(x, raw, nbt, 3, 1e-5, 0.1, 100000, 64)
+    with pytest.raises(RuntimeError, match="num_batches_tracked: expected a CPU int64 tensor of one value"):
+        _cuda.cpu_train_call(x, raw, nbt.double(), 0, 1e-5, 0.1, 100000, 64)
+    assert _cuda.cpu_train_call(x, raw, nbt, 0, 1e-5, 0.1, 100, 64) is None  # (144 rows, more than 100)
+    # one row (declined for itself, not as a map of the dense tables' size): BatchNorm needs two
+    assert _cuda.cpu_train_call(x[:, :, :1, :1], raw, nbt, 0, 1e-5, 0.1, 100000, 0) is None
+    assert nbt.item() == 0
+    assert _cuda.cpu_train_call(x, raw, nbt, 0, 1e-5, 0.1, 100000, 64) is not None
+    assert nbt.item() == 1

@@ -8,7 +8,7 @@ import torch
 
 import moce_fast
 from moce_fast.reference import AdaptIR
-from conftest import adapter_case, from_layout, randomize_, rel_err
+from conftest import CPU_TRAIN_NODE, adapter_case, from_layout, grad_node, randomize_, rel_err
 
 @pytest.fixture(autouse=True)
 def _torch_backend():
@@ -529,7 +529,7 @@ def test_fused_training_equals_reference(layout, hh, ww, n, zero):
     # have their zero-guarded gradients
     adapter, ref, xl, x = _one_image_training_case(layout, hh, ww, zero, n=n)
     y, expected = adapter(xl), ref(x)
-    assert type(y.grad_fn).__name__ == "_FusedTrainBackward"
+    assert grad_node(y) == "_FusedTrainBackward"
     assert rel_err(from_layout(y, layout, x.shape), expected) < 1e-12
     # the running statistics updated from the image's batch statistics, as the public adapter does
     for name in ("running_mean", "running_var", "num_batches_tracked"):
@@ -555,14 +555,14 @@ def test_fused_training_gradcheck_float64(dft, layout, monkeypatch):
     adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", layout)).double().train()
     shape = (1, 4, 5, 56) if layout == "nhwc" else (9, 2, 56)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    assert type(adapter(x).grad_fn).__name__ == "_FusedTrainBackward"
+    assert grad_node(adapter(x)) == "_FusedTrainBackward"
     names = [name for name, _ in adapter.named_parameters()]
 
     def functional(x, *values):  # the parameters as gradcheck's inputs too
         return torch.func.functional_call(adapter, dict(zip(names, values)), (x,))
 
     values = tuple(p.detach().clone().requires_grad_() for p in adapter.parameters())
-    assert type(functional(x, *values).grad_fn).__name__ == "_FusedTrainBackward"
+    assert grad_node(functional(x, *values)) == "_FusedTrainBackward"
     # (the FFT path's float64 depthwise conv is ~10x slower here than the taps: a random projection
     # of its Jacobian, gradcheck's fast mode, in place of the whole one)
     assert torch.autograd.gradcheck(functional, (x, *values), eps=1e-6, atol=1e-6, fast_mode=dft == "fft")
@@ -577,7 +577,7 @@ def test_fused_training_op_and_input_without_grad():
     adapter, ref, xl, x = _one_image_training_case("nhwc", 6, 6)
     p = stack_params([adapter])
     y, stats = ops.adaptir(xl.detach(), "nhwc", p, None, True, adapter.BN.eps)
-    assert type(y.grad_fn).__name__ == "_FusedTrainBackward"
+    assert grad_node(y) == "_FusedTrainBackward"
     expected = ref(x.detach())
     assert rel_err(y.permute(0, 3, 1, 2), expected) < 1e-12
     # the statistics the op returns: the image's head output's mean and unbiased variance
@@ -601,19 +601,19 @@ def test_fused_training_runs_only_where_torch_runs_both_stages():
         _backend._LAST_RUN.clear()
         with moce_fast.backend(name):
             y = adapter(x)
-        assert type(y.grad_fn).__name__ == ("_FusedTrainBackward" if ran == "torch" else "_RowsCpuBackward")
+        assert grad_node(y) == ("_FusedTrainBackward" if ran == "torch" else CPU_TRAIN_NODE)
         assert _backend.last_run() == {"adaptir_linear": ran, "adaptir_mix_tail": ran}
     # not for two images but in "lnc" on a small map whose L and N axes merge, up to 1024 rows
     # (ops.adapter.FUSED_TRAIN_MAX_ROWS), nor for an input in
     # another dtype than the parameters (the staged path promotes), nor bfloat16
-    assert type(adapter(torch.randn(2, 4, 4, 56)).grad_fn).__name__ != "_FusedTrainBackward"
+    assert grad_node(adapter(torch.randn(2, 4, 4, 56))) != "_FusedTrainBackward"
     lnc = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "lnc")).train()
-    assert type(lnc(torch.randn(16, 2, 56)).grad_fn).__name__ == "_FusedTrainBackward"
-    assert type(lnc(torch.randn(17 * 17, 2, 56)).grad_fn).__name__ != "_FusedTrainBackward"  # (FFT size)
-    assert type(lnc(torch.randn(256, 5, 56)).grad_fn).__name__ != "_FusedTrainBackward"  # (1280 rows)
-    assert type(lnc(torch.randn(2, 16, 56).transpose(0, 1)).grad_fn).__name__ != "_FusedTrainBackward"
-    assert type(adapter(x.double()).grad_fn).__name__ != "_FusedTrainBackward"
-    assert type(adapter.bfloat16()(x.bfloat16()).grad_fn).__name__ != "_FusedTrainBackward"
+    assert grad_node(lnc(torch.randn(16, 2, 56))) == "_FusedTrainBackward"
+    assert grad_node(lnc(torch.randn(17 * 17, 2, 56))) != "_FusedTrainBackward"  # (FFT size)
+    assert grad_node(lnc(torch.randn(256, 5, 56))) != "_FusedTrainBackward"  # (1280 rows)
+    assert grad_node(lnc(torch.randn(2, 16, 56).transpose(0, 1))) != "_FusedTrainBackward"
+    assert grad_node(adapter(x.double())) != "_FusedTrainBackward"
+    assert grad_node(adapter.bfloat16()(x.bfloat16())) != "_FusedTrainBackward"
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
@@ -655,7 +655,7 @@ def test_one_image_paths_on_cuda_with_the_torch_backend(layout, side, dtype, tol
     xc = xl.detach().to("cuda", dtype).requires_grad_()
     with moce_fast.backend("torch"):
         y = adapter(xc)
-        assert type(y.grad_fn).__name__ == "_FusedTrainBackward"
+        assert grad_node(y) == "_FusedTrainBackward"
         expected = ref(x)
         dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
         y.backward(dy.to("cuda", dtype)), expected.backward(from_layout(dy, layout, x.shape))

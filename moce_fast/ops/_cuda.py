@@ -164,6 +164,32 @@ def cpu_params_reason(x: torch.Tensor, params: list[torch.Tensor], training: boo
     return _ext_or_raise().cpu_params_reason(x, params, training)
 
 
+def cpu_rows_train(x: torch.Tensor, layout: int, hh: int, ww: int, n: int, params: list[torch.Tensor],
+                   fwd: torch.Tensor, inv: torch.Tensor, nb: int, s: int, eps: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training adapter of one task on ``x`` by the CPU kernel (csrc/adapter_cpu.cpp), recorded
+    for autograd as one C++ node (``AdapterCpuTrain``: its backward one call of the kernel's
+    backward, once differentiable): the output, and the batch mean and unbiased variance (h,) of
+    the head output (not differentiable). ``layout``: 0 nchw, 1 lnc, 2 nhwc; ``params``: the
+    kernel's 24 tensors in any shapes of the right sizes (their gradients come back in those
+    shapes); ``fwd``, ``inv``, ``nb``, ``s``: the DFT tables, or empty tables for rfft2 / irfft2."""
+    return _ext_or_raise().cpu_rows_train(x, layout, hh, ww, n, params, fwd, inv, nb, s, eps)
+
+
+def cpu_train_call(x: torch.Tensor, raw: list[torch.Tensor], num_batches_tracked: torch.Tensor, layout: int,
+                   eps: float, momentum: Optional[float], max_rows: int, dense_max_pixels: int
+                   ) -> Optional[torch.Tensor]:
+    """One adapter's training call by the CPU kernel straight from its 26 stored tensors ``raw``
+    (moce_fast.nn.adapter._raw_tensors; none None), checked and run in C++ (csrc/adapter_plan.h,
+    ``train_call``): the output, with BatchNorm's running statistics updated as
+    :func:`cpu_batch_norm_update` does; or None where the kernel does not take the call (x not
+    as it takes it in ``layout``, fewer than 2 or more than ``max_rows`` rows, a map of at most
+    ``dense_max_pixels`` pixels, a parameter not contiguous in x's dtype on its device, inference
+    mode): nothing is changed then, and the caller takes its full path."""
+    return _ext_or_raise().cpu_train_call(x, raw, num_batches_tracked, layout, eps, momentum, max_rows,
+                                          dense_max_pixels)
+
+
 def eval_plan_type():
     """The extension's class of kept eval plans of the CPU adapter kernel (``AdapterEvalPlan``,
     csrc/adapter_plan.h)."""
@@ -224,7 +250,7 @@ class cpu_cache_installed:
     replaced. The adapters' torch paths on a CPU run inside it: their fresh buffers each step paid a
     page fault per 4 KiB (measured on this project's 2-core VM: EDT 64x64 x 8 eval 14-15 -> 10 ms,
     x 32 eval 76 -> 35-38 ms; their backward runs after the scope and still allocates through the
-    replaced allocator). The CPU kernel's backward (``_RowsCpu``, ``_RowsCpuTasks`` in
+    replaced allocator). The CPU kernel's backward (``AdapterCpuTrain`` in csrc/adapter_cpu.cpp, ``_RowsCpuTasks`` in
     moce_fast/ops/adapter.py) opens one of its own: in a loop of adapter steps alone it page-faulted
     none, but after a host's other work had churned the heap (the public adapter's steps in between,
     as in the bench) its IPT 48x48 batch-1 training step took 54-409 page faults (at about 3.9 us

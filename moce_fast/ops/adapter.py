@@ -1194,7 +1194,7 @@ def _kernel_tables(hh: int, ww: int, dtype: torch.dtype) -> tuple[torch.Tensor, 
 def adaptir_rows_cpu(t: torch.Tensor, layout: str, p: AdapterParams, eps: float, training: bool
                      ) -> tuple[torch.Tensor, Optional[BatchStats]]:
     """The adapter of one task on ``t`` by the extension's CPU kernel (see :func:`cpu_kernel_reason`):
-    in training as one autograd Function (:class:`_RowsCpu`), with the batch statistics; in eval
+    in training as one autograd node (:func:`adaptir_rows_cpu_train`), with the batch statistics; in eval
     ``p`` is folded (:func:`fold_batch_norm`), no statistics."""
     if training:
         out, mean, var = adaptir_rows_cpu_train(t, layout, p, eps)
@@ -1209,10 +1209,14 @@ def adaptir_rows_cpu(t: torch.Tensor, layout: str, p: AdapterParams, eps: float,
 
 def adaptir_rows_cpu_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: float
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The training adapter of one task on ``t`` by the CPU kernel (:class:`_RowsCpu`): the output,
-    and the batch mean and unbiased variance (h,) of the head output, for the running statistics."""
+    """The training adapter of one task on ``t`` by the CPU kernel, recorded for autograd as one
+    C++ node (:func:`moce_fast.ops._cuda.cpu_rows_train`): the output, and the batch mean and
+    unbiased variance (h,) of the head output, for the running statistics."""
+    from . import _cuda
+
     b, hh, ww = as_npc(t, layout)
-    return _RowsCpu.apply(t, layout, hh, ww, b.shape[0], eps, *_cpu_params(p))
+    fwd, inv, nb, s = _kernel_tables(hh, ww, t.dtype)
+    return _cuda.cpu_rows_train(t, _LAYOUT_CODE[layout], hh, ww, b.shape[0], _cpu_params(p), fwd, inv, nb, s, eps)
 
 
 def cpu_eval_plan(raw: list[torch.Tensor], t: torch.Tensor, layout: str, tensors: list[torch.Tensor], eps: float):
@@ -1227,38 +1231,6 @@ def cpu_eval_plan(raw: list[torch.Tensor], t: torch.Tensor, layout: str, tensors
     fwd, inv, _, s = _kernel_tables(hh, ww, t.dtype)
     return _cuda.eval_plan_type()(raw, tensors, _LAYOUT_CODE[layout], eps, fwd, inv, hh, ww, s,
                                   CPU_KERNEL_DENSE_DFT_MAX_PIXELS)
-
-
-class _RowsCpu(torch.autograd.Function):
-    """The training adapter by the extension's CPU kernel (csrc/adapter_cpu.cpp): forward and
-    backward one call each. Inputs: t, layout, H, W, N, eps, then the 24 tensors of
-    :func:`_cpu_params` in any shapes of the right sizes (their gradients come back in those
-    shapes). Outputs: the adapter output in ``t``'s layout, the batch mean and unbiased variance
-    (h,) of the head output (not differentiable)."""
-
-    @staticmethod
-    def forward(ctx, t, layout, hh, ww, n, eps, *params):
-        fwd, inv, nb, s = _kernel_tables(hh, ww, t.dtype)
-        res = torch.ops.moce_fast.adaptir_rows(t, _LAYOUT_CODE[layout], hh, ww, n, params, fwd, inv, nb, s, True, eps)
-        ctx.meta = (_LAYOUT_CODE[layout], hh, ww, n, fwd, inv, nb, s)
-        ctx.save_for_backward(t, *params)  # (an in-place change before the backward is an error)
-        ctx.inter = res[3:]  # the h-space intermediates, freed with the graph
-        ctx.mark_non_differentiable(res[1], res[2])
-        ctx.set_materialize_grads(False)
-        return res[0], res[1], res[2]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, _dmean, _dvar):
-        code, hh, ww, n, fwd, inv, nb, s = ctx.meta
-        if dout is None:
-            return (None,) * (6 + 24)
-        t, *params = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0]
-        with cpu_cache_installed(dout):  # (its allocations too: see cpu_cache_installed)
-            g = torch.ops.moce_fast.adaptir_rows_backward(dout, t, code, hh, ww, n, params, ctx.inter, fwd, inv, nb,
-                                                          s, need_dx)
-        return (g[0] if need_dx else None, None, None, None, None, None, *g[1:])
 
 
 def cpu_tasks_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], task: Optional[torch.Tensor],
