@@ -1350,3 +1350,45 @@ def test_train_call_bad_arguments_are_clear_errors():
     assert nbt.item() == 0
     assert _cuda.cpu_train_call(x, raw, nbt, 0, 1e-5, 0.1, 100000, 64) is not None
     assert nbt.item() == 1
+
+
+@pytest.mark.parametrize("layout", ["nchw", "lnc", "nhwc"])
+def test_direct_training_takes_what_the_full_path_takes(monkeypatch, layout):
+    # the training call's checks of x in C++ (kernel_map, shared with the eval plan) and the full
+    # path's in Python (cpu_kernel_reason) are two statements of one rule: on each input the direct
+    # call runs exactly where the full path would take the kernel on a map beyond the dense tables'
+    # size (dtype, empty, several images by layout, L and N axes that do not merge, the row limit in
+    # force), and then equals the torch backend's output
+    from moce_fast.nn.adapter import _raw_tensors
+    from moce_fast.ops import _cuda
+
+    fast, _, _ = adapter_case(layout, 12, 12, 1, torch.float32)
+    fast.train()
+    monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_TRAINING", 600)
+    g = torch.Generator().manual_seed(6)
+
+    def images(n, side=12, dtype=torch.float32):
+        return to_layout(torch.randn(n, 56, side, side, generator=g, dtype=torch.float64), layout).to(dtype)
+
+    inputs = [images(1), images(1, 10), images(1, 8), images(1, dtype=torch.float64), images(0), images(2),
+              images(4), images(5), images(1).requires_grad_()]
+    if layout == "lnc":
+        inputs.append(torch.randn(3, 144, 56, generator=g).transpose(0, 1))  # (L and N axes that do not merge)
+    code, taken = ops._LAYOUT_CODE[layout], 0
+    for t in inputs:
+        twin = copy.deepcopy(fast)
+        raw = _raw_tensors(twin)
+        why = ops.cpu_kernel_reason(t, layout, [raw[i] for i in range(26) if i not in (4, 5)], True)
+        pixels = t.shape[0] if layout == "lnc" else t.shape[1] * t.shape[2] if layout == "nhwc" else t.shape[2] * t.shape[3]
+        out = _cuda.cpu_train_call(t, raw, twin.BN.num_batches_tracked, code, twin.BN.eps, twin.BN.momentum,
+                                   ops.CPU_KERNEL_MAX_ROWS_TRAINING, ops.CPU_KERNEL_DENSE_DFT_MAX_PIXELS)
+        direct = why is None and pixels > ops.CPU_KERNEL_DENSE_DFT_MAX_PIXELS
+        assert (out is not None) == direct, (tuple(t.shape), t.dtype, why)
+        assert twin.BN.num_batches_tracked.item() == int(direct)
+        if out is not None:
+            taken += 1
+            with moce_fast.backend("torch"):
+                assert rel_err(out, copy.deepcopy(fast)(t)) < 1e-5, tuple(t.shape)
+            assert rel_err(twin.BN.running_var, fast.BN.running_var) > 0  # (moved by the batch)
+    # (12 and 10 side maps, x requiring grad, and in "lnc" and "nhwc" 2 and 4 images: 5 are over the limit)
+    assert taken == (3 if layout == "nchw" else 5)
