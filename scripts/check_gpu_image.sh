@@ -38,6 +38,9 @@
 # Fourteenth session (9b4e41d: the CPU kernel's eval plan, a pybind11 class; cpu_batch_norm_update,
 # cpu_params_reason): tests/test_adapter_cpu_kernel.py and tests/test_adaptir.py 417 passed,
 # 7 skipped (CUDA), 310 s of tests.
+# Fifteenth session (d9f6487: the CPU kernel's training call as a C++ autograd node, through
+# torch/csrc/autograd/custom_function.h and DelayedError, built against torch 2.11's headers):
+# tests/test_adapter_cpu_kernel.py and tests/test_adaptir.py 440 passed, 7 skipped (CUDA), 82 s of tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/moce-fast-gpu-image}
