@@ -1293,6 +1293,21 @@ void cpu_batch_norm_update(at::Tensor& running_mean, at::Tensor& running_var, at
   running_var.lerp_(var.view(running_var.sizes()).to(running_var.scalar_type()), m);
 }
 
+namespace {
+
+// The buffer cache as torch's CPU allocator while a scope is open (as
+// moce_fast.ops._cuda.cpu_cache_installed): the buffers ATen makes inside the kernel's calls (the
+// wide products' outputs through oneDNN's convolution, the FFTs') come from it too, their pages
+// mapped already whatever glibc's mmap threshold is.
+struct CacheScope {
+  CacheScope() { install_cpu_cache(); }
+  ~CacheScope() { uninstall_cpu_cache(); }
+  CacheScope(const CacheScope&) = delete;
+  CacheScope& operator=(const CacheScope&) = delete;
+};
+
+}  // namespace
+
 bool kernel_map(const at::Tensor& x, int64_t layout, at::ScalarType dtype, int64_t c, int64_t& n, int64_t& hh,
                 int64_t& ww) {
   if (!x.defined() || !x.device().is_cpu() || x.scalar_type() != dtype || x.dim() != (layout == LNC ? 3 : 4) ||
@@ -1387,6 +1402,7 @@ at::Tensor AdapterEvalPlan::run(const at::Tensor& x, const std::vector<at::Tenso
   const Dims d = check_sizes(dtype_, layout_, c_, hh, ww, n, params_, fwd_, inv_, hh * (ww / 2 + 1),
                              dense ? s_ : 0, &x);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  CacheScope cache;
   return AT_DISPATCH_FLOATING_TYPES(dtype_, "adapter_eval_plan", [&] {
     return forward_impl<scalar_t>(x, layout_, d, params_, fwd_, inv_, false, eps_)[0];
   });
@@ -1400,14 +1416,6 @@ at::Tensor AdapterEvalPlan::run(const at::Tensor& x, const std::vector<at::Tenso
 
 namespace {
 
-// the buffer cache as torch's CPU allocator while a scope is open (moce_fast.ops._cuda.cpu_cache_installed)
-struct CacheScope {
-  CacheScope() { install_cpu_cache(); }
-  ~CacheScope() { uninstall_cpu_cache(); }
-  CacheScope(const CacheScope&) = delete;
-  CacheScope& operator=(const CacheScope&) = delete;
-};
-
 struct TrainArgs {
   int64_t layout, hh, ww, n, nb, s;
   double eps;
@@ -1418,7 +1426,11 @@ struct AdapterCpuTrain : public torch::autograd::Function<AdapterCpuTrain> {
   // inputs: x, the 24 parameters, the arguments (not a tensor: no gradient)
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                                 at::TensorList params, const TrainArgs& a) {
-    auto res = adaptir_rows_cpu(x, a.layout, a.hh, a.ww, a.n, params, a.fwd, a.inv, a.nb, a.s, true, a.eps);
+    std::vector<at::Tensor> res;
+    {
+      CacheScope cache;
+      res = adaptir_rows_cpu(x, a.layout, a.hh, a.ww, a.n, params, a.fwd, a.inv, a.nb, a.s, true, a.eps);
+    }
     torch::autograd::variable_list keep{x};
     keep.insert(keep.end(), params.begin(), params.end());
     ctx->save_for_backward(keep);  // (an in-place change of one before the backward is an error)
