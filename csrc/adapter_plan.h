@@ -51,8 +51,8 @@ std::vector<at::Tensor> rows_train(const at::Tensor& x, int64_t layout, int64_t 
 // than dense_max_pixels: those have no tables here) and the parameters (params_check), outside
 // inference mode: rows_train on the rfft2 path, then the running statistics updated as
 // cpu_batch_norm_update does, and the output. Else an undefined tensor, nothing changed: the caller
-// takes its full path. The full path's Python around the same kernel took ~0.3 ms of a 1.0-1.5 ms
-// IPT 16x16 batch-1 step (moce_fast/nn/adapter.py).
+// takes its full path. The full path's Python around the same kernel took 0.35-0.7 ms of a 1.1-2.5
+// ms IPT 16x16 batch-1 step (moce_fast/nn/adapter.py, direct_train).
 at::Tensor train_call(const at::Tensor& x, const std::vector<at::Tensor>& raw, at::Tensor& num_batches_tracked,
                       int64_t layout, double eps, c10::optional<double> momentum, int64_t max_rows,
                       int64_t dense_max_pixels);

@@ -250,12 +250,14 @@ class cpu_cache_installed:
     replaced. The adapters' torch paths on a CPU run inside it: their fresh buffers each step paid a
     page fault per 4 KiB (measured on this project's 2-core VM: EDT 64x64 x 8 eval 14-15 -> 10 ms,
     x 32 eval 76 -> 35-38 ms; their backward runs after the scope and still allocates through the
-    replaced allocator). The CPU kernel's backward (``AdapterCpuTrain`` in csrc/adapter_cpu.cpp, ``_RowsCpuTasks`` in
-    moce_fast/ops/adapter.py) opens one of its own: in a loop of adapter steps alone it page-faulted
-    none, but after a host's other work had churned the heap (the public adapter's steps in between,
-    as in the bench) its IPT 48x48 batch-1 training step took 54-409 page faults (at about 3.9 us
-    each on this VM), and none with the cache. Nested scopes count; the allocator comes back when
-    the outermost closes."""
+    replaced allocator). The CPU kernel's backward (``AdapterCpuTrain`` in csrc/adapter_cpu.cpp,
+    ``_RowsCpuTasks`` in moce_fast/ops/adapter.py) opens one of its own: in a loop of adapter steps
+    alone it page-faulted none, but after a host's other work had churned the heap (the public
+    adapter's steps in between, as in the bench) its IPT 48x48 batch-1 training step took 54-409
+    page faults (at about 3.9 us each on this VM), and none with the cache. So do the kept eval
+    plan's call and the training node's forward, in C++ (without it an IPT 48x48 batch-1 eval call
+    took ~590 page faults, 2.9 against 2.0 ms, in a process whose glibc mmap threshold nothing had
+    raised). Nested scopes count; the allocator comes back when the outermost closes."""
 
     __slots__ = ("_ext",)
 
