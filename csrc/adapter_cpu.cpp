@@ -1420,37 +1420,47 @@ struct TrainArgs {
   int64_t layout, hh, ww, n, nb, s;
   double eps;
   at::Tensor fwd, inv;
+  at::Tensor task;  // several tasks' adapters on one batch: each image's task (N,); undefined: one task
 };
 
+// One task's adapter (adaptir_rows_cpu), or several tasks' on one batch (adaptir_rows_tasks_cpu,
+// 24 parameters per task), in training.
 struct AdapterCpuTrain : public torch::autograd::Function<AdapterCpuTrain> {
-  // inputs: x, the 24 parameters, the arguments (not a tensor: no gradient)
+  // inputs: x, the parameters, the arguments (not a tensor: no gradient)
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                                 at::TensorList params, const TrainArgs& a) {
+    const bool tasks = a.task.defined();
     std::vector<at::Tensor> res;
     {
       CacheScope cache;
-      res = adaptir_rows_cpu(x, a.layout, a.hh, a.ww, a.n, params, a.fwd, a.inv, a.nb, a.s, true, a.eps);
+      res = tasks ? adaptir_rows_tasks_cpu(x, a.layout, a.hh, a.ww, params, a.task, a.fwd, a.inv, a.nb, a.s, true,
+                                           a.eps)
+                  : adaptir_rows_cpu(x, a.layout, a.hh, a.ww, a.n, params, a.fwd, a.inv, a.nb, a.s, true, a.eps);
     }
+    const size_t outputs = tasks ? 4 : 3;  // the output; mean, variance (and each task's row count)
     torch::autograd::variable_list keep{x};
     keep.insert(keep.end(), params.begin(), params.end());
+    if (tasks) keep.push_back(a.task);
     ctx->save_for_backward(keep);  // (an in-place change of one before the backward is an error)
-    ctx->saved_data["inter"] = std::vector<at::Tensor>(res.begin() + 3, res.end());  // freed with the graph
+    ctx->saved_data["inter"] = std::vector<at::Tensor>(res.begin() + outputs, res.end());  // freed with the graph
     if (a.fwd.defined() && a.fwd.numel() > 0) ctx->saved_data["tables"] = std::vector<at::Tensor>{a.fwd, a.inv};
-    ctx->saved_data["dims"] = std::vector<int64_t>{a.layout, a.hh, a.ww, a.n, a.nb, a.s};
-    ctx->mark_non_differentiable({res[1], res[2]});
+    ctx->saved_data["dims"] = std::vector<int64_t>{a.layout, a.hh, a.ww, a.n, a.nb, a.s, int64_t(tasks)};
+    res.resize(outputs);
+    ctx->mark_non_differentiable(torch::autograd::variable_list(res.begin() + 1, res.end()));
     ctx->set_materialize_grads(false);
-    return {res[0], res[1], res[2]};
+    return res;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    torch::autograd::variable_list res(2 + NUM_PARAMS);  // x, the parameters, the arguments
+    const auto saved = ctx->get_saved_variables();
+    const auto dims = ctx->saved_data["dims"].toIntVector();
+    const bool tasks = dims[6] != 0;
+    const std::vector<at::Tensor> params(saved.begin() + 1, saved.end() - (tasks ? 1 : 0));
+    torch::autograd::variable_list res(2 + params.size());  // x, the parameters, the arguments
     const at::Tensor& dout = grads[0];
     if (!dout.defined()) return res;
-    const auto saved = ctx->get_saved_variables();
-    const std::vector<at::Tensor> params(saved.begin() + 1, saved.end());
     const auto inter = ctx->saved_data["inter"].toTensorVector();
-    const auto dims = ctx->saved_data["dims"].toIntVector();
     const bool need_dx = ctx->needs_input_grad(0);
     at::Tensor fwd, inv;  // (none: rfft2 / irfft2)
     if (ctx->saved_data.count("tables")) {
@@ -1461,11 +1471,14 @@ struct AdapterCpuTrain : public torch::autograd::Function<AdapterCpuTrain> {
     {
       at::NoGradGuard no_grad;
       CacheScope cache;  // (its allocations too: see moce_fast.ops._cuda.cpu_cache_installed)
-      g = adaptir_rows_backward_cpu(dout, saved[0], dims[0], dims[1], dims[2], dims[3], params, inter, fwd, inv,
-                                    dims[4], dims[5], need_dx);
+      // (dout as it comes: the several tasks' kernel reads each image's block in place, whatever its strides)
+      g = tasks ? adaptir_rows_tasks_backward_cpu(dout, saved[0], dims[0], dims[1], dims[2], params, saved.back(),
+                                                  inter, fwd, inv, dims[4], dims[5], need_dx)
+                : adaptir_rows_backward_cpu(dout, saved[0], dims[0], dims[1], dims[2], dims[3], params, inter, fwd,
+                                            inv, dims[4], dims[5], need_dx);
     }
     if (need_dx) res[0] = g[0];
-    for (int i = 0; i < NUM_PARAMS; ++i) res[1 + i] = g[1 + i];
+    for (size_t i = 0; i < params.size(); ++i) res[1 + i] = g[1 + i];
     if (!at::GradMode::is_enabled() || !dout.requires_grad()) return res;
     // a backward that records (create_graph): the gradients themselves are right, but differentiating
     // them again raises (as Python's @once_differentiable does), rather than giving zeros
@@ -1486,8 +1499,8 @@ struct AdapterCpuTrain : public torch::autograd::Function<AdapterCpuTrain> {
 
 std::vector<at::Tensor> rows_train(const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, int64_t n,
                                    const std::vector<at::Tensor>& params, const at::Tensor& fwd,
-                                   const at::Tensor& inv, int64_t nb, int64_t s, double eps) {
-  return AdapterCpuTrain::apply(x, at::TensorList(params), TrainArgs{layout, hh, ww, n, nb, s, eps, fwd, inv});
+                                   const at::Tensor& inv, int64_t nb, int64_t s, double eps, const at::Tensor& task) {
+  return AdapterCpuTrain::apply(x, at::TensorList(params), TrainArgs{layout, hh, ww, n, nb, s, eps, fwd, inv, task});
 }
 
 at::Tensor train_call(const at::Tensor& x, const std::vector<at::Tensor>& raw, at::Tensor& num_batches_tracked,
@@ -1509,7 +1522,7 @@ at::Tensor train_call(const at::Tensor& x, const std::vector<at::Tensor>& raw, a
   const int64_t rows = n * hh * ww;
   if (rows < 2 || rows > max_rows || hh * ww <= dense_max_pixels) return {};
   if (params_check(x, params, true) != kParamsTaken) return {};
-  auto res = rows_train(x, layout, hh, ww, n, params, at::Tensor(), at::Tensor(), hh * (ww / 2 + 1), 0, eps);
+  auto res = rows_train(x, layout, hh, ww, n, params, at::Tensor(), at::Tensor(), hh * (ww / 2 + 1), 0, eps, {});
   at::Tensor running_mean = raw[4], running_var = raw[5];
   cpu_batch_norm_update(running_mean, running_var, num_batches_tracked, res[1], res[2], momentum);
   return res[0];

@@ -39,10 +39,12 @@ int params_check(const at::Tensor& x, at::TensorList params, bool training);
 // the DFT tables, or empty tables for rfft2 / irfft2), recorded for autograd as one C++ node
 // (AdapterCpuTrain, its backward one call of the kernel's backward, once differentiable):
 // {the output in x's layout, the batch mean and unbiased variance (h,) of the head output (not
-// differentiable)}.
+// differentiable)}. With `task` (N,) int64, each image's task: several tasks' adapters on one batch
+// (params: 24 per task in turn; their gradients zeros for a task with no image), the statistics
+// per task (T, h), and a fourth output, each task's number of rows (T,).
 std::vector<at::Tensor> rows_train(const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, int64_t n,
                                    const std::vector<at::Tensor>& params, const at::Tensor& fwd,
-                                   const at::Tensor& inv, int64_t nb, int64_t s, double eps);
+                                   const at::Tensor& inv, int64_t nb, int64_t s, double eps, const at::Tensor& task);
 
 // A training call of one adapter straight from its stored tensors: raw, the 26 of
 // moce_fast.nn.adapter._raw_tensors (parameters and BatchNorm's running statistics, as stored);

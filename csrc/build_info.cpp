@@ -97,19 +97,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_rows_train",
       [](const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, int64_t n, const std::vector<at::Tensor>& params,
-         const at::Tensor& fwd, const at::Tensor& inv, int64_t nb, int64_t s, double eps) {
+         const at::Tensor& fwd, const at::Tensor& inv, int64_t nb, int64_t s, double eps,
+         const c10::optional<at::Tensor>& task) {
         std::vector<at::Tensor> res;
         {
           pybind11::gil_scoped_release no_gil;
-          res = moce_fast::rows_train(x, layout, hh, ww, n, params, fwd, inv, nb, s, eps);
+          res = moce_fast::rows_train(x, layout, hh, ww, n, params, fwd, inv, nb, s, eps, task.value_or(at::Tensor()));
         }
-        return pybind11::make_tuple(res[0], res[1], res[2]);
+        pybind11::tuple out(res.size());
+        for (size_t i = 0; i < res.size(); ++i) out[i] = pybind11::cast(res[i]);
+        return out;
       },
       pybind11::arg("x"), pybind11::arg("layout"), pybind11::arg("hh"), pybind11::arg("ww"), pybind11::arg("n"),
       pybind11::arg("params"), pybind11::arg("fwd"), pybind11::arg("inv"), pybind11::arg("nb"), pybind11::arg("s"),
-      pybind11::arg("eps"),
+      pybind11::arg("eps"), pybind11::arg("task") = pybind11::none(),
       "The training adapter of one task on x by the CPU kernel, recorded for autograd as one C++ node: (out, "
-      "batch mean, unbiased batch variance).");
+      "batch mean, unbiased batch variance); with task (each image's), several tasks' adapters (24 parameters "
+      "each) on one batch: (out, mean (T, h), variance (T, h), rows (T,)).");
   m.def(
       "cpu_train_call",
       [](const at::Tensor& x, const std::vector<at::Tensor>& raw, at::Tensor& num_batches_tracked, int64_t layout,

@@ -841,7 +841,7 @@ def test_several_tasks_one_call_equal_each_reference(isa, mode, layout, hh, ww, 
     got = from_layout(y, layout, x.shape)
     dy = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(32))
     if mode == "train":
-        assert "_RowsCpuTasksBackward" in graph_nodes(y) and "StackBackward0" not in graph_nodes(y)
+        assert CPU_TRAIN_NODE in graph_nodes(y) and "StackBackward0" not in graph_nodes(y)
         (got * dy.to(dtype)).sum().backward()
     site = host[0].adapters
     for task in "ab":
@@ -889,7 +889,7 @@ def test_several_tasks_strided_batch(layout):
         dy = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(34))
         with moce_fast.backend("cpu"), adapters.tasks(names):
             y = host(x)
-        assert "_RowsCpuTasksBackward" in graph_nodes(y)
+        assert CPU_TRAIN_NODE in graph_nodes(y)
         y.backward(dy.transpose(0, 1).contiguous().transpose(0, 1))  # a strided upstream gradient
         results.append((y.detach(), x.grad, [p.grad for p in host.parameters()]))
         host.load_state_dict(state)  # the same running statistics for the second call
@@ -906,7 +906,7 @@ def test_several_tasks_gradcheck_float64():
     host.train()
     x = torch.randn(3, 3, 4, 56, dtype=torch.float64, requires_grad=True)
     with moce_fast.backend("cpu"), adapters.tasks(["c", "a", "c"]):
-        assert "_RowsCpuTasksBackward" in graph_nodes(host(x))
+        assert CPU_TRAIN_NODE in graph_nodes(host(x))
         assert torch.autograd.gradcheck(lambda t: host(t), (x,), eps=1e-6, atol=1e-6)
 
 
@@ -1413,3 +1413,43 @@ def test_direct_training_takes_what_the_full_path_takes(monkeypatch, layout):
             assert rel_err(twin.BN.running_var, fast.BN.running_var) > 0  # (moved by the batch)
     # (12 and 10 side maps, x requiring grad, and in "lnc" and "nhwc" 2 and 4 images: 5 are over the limit)
     assert taken == (3 if layout == "nchw" else 5)
+
+
+def test_several_tasks_node_autograd_semantics():
+    # several tasks' adapters on one batch go through the same C++ node (its task form): an in-place
+    # change of a task's parameter before the backward is an error; retain_graph runs the backward
+    # twice (gradients accumulate, a task with no image gets zeros twice); a create_graph backward's
+    # first-order gradient is the plain one, and differentiating it again raises
+    from moce_fast import adapters
+
+    host, _ = _task_site("nhwc", torch.float64)
+    host.train()
+    names = ["b", "a", "b"]
+    x = torch.randn(3, 9, 10, 56, dtype=torch.float64, generator=torch.Generator().manual_seed(40))
+    dy = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(41))
+
+    def forward(xl):
+        with moce_fast.backend("cpu"), adapters.tasks(names):
+            y = host(xl)  # (the site's output: module(x) + adapter(x))
+        assert CPU_TRAIN_NODE in graph_nodes(y)
+        return y
+
+    y = forward(x.clone().requires_grad_())
+    with torch.no_grad():
+        host[0].adapters["a"].tail.weight.mul_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+    host.zero_grad(set_to_none=True)
+    xl = x.clone().requires_grad_()
+    y = forward(xl)
+    y.backward(dy, retain_graph=True)
+    once = [p.grad.clone() for p in host.parameters()] + [xl.grad.clone()]
+    assert not host[0].adapters["c"].tail.weight.grad.any()
+    y.backward(dy)
+    twice = [p.grad for p in host.parameters()] + [xl.grad]
+    assert all(torch.allclose(b, 2 * a, rtol=1e-12, atol=0) for a, b in zip(once, twice))
+    xl = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(forward(xl), xl, dy.clone().requires_grad_(), create_graph=True)
+    assert rel_err(gx, once[-1]) < 1e-12
+    with pytest.raises(RuntimeError, match="once differentiable"):
+        gx.sum().backward()

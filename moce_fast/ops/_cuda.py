@@ -165,15 +165,19 @@ def cpu_params_reason(x: torch.Tensor, params: list[torch.Tensor], training: boo
 
 
 def cpu_rows_train(x: torch.Tensor, layout: int, hh: int, ww: int, n: int, params: list[torch.Tensor],
-                   fwd: torch.Tensor, inv: torch.Tensor, nb: int, s: int, eps: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   fwd: torch.Tensor, inv: torch.Tensor, nb: int, s: int, eps: float,
+                   task: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
     """The training adapter of one task on ``x`` by the CPU kernel (csrc/adapter_cpu.cpp), recorded
     for autograd as one C++ node (``AdapterCpuTrain``: its backward one call of the kernel's
     backward, once differentiable): the output, and the batch mean and unbiased variance (h,) of
     the head output (not differentiable). ``layout``: 0 nchw, 1 lnc, 2 nhwc; ``params``: the
     kernel's 24 tensors in any shapes of the right sizes (their gradients come back in those
-    shapes); ``fwd``, ``inv``, ``nb``, ``s``: the DFT tables, or empty tables for rfft2 / irfft2."""
-    return _ext_or_raise().cpu_rows_train(x, layout, hh, ww, n, params, fwd, inv, nb, s, eps)
+    shapes); ``fwd``, ``inv``, ``nb``, ``s``: the DFT tables, or empty tables for rfft2 / irfft2.
+    With ``task`` (N,) int64, each image's task: several tasks' adapters on one batch (``params``
+    24 per task in turn, each image read and written in the batch in place), the statistics per
+    task (T, h), and a fourth output, each task's number of rows (T,) (a task with no image: 0,
+    and zero gradients)."""
+    return _ext_or_raise().cpu_rows_train(x, layout, hh, ww, n, params, fwd, inv, nb, s, eps, task)
 
 
 def cpu_train_call(x: torch.Tensor, raw: list[torch.Tensor], num_batches_tracked: torch.Tensor, layout: int,
@@ -250,8 +254,8 @@ class cpu_cache_installed:
     replaced. The adapters' torch paths on a CPU run inside it: their fresh buffers each step paid a
     page fault per 4 KiB (measured on this project's 2-core VM: EDT 64x64 x 8 eval 14-15 -> 10 ms,
     x 32 eval 76 -> 35-38 ms; their backward runs after the scope and still allocates through the
-    replaced allocator). The CPU kernel's backward (``AdapterCpuTrain`` in csrc/adapter_cpu.cpp,
-    ``_RowsCpuTasks`` in moce_fast/ops/adapter.py) opens one of its own: in a loop of adapter steps
+    replaced allocator). The CPU kernel's backward (``AdapterCpuTrain`` in csrc/adapter_cpu.cpp, for one
+    task or several) opens one of its own: in a loop of adapter steps
     alone it page-faulted none, but after a host's other work had churned the heap (the public
     adapter's steps in between, as in the bench) its IPT 48x48 batch-1 training step took 54-409
     page faults (at about 3.9 us each on this VM), and none with the cache. So do the kept eval

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from ..reference.adaptir import exact_real_bins
 from ._backend import dispatch, new_buffer, record, register, runs_on_cpu_kernel, runs_on_torch, triton_chosen
-from ._cuda import cpu_cache_installed
 
 LAYOUTS = ("nchw", "lnc", "nhwc")
 
@@ -1275,50 +1274,20 @@ def adaptir_rows_cpu_tasks(t: torch.Tensor, layout: str, tensors: list[torch.Ten
                            eps: float, training: bool) -> tuple[torch.Tensor, Optional[BatchStats]]:
     """Several tasks' adapters on one batch by the extension's CPU kernel (see
     :func:`cpu_tasks_reason`): ``tensors`` the 24 parameters of each task in turn, in eval folded
-    (:func:`fold_batch_norm`); in training one autograd Function (:class:`_RowsCpuTasks`), with each
-    task's batch statistics (a task with no image: count 0)."""
+    (:func:`fold_batch_norm`); in training one C++ autograd node
+    (:func:`moce_fast.ops._cuda.cpu_rows_train`), with each task's batch statistics (a task with no
+    image: count 0)."""
     _, hh, ww = as_npc(t, layout)
     if not training:
         fwd, inv, nb, s = _kernel_tables(hh, ww, t.dtype)
         return torch.ops.moce_fast.adaptir_rows_tasks(t, _LAYOUT_CODE[layout], hh, ww, tensors, task, fwd, inv, nb,
                                                       s, False, eps)[0], None
-    out, mean, var, count = _RowsCpuTasks.apply(t, layout, hh, ww, eps, task, *tensors)
+    from . import _cuda
+
+    fwd, inv, nb, s = _kernel_tables(hh, ww, t.dtype)
+    out, mean, var, count = _cuda.cpu_rows_train(t, _LAYOUT_CODE[layout], hh, ww, task.shape[0], tensors, fwd, inv,
+                                                 nb, s, eps, task)
     return out, BatchStats(mean, var, count)
-
-
-class _RowsCpuTasks(torch.autograd.Function):
-    """The training adapters of several tasks on one batch by the extension's CPU kernel, forward
-    and backward one call each (``adaptir_rows_tasks`` and its backward). Inputs: t, layout, H, W,
-    eps, task (N,), then the 24 tensors of :func:`_cpu_params` of each task in turn (their gradients
-    come back in their shapes; zeros for a task with no image). Outputs: the adapters' output in
-    ``t``'s layout, each task's batch mean and unbiased variance (T, h) and its number of rows (T,)
-    (not differentiable)."""
-
-    @staticmethod
-    def forward(ctx, t, layout, hh, ww, eps, task, *params):
-        fwd, inv, nb, s = _kernel_tables(hh, ww, t.dtype)
-        res = torch.ops.moce_fast.adaptir_rows_tasks(t, _LAYOUT_CODE[layout], hh, ww, params, task, fwd, inv, nb, s,
-                                                     True, eps)
-        ctx.meta = (_LAYOUT_CODE[layout], hh, ww, fwd, inv, nb, s)
-        ctx.save_for_backward(t, task, *params)  # (an in-place change before the backward is an error)
-        ctx.inter = res[4:]  # each present task's h-space intermediates, freed with the graph
-        ctx.mark_non_differentiable(*res[1:4])
-        ctx.set_materialize_grads(False)
-        return tuple(res[:4])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, _dmean, _dvar, _dcount):
-        code, hh, ww, fwd, inv, nb, s = ctx.meta
-        t, task, *params = ctx.saved_tensors
-        if dout is None:
-            return (None,) * (6 + len(params))
-        need_dx = ctx.needs_input_grad[0]
-        # (dout as it comes: the kernel reads each image's block in place, whatever its strides)
-        with cpu_cache_installed(dout):  # (its allocations too: see cpu_cache_installed)
-            g = torch.ops.moce_fast.adaptir_rows_tasks_backward(dout, t, code, hh, ww, params, task, ctx.inter, fwd,
-                                                                inv, nb, s, need_dx)
-        return (g[0] if need_dx else None, None, None, None, None, None, *g[1:])
 
 
 class _FusedTrain(torch.autograd.Function):
