@@ -1400,7 +1400,8 @@ def test_direct_training_takes_what_the_full_path_takes(monkeypatch, layout):
         twin = copy.deepcopy(fast)
         raw = _raw_tensors(twin)
         why = ops.cpu_kernel_reason(t, layout, [raw[i] for i in range(26) if i not in (4, 5)], True)
-        pixels = t.shape[0] if layout == "lnc" else t.shape[1] * t.shape[2] if layout == "nhwc" else t.shape[2] * t.shape[3]
+        _, hh, ww = ops.as_npc(t, layout)
+        pixels = hh * ww
         out = _cuda.cpu_train_call(t, raw, twin.BN.num_batches_tracked, code, twin.BN.eps, twin.BN.momentum,
                                    ops.CPU_KERNEL_MAX_ROWS_TRAINING, ops.CPU_KERNEL_DENSE_DFT_MAX_PIXELS)
         direct = why is None and pixels > ops.CPU_KERNEL_DENSE_DFT_MAX_PIXELS
