@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/InferenceMode.h>
+#include <c10/util/StringUtil.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
@@ -31,6 +32,7 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "adapter_plan.h"
@@ -1340,23 +1342,46 @@ struct CacheScope {
 
 }  // namespace
 
-bool kernel_map(const at::Tensor& x, int64_t layout, at::ScalarType dtype, int64_t c, int64_t& n, int64_t& hh,
-                int64_t& ww) {
-  if (!x.defined() || !x.device().is_cpu() || x.scalar_type() != dtype || x.dim() != (layout == LNC ? 3 : 4) ||
-      x.numel() == 0 || (layout == NCHW ? x.size(1) : x.size(-1)) != c)
-    return false;
-  if (layout == LNC) {  // (L, N, C), L = H W with H = W; N > 1 where the L and N axes merge
+namespace {
+std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+}  // namespace
+
+std::string kernel_map_reason(const at::Tensor& x, int64_t layout, at::ScalarType dtype, int64_t c, int64_t& n,
+                              int64_t& hh, int64_t& ww, bool batch_in_place) {
+  static const char* const names[] = {"nchw", "lnc", "nhwc"};
+  if (!x.defined()) return "x is undefined";
+  if (!x.device().is_cpu()) return c10::str("x is on ", x.device(), ", the kernel runs on the CPU");
+  if (x.scalar_type() != dtype)
+    return c10::str("x is ", dtype_name(x.scalar_type()), ", the kernel's parameters ", dtype_name(dtype));
+  const int64_t dims = layout == LNC ? 3 : 4;
+  if (x.dim() != dims)
+    return c10::str("x has ", x.dim(), " dimensions, layout '", names[layout], "' has ", dims);
+  if (x.numel() == 0) return "x is empty";
+  const int64_t xc = layout == NCHW ? x.size(1) : x.size(-1);
+  if (xc != c) return c10::str("x has ", xc, " channels, the adapter ", c);
+  if (layout == LNC) {  // (L, N, C), L = H W with H = W
     const int64_t l = x.size(0);
     n = x.size(1);
     hh = ww = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(l))));
-    return hh * ww == l && (n == 1 || x.stride(0) == n * x.stride(1));
-  }
-  if (layout == NHWC) {
+    if (hh * ww != l) return c10::str("x's L = ", l, " is not a square");
+  } else if (layout == NHWC) {
     n = x.size(0), hh = x.size(1), ww = x.size(2);
-    return true;
+  } else {
+    n = x.size(0), hh = x.size(2), ww = x.size(3);
   }
-  n = x.size(0), hh = x.size(2), ww = x.size(3);  // one (1, C, H, W) image
-  return n == 1;
+  const bool one_map = layout == NHWC || (layout == LNC && x.stride(0) == n * x.stride(1));
+  if (n > 1 && !batch_in_place && !one_map)
+    return c10::str(n, " images in layout '", names[layout],
+                    "' (several images only in 'nhwc', or in 'lnc' with mergeable L and N axes)");
+  return {};
+}
+
+std::string input_reason(const at::Tensor& x, int64_t layout, int64_t c, int64_t& n, int64_t& hh, int64_t& ww,
+                         bool batch_in_place) {
+  TORCH_CHECK(layout >= NCHW && layout <= NHWC, "layout: expected 0 (nchw), 1 (lnc) or 2 (nhwc), got ", layout);
+  if (x.defined() && x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble)
+    return c10::str("x is ", dtype_name(x.scalar_type()), ", the kernel runs float32 and float64");
+  return kernel_map_reason(x, layout, x.defined() ? x.scalar_type() : at::kFloat, c, n, hh, ww, batch_in_place);
 }
 
 int params_check(const at::Tensor& x, at::TensorList params, bool training) {
@@ -1545,12 +1570,10 @@ at::Tensor train_call(const at::Tensor& x, const std::vector<at::Tensor>& raw, a
   // raw: head w, b, BN w, b, running mean, var, then the 20 of the mix and the tail (AdapterParams' order)
   std::vector<at::Tensor> params(raw.begin(), raw.begin() + 4);
   params.insert(params.end(), raw.begin() + 6, raw.end());
-  const at::ScalarType dtype = x.scalar_type();
-  if (dtype != at::kFloat && dtype != at::kDouble) return {};
   const int64_t hid = params[HEAD_B].numel();
   if (hid <= 0) return {};
   int64_t n, hh, ww;
-  if (!kernel_map(x, layout, dtype, params[TAIL_W].numel() / hid, n, hh, ww)) return {};
+  if (!input_reason(x, layout, params[TAIL_W].numel() / hid, n, hh, ww).empty()) return {};
   const int64_t rows = n * hh * ww;
   if (rows < 2 || rows > max_rows || hh * ww <= dense_max_pixels) return {};
   if (params_check(x, params, true) != kParamsTaken) return {};

@@ -16,16 +16,29 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace moce_fast {
 
-// The n images of hh x ww pixels of x as the CPU kernel takes them in `layout` (0 nchw, 1 lnc, 2
-// nhwc): a non-empty CPU tensor of `dtype` with c channels in the layout's dimensions; in "lnc" a
-// square L = H W, and L and N axes that merge into one where N > 1; in "nchw" one image. False for
-// anything else (the caller then takes its full path, whose checks give the errors).
-bool kernel_map(const at::Tensor& x, int64_t layout, at::ScalarType dtype, int64_t c, int64_t& n, int64_t& hh,
-                int64_t& ww);
+// Why the CPU kernel does not take x as n images of hh x ww pixels in `layout` (0 nchw, 1 lnc, 2
+// nhwc), or an empty string with n, hh, ww set. It takes a non-empty CPU tensor of `dtype` with c
+// channels in the layout's dimensions; in "lnc" a square L = H W; several images only in "nhwc", or
+// in "lnc" where the L and N axes merge into one, unless `batch_in_place` (the several-tasks kernel,
+// which reads each image's block of the batch in place in any layout). The one statement of the rule:
+// the eval plan and train_call decline by it (the caller then takes its full path, whose checks give
+// the errors), and the full path's Python asks it through input_reason (moce_fast._C.cpu_map_reason).
+std::string kernel_map_reason(const at::Tensor& x, int64_t layout, at::ScalarType dtype, int64_t c, int64_t& n,
+                              int64_t& hh, int64_t& ww, bool batch_in_place = false);
+
+inline bool kernel_map(const at::Tensor& x, int64_t layout, at::ScalarType dtype, int64_t c, int64_t& n, int64_t& hh,
+                       int64_t& ww) {
+  return kernel_map_reason(x, layout, dtype, c, n, hh, ww).empty();
+}
+
+// kernel_map_reason in x's own dtype, which must be float32 or float64.
+std::string input_reason(const at::Tensor& x, int64_t layout, int64_t c, int64_t& n, int64_t& hh, int64_t& ww,
+                         bool batch_in_place = false);
 
 // Whether the CPU kernel takes these 24 parameters for x: kParamsTaken; the index of the first that
 // is not contiguous, in x's dtype, on x's device; or kParamsRecord in eval where autograd would record
@@ -49,7 +62,7 @@ std::vector<at::Tensor> rows_train(const at::Tensor& x, int64_t layout, int64_t 
 // A training call of one adapter straight from its stored tensors: raw, the 26 of
 // moce_fast.nn.adapter._raw_tensors (parameters and BatchNorm's running statistics, as stored);
 // BatchNorm's num_batches_tracked, eps and momentum (none: the cumulative average). Where the kernel
-// takes x (kernel_map in `layout`, x's dtype float32 or float64, 2 to max_rows rows, a map of more
+// takes x (input_reason in `layout`: x's dtype float32 or float64; 2 to max_rows rows, a map of more
 // than dense_max_pixels: those have no tables here) and the parameters (params_check), outside
 // inference mode: rows_train on the rfft2 path, then the running statistics updated as
 // cpu_batch_norm_update does, and the output. Else an undefined tensor, nothing changed: the caller

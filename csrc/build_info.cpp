@@ -95,6 +95,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Why the CPU adapter kernel does not take these parameters for x (each contiguous, in x's dtype, on its "
       "device; in eval, no autograd graph to record), or None.");
   m.def(
+      "cpu_map_reason",
+      [](const at::Tensor& x, int64_t layout, int64_t c, bool batch_in_place) -> pybind11::object {
+        int64_t n = 0, hh = 0, ww = 0;
+        const std::string why = moce_fast::input_reason(x, layout, c, n, hh, ww, batch_in_place);
+        if (why.empty()) return pybind11::none();
+        return pybind11::str(why);
+      },
+      pybind11::arg("x"), pybind11::arg("layout"), pybind11::arg("c"), pybind11::arg("batch_in_place") = false,
+      "Why the CPU adapter kernel does not take x as a map in layout (0 nchw, 1 lnc, 2 nhwc) of an adapter with "
+      "c channels (float32 or float64, non-empty, on the CPU; in 'lnc' a square L; several images only in "
+      "'nhwc' or in 'lnc' with mergeable L and N axes, unless batch_in_place), or None: the rule the eval plan "
+      "and cpu_train_call decline by.");
+  m.def(
       "cpu_rows_train",
       [](const at::Tensor& x, int64_t layout, int64_t hh, int64_t ww, int64_t n, const std::vector<at::Tensor>& params,
          const at::Tensor& fwd, const at::Tensor& inv, int64_t nb, int64_t s, double eps,

@@ -463,6 +463,46 @@ def test_parameters_the_kernel_does_not_take():
         assert "on cuda:0" in ops._cpu_params_reason(x, moved, True)
 
 
+def test_inputs_the_kernel_does_not_take():
+    # the extension's one rule for x (input_reason: the eval plan and the direct training call
+    # decline by it, the full path's cpu_kernel_reason reports it): each message names what was found
+    from moce_fast.ops import _cuda
+
+    def reason(t, layout, c=56, batch_in_place=False):
+        return _cuda.cpu_map_reason(t, ops._LAYOUT_CODE[layout], c, batch_in_place)
+
+    nhwc, lnc, nchw = torch.randn(2, 4, 4, 56), torch.randn(16, 2, 56), torch.randn(1, 56, 4, 4)
+    for t, layout in ((nhwc, "nhwc"), (lnc, "lnc"), (nchw, "nchw"), (nhwc.double(), "nhwc")):
+        assert reason(t, layout) is None, layout
+        assert reason(t, layout, batch_in_place=True) is None, layout
+    assert reason(nhwc.half(), "nhwc") == "x is torch.float16, the kernel runs float32 and float64"
+    assert reason(nhwc.to(torch.bfloat16), "nhwc") == "x is torch.bfloat16, the kernel runs float32 and float64"
+    assert reason(nhwc.to("meta"), "nhwc") == "x is on meta, the kernel runs on the CPU"
+    assert reason(torch.randn(0, 4, 4, 56), "nhwc") == "x is empty"
+    assert reason(torch.randn(16, 0, 56), "lnc") == "x is empty"
+    assert reason(nhwc, "nhwc", c=48) == "x has 56 channels, the adapter 48"
+    assert reason(nchw, "nchw", c=4) == "x has 56 channels, the adapter 4"
+    assert reason(nhwc, "lnc") == "x has 4 dimensions, layout 'lnc' has 3"
+    assert reason(lnc, "nhwc") == "x has 3 dimensions, layout 'nhwc' has 4"
+    assert reason(torch.randn(15, 1, 56), "lnc") == "x's L = 15 is not a square"
+    several = "images in layout '{}' (several images only in 'nhwc', or in 'lnc' with mergeable L and N axes)"
+    apart = torch.randn(2, 16, 56).transpose(0, 1)  # (L, N, C) whose L and N axes do not merge
+    assert reason(apart, "lnc") == "2 " + several.format("lnc")
+    assert reason(torch.randn(3, 56, 4, 4), "nchw") == "3 " + several.format("nchw")
+    # the several-tasks kernel reads each image's block of the batch in place, in any layout
+    assert reason(apart, "lnc", batch_in_place=True) is None
+    assert reason(torch.randn(3, 56, 4, 4), "nchw", batch_in_place=True) is None
+    with pytest.raises(RuntimeError, match=r"layout: expected 0 \(nchw\), 1 \(lnc\) or 2 \(nhwc\), got 3"):
+        _cuda.cpu_map_reason(nhwc, 3, 56)
+    # the full path reports the same rule, then its own (row limits, parameters)
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc"))
+    params = [q.detach() for q in ops._cpu_params(moce_fast.nn.adapter._assemble(
+        moce_fast.nn.adapter._raw_tensors(adapter)))]
+    assert ops.cpu_kernel_reason(nhwc.half(), "nhwc", params, True) == reason(nhwc.half(), "nhwc")
+    assert ops.cpu_kernel_reason(apart, "lnc", params, False) == reason(apart, "lnc")
+    assert ops.cpu_kernel_reason(nhwc, "nhwc", params, True) is None
+
+
 def _kernel_plan(adapter):
     """The adapter's kept eval plan of the CPU kernel (moce_fast._C.AdapterEvalPlan), or None."""
     from moce_fast.nn.adapter import _CPU_PLANS
@@ -620,10 +660,10 @@ def test_eval_plan_declines_what_the_full_path_decides(monkeypatch):
 
 @pytest.mark.parametrize("layout", ["lnc", "nhwc", "nchw"])
 def test_eval_plan_takes_what_the_full_path_takes(monkeypatch, layout):
-    # the plan's checks of x in C++ and the full path's in Python (cpu_kernel_reason) are two
-    # statements of one rule: on each input, the plan runs exactly where the full path would take
-    # the kernel (dtype, empty, several images by layout, L and N axes that do not merge, the row
-    # limits in force), and then equals the full path's output
+    # the plan's checks in C++ and the full path's (cpu_kernel_reason: the same C++ rule for x, then
+    # the row limits and the parameters' rule through Python) agree: on each input, the plan runs
+    # exactly where the full path would take the kernel (dtype, empty, several images by layout, L
+    # and N axes that do not merge, the row limits in force), and then equals the full path's output
     from moce_fast.nn.adapter import _raw_tensors, folded_params
 
     fast, ref, x = adapter_case(layout, 12, 12, 1, torch.float32)  # (an FFT plan: any map beyond 8x8)
@@ -1375,11 +1415,12 @@ def test_train_call_bad_arguments_are_clear_errors():
 
 @pytest.mark.parametrize("layout", ["nchw", "lnc", "nhwc"])
 def test_direct_training_takes_what_the_full_path_takes(monkeypatch, layout):
-    # the training call's checks of x in C++ (kernel_map, shared with the eval plan) and the full
-    # path's in Python (cpu_kernel_reason) are two statements of one rule: on each input the direct
-    # call runs exactly where the full path would take the kernel on a map beyond the dense tables'
-    # size (dtype, empty, several images by layout, L and N axes that do not merge, the row limit in
-    # force), and then equals the torch backend's output
+    # the training call's checks in C++ (input_reason, shared with the eval plan) and the full
+    # path's (cpu_kernel_reason: the same C++ rule for x, then the row limit and the parameters'
+    # rule through Python) agree: on each input the direct call runs exactly where the full path
+    # would take the kernel on a map beyond the dense tables' size (dtype, empty, several images by
+    # layout, L and N axes that do not merge, the row limit in force), and then equals the torch
+    # backend's output
     from moce_fast.nn.adapter import _raw_tensors
     from moce_fast.ops import _cuda
 

@@ -157,6 +157,15 @@ def cpu_eval_row_limit(dtype: torch.dtype, c: int, hid: int, wide: int, narrow: 
     return _ext_or_raise().cpu_eval_row_limit(dtype, int(c), int(hid), int(wide), int(narrow))
 
 
+def cpu_map_reason(x: torch.Tensor, layout: int, c: int, batch_in_place: bool = False) -> Optional[str]:
+    """Why the CPU adapter kernel does not take ``x`` as a map in ``layout`` (0 nchw, 1 lnc, 2 nhwc)
+    of an adapter with ``c`` channels, or None: float32 or float64, non-empty, on the CPU, in the
+    layout's dimensions; in "lnc" a square L; several images only in "nhwc" or in "lnc" with
+    mergeable L and N axes, unless ``batch_in_place`` (the several-tasks kernel). The C++ rule itself
+    (``input_reason``), by which the kept eval plans and :func:`cpu_train_call` decline."""
+    return _ext_or_raise().cpu_map_reason(x, int(layout), int(c), bool(batch_in_place))
+
+
 def cpu_params_reason(x: torch.Tensor, params: list[torch.Tensor], training: bool) -> Optional[str]:
     """Why the CPU adapter kernel does not take ``params`` for input ``x`` (each contiguous, in x's
     dtype, on its device; in eval, no autograd graph to record), or None: one call, where the loop

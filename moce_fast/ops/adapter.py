@@ -1098,17 +1098,19 @@ def _cpu_params(p: AdapterParams) -> list[torch.Tensor]:
 def cpu_kernel_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], training: bool) -> Optional[str]:
     """Why the extension's CPU kernel of the whole adapter does not take this call, or None: one
     task's parameters (``tensors``, :func:`_cpu_params`), contiguous, in ``t``'s dtype, float32 or
-    float64; one image, or N images in "nhwc", or in "lnc" whose L and N axes merge, at most
-    :func:`_row_limit` rows in all; outside torch.compile; in eval, no autograd graph to record (the
-    kernel has none)."""
-    why = _cpu_input_reason(t)
+    float64; one image, or N images in "nhwc", or in "lnc" whose L and N axes merge (the extension's
+    own rule, :func:`moce_fast.ops._cuda.cpu_map_reason`, as the kept eval plans and the direct
+    training call apply it), at most :func:`_row_limit` rows in all; outside torch.compile; in eval,
+    no autograd graph to record (the kernel has none)."""
+    if torch.compiler.is_compiling():
+        return "torch.compile traces the call"
+    from . import _cuda
+
+    why = _cuda.cpu_map_reason(t, _LAYOUT_CODE[layout], _head_dims(tensors)[1])
     if why is not None:
         return why
     b, hh, ww = as_npc(t, layout)
     n = b.shape[0]
-    if n > 1 and not (layout == "nhwc" or (layout == "lnc" and t.stride(0) == n * t.stride(1))):
-        return (f"{n} images in layout {layout!r} (several images only in 'nhwc', or in 'lnc' with mergeable L "
-                f"and N axes)")
     limit = _row_limit(t, tensors, training)
     if n * hh * ww > limit:
         return f"{n * hh * ww} rows, more than {limit} ({'training' if training else 'eval'})"
@@ -1116,6 +1118,15 @@ def cpu_kernel_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor],
     if why is None and training and n * hh * ww < 2:
         return "BatchNorm in training needs more than one row"
     return why
+
+
+def _head_dims(tensors: list[torch.Tensor]) -> tuple[int, int]:
+    """(hidden, channels) of the adapter whose parameters ``tensors`` lists (:func:`_cpu_params`; for
+    several tasks, the first task's): its head's weights are (T, h, C) or (h, C) as folded, (h, C,
+    1, 1) as stored."""
+    head = tensors[0]
+    hidden, dim = head.shape[:2] if head.dim() == 4 else head.shape[-2:]
+    return hidden, dim
 
 
 def _row_limit(t: torch.Tensor, tensors: list[torch.Tensor], training: bool) -> int:
@@ -1128,20 +1139,8 @@ def _row_limit(t: torch.Tensor, tensors: list[torch.Tensor], training: bool) -> 
         return CPU_KERNEL_MAX_ROWS_TRAINING
     from . import _cuda
 
-    head = tensors[0]  # the head's weights: (T, h, C) or (h, C) as folded, (h, C, 1, 1) as stored
-    hidden, dim = head.shape[:2] if head.dim() == 4 else head.shape[-2:]
+    hidden, dim = _head_dims(tensors)
     return _cuda.cpu_eval_row_limit(t.dtype, dim, hidden, CPU_KERNEL_MAX_ROWS_EVAL, CPU_KERNEL_MAX_ROWS_EVAL_NARROW)
-
-
-def _cpu_input_reason(t: torch.Tensor) -> Optional[str]:
-    """Why the CPU kernel does not take input ``t`` whatever its layout, or None."""
-    if torch.compiler.is_compiling():
-        return "torch.compile traces the call"
-    if t.dtype not in (torch.float32, torch.float64):
-        return f"x is {t.dtype}, the kernel runs float32 and float64"
-    if t.numel() == 0:
-        return "x is empty"
-    return None
 
 
 def _cpu_params_reason(t: torch.Tensor, tensors: list[torch.Tensor], training: bool) -> Optional[str]:
@@ -1242,7 +1241,11 @@ def cpu_tasks_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], 
     outside torch.compile; in eval, no autograd graph to record."""
     if task is None or task.device.type != "cpu" or task.dtype != torch.int64:
         return "no per-image task indices on the CPU"
-    why = _cpu_input_reason(t)
+    if torch.compiler.is_compiling():
+        return "torch.compile traces the call"
+    from . import _cuda
+
+    why = _cuda.cpu_map_reason(t, _LAYOUT_CODE[layout], _head_dims(tensors)[1], batch_in_place=True)
     if why is not None:
         return why
     b, hh, ww = as_npc(t, layout)
