@@ -1348,6 +1348,7 @@ std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::ge
 
 std::string kernel_map_reason(const at::Tensor& x, int64_t layout, at::ScalarType dtype, int64_t c, int64_t& n,
                               int64_t& hh, int64_t& ww, bool batch_in_place) {
+  TORCH_CHECK(layout >= NCHW && layout <= NHWC, "layout: expected 0 (nchw), 1 (lnc) or 2 (nhwc), got ", layout);
   static const char* const names[] = {"nchw", "lnc", "nhwc"};
   if (!x.defined()) return "x is undefined";
   if (!x.device().is_cpu()) return c10::str("x is on ", x.device(), ", the kernel runs on the CPU");
@@ -1378,7 +1379,6 @@ std::string kernel_map_reason(const at::Tensor& x, int64_t layout, at::ScalarTyp
 
 std::string input_reason(const at::Tensor& x, int64_t layout, int64_t c, int64_t& n, int64_t& hh, int64_t& ww,
                          bool batch_in_place) {
-  TORCH_CHECK(layout >= NCHW && layout <= NHWC, "layout: expected 0 (nchw), 1 (lnc) or 2 (nhwc), got ", layout);
   if (x.defined() && x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble)
     return c10::str("x is ", dtype_name(x.scalar_type()), ", the kernel runs float32 and float64");
   return kernel_map_reason(x, layout, x.defined() ? x.scalar_type() : at::kFloat, c, n, hh, ww, batch_in_place);

@@ -1102,11 +1102,7 @@ def cpu_kernel_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor],
     own rule, :func:`moce_fast.ops._cuda.cpu_map_reason`, as the kept eval plans and the direct
     training call apply it), at most :func:`_row_limit` rows in all; outside torch.compile; in eval,
     no autograd graph to record (the kernel has none)."""
-    if torch.compiler.is_compiling():
-        return "torch.compile traces the call"
-    from . import _cuda
-
-    why = _cuda.cpu_map_reason(t, _LAYOUT_CODE[layout], _head_dims(tensors)[1])
+    why = _cpu_input_reason(t, layout, tensors)
     if why is not None:
         return why
     b, hh, ww = as_npc(t, layout)
@@ -1118,6 +1114,17 @@ def cpu_kernel_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor],
     if why is None and training and n * hh * ww < 2:
         return "BatchNorm in training needs more than one row"
     return why
+
+
+def _cpu_input_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor],
+                      batch_in_place: bool = False) -> Optional[str]:
+    """Why the CPU kernel does not take input ``t`` in ``layout`` for the adapter of ``tensors``, or
+    None: outside torch.compile, the extension's rule (:func:`moce_fast.ops._cuda.cpu_map_reason`)."""
+    if torch.compiler.is_compiling():
+        return "torch.compile traces the call"
+    from . import _cuda
+
+    return _cuda.cpu_map_reason(t, _LAYOUT_CODE[layout], _head_dims(tensors)[1], batch_in_place)
 
 
 def _head_dims(tensors: list[torch.Tensor]) -> tuple[int, int]:
@@ -1241,11 +1248,7 @@ def cpu_tasks_reason(t: torch.Tensor, layout: str, tensors: list[torch.Tensor], 
     outside torch.compile; in eval, no autograd graph to record."""
     if task is None or task.device.type != "cpu" or task.dtype != torch.int64:
         return "no per-image task indices on the CPU"
-    if torch.compiler.is_compiling():
-        return "torch.compile traces the call"
-    from . import _cuda
-
-    why = _cuda.cpu_map_reason(t, _LAYOUT_CODE[layout], _head_dims(tensors)[1], batch_in_place=True)
+    why = _cpu_input_reason(t, layout, tensors, batch_in_place=True)
     if why is not None:
         return why
     b, hh, ww = as_npc(t, layout)
