@@ -150,3 +150,37 @@ def test_compile_case_skips_a_case_the_compiler_rejects_and_names_the_error():
 
     with pytest.raises(pytest.skip.Exception, match="fails on this case: RuntimeError: self.stride"):
         conf.CompileCase.warm_up(broken)
+
+
+def test_gpu_check_script_walks_through_on_a_cpu(tmp_path):
+    """scripts/gpu_check.sh, the one command a session with a lent GPU runs, is exercised only
+    there: a broken step would cost a lease's scarce device time. Without a CUDA device it refuses
+    (exit 2, saying why) unless GPU_CHECK_DRY_RUN=1, which walks its steps here: a pytest step and a
+    benchmark step run, the summary reports both, and the logs and results come packed in
+    $OUT/gpu_check.tar.gz, with nothing written under bench/results/."""
+    import os
+    import tarfile
+
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a CUDA machine the script runs for real (the walk-through is for machines without one)")
+    script = ROOT / "scripts" / "gpu_check.sh"
+    # (steps that install nothing, in case the refusal ever failed: the default steps start with pip install)
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), GPU_CHECK_STEPS="pytest",
+               GPU_CHECK_PYTEST="tests/test_structure.py", GPU_CHECK_BUDGET="300")
+    refused = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert "torch sees no CUDA device" in refused.stderr and "GPU_CHECK_DRY_RUN=1" in refused.stderr
+    results_before = sorted(p.name for p in (ROOT / "bench" / "results").iterdir())
+    env.update(GPU_CHECK_DRY_RUN="1", GPU_CHECK_STEPS="pytest bench_adapter",
+               GPU_CHECK_BENCH_K="ipt-576-16x16 and fwd and not bwd and -1- and public and not interleaved")
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = proc.stdout[proc.stdout.index("== summary (dry-run-without-cuda"):]
+    assert "pytest: ok" in summary and "bench_adapter: ok" in summary, summary
+    with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as packed:
+        names = packed.getnames()
+    assert any(n.endswith("dry-run-without-cuda/adapter.json") for n in names), names
+    assert sorted(p.name for p in (ROOT / "bench" / "results").iterdir()) == results_before
