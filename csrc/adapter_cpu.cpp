@@ -65,6 +65,11 @@ const char* const kParamNames[NUM_PARAMS] = {
 
 enum Layout : int64_t { NCHW = 0, LNC = 1, NHWC = 2 };
 
+// A layout code the kernels take (the error names what came).
+inline void check_layout_code(int64_t layout) {
+  TORCH_CHECK(layout >= NCHW && layout <= NHWC, "layout: expected 0 (nchw), 1 (lnc) or 2 (nhwc), got ", layout);
+}
+
 struct Dims {
   int64_t hh, ww, npix, n, rows, c, hid, r, h2, q;
   bool dense;          // the DFT as the dense tables' products, else rfft2 / irfft2
@@ -76,7 +81,7 @@ struct Dims {
 // x on the CPU, with the dimensions of `layout` (a valid layout code).
 void check_x_layout(const at::Tensor& x, int64_t layout) {
   TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got one on ", x.device());
-  TORCH_CHECK(layout >= NCHW && layout <= NHWC, "layout: expected 0 (nchw), 1 (lnc) or 2 (nhwc), got ", layout);
+  check_layout_code(layout);
   TORCH_CHECK(x.dim() == (layout == LNC ? 3 : 4), "x: expected a ", (layout == LNC ? 3 : 4), "-D tensor, got ",
               x.dim(), "-D");
 }
@@ -1340,15 +1345,14 @@ struct CacheScope {
   CacheScope& operator=(const CacheScope&) = delete;
 };
 
-}  // namespace
-
-namespace {
+// A dtype as torch's Python names it ("torch.float16"), for the kernel's reasons.
 std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
 }  // namespace
 
 std::string kernel_map_reason(const at::Tensor& x, int64_t layout, at::ScalarType dtype, int64_t c, int64_t& n,
                               int64_t& hh, int64_t& ww, bool batch_in_place) {
-  TORCH_CHECK(layout >= NCHW && layout <= NHWC, "layout: expected 0 (nchw), 1 (lnc) or 2 (nhwc), got ", layout);
+  check_layout_code(layout);
   static const char* const names[] = {"nchw", "lnc", "nhwc"};
   if (!x.defined()) return "x is undefined";
   if (!x.device().is_cpu()) return c10::str("x is on ", x.device(), ", the kernel runs on the CPU");
@@ -1407,7 +1411,7 @@ AdapterEvalPlan::AdapterEvalPlan(std::vector<at::Tensor> raw, std::vector<at::Te
                                  int64_t dense_max_pixels)
     : params_(std::move(params)), layout_(layout), eps_(eps), fwd_(std::move(fwd)), inv_(std::move(inv)), hh_(hh),
       ww_(ww), s_(s), dense_max_pixels_(dense_max_pixels), inference_(c10::InferenceMode::is_enabled()) {
-  TORCH_CHECK(layout >= NCHW && layout <= NHWC, "layout: expected 0 (nchw), 1 (lnc) or 2 (nhwc), got ", layout);
+  check_layout_code(layout);
   TORCH_CHECK(static_cast<int64_t>(params_.size()) == NUM_PARAMS, "params: expected ", int(NUM_PARAMS),
               " tensors, got ", params_.size());
   TORCH_CHECK(dense_max_pixels >= 0, "dense_max_pixels: expected a pixel limit >= 0, got ", dense_max_pixels);
@@ -1565,7 +1569,7 @@ at::Tensor train_call(const at::Tensor& x, const std::vector<at::Tensor>& raw, a
                       int64_t dense_max_pixels) {
   TORCH_CHECK(raw.size() == NUM_PARAMS + 2, "raw: expected the adapter's ", NUM_PARAMS + 2, " stored tensors, got ",
               raw.size());
-  TORCH_CHECK(layout >= NCHW && layout <= NHWC, "layout: expected 0 (nchw), 1 (lnc) or 2 (nhwc), got ", layout);
+  check_layout_code(layout);
   if (c10::InferenceMode::is_enabled() || !x.defined()) return {};
   // raw: head w, b, BN w, b, running mean, var, then the 20 of the mix and the tail (AdapterParams' order)
   std::vector<at::Tensor> params(raw.begin(), raw.begin() + 4);
