@@ -177,3 +177,73 @@ def test_bad_uses():
         host(x)
     with pytest.raises(ValueError, match="distinct non-empty task names"):
         A.add_adapters(Host(), r"mlp$", DIM, tasks=("a", "a"))
+
+
+def test_adding_tasks_to_adapted_sites_later():
+    # a second add_adapters call puts new tasks' adapters beside the ones a site has (the targets see
+    # the names without adapters), the first task's outputs do not change, and removal gives back
+    # the original model bitwise
+    torch.manual_seed(0)
+    host = Host().eval()
+    x = tokens(n=2)
+    with torch.no_grad():
+        original = host(x)
+    A.add_adapters(host, r"layers\.\d+\.mlp$", DIM, layout="lnc", tasks=("denoise",))
+    _randomize_adapters(host)
+    with torch.no_grad():
+        denoise = host(x)
+    A.add_adapters(host, lambda name: name.endswith("mlp"), DIM, layout="lnc", tasks=("derain",))
+    assert A.summary(host)["adapted"] == ["layers.0.mlp", "layers.1.mlp"]
+    assert [sorted(m.adapters) for _, m in A._adapted(host)] == [["denoise", "derain"]] * 2
+    assert all(p.requires_grad == (".adapters." in n) for n, p in host.named_parameters())
+    with torch.no_grad(), A.tasks(["denoise", "denoise"]):
+        torch.testing.assert_close(host(x), denoise, rtol=0, atol=0)
+    with torch.no_grad(), A.tasks(["derain", "derain"]):
+        assert torch.equal(host(x), original)  # the new task's adapters are no-ops
+    # a module inside an adapted site's base is found by its name without adapters: the inner
+    # Linear "layers.0.mlp.0" (in the model "layers.0.mlp.base.0") is inside a site, refused
+    with pytest.raises(ValueError, match=r"'layers\.0\.mlp\.0', inside 'layers\.0\.mlp'.*do not nest"):
+        A.add_adapters(host, r"layers\.0\.mlp\.0$", 2 * DIM, layout="lnc", tasks=("x",))
+    with pytest.raises(ValueError, match=r"'layers\.0', around 'layers\.0\.mlp'.*do not nest"):
+        A.add_adapters(host, r"layers\.0$", DIM, layout="lnc", tasks=("x",))
+    # the adapters' own modules are not targets ("head" is a Conv2d of every adapter)
+    with pytest.raises(ValueError, match="'head' matches no module"):
+        A.add_adapters(host, r"head", DIM, layout="lnc", tasks=("x",))
+    # a task a site has, or other adapter settings at a site: refused, and nothing changed
+    before = {k: v.clone() for k, v in host.state_dict().items()}
+    with pytest.raises(ValueError, match=r"has adapters for \['derain'\] already"):
+        A.add_adapters(host, r"mlp$", DIM, layout="lnc", tasks=("dehaze", "derain"))
+    with pytest.raises(ValueError, match=r"\(dim, variant, layout\) = \(192, 'ipt', 'lnc'\).*\(192, 'edt', 'lnc'\)"):
+        A.add_adapters(host, r"mlp$", DIM, variant="edt", layout="lnc", tasks=("dehaze",))
+    assert list(host.state_dict()) == list(before)
+    assert [sorted(m.adapters) for _, m in A._adapted(host)] == [["denoise", "derain"]] * 2
+    A.remove_adapters(host)
+    with torch.no_grad():
+        assert torch.equal(host(x), original)
+    assert all(p.requires_grad for p in host.parameters())
+    # the second site refuses: the first, which could take its adapter, is left as it was too
+    A.add_adapters(host, r"layers\.1\.mlp$", DIM, layout="lnc", tasks=("a",))
+    with pytest.raises(ValueError, match=r"'layers\.1\.mlp' has adapters for \['a'\] already"):
+        A.add_adapters(host, r"mlp$", DIM, layout="lnc", tasks=("a",))
+    assert A.summary(host)["adapted"] == ["layers.1.mlp"]
+
+
+def test_host_modules_named_adapters_are_not_adapters(tmp_path):
+    # the freeze and the saved state pick the adapters by where they sit, not by a name that a host
+    # module may share
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.adapters = nn.ModuleList([Layer()])  # the host's own module called "adapters"
+            self.layers = nn.ModuleList([Layer()])
+
+        def forward(self, x):
+            return self.layers[0](self.adapters[0](x))
+
+    host = A.add_adapters(Named(), r"layers\.0\.mlp$", DIM, layout="lnc")
+    frozen = [n for n, p in host.named_parameters() if not p.requires_grad]
+    assert "adapters.0.mlp.0.weight" in frozen
+    assert all(n.startswith("layers.0.mlp.adapters.default.") for n, p in host.named_parameters() if p.requires_grad)
+    assert all(k.startswith("layers.0.mlp.adapters.default.") for k in A.adapter_state_dict(host))
+    A.save_adapters(host, tmp_path / "a.safetensors")
+    A.load_adapters(host, tmp_path / "a.safetensors")

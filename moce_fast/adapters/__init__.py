@@ -57,7 +57,30 @@ class AdaptedModule(nn.Module):
         return out + run_adapters(list(self.adapters.values()), x, batch.indices(tuple(self.adapters), x.device))
 
 
+def _host_modules(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """host name -> (name in ``model``, module): the model's modules under the names they have
+    without adapters. An adapted site's AdaptedModule keeps the original name, the modules of its
+    base keep theirs ("a.mlp.base.0" is "a.mlp.0"), and the adapters' own modules are not host
+    modules."""
+    out: dict[str, tuple[str, nn.Module]] = {}
+    host: dict[str, str] = {"": ""}  # name in model -> host name, for the host modules seen so far
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        parent, _, child = name.rpartition(".")
+        if parent not in host:
+            continue  # inside an adapter
+        if isinstance(model.get_submodule(parent) if parent else model, AdaptedModule):
+            if child == "base":  # the base answers to its site's name, as the AdaptedModule does
+                host[name] = host[parent]
+            continue  # (else the site's adapters)
+        host[name] = f"{host[parent]}.{child}" if host[parent] else child
+        out[host[name]] = (name, module)
+    return out
+
+
 def _select(model: nn.Module, targets) -> list[str]:
+    """The host names (see _host_modules) of the target modules: the outermost of those that match."""
     if callable(targets):
         match: Callable[[str], bool] = targets
     elif isinstance(targets, str):
@@ -66,12 +89,20 @@ def _select(model: nn.Module, targets) -> list[str]:
     else:
         raise TypeError(f"targets: expected a regex string or a predicate over module names, got "
                         f"{type(targets).__name__}")
-    names = [n for n, m in model.named_modules() if n and match(n) and not isinstance(m, (AdaptedModule,
-                                                                                          AdaptIRAdapter))]
+    modules = _host_modules(model)
+    names = [n for n in modules if match(n)]
     # a target inside another target would be adapted twice: keep the outermost
     names = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
     if not names:
         raise ValueError(f"targets: {targets!r} matches no module of the model")
+    # adapters do not nest: no target inside, or around, a site adapted before
+    sites = [n for n, (_, m) in modules.items() if isinstance(m, AdaptedModule)]
+    for n in names:
+        for site in sites:
+            if n.startswith(site + ".") or site.startswith(n + "."):
+                where = "inside" if n.startswith(site + ".") else "around"
+                raise ValueError(f"targets: {targets!r} matches {n!r}, {where} {site!r}, which has adapters already; "
+                                 f"adapters do not nest (target {site!r} itself to add tasks there)")
     return names
 
 
@@ -82,25 +113,49 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def add_adapters(model: nn.Module, targets, dim: int, variant: str = "ipt", layout: str = "nchw",
                  tasks: Iterable[str] = ("default",)) -> nn.Module:
-    """Put AdaptIR adapters beside every module whose name matches ``targets`` and freeze the rest.
+    """Put AdaptIR adapters, one per task, beside every module whose name matches ``targets`` and
+    freeze the rest.
 
-    Returns ``model`` (changed in place). Only adapter parameters require gradients afterwards; the
-    previous ``requires_grad`` flags are restored by :func:`remove_adapters`.
+    ``targets`` (a regex searched in, or a predicate over, module names) sees the names the modules
+    have without adapters; of nested matches the outermost is adapted. Called again on a model with
+    adapters, a target that is an adapted site gets the new tasks' adapters beside the ones it has
+    (same ``dim``, ``variant`` and ``layout``; a task it has already is an error); nothing changes
+    unless every target can take its adapters. Returns ``model`` (changed in place). Only adapter
+    parameters require gradients afterwards (of every task); the ``requires_grad`` flags from before
+    the first call are restored by :func:`remove_adapters`.
     """
     tasks = tuple(tasks)
     if not tasks or len(set(tasks)) != len(tasks) or not all(isinstance(t, str) and t for t in tasks):
         raise ValueError(f"tasks: expected distinct non-empty task names, got {tasks}")
     names = _select(model, targets)
+    modules = _host_modules(model)
+    device = next(model.parameters(), torch.empty(0)).device
+    planned = []  # (name in model, site, its new adapters): all made and checked before the model changes
+    for name in names:
+        actual, site = modules[name]
+        if isinstance(site, AdaptedModule):
+            first = next(iter(site.adapters.values()))
+            have = (first.d_model, first.variant, site.layout)
+            if have != (dim, variant, layout):
+                raise ValueError(f"add_adapters: {name!r} has adapters of (dim, variant, layout) = {have}, the new "
+                                 f"ones would be {(dim, variant, layout)}; one site's adapters share these")
+            taken = sorted(set(tasks) & set(site.adapters))
+            if taken:
+                raise ValueError(f"tasks: {name!r} has adapters for {taken} already (it has {sorted(site.adapters)})")
+        base = site.base if isinstance(site, AdaptedModule) else site
+        # new adapters follow the host's train/eval mode (their BatchNorm depends on it)
+        new = {t: AdaptIRAdapter(dim, variant, layout).to(device).train(base.training) for t in tasks}
+        planned.append((actual, site, new))
     if not hasattr(model, "_moce_fast_requires_grad"):
         model._moce_fast_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    device = next(model.parameters(), torch.empty(0)).device
-    for name in names:
-        base = model.get_submodule(name)
-        # new adapters follow the host's train/eval mode (their BatchNorm depends on it)
-        adapters = {t: AdaptIRAdapter(dim, variant, layout).to(device).train(base.training) for t in tasks}
-        _set(model, name, AdaptedModule(base, adapters, layout))
-    for n, p in model.named_parameters():
-        p.requires_grad_(".adapters." in f".{n}")
+    for actual, site, new in planned:
+        if isinstance(site, AdaptedModule):
+            site.adapters.update(new)
+        else:
+            _set(model, actual, AdaptedModule(site, new, layout))
+    adapter_params = {id(p) for _, site in _adapted(model) for p in site.adapters.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in adapter_params)
     return model
 
 
@@ -110,7 +165,7 @@ def _adapted(model: nn.Module) -> list[tuple[str, AdaptedModule]]:
 
 def remove_adapters(model: nn.Module) -> nn.Module:
     """Put the original modules back and restore the parameters' ``requires_grad`` flags."""
-    for name, module in _adapted(model):
+    for name, module in _adapted(model):  # (adapters do not nest: no site is inside another)
         _set(model, name, module.base)
     flags = getattr(model, "_moce_fast_requires_grad", {})
     for n, p in model.named_parameters():
@@ -122,7 +177,8 @@ def remove_adapters(model: nn.Module) -> nn.Module:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' parameters and buffers only, under their names in ``model``."""
-    return {k: v for k, v in model.state_dict().items() if ".adapters." in f".{k}"}
+    prefixes = tuple(f"{name}.adapters." for name, _ in _adapted(model))
+    return {k: v for k, v in model.state_dict().items() if prefixes and k.startswith(prefixes)}
 
 
 def save_adapters(model: nn.Module, path) -> None:
