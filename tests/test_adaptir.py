@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,6 +107,10 @@ def test_bad_inputs():
         moce_fast.AdaptIRAdapter(192, variant="swin")
     with pytest.raises(ValueError, match="too small"):
         moce_fast.AdaptIRAdapter(96, "ipt")
+    for width in (192.0, "192", True, None):
+        with pytest.raises(TypeError, match=r"d_model: expected the model width as an int, got"):
+            moce_fast.AdaptIRAdapter(width, "ipt")
+    assert moce_fast.AdaptIRAdapter(np.int64(192), "ipt").d_model == 192
     lnc = moce_fast.AdaptIRAdapter(192, layout="lnc")
     with pytest.raises(ValueError, match="square token grid"):
         lnc(torch.randn(12, 2, 192))

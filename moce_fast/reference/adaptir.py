@@ -9,6 +9,7 @@ converted by moce_fast.nn.AdaptIRAdapter; this class computes on NCHW.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn as nn
@@ -40,6 +41,9 @@ class AdaptIR(nn.Module):
 
     def __init__(self, d_model: int, variant: str = "ipt"):
         super().__init__()
+        if isinstance(d_model, bool) or not hasattr(type(d_model), "__index__"):
+            raise TypeError(f"d_model: expected the model width as an int, got {d_model!r} ({type(d_model).__name__})")
+        d_model = operator.index(d_model)
         if variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
         divisor, reduction = VARIANTS[variant]
