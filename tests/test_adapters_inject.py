@@ -247,3 +247,36 @@ def test_host_modules_named_adapters_are_not_adapters(tmp_path):
     assert all(k.startswith("layers.0.mlp.adapters.default.") for k in A.adapter_state_dict(host))
     A.save_adapters(host, tmp_path / "a.safetensors")
     A.load_adapters(host, tmp_path / "a.safetensors")
+
+
+def test_load_adapters_refuses_bad_files(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    host = A.add_adapters(Host().eval(), r"mlp$", DIM, layout="lnc")
+    _randomize_adapters(host)
+    A.save_adapters(host, tmp_path / "a.safetensors")
+    good = load_file(tmp_path / "a.safetensors")
+    target = A.add_adapters(Host().eval(), r"mlp$", DIM, layout="lnc")
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    (tmp_path / "garbage").write_bytes(b"not a safetensors file")
+    (tmp_path / "half").write_bytes((tmp_path / "a.safetensors").read_bytes()[:3000])
+    bias = "layers.1.mlp.adapters.default.conv_bias"
+    save_file({**good, bias: good[bias].to(torch.int32)}, tmp_path / "int")
+    nan = dict(good)
+    nan[bias] = good[bias].clone()
+    nan[bias][3] = float("nan")
+    save_file(nan, tmp_path / "nan")
+    cases = {"garbage": "not a readable safetensors file", "half": "not a readable safetensors file",
+             "int": rf"another kind.*{bias}: model torch.float32, checkpoint torch.int32",
+             "nan": rf"NaN or infinite values: 1 \['{bias}'\]"}
+    for name, message in cases.items():
+        with pytest.raises(CheckpointError, match=message):
+            A.load_adapters(target, tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        A.load_adapters(target, tmp_path / "missing")
+    after = target.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="has no adapters to load into"):
+        A.load_adapters(Host(), tmp_path / "a.safetensors")
+    A.load_adapters(target, tmp_path / "a.safetensors")  # the good file, any suffix
+    assert all(torch.equal(v, good[k]) for k, v in A.adapter_state_dict(target).items())

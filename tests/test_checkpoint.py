@@ -98,3 +98,24 @@ def test_unreadable_files(tmp_path):
         read_state_dict(tmp_path / "missing.ckpt")
     with pytest.raises(CheckpointError, match="not tensors"):
         read_state_dict({"a": 1})
+
+
+def test_values_of_another_kind_or_not_finite_are_refused(trained):
+    # load_state_dict would cast integers into float weights and copy NaNs: a corrupt or
+    # mislabelled checkpoint is refused whole, and the model is unchanged
+    model = _fresh()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    good = trained.state_dict()
+    name = "patch_embed.proj.weight"
+    with pytest.raises(CheckpointError, match=rf"another kind.*{name}: model torch.float32, checkpoint torch.int32"):
+        load_weights(model, {**good, name: good[name].to(torch.int32)})
+    for bad in (float("nan"), float("inf")):
+        poisoned = good[name].clone()
+        poisoned[0, 0, 1, 2] = bad
+        with pytest.raises(CheckpointError, match=rf"NaN or infinite values: 1 \['{name}'\]"):
+            load_weights(model, {**good, name: poisoned})
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # another precision of the same kind loads (cast), as load_state_dict does
+    load_weights(model, {k: v.double() if v.is_floating_point() else v for k, v in good.items()})
+    _assert_same_weights(model, trained)

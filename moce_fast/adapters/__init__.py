@@ -192,13 +192,18 @@ def save_adapters(model: nn.Module, path) -> None:
 
 
 def load_adapters(model: nn.Module, path) -> nn.Module:
-    """Load adapters saved by :func:`save_adapters`; keys and shapes are checked before anything changes."""
-    from safetensors.torch import load_file
+    """Load adapters saved by :func:`save_adapters` into ``model``'s adapters (made by add_adapters
+    with the same targets and tasks). The whole file is checked before anything changes: its keys
+    and shapes against the adapters', the kind of each value (floating-point or integer), and that
+    no weight is NaN or infinite."""
+    from ..models.checkpoint import check_state_dict, read_safetensors
 
-    from ..models.checkpoint import check_state_dict
-
-    state = load_file(os.fspath(path))
-    check_state_dict(model, state, expected=adapter_state_dict(model))
+    expected = adapter_state_dict(model)
+    if not expected:
+        raise ValueError("model: has no adapters to load into (call add_adapters with the targets and tasks the "
+                         "file was saved with first)")
+    state = read_safetensors(path)
+    check_state_dict(model, state, expected=expected)
     model.load_state_dict(state, strict=False)
     return model
 

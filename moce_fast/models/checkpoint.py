@@ -22,6 +22,21 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: lists missing, unexpected and misshaped keys."""
 
 
+def read_safetensors(source) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (on the CPU), whatever its suffix; a missing or unreadable
+    file raises FileNotFoundError or :class:`CheckpointError` naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(os.fspath(source))
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no file at {str(path)!r}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"checkpoint {str(path)!r}: not a readable safetensors file ({err})") from err
+
+
 def read_state_dict(source, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read a state dict from a path (.ckpt, .pt, .pth, .safetensors) or take a mapping as is.
 
@@ -37,13 +52,7 @@ def read_state_dict(source, allow_pickle: bool = False) -> dict[str, torch.Tenso
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint: no file at {str(path)!r}")
         if path.suffix == ".safetensors":
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            try:
-                raw = load_file(str(path))
-            except (SafetensorError, OSError) as err:
-                raise CheckpointError(f"checkpoint {str(path)!r}: not a readable safetensors file ({err})") from err
+            raw = read_safetensors(path)
         else:
             try:
                 raw = torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
@@ -82,13 +91,30 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
     unexpected = [k for k in state if k not in expected]
     misshaped = [f"{k}: model {tuple(expected[k].shape)}, checkpoint {tuple(state[k].shape)}"
                  for k in expected if k in state and expected[k].shape != state[k].shape]
-    if missing or unexpected or misshaped:
-        def fmt(items):
-            return f"{len(items)} {items[:8]}{' ...' if len(items) > 8 else ''}"
+    def fmt(items):
+        return f"{len(items)} {items[:8]}{' ...' if len(items) > 8 else ''}"
 
+    if missing or unexpected or misshaped:
         raise CheckpointError(
             "checkpoint does not match the model (is it another configuration?): "
             f"missing keys: {fmt(missing)}; unexpected keys: {fmt(unexpected)}; misshaped keys: {fmt(misshaped)}")
+    # a value of another kind (load_state_dict would cast an integer tensor into float weights) or
+    # a non-finite weight: a corrupt or mislabelled file, not one to load
+    mistyped = [f"{k}: model {expected[k].dtype}, checkpoint {state[k].dtype}" for k in expected
+                if _kind(expected[k].dtype) != _kind(state[k].dtype)]
+    if mistyped:
+        raise CheckpointError(f"checkpoint: entries of another kind than the model's: {fmt(mistyped)}")
+    non_finite = [k for k in expected if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+    if non_finite:
+        raise CheckpointError(f"checkpoint: entries with NaN or infinite values: {fmt(non_finite)}")
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating-point" if dtype.is_floating_point else "integer"
 
 
 def load_weights(model: torch.nn.Module, source, allow_pickle: bool = False) -> torch.nn.Module:
