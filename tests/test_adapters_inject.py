@@ -177,6 +177,15 @@ def test_bad_uses():
         host(x)
     with pytest.raises(ValueError, match="distinct non-empty task names"):
         A.add_adapters(Host(), r"mlp$", DIM, tasks=("a", "a"))
+    # a string is one name, not its letters: one task for add_adapters, refused as a batch's names
+    one = A.add_adapters(Host(), r"mlp$", DIM, layout="lnc", tasks="derain")
+    assert [sorted(m.adapters) for _, m in A._adapted(one)] == [["derain"]] * 2
+    with pytest.raises(TypeError, match=r"one task name per image \(a list\), got the string 'a'"):
+        with A.tasks("a"):
+            pass
+    with pytest.raises(TypeError, match=r"expected task names \(strings\), got \[0\]"):
+        with A.tasks(["a", 0]):
+            pass
 
 
 def test_adding_tasks_to_adapted_sites_later():

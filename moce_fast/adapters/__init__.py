@@ -124,7 +124,7 @@ def add_adapters(model: nn.Module, targets, dim: int, variant: str = "ipt", layo
     parameters require gradients afterwards (of every task); the ``requires_grad`` flags from before
     the first call are restored by :func:`remove_adapters`.
     """
-    tasks = tuple(tasks)
+    tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)  # one name, not its letters
     if not tasks or len(set(tasks)) != len(tasks) or not all(isinstance(t, str) and t for t in tasks):
         raise ValueError(f"tasks: expected distinct non-empty task names, got {tasks}")
     names = _select(model, targets)
@@ -249,7 +249,14 @@ class _TaskBatch:
 @contextlib.contextmanager
 def tasks(names: Iterable[str]):
     """Within the block, image i of a batch goes through the adapter of task ``names[i]``."""
-    token = _TASKS.set(_TaskBatch(list(names)))
+    if isinstance(names, str):
+        raise TypeError(f"tasks: expected one task name per image (a list), got the string {names!r}; for one "
+                        f"task for every image of a batch of N, pass [{names!r}] * N")
+    names = list(names)
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"tasks: expected task names (strings), got {bad[:5]}")
+    token = _TASKS.set(_TaskBatch(names))
     try:
         yield
     finally:
