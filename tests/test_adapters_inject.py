@@ -177,6 +177,11 @@ def test_bad_uses():
         host(x)
     with pytest.raises(ValueError, match="distinct non-empty task names"):
         A.add_adapters(Host(), r"mlp$", DIM, tasks=("a", "a"))
+    # a target whose output is not its input's shape (the MLP's first Linear widens to 2 * DIM)
+    wide = A.add_adapters(Host(), r"layers\.0\.mlp\.0$", DIM, layout="lnc")
+    with pytest.raises(ValueError, match=r"'layers\.0\.mlp\.0' returned \(16, 2, 384\) for an input of shape "
+                                         r"\(16, 2, 192\)"):
+        wide(x)
     # a string is one name, not its letters: one task for add_adapters, refused as a batch's names
     one = A.add_adapters(Host(), r"mlp$", DIM, layout="lnc", tasks="derain")
     assert [sorted(m.adapters) for _, m in A._adapted(one)] == [["derain"]] * 2

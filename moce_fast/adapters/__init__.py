@@ -31,14 +31,20 @@ _TASKS: contextvars.ContextVar = contextvars.ContextVar("moce_fast_adapter_tasks
 class AdaptedModule(nn.Module):
     """A target module with one adapter per task beside it: ``base(x) + adapters[task](x)``."""
 
-    def __init__(self, base: nn.Module, adapters: dict[str, AdaptIRAdapter], layout: str):
+    def __init__(self, base: nn.Module, adapters: dict[str, AdaptIRAdapter], layout: str, site: str = ""):
         super().__init__()
         self.base = base
         self.adapters = nn.ModuleDict(adapters)
         self.layout = layout
+        self.site = site  # the module's name in its model, for messages
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
+        if not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"add_adapters: the adapted module {self.site!r} returned {got} for an input of shape "
+                             f"{tuple(getattr(x, 'shape', ()))}; a parallel adapter adds to an output of its input's "
+                             f"shape (target a module whose output is the same shape as its input)")
         batch = _TASKS.get()
         names = None if batch is None else batch.names
         if names is None:
@@ -152,7 +158,7 @@ def add_adapters(model: nn.Module, targets, dim: int, variant: str = "ipt", layo
         if isinstance(site, AdaptedModule):
             site.adapters.update(new)
         else:
-            _set(model, actual, AdaptedModule(site, new, layout))
+            _set(model, actual, AdaptedModule(site, new, layout, site=name))
     adapter_params = {id(p) for _, site in _adapted(model) for p in site.adapters.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in adapter_params)
