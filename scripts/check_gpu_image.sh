@@ -46,7 +46,9 @@
 # Sixteenth session (0bdd196: the tiled transposes around the FFTs): the same two files 443 passed,
 # 7 skipped (CUDA), 54 s of tests. Later (c24da77: the rule for x as one C++ statement with its messages,
 # c10::getDtypeNames, whose return type differs between the two torch releases): 444 passed, 7 skipped
-# (CUDA), 51 s of tests.
+# (CUDA), 51 s of tests. Seventeenth session (7c3437f: the injection API's later tasks and checks, the
+# checkpoint reader's kind and finiteness checks): tests/test_adapters_inject.py, test_checkpoint.py and
+# test_adaptir.py 154 passed, 7 skipped (CUDA), 49 s of tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/moce-fast-gpu-image}
