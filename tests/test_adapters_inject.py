@@ -294,3 +294,33 @@ def test_load_adapters_refuses_bad_files(tmp_path):
         A.load_adapters(Host(), tmp_path / "a.safetensors")
     A.load_adapters(target, tmp_path / "a.safetensors")  # the good file, any suffix
     assert all(torch.equal(v, good[k]) for k, v in A.adapter_state_dict(target).items())
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_freezing_one_task_while_another_trains(backend):
+    # a mixed batch trains task a with task b's adapters frozen: b gets no gradients, a the same ones
+    # as with b trainable; a task left out of the batch but trainable gets zero gradients
+    import moce_fast
+
+    x = tokens(n=3)
+    grads = []
+    for freeze in (False, True):
+        torch.manual_seed(0)
+        host = A.add_adapters(Host().train(), r"mlp$", DIM, layout="lnc", tasks=("a", "b", "c"))
+        _randomize_adapters(host)
+        if freeze:
+            frozen = A.task_parameters(host, "b")
+            assert len(frozen) == 2 * len(list(host.layers[0].mlp.adapters["b"].parameters()))
+            for p in frozen:
+                p.requires_grad_(False)
+        with moce_fast.backend(backend), A.tasks(["a", "b", "a"]):
+            host(x).square().sum().backward()
+        grads.append({n: p.grad for n, p in host.named_parameters() if p.requires_grad})
+        if freeze:
+            assert all(p.grad is None for p in A.task_parameters(host, "b"))
+        assert all(p.grad is not None and not p.grad.any() for p in A.task_parameters(host, "c"))
+        assert any(p.grad.abs().sum() > 0 for p in A.task_parameters(host, "a"))
+    for n, g in grads[1].items():
+        torch.testing.assert_close(g, grads[0][n], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"'d' has no adapters in this model \(it has \['a', 'b', 'c'\]\)"):
+        A.task_parameters(host, "d")

@@ -214,6 +214,18 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
     return model
 
 
+def task_parameters(model: nn.Module, task: str) -> list[nn.Parameter]:
+    """The parameters of ``task``'s adapters at every adapted site, e.g. to freeze a trained task
+    while a new one trains (a task left out of a batch still gets zero gradients, which an
+    optimiser with momentum or weight decay would act on):
+    ``for p in task_parameters(model, "denoise"): p.requires_grad_(False)``."""
+    sites = [m for _, m in _adapted(model)]
+    if not any(task in m.adapters for m in sites):
+        tasks_here = sorted({t for m in sites for t in m.adapters})
+        raise ValueError(f"task: {task!r} has no adapters in this model (it has {tasks_here})")
+    return [p for m in sites if task in m.adapters for p in m.adapters[task].parameters()]
+
+
 def summary(model: nn.Module) -> dict:
     """Trainable and total parameter counts, and the adapted module names."""
     total = sum(p.numel() for p in model.parameters())
@@ -270,4 +282,4 @@ def tasks(names: Iterable[str]):
 
 
 __all__ = ["AdaptedModule", "adapter_state_dict", "add_adapters", "load_adapters", "remove_adapters",
-           "save_adapters", "summary", "tasks"]
+           "save_adapters", "summary", "task_parameters", "tasks"]
