@@ -206,10 +206,13 @@ def test_adding_tasks_to_adapted_sites_later():
     _randomize_adapters(host)
     with torch.no_grad():
         denoise = host(x)
+    for p in A.task_parameters(host, "denoise"):  # the trained task stays fixed from here on
+        p.requires_grad_(False)
     A.add_adapters(host, lambda name: name.endswith("mlp"), DIM, layout="lnc", tasks=("derain",))
     assert A.summary(host)["adapted"] == ["layers.0.mlp", "layers.1.mlp"]
     assert [sorted(m.adapters) for _, m in A._adapted(host)] == [["denoise", "derain"]] * 2
-    assert all(p.requires_grad == (".adapters." in n) for n, p in host.named_parameters())
+    assert [m.site for _, m in A._adapted(host)] == ["layers.0.mlp", "layers.1.mlp"]
+    assert all(p.requires_grad == (".adapters.derain." in n) for n, p in host.named_parameters())
     with torch.no_grad(), A.tasks(["denoise", "denoise"]):
         torch.testing.assert_close(host(x), denoise, rtol=0, atol=0)
     with torch.no_grad(), A.tasks(["derain", "derain"]):

@@ -126,9 +126,10 @@ def add_adapters(model: nn.Module, targets, dim: int, variant: str = "ipt", layo
     have without adapters; of nested matches the outermost is adapted. Called again on a model with
     adapters, a target that is an adapted site gets the new tasks' adapters beside the ones it has
     (same ``dim``, ``variant`` and ``layout``; a task it has already is an error); nothing changes
-    unless every target can take its adapters. Returns ``model`` (changed in place). Only adapter
-    parameters require gradients afterwards (of every task); the ``requires_grad`` flags from before
-    the first call are restored by :func:`remove_adapters`.
+    unless every target can take its adapters. Returns ``model`` (changed in place). Afterwards the
+    new adapters' parameters require gradients, the host's do not, and earlier adapters' keep their
+    flags; the ``requires_grad`` flags from before the first call are restored by
+    :func:`remove_adapters`.
     """
     tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)  # one name, not its letters
     if not tasks or len(set(tasks)) != len(tasks) or not all(isinstance(t, str) and t for t in tasks):
@@ -136,7 +137,7 @@ def add_adapters(model: nn.Module, targets, dim: int, variant: str = "ipt", layo
     names = _select(model, targets)
     modules = _host_modules(model)
     device = next(model.parameters(), torch.empty(0)).device
-    planned = []  # (name in model, site, its new adapters): all made and checked before the model changes
+    planned = []  # (host name, name in model, site, its new adapters): all made and checked before the model changes
     for name in names:
         actual, site = modules[name]
         if isinstance(site, AdaptedModule):
@@ -151,17 +152,21 @@ def add_adapters(model: nn.Module, targets, dim: int, variant: str = "ipt", layo
         base = site.base if isinstance(site, AdaptedModule) else site
         # new adapters follow the host's train/eval mode (their BatchNorm depends on it)
         new = {t: AdaptIRAdapter(dim, variant, layout).to(device).train(base.training) for t in tasks}
-        planned.append((actual, site, new))
+        planned.append((name, actual, site, new))
     if not hasattr(model, "_moce_fast_requires_grad"):
         model._moce_fast_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    for actual, site, new in planned:
+    for name, actual, site, new in planned:
         if isinstance(site, AdaptedModule):
             site.adapters.update(new)
         else:
             _set(model, actual, AdaptedModule(site, new, layout, site=name))
-    adapter_params = {id(p) for _, site in _adapted(model) for p in site.adapters.parameters()}
+    # the new adapters train, the host is frozen, earlier adapters keep their flags (a task frozen
+    # with task_parameters stays frozen)
+    new_params = {id(p) for *_, new in planned for a in new.values() for p in a.parameters()}
+    earlier = {id(p) for _, m in _adapted(model) for p in m.adapters.parameters()} - new_params
     for p in model.parameters():
-        p.requires_grad_(id(p) in adapter_params)
+        if id(p) not in earlier:
+            p.requires_grad_(id(p) in new_params)
     return model
 
 
