@@ -330,3 +330,41 @@ def test_freezing_one_task_while_another_trains(backend):
         torch.testing.assert_close(g, grads[0][n], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"'d' has no adapters in this model \(it has \['a', 'b', 'c'\]\)"):
         A.task_parameters(host, "d")
+
+
+def test_load_some_tasks_of_a_file(tmp_path):
+    from safetensors.torch import load_file
+
+    # a file of two tasks into a model serving one, and into a model with a task more than the file
+    torch.manual_seed(0)
+    host = A.add_adapters(Host().eval(), r"mlp$", DIM, layout="lnc", tasks=("a", "b"))
+    _randomize_adapters(host)
+    A.save_adapters(host, tmp_path / "ab.safetensors")
+    x = tokens(n=2)
+    with torch.no_grad(), A.tasks(["b", "b"]):
+        expected_b = host(x)
+    torch.manual_seed(0)  # the same host weights
+    one = A.add_adapters(Host().eval(), r"mlp$", DIM, layout="lnc", tasks=("b",))
+    with pytest.raises(CheckpointError, match=r"unexpected keys: 54 \['layers\.0\.mlp\.adapters\.a\."):
+        A.load_adapters(one, tmp_path / "ab.safetensors")  # the whole file: task a has no place here
+    A.load_adapters(one, tmp_path / "ab.safetensors", tasks="b")
+    with torch.no_grad():
+        torch.testing.assert_close(one(x), expected_b, rtol=0, atol=0)
+    torch.manual_seed(0)
+    more = A.add_adapters(Host().eval(), r"mlp$", DIM, layout="lnc", tasks=("b", "c"))
+    c_before = {k: v.clone() for k, v in A.adapter_state_dict(more, ["c"]).items()}
+    assert c_before and all(".adapters.c." in k for k in c_before)
+    A.load_adapters(more, tmp_path / "ab.safetensors", tasks=["b"])
+    with torch.no_grad(), A.tasks(["b", "b"]):
+        torch.testing.assert_close(more(x), expected_b, rtol=0, atol=0)
+    assert all(torch.equal(v, c_before[k]) for k, v in A.adapter_state_dict(more, ["c"]).items())
+    with pytest.raises(CheckpointError, match=r"has no adapters for tasks \['c'\] \(it has \['a', 'b'\]\)"):
+        A.load_adapters(more, tmp_path / "ab.safetensors", tasks=["b", "c"])
+    with pytest.raises(ValueError, match=r"tasks: \['z'\] have no adapters in this model"):
+        A.load_adapters(more, tmp_path / "ab.safetensors", tasks=["z"])
+    # saving one task's adapters: that file loads whole into the one-task model
+    A.save_adapters(host, tmp_path / "a.safetensors", tasks=["a"])
+    only_a = load_file(tmp_path / "a.safetensors")
+    assert sorted(only_a) == sorted(A.adapter_state_dict(host, "a")) and all(".adapters.a." in k for k in only_a)
+    with pytest.raises(ValueError, match="has no adapters to save"):
+        A.save_adapters(Host(), tmp_path / "none.safetensors")

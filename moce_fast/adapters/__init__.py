@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..nn.adapter import AdaptIRAdapter, check_layout, run_adapters
+from ..models.checkpoint import CheckpointError
 from ..ops.adapter import capturing
 
 _TASKS: contextvars.ContextVar = contextvars.ContextVar("moce_fast_adapter_tasks", default=None)
@@ -85,6 +86,14 @@ def _host_modules(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     return out
 
 
+def _task_names(tasks) -> tuple[str, ...]:
+    """Distinct non-empty task names as a tuple; a string is one name, not its letters."""
+    tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+    if not tasks or len(set(tasks)) != len(tasks) or not all(isinstance(t, str) and t for t in tasks):
+        raise ValueError(f"tasks: expected distinct non-empty task names, got {tasks}")
+    return tasks
+
+
 def _select(model: nn.Module, targets) -> list[str]:
     """The host names (see _host_modules) of the target modules: the outermost of those that match."""
     if callable(targets):
@@ -131,9 +140,7 @@ def add_adapters(model: nn.Module, targets, dim: int, variant: str = "ipt", layo
     flags; the ``requires_grad`` flags from before the first call are restored by
     :func:`remove_adapters`.
     """
-    tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)  # one name, not its letters
-    if not tasks or len(set(tasks)) != len(tasks) or not all(isinstance(t, str) and t for t in tasks):
-        raise ValueError(f"tasks: expected distinct non-empty task names, got {tasks}")
+    tasks = _task_names(tasks)
     names = _select(model, targets)
     modules = _host_modules(model)
     device = next(model.parameters(), torch.empty(0)).device
@@ -186,34 +193,54 @@ def remove_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' parameters and buffers only, under their names in ``model``."""
-    prefixes = tuple(f"{name}.adapters." for name, _ in _adapted(model))
+def adapter_state_dict(model: nn.Module, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The adapters' parameters and buffers only, under their names in ``model``; with ``tasks``,
+    those tasks' adapters only."""
+    if tasks is None:
+        prefixes = tuple(f"{name}.adapters." for name, _ in _adapted(model))
+    else:
+        tasks = _task_names(tasks)
+        have = {t for _, m in _adapted(model) for t in m.adapters}
+        unknown = sorted(set(tasks) - have)
+        if unknown:
+            raise ValueError(f"tasks: {unknown} have no adapters in this model (it has {sorted(have)})")
+        prefixes = tuple(f"{name}.adapters.{t}." for name, m in _adapted(model) for t in tasks if t in m.adapters)
     return {k: v for k, v in model.state_dict().items() if prefixes and k.startswith(prefixes)}
 
 
-def save_adapters(model: nn.Module, path) -> None:
-    """Write :func:`adapter_state_dict` as safetensors."""
+def save_adapters(model: nn.Module, path, tasks: Iterable[str] | None = None) -> None:
+    """Write :func:`adapter_state_dict` (of ``tasks`` only, if given) as safetensors."""
     from safetensors.torch import save_file
 
-    state = adapter_state_dict(model)
-    if not state:
+    if not _adapted(model):
         raise ValueError("model: has no adapters to save (call add_adapters first)")
+    state = adapter_state_dict(model, tasks)
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.fspath(path))
 
 
-def load_adapters(model: nn.Module, path) -> nn.Module:
+def load_adapters(model: nn.Module, path, tasks: Iterable[str] | None = None) -> nn.Module:
     """Load adapters saved by :func:`save_adapters` into ``model``'s adapters (made by add_adapters
-    with the same targets and tasks). The whole file is checked before anything changes: its keys
-    and shapes against the adapters', the kind of each value (floating-point or integer), and that
-    no weight is NaN or infinite."""
+    with the same targets and tasks). With ``tasks``, only those tasks' adapters are loaded, and the
+    file's entries for other tasks are left aside (a file of several tasks into a model that serves
+    one, or a model with a task more than the file). The whole selection is checked before anything
+    changes: its keys and shapes against the adapters', the kind of each value (floating-point or
+    integer), and that no weight is NaN or infinite."""
     from ..models.checkpoint import check_state_dict, read_safetensors
 
-    expected = adapter_state_dict(model)
-    if not expected:
+    if not _adapted(model):
         raise ValueError("model: has no adapters to load into (call add_adapters with the targets and tasks the "
                          "file was saved with first)")
+    expected = adapter_state_dict(model, tasks)
     state = read_safetensors(path)
+    if tasks is not None:
+        names = _task_names(tasks)
+        in_file = {k.rsplit(".adapters.", 1)[1].split(".", 1)[0] for k in state if ".adapters." in k}
+        absent = sorted(set(names) - in_file)
+        if absent:
+            raise CheckpointError(f"checkpoint {str(path)!r}: has no adapters for tasks {absent} (it has "
+                                  f"{sorted(in_file)})")
+        prefixes = tuple(f"{k.rsplit('.adapters.', 1)[0]}.adapters.{t}." for k in expected for t in names)
+        state = {k: v for k, v in state.items() if k.startswith(prefixes)}
     check_state_dict(model, state, expected=expected)
     model.load_state_dict(state, strict=False)
     return model
