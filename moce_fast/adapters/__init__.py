@@ -71,13 +71,15 @@ def _host_modules(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     modules."""
     out: dict[str, tuple[str, nn.Module]] = {}
     host: dict[str, str] = {"": ""}  # name in model -> host name, for the host modules seen so far
+    seen: dict[str, nn.Module] = {}  # name in model -> module (named_modules lists parents first)
     for name, module in model.named_modules():
+        seen[name] = module
         if not name:
             continue
         parent, _, child = name.rpartition(".")
         if parent not in host:
             continue  # inside an adapter
-        if isinstance(model.get_submodule(parent) if parent else model, AdaptedModule):
+        if isinstance(seen[parent], AdaptedModule):
             if child == "base":  # the base answers to its site's name, as the AdaptedModule does
                 host[name] = host[parent]
             continue  # (else the site's adapters)
@@ -94,8 +96,9 @@ def _task_names(tasks) -> tuple[str, ...]:
     return tasks
 
 
-def _select(model: nn.Module, targets) -> list[str]:
-    """The host names (see _host_modules) of the target modules: the outermost of those that match."""
+def _select(modules: dict[str, tuple[str, nn.Module]], targets) -> list[str]:
+    """The host names of the target modules among ``modules`` (_host_modules of the model): the
+    outermost of those that match."""
     if callable(targets):
         match: Callable[[str], bool] = targets
     elif isinstance(targets, str):
@@ -104,7 +107,6 @@ def _select(model: nn.Module, targets) -> list[str]:
     else:
         raise TypeError(f"targets: expected a regex string or a predicate over module names, got "
                         f"{type(targets).__name__}")
-    modules = _host_modules(model)
     names = [n for n in modules if match(n)]
     # a target inside another target would be adapted twice: keep the outermost
     names = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
@@ -141,8 +143,8 @@ def add_adapters(model: nn.Module, targets, dim: int, variant: str = "ipt", layo
     :func:`remove_adapters`.
     """
     tasks = _task_names(tasks)
-    names = _select(model, targets)
     modules = _host_modules(model)
+    names = _select(modules, targets)
     device = next(model.parameters(), torch.empty(0)).device
     planned = []  # (host name, name in model, site, its new adapters): all made and checked before the model changes
     for name in names:
@@ -196,16 +198,20 @@ def remove_adapters(model: nn.Module) -> nn.Module:
 def adapter_state_dict(model: nn.Module, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """The adapters' parameters and buffers only, under their names in ``model``; with ``tasks``,
     those tasks' adapters only."""
-    if tasks is None:
-        prefixes = tuple(f"{name}.adapters." for name, _ in _adapted(model))
-    else:
-        tasks = _task_names(tasks)
-        have = {t for _, m in _adapted(model) for t in m.adapters}
-        unknown = sorted(set(tasks) - have)
-        if unknown:
-            raise ValueError(f"tasks: {unknown} have no adapters in this model (it has {sorted(have)})")
-        prefixes = tuple(f"{name}.adapters.{t}." for name, m in _adapted(model) for t in tasks if t in m.adapters)
+    prefixes = _adapter_prefixes(model, tasks)
     return {k: v for k, v in model.state_dict().items() if prefixes and k.startswith(prefixes)}
+
+
+def _adapter_prefixes(model: nn.Module, tasks: Iterable[str] | None) -> tuple[str, ...]:
+    """The state-dict key prefixes of the adapters (of ``tasks`` only, if given) in ``model``."""
+    if tasks is None:
+        return tuple(f"{name}.adapters." for name, _ in _adapted(model))
+    tasks = _task_names(tasks)
+    have = {t for _, m in _adapted(model) for t in m.adapters}
+    unknown = sorted(set(tasks) - have)
+    if unknown:
+        raise ValueError(f"tasks: {unknown} have no adapters in this model (it has {sorted(have)})")
+    return tuple(f"{name}.adapters.{t}." for name, m in _adapted(model) for t in tasks if t in m.adapters)
 
 
 def save_adapters(model: nn.Module, path, tasks: Iterable[str] | None = None) -> None:
@@ -239,7 +245,8 @@ def load_adapters(model: nn.Module, path, tasks: Iterable[str] | None = None) ->
         if absent:
             raise CheckpointError(f"checkpoint {str(path)!r}: has no adapters for tasks {absent} (it has "
                                   f"{sorted(in_file)})")
-        prefixes = tuple(f"{k.rsplit('.adapters.', 1)[0]}.adapters.{t}." for k in expected for t in names)
+        sites = {k.rsplit(".adapters.", 1)[0] for k in expected}  # the sites that have any of the tasks
+        prefixes = tuple(f"{site}.adapters.{t}." for site in sorted(sites) for t in names)
         state = {k: v for k, v in state.items() if k.startswith(prefixes)}
     check_state_dict(model, state, expected=expected)
     model.load_state_dict(state, strict=False)

@@ -49,10 +49,10 @@ def read_state_dict(source, allow_pickle: bool = False) -> dict[str, torch.Tenso
         raw = source
     else:
         path = Path(os.fspath(source))
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint: no file at {str(path)!r}")
         if path.suffix == ".safetensors":
             raw = read_safetensors(path)
+        elif not path.is_file():
+            raise FileNotFoundError(f"checkpoint: no file at {str(path)!r}")
         else:
             try:
                 raw = torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
