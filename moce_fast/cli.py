@@ -90,7 +90,7 @@ def cmd_selfcheck(args) -> int:
 
     import moce_fast
     from moce_fast.configs import get_config
-    from moce_fast.ops import last_run
+    from moce_fast.ops import recording
 
     if args.size < 16:
         raise CLIError(f"--size: expected at least 16, got {args.size}")
@@ -104,7 +104,8 @@ def cmd_selfcheck(args) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"moce_fast {moce_fast.__version__}, torch {torch.__version__}, device {device}")
     print(f"model {args.config}: {n_params:,} parameters (random init: no weights are downloaded)")
-    with moce_fast.backend(args.backend), torch.inference_mode():
+    # (recording: the backends of this model's calls, not of ops called before in the process)
+    with moce_fast.backend(args.backend), torch.inference_mode(), recording() as ran:
         model(x_odd)  # warm-up
         times = []
         for _ in range(args.repeat):
@@ -114,7 +115,7 @@ def cmd_selfcheck(args) -> int:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         y_ref = ref(x_odd)
-    backends = sorted(set(last_run().values()))
+    backends = sorted(set(ran.values()))
     err = ((y - y_ref).abs().max() / y_ref.abs().max().clamp_min(1e-12)).item()
     print(f"input  {tuple(x_odd.shape)} (astronaut photo, centre crop)")
     print(f"output {tuple(y.shape)} {y.dtype}")

@@ -25,6 +25,18 @@ def test_selfcheck_runs_on_a_real_photo(capsys):
     assert "ran: torch" in out and "selfcheck: OK" in out
 
 
+def test_selfcheck_reports_only_its_own_calls_backends(capsys):
+    # an op run earlier in the process on another backend (the adapter on the cpu kernel) is not
+    # reported as one the model ran (last_run() keeps it; it used to read "ran: cpu, torch")
+    adapter = moce_fast.AdaptIRAdapter(192, layout="lnc").eval()
+    with moce_fast.backend("cpu"), torch.no_grad():
+        adapter(torch.randn(16, 1, 192))
+    assert moce_fast.ops.last_run()["adaptir_mix_tail"] == "cpu"
+    assert main(["selfcheck", "--config", "MoCE_IR_S", "--size", "40", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "backend requested 'auto', ran: torch\n" in out and "selfcheck: OK" in out
+
+
 def test_selfcheck_rejects_tiny_sizes(capsys):
     assert main(["selfcheck", "--size", "4"]) == 2
     assert "--size: expected at least 16" in capsys.readouterr().err

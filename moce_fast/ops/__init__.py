@@ -3,7 +3,7 @@
 from . import _cuda
 from ._cuda import cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit
 from ._backend import (BACKENDS, BackendUnavailableError, backend, current_backend, implementations, last_run,
-                       set_poison_outputs)
+                       recording, set_poison_outputs)
 from .adapter import (AdapterParams, BatchStats, MixParams, adapter_mix, adaptir, fold_batch_norm, grouped_linear,
                       mix_tail)
 from .attention import attention_project, channel_attention
@@ -43,6 +43,7 @@ __all__ = [
     "grouped_dwconv",
     "implementations",
     "last_run",
+    "recording",
     "layer_norm",
     "moce_experts",
     "norm_linear",

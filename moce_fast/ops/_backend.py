@@ -21,6 +21,7 @@ level (logger ``moce_fast``) and returned by :func:`last_run`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -54,8 +55,10 @@ _REGISTRY: dict[str, dict[str, Callable]] = {}
 # op name -> backend name -> check(*args) returning None when the implementation takes these
 # arguments, else the reason it does not (e.g. a map larger than a kernel holds on chip)
 _SUPPORTS: dict[str, dict[str, Callable]] = {}
-# op name -> the backend its last call ran on (what `moce-fast selfcheck` and benchmarks report)
+# op name -> the backend its last call ran on (what benchmarks report)
 _LAST_RUN: dict[str, str] = {}
+# the op -> backend maps of the open `recording()` blocks
+_RECORDINGS: list[dict[str, str]] = []
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,7 +192,7 @@ def resolve(op: str, device: torch.device, args: tuple = ()) -> tuple[str, Calla
         if not tracing:
             log.debug("op %s: backend %s does not take these inputs (%s); torch runs it", op, name, reason)
         name = "torch"
-    _LAST_RUN[op] = name
+    _note(op, name)
     if not tracing and log.isEnabledFor(logging.DEBUG):
         log.debug("op %s: backend %s on %s", op, name, device)
     return name, impls[name]
@@ -268,14 +271,32 @@ def record(ops: tuple[str, ...], name: str, device: torch.device) -> None:
     """Record ``ops`` as run on backend ``name`` (:func:`last_run`, the debug log)."""
     tracing = torch.compiler.is_compiling()
     for op in ops:
-        _LAST_RUN[op] = name
+        _note(op, name)
         if not tracing and log.isEnabledFor(logging.DEBUG):
             log.debug("op %s: backend %s on %s", op, name, device)
+
+
+def _note(op: str, name: str) -> None:
+    _LAST_RUN[op] = name
+    for ran in _RECORDINGS:
+        ran[op] = name
 
 
 def last_run() -> dict[str, str]:
     """For every op called so far in this process, the backend its last call ran on."""
     return dict(_LAST_RUN)
+
+
+@contextlib.contextmanager
+def recording():
+    """``with recording() as ran:``: ``ran`` maps each op called within the block to the backend
+    its last call there ran on (:func:`last_run` also holds ops called before the block)."""
+    ran: dict[str, str] = {}
+    _RECORDINGS.append(ran)
+    try:
+        yield ran
+    finally:
+        _RECORDINGS.remove(ran)
 
 
 def dispatch(op: str, device: torch.device, *args, **kwargs):
