@@ -1540,17 +1540,21 @@ struct AdapterCpuTrain : public torch::autograd::Function<AdapterCpuTrain> {
     }
     if (need_dx) res[0] = g[0];
     for (size_t i = 0; i < params.size(); ++i) res[1 + i] = g[1 + i];
-    if (!at::GradMode::is_enabled() || !dout.requires_grad()) return res;
-    // a backward that records (create_graph): the gradients themselves are right, but differentiating
-    // them again raises (as Python's @once_differentiable does), rather than giving zeros
+    if (!at::GradMode::is_enabled()) return res;
+    // a backward that records (create_graph, even where dout does not require grad: the gradients still
+    // depend on x and the parameters): the gradients themselves are right, but differentiating
+    // them again raises (as Python's @once_differentiable does), rather than giving zeros; the words are
+    // moce_fast.ops.adapter.HIGHER_ORDER_ERROR's
     for (auto& t : res)
       if (t.defined()) {
         t = t.detach();
         t.set_requires_grad(true);
       }
     torch::autograd::DelayedError err(
-        "the CPU adapter kernel's backward is once differentiable: for higher-order gradients run the adapter "
-        "under moce_fast.backend('torch')",
+        "the AdaptIR adapter's backward is once differentiable on every moce_fast backend (torch, cpu, triton), "
+        "so its gradients cannot be differentiated again; for higher-order gradients compute the adapter with "
+        "the reference math, AdaptIRAdapter.forward_nchw (moce_fast.reference.AdaptIR's plain torch ops, on "
+        "(N, C, H, W) maps)",
         static_cast<int64_t>(res.size()));
     return err.apply(std::move(res));
   }

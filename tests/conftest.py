@@ -69,14 +69,16 @@ def grad_node(t: torch.Tensor) -> str:
 
 
 def graph_nodes(t: torch.Tensor) -> set[str]:
-    """The names of the autograd nodes below ``t`` (:func:`node_name`)."""
-    seen, todo = set(), [t.grad_fn]
+    """The names of the autograd nodes below ``t`` (:func:`node_name`), every node visited once (by
+    identity: two nodes of one name, e.g. two views, each lead on to their own inputs)."""
+    visited, names, todo = set(), set(), [t.grad_fn]
     while todo:
         node = todo.pop()
-        if node is not None and node_name(node) not in seen:
-            seen.add(node_name(node))
+        if node is not None and node not in visited:
+            visited.add(node)
+            names.add(node_name(node))
             todo.extend(n for n, _ in node.next_functions)
-    return seen
+    return names
 
 
 def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 import moce_fast
 from moce_fast.reference import AdaptIR
-from conftest import CPU_TRAIN_NODE, adapter_case, from_layout, grad_node, randomize_, rel_err
+from conftest import CPU_TRAIN_NODE, adapter_case, from_layout, grad_node, graph_nodes, randomize_, rel_err
 
 @pytest.fixture(autouse=True)
 def _torch_backend():
@@ -720,3 +720,60 @@ def test_pixel_sum_product_any_memory_order_no_wide_copy(n, p, m, k):
             assert got.is_contiguous() and rel_err(got, want) < 1e-13, (am, bm)
             if am == bm and am in ("npm", "pnm") and n * p > 1:
                 assert all(s < wide for s in mode.sizes), (am, bm, mode.sizes)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("n,tasks", [(1, 1), (2, 1), (2, 2)])  # torch: the one-image Function, the staged path,
+@pytest.mark.parametrize("dy_grad", [True, False])  # the grouped one
+def test_higher_order_gradients_are_a_clear_error(backend, n, tasks, dy_grad):
+    # Every backend's adapter backward is once differentiable. Under create_graph the first-order
+    # gradients are right, and differentiating them again raises an error that names the adapter and
+    # what to use instead (not zeros, not torch's generic "marked with @once_differentiable"); also
+    # where the upstream gradient does not require grad (autograd.grad's default ones): torch's
+    # decorator then gave the adapter's gradients without a graph, and the host's Linear, which has
+    # one, made the input gradient require grad anyway, so a gradient penalty ran without the
+    # adapter's second-order terms, silently.
+    import importlib.util
+
+    from moce_fast import adapters
+    from moce_fast.ops.adapter import HIGHER_ORDER_ERROR
+
+    if backend == "cpu" and importlib.util.find_spec("moce_fast._C") is None:
+        pytest.skip("moce_fast._C was not built (needs a CUDA build of torch and nvcc)")
+    dim, dtype = 56, torch.float32 if backend == "triton" else torch.float64  # (triton: no float64)
+    host = torch.nn.Sequential(torch.nn.Linear(dim, dim))
+    names = [f"t{i}" for i in range(tasks)]
+    adapters.add_adapters(host, r"^0$", dim=dim, variant="edt", layout="nhwc", tasks=names)
+    randomize_(host.to(dtype), seed=3)
+    host.train()
+    # 9 x 10 pixels: the cpu backend's kernel takes maps of more than 64 (its C++ autograd node)
+    x = torch.randn(n, 9, 10, dim, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    dy = torch.randn(x.shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    params = [p for p in host.parameters() if p.requires_grad]
+    per_image = [names[i % tasks] for i in range(n)]
+
+    def grads(create_graph):
+        xl = x.clone().requires_grad_()
+        with moce_fast.backend(backend), adapters.tasks(per_image):
+            y = host(xl)
+        if backend == "cpu":
+            assert CPU_TRAIN_NODE in graph_nodes(y)
+        return torch.autograd.grad(y, [xl, *params], dy.clone().requires_grad_(create_graph and dy_grad),
+                                   create_graph=create_graph, allow_unused=True)
+
+    plain = grads(False)
+    recorded = grads(True)
+    for a, b in zip(plain, recorded):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(b, a) < (1e-6 if dtype == torch.float32 else 1e-12)
+    with pytest.raises(RuntimeError, match="once differentiable on every moce_fast backend") as err:
+        recorded[0].square().sum().backward()
+    assert str(err.value) == HIGHER_ORDER_ERROR
+
+
+def test_the_reference_math_named_for_higher_order_gradients_has_them():
+    # what HIGHER_ORDER_ERROR tells a user to run differentiates twice, correctly
+    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc"), seed=4).double().eval()
+    x = torch.randn(1, 56, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(adapter.forward_nchw, (x,), eps=1e-6, atol=1e-6)

@@ -222,3 +222,27 @@ def test_moce_block_drops_into_a_network_without_frequency_embedding():
                     assert all(g is None or torch.count_nonzero(g) == 0 for g in grads), f"block {i} expert {e}"
         opt.step()
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("dy_grad", [True, False])
+def test_higher_order_gradients_are_a_clear_error_and_the_reference_has_them(dy_grad):
+    # The torch backend's hand-written backwards (the GDFN gate, the attention's Grams) are once
+    # differentiable: under create_graph the first-order gradients equal the reference's, and
+    # differentiating them again raises an error naming the op and moce_fast.reference, also where
+    # the upstream gradient does not require grad (torch's decorator then dropped those terms from a
+    # gradient penalty without a word). The reference model differentiates twice.
+    fast, ref = make_pair(TINY, seed=10)
+    x = photo_like(2, 8, 8, seed=2)
+    dy = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for model in (fast, ref):
+        xl = x.clone().requires_grad_()
+        with moce_fast.backend("torch"):
+            (g,) = torch.autograd.grad(model(xl), xl, dy.clone().requires_grad_(dy_grad), create_graph=True)
+        grads.append((xl, g))
+    assert rel_err(grads[0][1], grads[1][1]) < 1e-10
+    with pytest.raises(RuntimeError, match="once-differentiable backward on the torch backend.*moce_fast.reference"):
+        grads[0][1].square().sum().backward()
+    xl, g = grads[1]
+    g.square().sum().backward()
+    assert xl.grad is not None and torch.isfinite(xl.grad).all() and xl.grad.abs().max() > 0

@@ -24,9 +24,20 @@ import torch
 import torch.nn.functional as F
 
 from ..reference.adaptir import exact_real_bins
+from ._autograd import once_differentiable
 from ._backend import dispatch, new_buffer, record, register, runs_on_cpu_kernel, runs_on_torch, triton_chosen
 
 LAYOUTS = ("nchw", "lnc", "nhwc")
+
+
+# What differentiating an adapter's gradients again says (every backend: the Python Functions below,
+# the CPU kernel's C++ node in csrc/adapter_cpu.cpp with the same words).
+HIGHER_ORDER_ERROR = (
+    "the AdaptIR adapter's backward is once differentiable on every moce_fast backend (torch, cpu, triton), "
+    "so its gradients cannot be differentiated again; for higher-order gradients compute the adapter with "
+    "the reference math, AdaptIRAdapter.forward_nchw (moce_fast.reference.AdaptIR's plain torch ops, on "
+    "(N, C, H, W) maps)")
+_once_differentiable = once_differentiable(HIGHER_ORDER_ERROR)
 
 
 class MixParams(NamedTuple):
@@ -183,7 +194,7 @@ class _RowsLinear(torch.autograd.Function):
         return _rows_product(rows, w, bias, True)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_once_differentiable
     def backward(ctx, dy):
         rows, w = ctx.saved_tensors
         (r, k), m = rows.shape, w.shape[0]
@@ -727,7 +738,7 @@ class _Mix(torch.autograd.Function):
         return (loc * cg[:, :, None, None]).addcmul_(sg.view(n, 1, hh, ww), glob).mul_(c[:, :, None, None])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_once_differentiable
     def backward(ctx, du):
         saved = ctx.saved_tensors
         state = saved[:ctx.n_state]
@@ -1383,7 +1394,7 @@ class _FusedTrain(torch.autograd.Function):
         return out, mean, sq.div_(max(nrow - 1, 1))  # the unbiased variance
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_once_differentiable
     def backward(ctx, dout, _dmean, _dvar):
         layout, hh, ww, n, h2, dense, t_shape, shapes = ctx.meta
         if dout is None:  # no gradient reached the output (grads are not materialised)
@@ -1957,7 +1968,7 @@ class _TritonTrain(torch.autograd.Function):
         return from_order(out, layout, hh, ww), mean, unbiased, rows
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_once_differentiable
     def backward(ctx, dout, *_stats):
         from moce_fast.kernels import adapter as kernels
 

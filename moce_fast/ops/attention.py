@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._autograd import higher_order_error, once_differentiable
 from ._backend import dispatch, new_buffer, register
 from .conv import pixel_rows as _pixel_rows
 
@@ -73,7 +74,7 @@ class _GramsAndNorms(torch.autograd.Function):
         return _head_grams(qr, kr, num_heads), nq, nk
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable(higher_order_error("attention_project"))
     def backward(ctx, dg, dnq, dnk):
         qr, kr, nq, nk = ctx.saved_tensors
         b, _, c = qr.shape

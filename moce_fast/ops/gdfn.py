@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._autograd import higher_order_error, once_differentiable
 from ._backend import dispatch, new_buffer, register
 from .conv import _flat_taps, dwconv_launch, dwconv_weight_grad, pixel_rows, pointwise
 
@@ -91,7 +92,7 @@ class _GeluGate(torch.autograd.Function):
         return a * z2
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable(higher_order_error("dw_gate"))
     def backward(ctx, dy):
         z, a = ctx.saved_tensors
         z1, z2 = z.chunk(2, dim=1)
