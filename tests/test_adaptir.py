@@ -341,9 +341,17 @@ def test_rows_linear_gradients_on_every_path(rows, k, m, bias):
 
 
 @pytest.mark.parametrize("layout,shape", [("nhwc", (0, 4, 4, 56)), ("lnc", (16, 0, 56)), ("nchw", (0, 56, 3, 5))])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_empty_batch_gives_an_empty_result(layout, shape, backend):
-    adapter = randomize_(moce_fast.AdaptIRAdapter(56, "edt", layout)).eval()
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_empty_batch_gives_an_empty_result(layout, shape, backend, mode):
+    # in training too (the public adapter's FFT fails on an empty batch; torch's BatchNorm returns an
+    # empty result): no images, no statistics, as for a task without images in a batch of several
+    import importlib.util
+
+    if backend == "cpu" and importlib.util.find_spec("moce_fast._C") is None:
+        pytest.skip("moce_fast._C was not built (needs a CUDA build of torch and nvcc)")
+    adapter = getattr(randomize_(moce_fast.AdaptIRAdapter(56, "edt", layout)), mode)()
+    stats = [t.clone() for t in adapter.BN.buffers()]
     x = torch.randn(shape, requires_grad=True)
     with moce_fast.backend(backend):
         y = adapter(x)
@@ -351,6 +359,29 @@ def test_empty_batch_gives_an_empty_result(layout, shape, backend):
         with torch.no_grad():
             assert adapter(x).shape == x.shape
     assert y.shape == x.shape and x.grad.shape == x.shape
+    assert all(torch.equal(a, b) for a, b in zip(stats, adapter.BN.buffers()))
+    assert all(p.grad is None or not p.grad.any() for p in adapter.parameters())
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_empty_batch_of_several_tasks_in_training(backend):
+    import importlib.util
+
+    from moce_fast import adapters
+
+    if backend == "cpu" and importlib.util.find_spec("moce_fast._C") is None:
+        pytest.skip("moce_fast._C was not built (needs a CUDA build of torch and nvcc)")
+    host = torch.nn.Sequential(torch.nn.Linear(56, 56))
+    adapters.add_adapters(host, r"^0$", dim=56, variant="edt", layout="nhwc", tasks=("a", "b"))
+    randomize_(host).train()
+    x = torch.randn(0, 4, 4, 56, requires_grad=True)
+    with moce_fast.backend(backend), adapters.tasks([]):
+        y = host(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    with pytest.raises(ValueError, match="more than one value per channel"):  # (one value: still an error)
+        with moce_fast.backend(backend), adapters.tasks(["a"]):
+            host(torch.randn(1, 1, 1, 56))
 
 
 @pytest.mark.parametrize("hh,ww", [(16, 16), (5, 7), (6, 4), (1, 8), (9, 1), (2, 2), (1, 1), (12, 21)])
