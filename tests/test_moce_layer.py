@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 
+import numpy as np
 import pytest
 import torch
 
@@ -344,6 +345,31 @@ def test_bad_inputs_raise_clear_errors():
         moce_fast.MoCELayer(16, top_k=5, num_experts=4)
     with pytest.raises(ValueError, match="num_experts"):
         moce_fast.MoCELayer(16, num_experts=1)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"dim": 0}, ValueError, "dim: expected a positive int, got 0"),
+    ({"dim": -4}, ValueError, "dim: expected a positive int, got -4"),
+    ({"dim": 16.0}, TypeError, r"dim: expected a positive int, got 16.0 \(float\)"),
+    ({"dim": True}, TypeError, "dim: expected a positive int, got True"),
+    ({"num_heads": 0}, ValueError, "num_heads: expected a positive int, got 0"),
+    ({"num_heads": -2}, ValueError, "num_heads: expected a positive int, got -2"),
+    ({"num_heads": 3}, ValueError, "num_heads: must divide dim=16, got 3"),
+    ({"ffn_expansion_factor": 0}, ValueError, r"ffn_expansion_factor: .* got int\(16 \* 0\) = 0"),
+    ({"ffn_expansion_factor": 0.05}, ValueError, r"ffn_expansion_factor: .* got int\(16 \* 0.05\) = 0"),
+    ({"freq_dim": 0}, ValueError, "freq_dim: expected a positive int, got 0"),
+    ({"freq_dim": 8.5}, TypeError, "freq_dim: expected a positive int"),
+])
+def test_bad_constructor_arguments_name_the_argument(kwargs, error, match):
+    # (they raised torch's own errors from inside the layers: "groups must be a positive integer",
+    # "integer modulo by zero", "negative dimension"; freq_dim=0 was taken)
+    args = {"dim": 16, "num_heads": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        moce_fast.MoCEBlock(**args)
+    if set(kwargs) <= {"dim", "freq_dim"}:
+        with pytest.raises(error, match=match):
+            moce_fast.MoCELayer(**kwargs if "dim" in kwargs else {"dim": 16, **kwargs})
+    assert moce_fast.MoCEBlock(np.int64(16), num_heads=np.int64(2)).norms[0].dim == 16  # numpy ints are ints
 
 
 def test_expert_forward_nhwc_equals_nchw_path():

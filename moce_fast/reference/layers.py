@@ -6,11 +6,24 @@ Every class keeps the public model's attribute names, so the state-dict keys mat
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 LAYER_NORM_EPS = 1e-5
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` as an int of at least 1, or a clear error naming the argument (a TypeError for
+    what is not an integer, bools included; a ValueError for one under 1)."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name}: expected a positive int, got {value!r} ({type(value).__name__})")
+    value = operator.index(value)
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    return value
 
 
 class _WithBiasNorm(nn.Module):
@@ -53,6 +66,7 @@ class LayerNorm(nn.Module):
         super().__init__()
         if LayerNorm_type not in ("WithBias", "BiasFree"):
             raise ValueError(f"LayerNorm_type: expected 'WithBias' or 'BiasFree', got {LayerNorm_type!r}")
+        dim = positive_int("dim", dim)
         self.dim = dim
         self.body = _BiasFreeNorm(dim) if LayerNorm_type == "BiasFree" else _WithBiasNorm(dim)
 
@@ -81,6 +95,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, bias: bool):
         super().__init__()
+        dim, num_heads = positive_int("dim", dim), positive_int("num_heads", num_heads)
         if dim % num_heads:
             raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
         self.num_heads = num_heads
@@ -99,6 +114,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, bias: bool):
         super().__init__()
+        dim, num_heads = positive_int("dim", dim), positive_int("num_heads", num_heads)
         if dim % num_heads:
             raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
         self.num_heads = num_heads
@@ -120,7 +136,11 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, ffn_expansion_factor: float, bias: bool):
         super().__init__()
+        dim = positive_int("dim", dim)
         hidden = int(dim * ffn_expansion_factor)
+        if hidden < 1:
+            raise ValueError(f"ffn_expansion_factor: the hidden width int(dim * ffn_expansion_factor) must be at "
+                             f"least 1, got int({dim} * {ffn_expansion_factor!r}) = {hidden}")
         self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=bias)
         self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2, bias=bias)
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import LayerNorm
+from .layers import LayerNorm, positive_int
 
 DEPTH_TYPES = ("lin", "double", "exp", "fact", "constant")
 RANK_TYPES = ("constant", "lin", "double", "exp", "fact", "spread")
@@ -202,6 +202,9 @@ class AdapterLayer(nn.Module):
         super().__init__()
         if expert_layer not in (None, FFTAttention):
             raise ValueError(f"expert_layer: only FFTAttention is supported, got {expert_layer!r}")
+        dim = positive_int("dim", dim)
+        if freq_dim is not None:
+            freq_dim = positive_int("freq_dim", freq_dim)
         if num_experts < 2:
             raise ValueError(f"num_experts: expected at least 2, got {num_experts}")
         if not 1 <= top_k <= num_experts:
