@@ -368,3 +368,36 @@ def test_load_some_tasks_of_a_file(tmp_path):
     assert sorted(only_a) == sorted(A.adapter_state_dict(host, "a")) and all(".adapters.a." in k for k in only_a)
     with pytest.raises(ValueError, match="has no adapters to save"):
         A.save_adapters(Host(), tmp_path / "none.safetensors")
+
+
+def test_new_adapters_take_the_hosts_precision():
+    # float64 hosts get float64 adapters (they were float32: the CPU kernel then declined the mixed
+    # call, and a float64 gradcheck ran float32 parameters); half-precision hosts float32 ones; a
+    # later call at an adapted site its adapters' dtype (one site's adapters run as one computation)
+    import importlib.util
+
+    import moce_fast
+    from moce_fast.ops import _backend
+
+    for host_dtype, expected in [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                 (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]:
+        model = A.add_adapters(Host().to(host_dtype), r"layers\.\d+\.mlp$", dim=DIM, variant="ipt", layout="lnc")
+        assert {p.dtype for p in A.task_parameters(model, "default")} == {expected}, host_dtype
+        assert {b.dtype for n, b in model.named_buffers() if "running" in n} == {expected}, host_dtype
+    model = A.add_adapters(Host().double(), r"layers\.\d+\.mlp$", dim=DIM, variant="ipt", layout="lnc",
+                           tasks=("a",))
+    for _, m in model.named_modules():  # the adapters in float32 on the float64 host
+        if isinstance(m, A.AdaptedModule):
+            m.adapters.float()
+    A.add_adapters(model, r"layers\.\d+\.mlp$", dim=DIM, variant="ipt", layout="lnc", tasks=("b",))
+    assert {p.dtype for p in A.task_parameters(model, "b")} == {torch.float32}
+    # a float64 host's adapters run on the CPU kernel where it is built
+    model = A.add_adapters(Host().double(), r"layers\.\d+\.mlp$", dim=DIM, variant="ipt", layout="lnc")
+    _randomize_adapters(model)
+    x = tokens().double().requires_grad_()
+    if importlib.util.find_spec("moce_fast._C") is not None:
+        with moce_fast.backend("cpu"):
+            model(x).sum().backward()
+        assert _backend.last_run()["adaptir_linear"] == "cpu"
+    assert torch.autograd.gradcheck(lambda t: model(t), (x[:, :1].detach().clone().requires_grad_(),), eps=1e-6,
+                                    atol=1e-6)

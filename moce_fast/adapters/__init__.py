@@ -137,7 +137,9 @@ def add_adapters(model: nn.Module, targets, dim: int, variant: str = "ipt", layo
     have without adapters; of nested matches the outermost is adapted. Called again on a model with
     adapters, a target that is an adapted site gets the new tasks' adapters beside the ones it has
     (same ``dim``, ``variant`` and ``layout``; a task it has already is an error); nothing changes
-    unless every target can take its adapters. Returns ``model`` (changed in place). Afterwards the
+    unless every target can take its adapters. New adapters are float64 on a float64 host module,
+    else float32 (half-precision hosts included); at an adapted site, its adapters' dtype. Returns
+    ``model`` (changed in place). Afterwards the
     new adapters' parameters require gradients, the host's do not, and earlier adapters' keep their
     flags; the ``requires_grad`` flags from before the first call are restored by
     :func:`remove_adapters`.
@@ -159,8 +161,9 @@ def add_adapters(model: nn.Module, targets, dim: int, variant: str = "ipt", layo
             if taken:
                 raise ValueError(f"tasks: {name!r} has adapters for {taken} already (it has {sorted(site.adapters)})")
         base = site.base if isinstance(site, AdaptedModule) else site
+        dtype = _adapter_dtype(site, base, model)
         # new adapters follow the host's train/eval mode (their BatchNorm depends on it)
-        new = {t: AdaptIRAdapter(dim, variant, layout).to(device).train(base.training) for t in tasks}
+        new = {t: AdaptIRAdapter(dim, variant, layout).to(device, dtype).train(base.training) for t in tasks}
         planned.append((name, actual, site, new))
     if not hasattr(model, "_moce_fast_requires_grad"):
         model._moce_fast_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -177,6 +180,21 @@ def add_adapters(model: nn.Module, targets, dim: int, variant: str = "ipt", layo
         if id(p) not in earlier:
             p.requires_grad_(id(p) in new_params)
     return model
+
+
+def _adapter_dtype(site: nn.Module, base: nn.Module, model: nn.Module) -> torch.dtype:
+    """The dtype of a site's new adapters: its adapters' where it has some (one site's adapters run
+    as one grouped computation); else float64 for a float64 host module (the dtype of its first
+    floating-point parameter, or the model's), and float32 for any other, half-precision hosts
+    included (their adapters' BatchNorm statistics and small products stay in float32, as peft's
+    autocast_adapter_dtype keeps LoRA weights)."""
+    if isinstance(site, AdaptedModule):
+        return next(iter(site.adapters.values())).head.weight.dtype
+    for module in (base, model):
+        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+        if dtype is not None:
+            return torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.float32
 
 
 def _adapted(model: nn.Module) -> list[tuple[str, AdaptedModule]]:
