@@ -167,6 +167,8 @@ def test_bad_uses():
         A.add_adapters(host, r"attention", DIM)
     with pytest.raises(TypeError, match="regex string or a predicate"):
         A.add_adapters(host, 3, DIM)
+    with pytest.raises(ValueError, match=r"targets: 'mlp\(' is not a valid regular expression \(missing \)"):
+        A.add_adapters(host, r"mlp(", DIM)
     A.add_adapters(host, r"mlp$", DIM, layout="lnc", tasks=("a", "b"))
     x = tokens(n=2)
     with pytest.raises(ValueError, match="choose one per image"):

@@ -119,3 +119,36 @@ def test_values_of_another_kind_or_not_finite_are_refused(trained):
     # another precision of the same kind loads (cast), as load_state_dict does
     load_weights(model, {k: v.double() if v.is_floating_point() else v for k, v in good.items()})
     _assert_same_weights(model, trained)
+
+
+def test_saving_is_atomic_and_names_a_bad_path(trained, tmp_path, monkeypatch):
+    # model.save and adapters.save_adapters write a temporary file renamed over the path: a failure
+    # while writing leaves the file there as it was (no half-written checkpoint) and no temporary
+    # file; a folder as the path is an error naming it (it was safetensors' "I/O error: Is a
+    # directory"); a missing parent folder is made
+    import safetensors.torch
+
+    from moce_fast import adapters
+
+    host = torch.nn.Sequential(torch.nn.Linear(192, 192))
+    adapters.add_adapters(host, r"^0$", dim=192, variant="ipt", layout="nhwc")
+    savers = {"model": lambda p: trained.save(p), "adapters": lambda p: adapters.save_adapters(host, p)}
+    real_save_file = safetensors.torch.save_file
+
+    def failing_save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    for name, save in savers.items():
+        path = tmp_path / name / "new" / "w.safetensors"
+        save(path)  # (the folders are made)
+        before = path.read_bytes()
+        monkeypatch.setattr(safetensors.torch, "save_file", failing_save_file)
+        with pytest.raises(OSError, match="disk full"):
+            save(path)
+        monkeypatch.setattr(safetensors.torch, "save_file", real_save_file)
+        assert path.read_bytes() == before, name
+        assert sorted(p.name for p in path.parent.iterdir()) == ["w.safetensors"], name
+        with pytest.raises(IsADirectoryError, match="is a folder; expected the path of a file"):
+            save(tmp_path)

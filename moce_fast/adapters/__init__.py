@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 import re
 from typing import Callable, Iterable
 
@@ -102,7 +101,10 @@ def _select(modules: dict[str, tuple[str, nn.Module]], targets) -> list[str]:
     if callable(targets):
         match: Callable[[str], bool] = targets
     elif isinstance(targets, str):
-        pattern = re.compile(targets)
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"targets: {targets!r} is not a valid regular expression ({e})") from None
         match = lambda name: pattern.search(name) is not None  # noqa: E731
     else:
         raise TypeError(f"targets: expected a regex string or a predicate over module names, got "
@@ -233,13 +235,16 @@ def _adapter_prefixes(model: nn.Module, tasks: Iterable[str] | None) -> tuple[st
 
 
 def save_adapters(model: nn.Module, path, tasks: Iterable[str] | None = None) -> None:
-    """Write :func:`adapter_state_dict` (of ``tasks`` only, if given) as safetensors."""
+    """Write :func:`adapter_state_dict` (of ``tasks`` only, if given) as safetensors, to a temporary
+    file renamed over ``path``: a failure leaves ``path`` as it was."""
     from safetensors.torch import save_file
+
+    from .._io import atomic_write
 
     if not _adapted(model):
         raise ValueError("model: has no adapters to save (call add_adapters first)")
-    state = adapter_state_dict(model, tasks)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.fspath(path))
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, tasks).items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp))
 
 
 def load_adapters(model: nn.Module, path, tasks: Iterable[str] | None = None) -> nn.Module:

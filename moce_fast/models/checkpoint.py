@@ -126,8 +126,11 @@ def load_weights(model: torch.nn.Module, source, allow_pickle: bool = False) -> 
 
 
 def save_safetensors(model: torch.nn.Module, path, metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``model``'s state dict as safetensors; the constructor arguments go in the metadata."""
+    """Write ``model``'s state dict as safetensors; the constructor arguments go in the metadata.
+    Written to a temporary file renamed over ``path``: a failure leaves ``path`` as it was."""
     from safetensors.torch import save_file
+
+    from .._io import atomic_write
 
     meta = {"format": "moce_fast"}
     config = getattr(model, "config", None)
@@ -137,7 +140,7 @@ def save_safetensors(model: torch.nn.Module, path, metadata: Mapping[str, str] |
         meta["config_name"] = model.config_name
     meta.update(metadata or {})
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, os.fspath(path), metadata=meta)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def checkpoint_config_name(source) -> str | None:

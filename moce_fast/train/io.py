@@ -28,18 +28,3 @@ def staged_output(out_dir):
             shutil.rmtree(target)
         os.replace(item, target)
     shutil.rmtree(stage, ignore_errors=True)
-
-
-def atomic_write(path, write_fn):
-    """Call ``write_fn(tmp_path)`` then rename the temporary file over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise

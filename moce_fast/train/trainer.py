@@ -23,7 +23,7 @@ from ..data.degrade import TASKS
 from ..models import MoCEIR
 from ..models.checkpoint import load_weights
 from ..ops import backend as use_backend
-from .io import atomic_write
+from .._io import atomic_write
 from .losses import restoration_loss
 
 log = logging.getLogger("moce_fast")
