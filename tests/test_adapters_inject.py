@@ -213,6 +213,7 @@ def test_adding_tasks_to_adapted_sites_later():
     A.add_adapters(host, lambda name: name.endswith("mlp"), DIM, layout="lnc", tasks=("derain",))
     assert A.summary(host)["adapted"] == ["layers.0.mlp", "layers.1.mlp"]
     assert [sorted(m.adapters) for _, m in A._adapted(host)] == [["denoise", "derain"]] * 2
+    assert A.summary(host)["tasks"] == {"layers.0.mlp": ["denoise", "derain"], "layers.1.mlp": ["denoise", "derain"]}
     assert [m.site for _, m in A._adapted(host)] == ["layers.0.mlp", "layers.1.mlp"]
     assert all(p.requires_grad == (".adapters.derain." in n) for n, p in host.named_parameters())
     with torch.no_grad(), A.tasks(["denoise", "denoise"]):
@@ -245,6 +246,8 @@ def test_adding_tasks_to_adapted_sites_later():
     with pytest.raises(ValueError, match=r"'layers\.1\.mlp' has adapters for \['a'\] already"):
         A.add_adapters(host, r"mlp$", DIM, layout="lnc", tasks=("a",))
     assert A.summary(host)["adapted"] == ["layers.1.mlp"]
+    A.add_adapters(host, r"layers\.0\.mlp$", DIM, layout="lnc", tasks=("b",))  # sites of different tasks
+    assert A.summary(host)["tasks"] == {"layers.0.mlp": ["b"], "layers.1.mlp": ["a"]}
 
 
 def test_host_modules_named_adapters_are_not_adapters(tmp_path):

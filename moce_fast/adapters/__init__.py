@@ -289,11 +289,13 @@ def task_parameters(model: nn.Module, task: str) -> list[nn.Parameter]:
 
 
 def summary(model: nn.Module) -> dict:
-    """Trainable and total parameter counts, and the adapted module names."""
+    """Trainable and total parameter counts, the adapted module names, and each one's tasks
+    (``{"trainable", "total", "fraction", "adapted": [name, ...], "tasks": {name: [task, ...]}}``)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sites = _adapted(model)
     return {"trainable": trainable, "total": total, "fraction": trainable / max(total, 1),
-            "adapted": [n for n, _ in _adapted(model)]}
+            "adapted": [n for n, _ in sites], "tasks": {n: sorted(m.adapters) for n, m in sites}}
 
 
 class _TaskBatch:
