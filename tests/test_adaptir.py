@@ -350,9 +350,10 @@ def test_empty_batch_gives_an_empty_result(layout, shape, backend, mode):
 
     if backend == "cpu" and importlib.util.find_spec("moce_fast._C") is None:
         pytest.skip("moce_fast._C was not built (needs a CUDA build of torch and nvcc)")
-    adapter = getattr(randomize_(moce_fast.AdaptIRAdapter(56, "edt", layout)), mode)()
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # (interpreter: CPU)
+    adapter = getattr(randomize_(moce_fast.AdaptIRAdapter(56, "edt", layout)), mode)().to(device)
     stats = [t.clone() for t in adapter.BN.buffers()]
-    x = torch.randn(shape, requires_grad=True)
+    x = torch.randn(shape, device=device, requires_grad=True)
     with moce_fast.backend(backend):
         y = adapter(x)
         y.sum().backward()
@@ -772,14 +773,15 @@ def test_higher_order_gradients_are_a_clear_error(backend, n, tasks, dy_grad):
     if backend == "cpu" and importlib.util.find_spec("moce_fast._C") is None:
         pytest.skip("moce_fast._C was not built (needs a CUDA build of torch and nvcc)")
     dim, dtype = 56, torch.float32 if backend == "triton" else torch.float64  # (triton: no float64)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # (interpreter: CPU)
     host = torch.nn.Sequential(torch.nn.Linear(dim, dim))
     names = [f"t{i}" for i in range(tasks)]
     adapters.add_adapters(host, r"^0$", dim=dim, variant="edt", layout="nhwc", tasks=names)
-    randomize_(host.to(dtype), seed=3)
+    randomize_(host.to(dtype), seed=3).to(device)
     host.train()
     # 9 x 10 pixels: the cpu backend's kernel takes maps of more than 64 (its C++ autograd node)
-    x = torch.randn(n, 9, 10, dim, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    dy = torch.randn(x.shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(n, 9, 10, dim, dtype=dtype, generator=torch.Generator().manual_seed(1)).to(device)
+    dy = torch.randn(x.shape, dtype=dtype, generator=torch.Generator().manual_seed(2)).to(device)
     params = [p for p in host.parameters() if p.requires_grad]
     per_image = [names[i % tasks] for i in range(n)]
 
