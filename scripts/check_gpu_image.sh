@@ -48,7 +48,11 @@
 # c10::getDtypeNames, whose return type differs between the two torch releases): 444 passed, 7 skipped
 # (CUDA), 51 s of tests. Seventeenth session (7c3437f: the injection API's later tasks and checks, the
 # checkpoint reader's kind and finiteness checks): tests/test_adapters_inject.py, test_checkpoint.py and
-# test_adaptir.py 154 passed, 7 skipped (CUDA), 49 s of tests.
+# test_adaptir.py 154 passed, 7 skipped (CUDA), 49 s of tests. Eighteenth session (c4884e9: the
+# adapter's once-differentiable Functions and C++ node with their higher-order error, the empty training
+# batch, constructor checks, the model traced under torch.compile(backend="aot_eager"), atomic saves):
+# tests/test_adaptir.py, test_adapters_inject.py, test_checkpoint.py, test_moce_layer.py and
+# test_model.py 268 passed, 7 skipped (CUDA), 305 s of tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/moce-fast-gpu-image}
