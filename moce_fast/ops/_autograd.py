@@ -24,7 +24,7 @@ class _HigherOrderError(torch.autograd.Function):
     @staticmethod
     def forward(ctx, message, *grads):
         ctx.message = message
-        return tuple(g.view_as(g) for g in grads)
+        return tuple(g.detach() for g in grads)  # (aliases, not views: as torch's DelayedError)
 
     @staticmethod
     def backward(ctx, *_):
