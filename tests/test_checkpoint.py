@@ -152,3 +152,25 @@ def test_saving_is_atomic_and_names_a_bad_path(trained, tmp_path, monkeypatch):
         assert sorted(p.name for p in path.parent.iterdir()) == ["w.safetensors"], name
         with pytest.raises(IsADirectoryError, match="is a folder; expected the path of a file"):
             save(tmp_path)
+
+
+def test_a_safetensors_file_loads_whatever_its_suffix(trained, tmp_path):
+    # model.save("model.pt") writes safetensors; the loader read it with torch.load by its suffix and
+    # told the user to pass allow_pickle=True. Now the format is read from the file's first bytes.
+    from moce_fast.models.checkpoint import checkpoint_config_name, is_safetensors
+
+    path = tmp_path / "model.pt"
+    trained.save(path)
+    assert is_safetensors(path)
+    _assert_same_weights(load_weights(_fresh(), path), trained)
+    tiny = moce_fast.MoCEIR.from_config("tiny")
+    tiny.save(tmp_path / "tiny.pth")
+    assert checkpoint_config_name(tmp_path / "tiny.pth") == "tiny"
+    torch.save(trained.state_dict(), tmp_path / "plain.pt")  # a zip: read by torch.load, as before
+    assert not is_safetensors(tmp_path / "plain.pt")
+    _assert_same_weights(load_weights(_fresh(), tmp_path / "plain.pt"), trained)
+    for name, data in [("short.pt", b"\x10\x00\x00\x00\x00\x00\x00\x00{"), ("empty.pt", b"")]:
+        (tmp_path / name).write_bytes(data)  # a header longer than the file / nothing: not safetensors
+        assert not is_safetensors(tmp_path / name)
+        with pytest.raises(CheckpointError, match=f"checkpoint '.*{name}': "):  # (torch.load's error)
+            load_weights(_fresh(), tmp_path / name)

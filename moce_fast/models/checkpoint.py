@@ -37,9 +37,23 @@ def read_safetensors(source) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {str(path)!r}: not a readable safetensors file ({err})") from err
 
 
+def is_safetensors(path) -> bool:
+    """Whether the file at ``path`` is in the safetensors format, by its first bytes (a little-endian
+    u64 header length, then the header's JSON object), whatever its suffix: torch.save writes a zip
+    ("PK") or a pickle (0x80) there."""
+    try:
+        with open(os.fspath(path), "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
 def read_state_dict(source, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read a state dict from a path (.ckpt, .pt, .pth, .safetensors) or take a mapping as is.
 
+    A safetensors file is read as one whatever its suffix (e.g. ``model.save("model.pt")``).
     Lightning checkpoints keep the model's weights under "state_dict" with the prefix "net." (the
     public training code's attribute); the prefix, or a DataParallel "module." prefix, is removed.
     Files are read with ``torch.load(weights_only=True)``; ``allow_pickle=True`` allows a full
@@ -49,7 +63,7 @@ def read_state_dict(source, allow_pickle: bool = False) -> dict[str, torch.Tenso
         raw = source
     else:
         path = Path(os.fspath(source))
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" or is_safetensors(path):
             raw = read_safetensors(path)
         elif not path.is_file():
             raise FileNotFoundError(f"checkpoint: no file at {str(path)!r}")
@@ -145,7 +159,7 @@ def save_safetensors(model: torch.nn.Module, path, metadata: Mapping[str, str] |
 
 def checkpoint_config_name(source) -> str | None:
     """The configuration name recorded in a moce_fast safetensors file's metadata, if any."""
-    if isinstance(source, Mapping) or Path(os.fspath(source)).suffix != ".safetensors":
+    if isinstance(source, Mapping) or not is_safetensors(source):
         return None
     from safetensors import SafetensorError, safe_open
 
