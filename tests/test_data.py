@@ -95,6 +95,10 @@ def test_crops_are_deterministic_and_cycle_tasks():
     assert d0.equal(d0b) and c0.equal(c0b)
     big = DegradedCrops(photos, ("noise25",), 600, length=1, seed=0)[0]  # larger than the photos: reflected
     assert big[0].shape == (3, 600, 600)
+    side = max(max(p.image.shape[:2]) for p in photos)
+    assert DegradedCrops(photos, ("noise25",), 4 * side, length=1)[0][0].shape == (3, 4 * side, 4 * side)
+    with pytest.raises(ValueError, match=rf"crop: expected at most 4 x the largest photo's side \({side} px"):
+        DegradedCrops(photos, ("noise25",), 4 * side + 1, length=1)  # (100000 asked numpy for 112 GiB)
 
 
 def test_split_holds_out_photos():

@@ -19,6 +19,10 @@ def split_photos(photos: list[Photo], held_out: tuple[str, ...] = ("astronaut", 
     return train_set, eval_set
 
 
+# A crop may be up to this many times the largest photo's side (smaller photos are reflected up).
+MAX_CROP_FACTOR = 4
+
+
 class DegradedCrops(torch.utils.data.Dataset):
     """Item ``i``: (degraded (3, crop, crop), clean (3, crop, crop), task index), both float32 in [0, 1].
 
@@ -31,6 +35,10 @@ class DegradedCrops(torch.utils.data.Dataset):
             raise ValueError("photos: expected at least one photo")
         if not tasks:
             raise ValueError("tasks: expected at least one task")
+        side, name = max((max(p.image.shape[:2]), p.name) for p in photos)
+        if crop > MAX_CROP_FACTOR * side:  # (reflected up that far, a crop is mostly mirror copies)
+            raise ValueError(f"crop: expected at most {MAX_CROP_FACTOR} x the largest photo's side "
+                             f"({side} px, {name!r}), got {crop}")
         self.photos, self.tasks, self.crop, self.length, self.seed = photos, tuple(tasks), crop, length, seed
 
     def __len__(self):
