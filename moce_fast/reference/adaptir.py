@@ -9,11 +9,12 @@ converted by moce_fast.nn.AdaptIRAdapter; this class computes on NCHW.
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .layers import as_int
 
 VARIANTS = {"ipt": (24, 8), "edt": (14, 4)}  # hidden divisor, channel-interaction reduction
 
@@ -41,9 +42,7 @@ class AdaptIR(nn.Module):
 
     def __init__(self, d_model: int, variant: str = "ipt"):
         super().__init__()
-        if isinstance(d_model, bool) or not hasattr(type(d_model), "__index__"):
-            raise TypeError(f"d_model: expected the model width as an int, got {d_model!r} ({type(d_model).__name__})")
-        d_model = operator.index(d_model)
+        d_model = as_int("d_model", d_model, "the model width as an int")
         if variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
         divisor, reduction = VARIANTS[variant]

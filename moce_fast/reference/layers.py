@@ -15,12 +15,18 @@ import torch.nn.functional as F
 LAYER_NORM_EPS = 1e-5
 
 
+def as_int(name: str, value, expected: str = "an int") -> int:
+    """``value`` as an int (numpy integers too), or a TypeError naming the argument, what was
+    ``expected`` and what came; bools are refused."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__})")
+    return operator.index(value)
+
+
 def positive_int(name: str, value) -> int:
     """``value`` as an int of at least 1, or a clear error naming the argument (a TypeError for
     what is not an integer, bools included; a ValueError for one under 1)."""
-    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-        raise TypeError(f"{name}: expected a positive int, got {value!r} ({type(value).__name__})")
-    value = operator.index(value)
+    value = as_int(name, value, "a positive int")
     if value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value}")
     return value
