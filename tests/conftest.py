@@ -57,6 +57,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 CPU_TRAIN_NODE = "AdapterCpuTrain"  # the CPU adapter kernel's training node (C++, csrc/adapter_cpu.cpp)
 
 
+def skip_unless_backend_runs(backend: str) -> None:
+    """Skip, saying why, where ``backend`` cannot run in these tests: "cpu" needs moce_fast._C."""
+    import importlib.util
+
+    if backend == "cpu" and importlib.util.find_spec("moce_fast._C") is None:
+        pytest.skip("moce_fast._C was not built (needs a CUDA build of torch and nvcc)")
+
+
 def node_name(node) -> str:
     """An autograd node's name: its Python type's, or for the C++ node of the CPU adapter kernel's
     training call (whose Python type is a generic one) ``CPU_TRAIN_NODE``."""

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from moce_fast import adapters as A
 from moce_fast.models import CheckpointError
-from conftest import randomize_
+from conftest import randomize_, skip_unless_backend_runs
 
 DIM = 192  # IPT's adapter width rule: hidden = 192 // 24 = 8
 
@@ -311,6 +311,7 @@ def test_freezing_one_task_while_another_trains(backend):
     # on a GPU where there is one, else through the interpreter on CPU tensors)
     import moce_fast
 
+    skip_unless_backend_runs(backend)
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     x = tokens(n=3).to(device)
     grads = []

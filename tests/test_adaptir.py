@@ -9,7 +9,8 @@ import torch
 
 import moce_fast
 from moce_fast.reference import AdaptIR
-from conftest import CPU_TRAIN_NODE, adapter_case, from_layout, grad_node, graph_nodes, randomize_, rel_err
+from conftest import (CPU_TRAIN_NODE, adapter_case, from_layout, grad_node, graph_nodes, randomize_, rel_err,
+                      skip_unless_backend_runs)
 
 @pytest.fixture(autouse=True)
 def _torch_backend():
@@ -346,10 +347,7 @@ def test_rows_linear_gradients_on_every_path(rows, k, m, bias):
 def test_empty_batch_gives_an_empty_result(layout, shape, backend, mode):
     # in training too (the public adapter's FFT fails on an empty batch; torch's BatchNorm returns an
     # empty result): no images, no statistics, as for a task without images in a batch of several
-    import importlib.util
-
-    if backend == "cpu" and importlib.util.find_spec("moce_fast._C") is None:
-        pytest.skip("moce_fast._C was not built (needs a CUDA build of torch and nvcc)")
+    skip_unless_backend_runs(backend)
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # (interpreter: CPU)
     adapter = getattr(randomize_(moce_fast.AdaptIRAdapter(56, "edt", layout)), mode)().to(device)
     stats = [t.clone() for t in adapter.BN.buffers()]
@@ -366,12 +364,9 @@ def test_empty_batch_gives_an_empty_result(layout, shape, backend, mode):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_empty_batch_of_several_tasks_in_training(backend):
-    import importlib.util
-
     from moce_fast import adapters
 
-    if backend == "cpu" and importlib.util.find_spec("moce_fast._C") is None:
-        pytest.skip("moce_fast._C was not built (needs a CUDA build of torch and nvcc)")
+    skip_unless_backend_runs(backend)
     host = torch.nn.Sequential(torch.nn.Linear(56, 56))
     adapters.add_adapters(host, r"^0$", dim=56, variant="edt", layout="nhwc", tasks=("a", "b"))
     randomize_(host).train()
@@ -765,13 +760,10 @@ def test_higher_order_gradients_are_a_clear_error(backend, n, tasks, dy_grad):
     # decorator then gave the adapter's gradients without a graph, and the host's Linear, which has
     # one, made the input gradient require grad anyway, so a gradient penalty ran without the
     # adapter's second-order terms, silently.
-    import importlib.util
-
     from moce_fast import adapters
     from moce_fast.ops.adapter import HIGHER_ORDER_ERROR
 
-    if backend == "cpu" and importlib.util.find_spec("moce_fast._C") is None:
-        pytest.skip("moce_fast._C was not built (needs a CUDA build of torch and nvcc)")
+    skip_unless_backend_runs(backend)
     dim, dtype = 56, torch.float32 if backend == "triton" else torch.float64  # (triton: no float64)
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # (interpreter: CPU)
     host = torch.nn.Sequential(torch.nn.Linear(dim, dim))
