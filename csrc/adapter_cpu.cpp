@@ -805,7 +805,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   } else {
     const auto g = dout.reshape({R, d.c});
     // (u kept in the tail's row order)
-    if (rows_as_conv(sv[S_U], d.c) && g.is_contiguous()) {  // the forward's convolution's backward
+    if (narrow_t_takes(g, sv[S_U]) && narrow_product_kind(g, tw.t()) != nullptr) {  // the extension's loops
+      du = rows_times(g, tw.t(), {});
+      dtw = narrow_t_product(g, sv[S_U]);
+    } else if (rows_as_conv(sv[S_U], d.c) && g.is_contiguous()) {  // the forward's convolution's backward
       auto gr = rows_times_backward(g, sv[S_U], tw, true, false);
       du = gr[0], dtw = gr[1];
     } else {
@@ -1126,6 +1129,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
         rows_times_into(blocks->out_of(j), blocks->rows(dy, j), wh.t(), at::Tensor());
       });
     }
+  } else if (layout != NCHW && narrow_t_takes(dy, sv[S_ROWS])) {  // the extension's loops
+    dwh = narrow_t_product(dy, sv[S_ROWS]);
+    dbh = dy.sum(0);
+    if (need_dx) dx = rows_times(dy, wh.t(), {}).view(dout.sizes());
   } else if (layout != NCHW && rows_as_conv(sv[S_ROWS], H)) {
     // the forward's convolution's backward: dx, dwh and dbh in one call (dy is contiguous)
     auto gr = rows_times_backward(dy, sv[S_ROWS], wh, need_dx, true);

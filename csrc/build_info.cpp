@@ -157,6 +157,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       pybind11::arg("rows"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none(),
       "Tests: rows (R, K) @ w^T + bias by the narrow CPU product, or None where none applies (see cpu_isa).");
+  m.def(
+      "cpu_narrow_t_product",
+      [](const at::Tensor& a, const at::Tensor& b) -> pybind11::object {
+        if (!moce_fast::narrow_t_takes(a, b)) return pybind11::none();
+        return pybind11::cast(moce_fast::narrow_t_product(a, b));
+      },
+      pybind11::arg("a"), pybind11::arg("b"),
+      "Tests: a^T b over the rows of a (R, p) and b (R, q) by the narrow CPU weight-gradient product, or None "
+      "where it does not apply (see cpu_isa).");
   pybind11::class_<moce_fast::AdapterEvalPlan, std::shared_ptr<moce_fast::AdapterEvalPlan>>(
       m, "AdapterEvalPlan",
       "One adapter's eval call on the CPU kernel, kept between calls (csrc/adapter_plan.h): the folded "

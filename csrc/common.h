@@ -55,8 +55,7 @@ int64_t set_cpu_chunk_values(int64_t values);
 
 // The CPU products with a narrow side (csrc/cpu_narrow.cpp): out (R, M) = rows (R, K) @ w^T + bias
 // for float32 rows of contiguous values (any row stride) where M <= kNarrowWidth < K ("narrow_out",
-// needs AVX2 + FMA) or K <= kNarrowWidth < M and w has at most kNarrowWeights values ("narrow_in",
-// needs AVX-512F). narrow_product_kind says which applies on this CPU (nullptr: none), and
+// needs AVX2 + FMA) or K <= kNarrowWidth < M ("narrow_in", needs AVX-512F). narrow_product_kind says which applies on this CPU (nullptr: none), and
 // narrow_kind the same for any rows of that dtype and width K times a w of M outputs;
 // narrow_rows_times writes out ((R, M), rows of contiguous values) and returns it. cpu_isa: the ISA
 // they use, "avx512", "avx2" or "none", at most the cap set_cpu_isa_cap sets (tests; returns the
@@ -65,10 +64,14 @@ int64_t set_cpu_chunk_values(int64_t values);
 // narrow products read and write.
 inline bool unit_rows(const at::Tensor& t) { return t.stride(1) == 1 && t.stride(0) >= t.size(1); }
 constexpr int64_t kNarrowWidth = 32;
-constexpr int64_t kNarrowWeights = 4096;  // w's values, read for every row: kept within half of L1
 const char* narrow_kind(at::ScalarType dtype, int64_t k, int64_t m);
 const char* narrow_product_kind(const at::Tensor& rows, const at::Tensor& w);
 at::Tensor narrow_rows_times(const at::Tensor& rows, const at::Tensor& w, const at::Tensor& bias, at::Tensor out);
+// The weight gradients' products a^T b (p, q) over the R rows of float32 a (R, p) and b (R, q), both rows of
+// contiguous values, one of p and q at most kNarrowWidth and the other wider, with AVX-512F:
+// narrow_t_takes says whether narrow_t_product takes them; it returns a new (p, q) tensor.
+bool narrow_t_takes(const at::Tensor& a, const at::Tensor& b);
+at::Tensor narrow_t_product(const at::Tensor& a, const at::Tensor& b);
 std::string cpu_isa();
 std::string set_cpu_isa_cap(const std::string& name);
 

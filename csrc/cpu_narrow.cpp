@@ -1,20 +1,27 @@
 // Products of many float32 rows with a narrow side, on the CPU: out (R, M) = rows (R, K) @ w^T + bias,
 // w (M, K), where either M or K is an adapter's hidden width (at most 32) and the other its host's
-// width. BLAS blocks for square-ish products: MKL ran EDT's head (32768 x 180 -> 12) at about 31
-// GFLOP/s on this project's 2-core AMD EPYC (Zen 4) VM, oneDNN's 1x1 convolution at about 27, and
-// EDT's tail (12 -> 180) at 16 (MKL) and 45 (oneDNN), against a peak of about 166. These two loops
-// keep one row's accumulators in registers instead:
-// - narrow output (the head, du: M <= 32): each row's M dot products of length K as 8-wide partial
-//   sums over K, up to 12 outputs at a time, summed across lanes at the row's end (AVX2 + FMA);
-// - narrow input (the tail, the input gradient: K <= 32): each row's M outputs as up to 12 16-wide
-//   vectors, each the sum of K broadcast-times-row-of-w^T products (AVX-512F; on AVX2 alone the
-//   8-wide version measured no faster than oneDNN, so those machines keep ATen's products).
-// Measured alone (medians, this VM, whose speed drifts 10-40% between minutes): EDT 64x64 x 8, the
-// head 1.4-2.7 ms against MKL's 3.6-4.8 and oneDNN's 2.7-5.7, the tail 1.6-2.7 against oneDNN's
-// 1.9-2.9; at 4096 rows 0.13-0.21 / 0.25-0.29 / 0.15-0.18 and 0.14-0.24 / 0.16 (MKL) / 0.14-0.18.
-// Only where w has at most 4096 values (kNarrowWeights: it is read once per row, so it must stay in
-// L1): IPT's 24 x 576 came from L2 and ran 1.5-4x slower than oneDNN (2304 and 18432 rows), and
-// two rows per pass over w spilled (AVX2's 16 registers) and ran slower still.
+// width; and the weight gradients' a^T b over the rows of a (R, p) and b (R, q), one of p and q narrow.
+// BLAS blocks for square-ish products and lost most of this CPU's speed on these: on this project's
+// 2-core AMD EPYC (Zen 4) VM, MKL ran IPT's 2304 x 576 -> 24 at about 115 GFLOP/s and EDT's
+// 32768 x 180 -> 12 at about 30, oneDNN's 1x1 convolution at 125 and 25. These loops keep a block of
+// results in registers and stream the wide side once:
+// - narrow output (the head, du: M <= 32, AVX2 + FMA): 12 rows (AVX2: 3-8) x M outputs, each step of K
+//   a broadcast value of each row times a row of w^T, over chunks of 128 values of K;
+// - narrow input (the tail, the input gradient: K <= 32, AVX-512F): 6 rows x 64 columns, each step of
+//   K a broadcast value of each row times 64 values of w^T's row;
+// - weight gradients (AVX-512F): 12 narrow columns x 32 wide ones, summed over chunks of 128 rows,
+//   each thread's rows into its own partial sums, added in order.
+// On AVX2 alone the narrow-input loop (its 8-wide version) measured no faster than oneDNN, so those
+// machines keep ATen's products for it and the weight gradients.
+// Measured alone (medians of 5 interleaved rounds, this VM, whose speed drifts 10-40% between
+// minutes), these loops / MKL / oneDNN's convolution, in ms: IPT 48x48 (2304 rows, 576 <-> 24) the
+// head 0.39 / 0.56 / 0.51, the tail 0.39 / 0.55 / 0.52, a weight gradient 0.35 / 0.55 (MKL); 18432
+// rows the head 3.1 / 7.9 / 4.2, a weight gradient 5.1 / 6.7; EDT 64x64 x 8 (32768 rows, 180 <->
+// 12) the head 1.1 / 3.7 / 4.5, the tail 2.2 / 6.7 / 4.2, a weight gradient 1.0 / 3.2; 4096 rows
+// 0.13 / 0.28 / 0.17, 0.13 / 0.21 / 0.19, 0.10 / 0.20. (A first version kept one row's results in
+// registers and read all of w for every row: fine for EDT's 12 x 180, from L1, but IPT's 24 x 576 came
+// from L2 and ran 1.5-4x slower than oneDNN.) Their float32 results are as close to float64 as MKL's
+// or closer (IPT's head 2.9e-7 of the largest value against MKL's 4.4e-7).
 // Rows are split over torch's threads. The ISA is read from the CPU at run time (the extension is
 // built for generic x86-64), and tests cap it (set_cpu_isa_cap) to run each version here.
 #include <ATen/ATen.h>
@@ -62,131 +69,247 @@ int isa_level(const std::string& name) {
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MOCE_NARROW_KERNELS 1
+#include <immintrin.h>
 #define MOCE_ALWAYS_INLINE __attribute__((always_inline)) inline
 
 typedef float v8f __attribute__((vector_size(32), aligned(4)));
 typedef float v16f __attribute__((vector_size(64), aligned(4)));
-typedef float v4f __attribute__((vector_size(16), aligned(4)));
-
-// (halves by memcpy, not __builtin_shufflevector: that needs GCC 12, and the extension also builds with
-// whatever compiler the GPU image has)
-MOCE_ALWAYS_INLINE float lane_sum(v8f a) {
-  v4f lo, hi;
-  std::memcpy(&lo, &a, sizeof lo);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&a) + sizeof lo, sizeof hi);
-  const v4f h = lo + hi;
-  return (h[0] + h[2]) + (h[1] + h[3]);
+template <class V>
+MOCE_ALWAYS_INLINE V load_vec(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class V>
+MOCE_ALWAYS_INLINE void store_vec(float* p, const V& v) {
+  std::memcpy(p, &v, sizeof v);
 }
 
-// out[j] = b[j] + x . wp[j] for JB outputs; wp rows are KP >= K long, zero past K.
-template <int JB>
-MOCE_ALWAYS_INLINE void narrow_out_row(const float* x, int64_t k, const float* wp, int64_t kp, const float* b,
-                                       float* out) {
-  v8f acc[JB];
-  for (int j = 0; j < JB; ++j) acc[j] = v8f{};
-  const int64_t full = k / 8 * 8;
-  for (int64_t c = 0; c < full; c += 8) {
-    v8f xv;
-    std::memcpy(&xv, x + c, sizeof xv);
-    for (int j = 0; j < JB; ++j) {
-      v8f wv;
-      std::memcpy(&wv, wp + j * kp + c, sizeof wv);
-      acc[j] += xv * wv;
+// Narrow output, RB rows at a time: o[i][0, m) = b + sum_c x[i][c] wp[c][.] for m <= WP = 16 NZ + 8 NY,
+// wp (K, WP) and b (WP) zero past m, over chunks of kOutChunk values of K, each chunk's sums then added
+// to the total (one running sum over IPT's 576 lost 3x MKL's accuracy: 1.3e-6 against 4.4e-7). The RB x WP block of results stays in registers (16-wide vectors and
+// 8-wide ones: IPT's 24 as one of each, whose two halves fill both of Zen 4's FMA pipes as three 8-wide
+// ones would, and both of a server Xeon's 512-bit ones), each step of K one broadcast value of each row
+// times wp's row. PF: prefetch the next RB rows' line of x every 16 steps (a stream of many rows from
+// DRAM: IPT 48x48 x 8's head 3.1-3.3 -> 2.6-2.7 ms).
+constexpr int64_t kOutChunk = 128;
+
+template <int NZ, int NY, int RB, bool PF>
+MOCE_ALWAYS_INLINE void narrow_out_tile(const float* x, int64_t ldx, int64_t k, const float* wp, const float* b,
+                                        float* o, int64_t ldo, int64_t m) {
+  constexpr int WP = 16 * NZ + 8 * NY;
+  float tot[RB][WP];  // the sums of the finished chunks of K (in L1)
+  for (int i = 0; i < RB; ++i) std::memcpy(tot[i], b, sizeof tot[i]);
+  for (int64_t c0 = 0; c0 < k; c0 += kOutChunk) {
+    const int64_t c1 = std::min(k, c0 + kOutChunk);
+    v16f az[RB][NZ > 0 ? NZ : 1];
+    v8f ay[RB][NY > 0 ? NY : 1];
+    for (int i = 0; i < RB; ++i) {
+      for (int l = 0; l < NZ; ++l) az[i][l] = v16f{};
+      for (int l = 0; l < NY; ++l) ay[i][l] = v8f{};
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      if (PF && c % 16 == 0)
+        for (int i = 0; i < RB; ++i) __builtin_prefetch(x + (i + RB) * ldx + c);
+      v16f bz[NZ > 0 ? NZ : 1];
+      v8f by[NY > 0 ? NY : 1];
+      for (int l = 0; l < NZ; ++l) bz[l] = load_vec<v16f>(wp + c * WP + 16 * l);
+      for (int l = 0; l < NY; ++l) by[l] = load_vec<v8f>(wp + c * WP + 16 * NZ + 8 * l);
+      for (int i = 0; i < RB; ++i) {
+        const float a = x[i * ldx + c];
+        for (int l = 0; l < NZ; ++l) az[i][l] += bz[l] * a;
+        for (int l = 0; l < NY; ++l) ay[i][l] += by[l] * a;
+      }
+    }
+    for (int i = 0; i < RB; ++i) {
+      for (int l = 0; l < NZ; ++l) store_vec(tot[i] + 16 * l, load_vec<v16f>(tot[i] + 16 * l) + az[i][l]);
+      for (int l = 0; l < NY; ++l)
+        store_vec(tot[i] + 16 * NZ + 8 * l, load_vec<v8f>(tot[i] + 16 * NZ + 8 * l) + ay[i][l]);
     }
   }
-  if (full < k) {  // the last K % 8 values, zero-padded
-    float pad[8] = {};
-    std::memcpy(pad, x + full, (k - full) * sizeof(float));
-    v8f xv;
-    std::memcpy(&xv, pad, sizeof xv);
-    for (int j = 0; j < JB; ++j) {
-      v8f wv;
-      std::memcpy(&wv, wp + j * kp + full, sizeof wv);
-      acc[j] += xv * wv;
-    }
-  }
-  for (int j = 0; j < JB; ++j) out[j] = b[j] + lane_sum(acc[j]);
+  for (int i = 0; i < RB; ++i) std::memcpy(o + i * ldo, tot[i], m * sizeof(float));
 }
 
-template <int JB>
-MOCE_ALWAYS_INLINE void narrow_out_rows(const float* x, int64_t ldx, int64_t k, const float* wp, int64_t kp,
-                                        const float* b, float* out, int64_t ldo, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) narrow_out_row<JB>(x + r * ldx, k, wp, kp, b, out + r * ldo);
+template <int NZ, int NY, int RB>
+MOCE_ALWAYS_INLINE void narrow_out_rows(const float* x, int64_t ldx, int64_t k, const float* wp, const float* b,
+                                        float* o, int64_t ldo, int64_t m, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + RB <= r1; r += RB) narrow_out_tile<NZ, NY, RB, true>(x + r * ldx, ldx, k, wp, b, o + r * ldo, ldo, m);
+  for (; r < r1; ++r) narrow_out_tile<NZ, NY, 1, false>(x + r * ldx, ldx, k, wp, b, o + r * ldo, ldo, m);
+}
+
+// wp's width (m rounded up to 8) picks the register block: with AVX-512's 32 registers 12 rows (at most
+// 24 accumulators, wp's row and the broadcast); with AVX2's 16, 8 / 6 / 4 / 3 rows of 1-4 8-wide vectors.
+__attribute__((target("avx512f,avx2,fma"), flatten)) void narrow_out_avx512(const float* x, int64_t ldx, int64_t k,
+                                                                            const float* wp, int64_t wpw,
+                                                                            const float* b, float* o, int64_t ldo,
+                                                                            int64_t m, int64_t r0, int64_t r1) {
+  switch (wpw) {
+    case 8: narrow_out_rows<0, 1, 12>(x, ldx, k, wp, b, o, ldo, m, r0, r1); break;
+    case 16: narrow_out_rows<1, 0, 12>(x, ldx, k, wp, b, o, ldo, m, r0, r1); break;
+    case 24: narrow_out_rows<1, 1, 12>(x, ldx, k, wp, b, o, ldo, m, r0, r1); break;
+    default: narrow_out_rows<2, 0, 12>(x, ldx, k, wp, b, o, ldo, m, r0, r1); break;
+  }
 }
 
 __attribute__((target("avx2,fma"), flatten)) void narrow_out_avx2(const float* x, int64_t ldx, int64_t k,
-                                                                  const float* wp, int64_t kp, const float* b,
-                                                                  float* out, int64_t ldo, int64_t m, int64_t r0,
+                                                                  const float* wp, int64_t wpw, const float* b,
+                                                                  float* o, int64_t ldo, int64_t m, int64_t r0,
                                                                   int64_t r1) {
-  // the outputs in blocks of up to 12 (12 accumulators, the row's vector and w's: 14 of 16 ymm registers)
-  for (int64_t j0 = 0; j0 < m; j0 += 12) {
-    const float* w = wp + j0 * kp;
-    float* o = out + j0;
-    switch (std::min<int64_t>(12, m - j0)) {
-#define MOCE_CASE(n) \
-  case n:            \
-    narrow_out_rows<n>(x, ldx, k, w, kp, b + j0, o, ldo, r0, r1); \
-    break;
-      MOCE_CASE(1) MOCE_CASE(2) MOCE_CASE(3) MOCE_CASE(4) MOCE_CASE(5) MOCE_CASE(6)
-      MOCE_CASE(7) MOCE_CASE(8) MOCE_CASE(9) MOCE_CASE(10) MOCE_CASE(11) MOCE_CASE(12)
-#undef MOCE_CASE
-    }
+  switch (wpw) {
+    case 8: narrow_out_rows<0, 1, 8>(x, ldx, k, wp, b, o, ldo, m, r0, r1); break;
+    case 16: narrow_out_rows<0, 2, 6>(x, ldx, k, wp, b, o, ldo, m, r0, r1); break;
+    case 24: narrow_out_rows<0, 3, 4>(x, ldx, k, wp, b, o, ldo, m, r0, r1); break;
+    default: narrow_out_rows<0, 4, 3>(x, ldx, k, wp, b, o, ldo, m, r0, r1); break;
   }
 }
 
-// out[i][c0 + 16 l ...] for RB rows and NC 16-wide column blocks: bias + sum_j u[i][j] t[j][...]; t
-// rows are MP >= M long, zero past M; the last block's columns past M are not stored.
+#define MOCE_AVX512 __attribute__((target("avx512f,avx2,fma"), always_inline)) inline
+
+// The lanes [0, n) of a 16-wide vector (all for n >= 16, none for n <= 0).
+MOCE_AVX512 __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// Narrow input, RB rows x NC 16-wide column vectors from column c0: o[i][c] = bp[c] + sum_j u[i][j] t[j][c];
+// t (K, mp) and bp (mp) zero past m (mp: m rounded up to 16), the last vector's lanes past m not stored.
 template <int NC, int RB>
-MOCE_ALWAYS_INLINE void narrow_in_row(const float* u, int64_t k, const float* t, int64_t mp, const float* bp,
-                                      int64_t c0, float* out, int64_t m) {
+MOCE_AVX512 void narrow_in_tile(const float* u, int64_t ldu, int64_t k, const float* t, int64_t mp, const float* bp,
+                                int64_t c0, float* o, int64_t ldo, int64_t m) {
   v16f acc[RB][NC];
   for (int i = 0; i < RB; ++i)
-    for (int l = 0; l < NC; ++l) std::memcpy(&acc[i][l], bp + c0 + 16 * l, sizeof(v16f));
+    for (int l = 0; l < NC; ++l) acc[i][l] = load_vec<v16f>(bp + c0 + 16 * l);
   for (int64_t j = 0; j < k; ++j) {
-    v16f uj[RB];
-    for (int i = 0; i < RB; ++i) uj[i] = v16f{} + u[i * k + j];
-    for (int l = 0; l < NC; ++l) {
-      v16f tv;
-      std::memcpy(&tv, t + j * mp + c0 + 16 * l, sizeof tv);
-      for (int i = 0; i < RB; ++i) acc[i][l] += uj[i] * tv;
+    v16f tv[NC];
+    for (int l = 0; l < NC; ++l) tv[l] = load_vec<v16f>(t + j * mp + c0 + 16 * l);
+    for (int i = 0; i < RB; ++i) {
+      const float a = u[i * ldu + j];
+      for (int l = 0; l < NC; ++l) acc[i][l] += tv[l] * a;
     }
   }
-  for (int i = 0; i < RB; ++i)
-    for (int l = 0; l < NC; ++l) {
-      const int64_t c = c0 + 16 * l;
-      if (c + 16 <= m)
-        std::memcpy(out + i * m + c, &acc[i][l], sizeof(v16f));
-      else if (c < m)
-        std::memcpy(out + i * m + c, &acc[i][l], (m - c) * sizeof(float));
-    }
+  const int64_t last = c0 + 16 * (NC - 1);
+  const __mmask16 mask = first_lanes(m - last);
+  for (int i = 0; i < RB; ++i) {
+    float* dst = o + i * ldo;
+    for (int l = 0; l < NC - 1; ++l) store_vec(dst + c0 + 16 * l, acc[i][l]);
+    _mm512_mask_storeu_ps(dst + last, mask, reinterpret_cast<__m512>(acc[i][NC - 1]));
+  }
 }
 
 template <int NC>
-MOCE_ALWAYS_INLINE void narrow_in_rows(const float* u, int64_t ldu, int64_t k, const float* t, int64_t mp,
-                                       const float* bp, int64_t c0, float* out, int64_t ldo, int64_t m, int64_t r0,
-                                       int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) narrow_in_row<NC, 1>(u + r * ldu, k, t, mp, bp, c0, out + r * ldo, m);
+MOCE_AVX512 void narrow_in_rows(const float* u, int64_t ldu, int64_t k, const float* t, int64_t mp, const float* bp,
+                                int64_t c0, float* o, int64_t ldo, int64_t m, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 6 <= r1; r += 6) narrow_in_tile<NC, 6>(u + r * ldu, ldu, k, t, mp, bp, c0, o + r * ldo, ldo, m);
+  for (; r < r1; ++r) narrow_in_tile<NC, 1>(u + r * ldu, ldu, k, t, mp, bp, c0, o + r * ldo, ldo, m);
 }
 
+// 6 rows x 64 columns at a time (24 accumulators), over blocks of 96 rows (their u stays in L1 across
+// the column blocks) and, within one, the column blocks of t (K x 64 values each).
 __attribute__((target("avx512f,avx2,fma"), flatten)) void narrow_in_avx512(const float* u, int64_t ldu, int64_t k,
                                                                            const float* t, int64_t mp, const float* bp,
-                                                                           float* out, int64_t ldo, int64_t m,
+                                                                           float* o, int64_t ldo, int64_t m,
                                                                            int64_t r0, int64_t r1) {
-  // the columns in blocks of up to 12 vectors (12 accumulators, u[j] and t's: 14 of 32 zmm registers;
-  // two rows at a time, sharing t's loads, measured slower)
-  for (int64_t c0 = 0; c0 < m; c0 += 12 * 16) {
-    switch (std::min<int64_t>(12, (m - c0 + 15) / 16)) {
-#define MOCE_CASE(n) \
-  case n:            \
-    narrow_in_rows<n>(u, ldu, k, t, mp, bp, c0, out, ldo, m, r0, r1); \
+  for (int64_t rb = r0; rb < r1; rb += 96) {
+    const int64_t re = std::min(r1, rb + 96);
+    for (int64_t c0 = 0; c0 < mp; c0 += 64) {
+      switch (std::min<int64_t>(4, (mp - c0) / 16)) {
+        case 1: narrow_in_rows<1>(u, ldu, k, t, mp, bp, c0, o, ldo, m, rb, re); break;
+        case 2: narrow_in_rows<2>(u, ldu, k, t, mp, bp, c0, o, ldo, m, rb, re); break;
+        case 3: narrow_in_rows<3>(u, ldu, k, t, mp, bp, c0, o, ldo, m, rb, re); break;
+        default: narrow_in_rows<4>(u, ldu, k, t, mp, bp, c0, o, ldo, m, rb, re); break;
+      }
+    }
+  }
+}
+
+// Rows per chunk of the weight gradient's loop: its wide rows stay in L2 while each column block and group
+// of narrow columns passes over them.
+constexpr int64_t kTChunk = 128;
+
+// Weight gradient, NB narrow columns from j0 x 32 wide columns from c0, over rows [r0, r1):
+// g[j0 + j][c] += sum_r s[r][j0 + j] w[r][c] (c < q), the 256 x 32 block of sums in registers. pf: the
+// same columns pf values further on in w, prefetched (the next chunk, read as short strided runs that
+// the hardware prefetchers left to DRAM: IPT 48x48 x 8's weight gradient 9-15 -> 3-4 ms).
+template <int NB>
+MOCE_AVX512 void narrow_t_tile(const float* s, int64_t lds, int64_t j0, const float* w, int64_t ldw, int64_t r0,
+                               int64_t r1, int64_t c0, int64_t q, float* g, int64_t ldg, int64_t pf) {
+  const __mmask16 m0 = first_lanes(q - c0), m1 = first_lanes(q - c0 - 16);
+  const bool full = q - c0 >= 32;
+  v16f acc[NB][2];
+  for (int j = 0; j < NB; ++j) acc[j][0] = acc[j][1] = v16f{};
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* wr = w + r * ldw + c0;
+    if (pf) {
+      __builtin_prefetch(wr + pf);
+      __builtin_prefetch(wr + pf + 16);
+    }
+    v16f w0, w1;
+    if (full) {
+      w0 = load_vec<v16f>(wr), w1 = load_vec<v16f>(wr + 16);
+    } else {
+      w0 = reinterpret_cast<v16f>(_mm512_maskz_loadu_ps(m0, wr));
+      w1 = reinterpret_cast<v16f>(_mm512_maskz_loadu_ps(m1, wr + 16));
+    }
+    const float* sr = s + r * lds + j0;
+    for (int j = 0; j < NB; ++j) {
+      const float a = sr[j];
+      acc[j][0] += w0 * a;
+      acc[j][1] += w1 * a;
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    float* dst = g + (j0 + j) * ldg + c0;
+    const v16f g0 = reinterpret_cast<v16f>(_mm512_maskz_loadu_ps(m0, dst)) + acc[j][0];
+    const v16f g1 = reinterpret_cast<v16f>(_mm512_maskz_loadu_ps(m1, dst + 16)) + acc[j][1];
+    _mm512_mask_storeu_ps(dst, m0, reinterpret_cast<__m512>(g0));
+    _mm512_mask_storeu_ps(dst + 16, m1, reinterpret_cast<__m512>(g1));
+  }
+}
+
+template <int NB>
+MOCE_AVX512 void narrow_t_columns(const float* s, int64_t lds, int64_t j0, const float* w, int64_t ldw, int64_t r0,
+                                  int64_t r1, int64_t q, float* g, int64_t ldg, int64_t pf) {
+  for (int64_t c0 = 0; c0 < q; c0 += 32) narrow_t_tile<NB>(s, lds, j0, w, ldw, r0, r1, c0, q, g, ldg, pf);
+}
+
+// g (n, q) += s[r0:r1]^T w[r0:r1] for s (R, n <= 32), w (R, q): per chunk of kTChunk rows, each group of up
+// to 12 narrow columns times each 32-wide column block (24 accumulators); the next chunk's rows
+// prefetched during the first group's pass.
+__attribute__((target("avx512f,avx2,fma"), flatten)) void narrow_t_avx512(const float* s, int64_t lds, int64_t n,
+                                                                          const float* w, int64_t ldw, int64_t q,
+                                                                          float* g, int64_t r0, int64_t r1) {
+  for (int64_t rc = r0; rc < r1; rc += kTChunk) {
+    const int64_t re = std::min(r1, rc + kTChunk);
+    for (int64_t j0 = 0; j0 < n; j0 += 12) {
+      const int64_t pf = j0 == 0 && re + kTChunk <= r1 ? kTChunk * ldw : 0;
+      switch (std::min<int64_t>(12, n - j0)) {
+#define MOCE_CASE(nb) \
+  case nb:            \
+    narrow_t_columns<nb>(s, lds, j0, w, ldw, rc, re, q, g, q, pf); \
     break;
-      MOCE_CASE(1) MOCE_CASE(2) MOCE_CASE(3) MOCE_CASE(4) MOCE_CASE(5) MOCE_CASE(6)
-      MOCE_CASE(7) MOCE_CASE(8) MOCE_CASE(9) MOCE_CASE(10) MOCE_CASE(11) MOCE_CASE(12)
+        MOCE_CASE(1) MOCE_CASE(2) MOCE_CASE(3) MOCE_CASE(4) MOCE_CASE(5) MOCE_CASE(6)
+        MOCE_CASE(7) MOCE_CASE(8) MOCE_CASE(9) MOCE_CASE(10) MOCE_CASE(11) MOCE_CASE(12)
 #undef MOCE_CASE
+      }
     }
   }
 }
 #endif
+
+// Splits [0, r) into at most torch's thread count of parts, each a multiple of `align` rows (the
+// register block) and at least `grain` rows, and runs fn(r0, r1) on each in parallel.
+template <class F>
+void parallel_rows(int64_t r, int64_t align, int64_t grain, const F& fn) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), r / std::max<int64_t>(grain, 1)));
+  const int64_t per = ((r + parts - 1) / parts + align - 1) / align * align;
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t a = std::min(r, p * per), e = std::min(r, a + per);
+      if (a < e) fn(a, e);
+    }
+  });
+}
 
 // Rows per task of the parallel loops: about 64 KiB of rows, at least 16.
 int64_t rows_grain(int64_t width) { return std::max<int64_t>(16, 16384 / std::max<int64_t>(width, 1)); }
@@ -202,7 +325,7 @@ std::string set_cpu_isa_cap(const std::string& name) {
 }
 
 const char* narrow_kind(at::ScalarType dtype, int64_t k, int64_t m) {
-  if (dtype != at::kFloat || k < 1 || m < 1 || m * k > kNarrowWeights) return nullptr;
+  if (dtype != at::kFloat || k < 1 || m < 1) return nullptr;
   const int isa = std::min(detected_isa(), isa_cap());
   if (isa >= 1 && m <= kNarrowWidth && k > kNarrowWidth) return "narrow_out";
   if (isa >= 2 && k <= kNarrowWidth && m > kNarrowWidth) return "narrow_in";
@@ -231,26 +354,65 @@ at::Tensor narrow_rows_times(const at::Tensor& rows, const at::Tensor& w, const 
   float* o = out.data_ptr<float>();
   const int64_t ldx = rows.stride(0), ldo = out.stride(0);
 #ifdef MOCE_NARROW_KERNELS
-  if (std::strcmp(kind, "narrow_out") == 0) {
-    const int64_t kp = (k + 7) / 8 * 8;
-    std::vector<float> wp(m * kp, 0.f), b(m, 0.f);
-    for (int64_t j = 0; j < m; ++j) std::memcpy(wp.data() + j * kp, wd + j * k, k * sizeof(float));
+  if (std::strcmp(kind, "narrow_out") == 0) {  // w^T packed as (K, m rounded up to 8), zero past m
+    const int64_t wpw = (m + 7) / 8 * 8;
+    std::vector<float> wp(k * wpw, 0.f), b(wpw, 0.f);
+    for (int64_t c = 0; c < k; ++c)
+      for (int64_t j = 0; j < m; ++j) wp[c * wpw + j] = wd[j * k + c];
     if (bias.defined()) std::memcpy(b.data(), bias.contiguous().data_ptr<float>(), m * sizeof(float));
-    at::parallel_for(0, r, rows_grain(k), [&](int64_t r0, int64_t r1) {
-      narrow_out_avx2(x, ldx, k, wp.data(), kp, b.data(), o, ldo, m, r0, r1);
+    const bool avx512 = std::min(detected_isa(), isa_cap()) >= 2;
+    parallel_rows(r, 12, rows_grain(k), [&](int64_t r0, int64_t r1) {
+      if (avx512)
+        narrow_out_avx512(x, ldx, k, wp.data(), wpw, b.data(), o, ldo, m, r0, r1);
+      else
+        narrow_out_avx2(x, ldx, k, wp.data(), wpw, b.data(), o, ldo, m, r0, r1);
     });
-  } else {
+  } else {  // w^T as (K, m rounded up to 16), zero past m
     const int64_t mp = (m + 15) / 16 * 16;
     std::vector<float> t(k * mp, 0.f), bp(mp, 0.f);
     for (int64_t c = 0; c < m; ++c)
       for (int64_t j = 0; j < k; ++j) t[j * mp + c] = wd[c * k + j];
     if (bias.defined()) std::memcpy(bp.data(), bias.contiguous().data_ptr<float>(), m * sizeof(float));
-    at::parallel_for(0, r, rows_grain(m), [&](int64_t r0, int64_t r1) {
+    parallel_rows(r, 6, rows_grain(m), [&](int64_t r0, int64_t r1) {
       narrow_in_avx512(x, ldx, k, t.data(), mp, bp.data(), o, ldo, m, r0, r1);
     });
   }
 #endif
   return out;
+}
+
+bool narrow_t_takes(const at::Tensor& a, const at::Tensor& b) {
+  if (a.dim() != 2 || b.dim() != 2 || a.size(0) != b.size(0) || !unit_rows(a) || !unit_rows(b) ||
+      a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat || std::min(detected_isa(), isa_cap()) < 2)
+    return false;
+  const int64_t p = a.size(1), q = b.size(1);
+  return std::min(p, q) >= 1 && std::min(p, q) <= kNarrowWidth && std::max(p, q) > kNarrowWidth;
+}
+
+at::Tensor narrow_t_product(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(narrow_t_takes(a, b), "narrow_t_product: no narrow CPU product for a ", a.sizes(), " ",
+              a.scalar_type(), " and b ", b.sizes(), " ", b.scalar_type(), " on this CPU (ISA ", cpu_isa(), ")");
+  const bool a_narrow = a.size(1) <= kNarrowWidth;
+  const auto& s = a_narrow ? a : b;  // the narrow side
+  const auto& w = a_narrow ? b : a;
+  const int64_t r = a.size(0), n = s.size(1), q = w.size(1);
+  // one (n, q) partial sum per part of the rows, added in part order
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), r / kTChunk));
+  const int64_t per = (r + parts - 1) / parts;
+  auto acc = at::zeros({parts, n, q}, w.options());
+  float* accp = acc.data_ptr<float>();
+#ifdef MOCE_NARROW_KERNELS
+  const float *sp = s.data_ptr<float>(), *wp = w.data_ptr<float>();
+  const int64_t lds = s.stride(0), ldw = w.stride(0);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r0 = std::min(r, p * per), r1 = std::min(r, r0 + per);
+      if (r0 < r1) narrow_t_avx512(sp, lds, n, wp, ldw, q, accp + p * n * q, r0, r1);
+    }
+  });
+#endif
+  auto g = parts == 1 ? acc[0] : acc.sum(0);
+  return a_narrow ? g : g.t().contiguous();
 }
 
 }  // namespace moce_fast

@@ -147,12 +147,16 @@ def isa(request):
     _cuda.set_cpu_isa_cap(previous)
 
 
-# (rows, K, M, bias): w (M, K). Narrow outputs (M <= 32 < K): K not a multiple of 8, more than 12
-# outputs (several blocks of the loop), one output, 4096 weights (the largest taken). Narrow inputs
-# (K <= 32 < M): M not a multiple of 16, more than 192 columns (several blocks), K = 1 and 32.
+# (rows, K, M, bias): w (M, K). Narrow outputs (M <= 32 < K): each register block (M rounded up to 8:
+# 8, 16, 24, 32), M not a multiple of 8, one output, rows fewer than a block and not a multiple of one
+# (12 rows with AVX-512, 3-8 with AVX2), IPT's 576 -> 24 on 2305 rows (a part per thread), a long K.
+# Narrow inputs (K <= 32 < M): M not a multiple of 16, fewer than 64 columns (one partial block), several
+# blocks of 64, K = 1 and 32, more than 96 rows (several row blocks) not a multiple of 6, IPT's 24 -> 576.
 NARROW_PRODUCTS = [(1, 180, 12, True), (37, 180, 12, True), (4099, 180, 12, False), (33, 56, 4, True),
-                   (5, 33, 1, False), (9, 100, 13, True), (50, 128, 32, True), (37, 12, 180, False),
-                   (5, 4, 56, True), (7, 1, 33, False), (21, 3, 200, True), (11, 32, 128, True)]
+                   (5, 33, 1, False), (9, 100, 13, True), (50, 128, 32, True), (12, 40, 8, False),
+                   (25, 40, 20, True), (13, 64, 24, True), (2305, 576, 24, True), (7, 5000, 3, False),
+                   (37, 12, 180, False), (5, 4, 56, True), (7, 1, 33, False), (21, 3, 200, True),
+                   (11, 32, 128, True), (203, 24, 576, False), (2305, 24, 576, True), (6, 7, 64, True)]
 
 
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
@@ -177,20 +181,53 @@ def test_narrow_products_equal_reference(isa, rows, k, m, bias, strided):
     assert rel_err(y, want) < 1e-6
 
 
+# (rows, p, q): a (R, p), b (R, q), one side narrow. IPT's and EDT's weight gradients (the head's narrow
+# side on the left, the tail's on the right), rows fewer than a chunk (128), several chunks and one
+# part per thread, a last partial one; q or p not a multiple of 16 or of 32 (masked loads and stores),
+# more than 12 narrow columns (two groups), one narrow column, 32.
+NARROW_T_PRODUCTS = [(2304, 24, 576), (2304, 576, 24), (4099, 12, 180), (4099, 180, 12), (1, 24, 576),
+                     (127, 13, 33), (129, 33, 13), (300, 1, 40), (300, 32, 47), (37, 20, 100)]
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("rows,p,q", NARROW_T_PRODUCTS)
+def test_narrow_t_products_equal_reference(isa, rows, p, q, strided):
+    # the weight gradients' a^T b on the extension's loop (AVX-512 only) against float64; None below it
+    from moce_fast import _C
+
+    g = torch.Generator().manual_seed(rows * 1000 + p * 10 + q)
+
+    def rand(width):
+        return torch.randn(rows, width + 5, generator=g)[:, 2:2 + width] if strided else torch.randn(rows, width, generator=g)
+
+    a, b = rand(p), rand(q)
+    y = _C.cpu_narrow_t_product(a, b)
+    if isa != "avx512":
+        assert y is None
+        return
+    want = a.double().t() @ b.double()
+    assert y.dtype == torch.float32 and y.shape == (p, q) and y.is_contiguous()
+    assert rel_err(y, want) < 1e-6
+
+
 def test_narrow_products_decline_other_inputs():
-    # float64, non-contiguous rows, more than 4096 weights (w no longer stays in L1), no narrow side:
-    # None (the kernel then takes ATen's products); an unknown ISA cap is an error naming the choices
+    # float64, non-contiguous rows, no narrow side or two narrow sides: None (the kernel then takes
+    # ATen's products); an unknown ISA cap is an error naming the choices
     from moce_fast import _C
     from moce_fast.ops import _cuda
 
     x, w = torch.randn(40, 180), torch.randn(12, 180)
     if _detected_isa() != "none":
         assert _C.cpu_narrow_rows_times(x, w) is not None
+    if _detected_isa() == "avx512":
+        assert _C.cpu_narrow_t_product(x, torch.randn(40, 12)) is not None
     assert _C.cpu_narrow_rows_times(x.double(), w.double()) is None
     assert _C.cpu_narrow_rows_times(torch.randn(180, 40).t(), w) is None
-    assert _C.cpu_narrow_rows_times(torch.randn(40, 576), torch.randn(24, 576)) is None
-    assert _C.cpu_narrow_rows_times(torch.randn(40, 24), torch.randn(576, 24)) is None
     assert _C.cpu_narrow_rows_times(torch.randn(40, 64), torch.randn(48, 64)) is None
+    assert _C.cpu_narrow_rows_times(torch.randn(40, 24), torch.randn(24, 24)) is None
+    for a, b in ((x.double(), torch.randn(40, 12).double()), (torch.randn(180, 40).t(), torch.randn(40, 12)),
+                 (x, torch.randn(40, 64)), (torch.randn(40, 12), torch.randn(40, 24)), (x, torch.randn(41, 12))):
+        assert _C.cpu_narrow_t_product(a, b) is None
     with pytest.raises(ValueError, match="isa: expected 'avx512', 'avx2' or 'none', got 'sse'"):
         _cuda.set_cpu_isa_cap("sse")
     with pytest.raises(RuntimeError, match="expected \"avx512\", \"avx2\" or \"none\", got \"sse\""):
@@ -199,15 +236,16 @@ def test_narrow_products_decline_other_inputs():
 
 def test_narrow_kind_is_what_the_products_take(isa):
     # cpu_narrow_kind (what Python asks, e.g. for the eval row limit) says a product is taken exactly
-    # where cpu_narrow_rows_times takes it, at each ISA: EDT's head (180 -> 12) from AVX2, its tail
-    # (12 -> 180) only with AVX-512, IPT's 24 x 576 (w out of L1), float64 and no narrow side never
+    # where cpu_narrow_rows_times takes it, at each ISA: a narrow output (EDT's and IPT's heads) from
+    # AVX2, a narrow input (their tails) only with AVX-512, any length of the wide side; float64, no
+    # narrow side and two narrow sides never
     from moce_fast import _C
     from moce_fast.ops import _cuda
 
     level = ISA_LEVELS.index(isa)
-    expected = {(180, 12): "narrow_out" if level >= 1 else None, (12, 180): "narrow_in" if level >= 2 else None,
-                (64, 64): None, (576, 24): None, (24, 576): None, (4096, 1): "narrow_out" if level >= 1 else None,
-                (4097, 1): None, (1, 4096): "narrow_in" if level >= 2 else None}
+    out, into = "narrow_out" if level >= 1 else None, "narrow_in" if level >= 2 else None
+    expected = {(180, 12): out, (12, 180): into, (64, 64): None, (576, 24): out, (24, 576): into,
+                (4097, 1): out, (1, 4097): into, (24, 24): None, (33, 32): out, (32, 33): into}
     for (k, m), kind in expected.items():
         assert _cuda.cpu_narrow_kind(torch.float32, k, m) == kind, (k, m)
         assert _cuda.cpu_narrow_kind(torch.float64, k, m) is None, (k, m)
@@ -228,13 +266,15 @@ def test_isa_caps_equal_reference(isa, layout, hh, ww, n):
 @pytest.mark.parametrize("layout,hh,ww,n,variant,dim", [("nhwc", 32, 64, 2, "edt", 128), ("lnc", 16, 16, 16, "ipt", 576),
                                                         ("lnc", 16, 16, 8, "ipt", 576), ("nhwc", 32, 32, 2, "edt", 128)])
 def test_many_rows_products_equal_reference(isa, layout, hh, ww, n, variant, dim):
-    # from 4096 float32 rows the wide products run as oneDNN's 1x1 convolution (EDT-like 128 <-> 9:
-    # the tail and the input gradient; IPT-like 576 <-> 24: the head and du too) and the narrow weight
+    # with AVX-512 every product on the C-wide rows (the head and tail, both input gradients, both
+    # weight gradients) runs on the extension's narrow loops: no oneDNN convolution, no bmm. Below it
+    # (AVX2: the narrow-output loop only, for the head and du; "none": ATen's) from 4096 float32 rows
+    # the wide products run as oneDNN's 1x1 convolution (EDT-like 128 <-> 9: the tail and the input
+    # gradient; IPT-like 576 <-> 24: the head too where no narrow loop takes it) and the narrow weight
     # gradients (128 channels) as row-block products in one bmm; from 2048 rows the convolution runs
-    # where a side is 512 or wider (IPT), the rest on MKL; the backward of a product that ran as a
-    # convolution is its convolution_backward (the tail's; IPT's head's too); training and eval
-    # against float64. With AVX-512 the EDT-like tail (9 x 128 weights) runs on the extension's
-    # narrow-input loop instead of the forward's convolution (IPT's 24 x 576 weights never do).
+    # where a side is 512 or wider (IPT), the rest on MKL; the tail's weight gradient and du, and at
+    # IPT's width the head's gradients, come from one convolution_backward each; training and eval
+    # against float64.
     rows = n * hh * ww
     fast, ref, x = adapter_case(layout, hh, ww, n, torch.float32, variant=variant, dim=dim)
     fast.train(), ref.train()
@@ -242,11 +282,11 @@ def test_many_rows_products_equal_reference(isa, layout, hh, ww, n, variant, dim
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, moce_fast.backend("cpu"):
         probe(xl).backward(torch.randn_like(xl))
     ran = {e.key for e in prof.key_averages()}
-    narrow_tail = isa == "avx512" and dim < 512
-    assert ("aten::convolution" in ran) == ((rows >= 4096 or dim >= 512) and not narrow_tail), sorted(ran)
-    assert ("aten::bmm" in ran) == (rows >= 4096 and dim < 384), sorted(ran)
+    narrow = isa == "avx512"
+    assert ("aten::convolution" in ran) == ((rows >= 4096 or dim >= 512) and not narrow), sorted(ran)
+    assert ("aten::bmm" in ran) == (rows >= 4096 and dim < 384 and not narrow), sorted(ran)
     backward_convs = sum(e.count for e in prof.key_averages() if e.key == "aten::convolution_backward")
-    assert backward_convs == (2 if dim >= 512 else 1 if rows >= 4096 else 0), backward_convs
+    assert backward_convs == (0 if narrow else 2 if dim >= 512 else 1 if rows >= 4096 else 0), backward_convs
     _check_training_step(fast, ref, x, layout, torch.float32, 12)
     _check_eval(fast, ref, x, layout, torch.float32)
 
@@ -379,9 +419,10 @@ def test_dense_dft_tables_only_up_to_their_pixel_limit():
 
 
 def test_eval_row_limit_of_narrow_adapters(monkeypatch):
-    # in eval, a float32 adapter whose head and tail both run on the narrow products (at most 4096
-    # weights, AVX-512) takes the kernel up to CPU_KERNEL_MAX_ROWS_EVAL_NARROW rows; in float64, at
-    # IPT's width, or with the ISA capped at AVX2, up to CPU_KERNEL_MAX_ROWS_EVAL; the same values
+    # in eval, a float32 adapter whose head and tail both run on the narrow products (a hidden width
+    # of at most 32, AVX-512: EDT's and IPT's) takes the kernel up to CPU_KERNEL_MAX_ROWS_EVAL_NARROW
+    # rows; in float64, with 40 hidden channels (IPT at 960), or with the ISA capped at AVX2, up to
+    # CPU_KERNEL_MAX_ROWS_EVAL; the same values
     from moce_fast.ops import _cuda
 
     if _detected_isa() != "avx512":
@@ -390,6 +431,7 @@ def test_eval_row_limit_of_narrow_adapters(monkeypatch):
     monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_EVAL_NARROW", 32)
     edt = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "lnc")).eval()
     ipt = randomize_(moce_fast.AdaptIRAdapter(576, "ipt", "lnc")).eval()
+    wide = randomize_(moce_fast.AdaptIRAdapter(960, "ipt", "lnc")).eval()
     x = torch.randn(16, 2, 56)  # 32 rows
 
     def ran(module, t):
@@ -402,8 +444,10 @@ def test_eval_row_limit_of_narrow_adapters(monkeypatch):
     assert where == {"cpu"}
     assert ran(edt, torch.randn(16, 3, 56))[1] == {"torch"}
     assert ran(copy.deepcopy(edt).double(), x.double())[1] == {"torch"}
-    assert ran(ipt, torch.randn(16, 2, 576))[1] == {"torch"}
-    assert ran(ipt, torch.randn(16, 1, 576))[1] == {"cpu"}
+    assert ran(ipt, torch.randn(16, 2, 576))[1] == {"cpu"}
+    assert ran(ipt, torch.randn(16, 3, 576))[1] == {"torch"}
+    assert ran(wide, torch.randn(16, 2, 960))[1] == {"torch"}
+    assert ran(wide, torch.randn(16, 1, 960))[1] == {"cpu"}
     previous = _cuda.set_cpu_isa_cap("avx2")
     try:
         y_torch, where = ran(edt, x)
