@@ -233,9 +233,10 @@ void rows_times_into(at::Tensor o, const at::Tensor& rows, const at::Tensor& w, 
 }
 
 // The backward of rows_times's convolution (where rows_as_conv(rows, M): rows (R, K) @ w^T + bias, w
-// (M, K)) for dy (R, M), contiguous: {drows (R, K), or undefined unless need_drows; dw (M, K); db (M),
-// or undefined unless with_bias} from one oneDNN convolution_backward, which reads dy and rows in
-// its own blocked order for both products. Measured against drows as rows_times(dy, w^T) and dw as
+// (M, K)) for dy (R, M), contiguous: {drows (R, K), or undefined unless need_drows; dw (M, K)} from one
+// oneDNN convolution_backward, which reads dy and rows in its own blocked order for both products (the
+// bias's gradient comes from the kernel's own loops). Where the narrow products do not apply (see
+// backward_impl). Measured against drows as rows_times(dy, w^T) and dw as
 // the MKL product (2-core AMD EPYC, medians of 7 blocks, three rounds): IPT's 576 <-> 24 at 2304 rows
 // the tail's (du, dtw) 0.99 -> 0.82-0.83 ms, the head's (dx, dwh, dbh) 0.97-1.03 -> 0.87-0.95; at 2048
 // rows 0.89-1.03 -> 0.74-1.01 and 0.85-1.10 -> 0.78-0.86; EDT's tail (12 -> 180) at 4096 rows
@@ -245,16 +246,14 @@ void rows_times_into(at::Tensor o, const at::Tensor& rows, const at::Tensor& w, 
 // within this VM's noise. Not where the forward's product ran on MKL: at 256-1024 rows it lost (IPT
 // 16x16's head 0.15-0.19 -> 0.21-0.30 ms), and EDT's head at 4096 rows was even.
 std::vector<at::Tensor> rows_times_backward(const at::Tensor& dy, const at::Tensor& rows, const at::Tensor& w,
-                                            bool need_drows, bool with_bias) {
+                                            bool need_drows) {
   const int64_t r = rows.size(0), k = rows.size(1), m = w.size(0);
   auto as_map = [r](const at::Tensor& t) { return t.view({1, r, 1, t.size(1)}).permute({0, 3, 1, 2}); };
-  const std::array<int64_t, 1> bias_sizes{m};
-  auto g = at::convolution_backward(as_map(dy), as_map(rows), w.reshape({m, k, 1, 1}),
-                                    with_bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(),
-                                    {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1, {need_drows, true, with_bias});
+  auto g = at::convolution_backward(as_map(dy), as_map(rows), w.reshape({m, k, 1, 1}), at::OptionalIntArrayRef(),
+                                    {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1, {need_drows, true, false});
   at::Tensor drows;
   if (need_drows) drows = std::get<0>(g).permute({0, 2, 3, 1}).reshape({r, k});
-  return {drows, std::get<1>(g).reshape({m, k}), std::get<2>(g)};
+  return {drows, std::get<1>(g).reshape({m, k})};
 }
 
 // a^T b (m, k) over the R rows of a (R, m) and b (R, k), both narrow (see rows_as_conv).
@@ -809,7 +808,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
       du = rows_times(g, tw.t(), {});
       dtw = narrow_t_product(g, sv[S_U]);
     } else if (rows_as_conv(sv[S_U], d.c) && g.is_contiguous()) {  // the forward's convolution's backward
-      auto gr = rows_times_backward(g, sv[S_U], tw, true, false);
+      auto gr = rows_times_backward(g, sv[S_U], tw, true);
       du = gr[0], dtw = gr[1];
     } else {
       du = rows_times(g, tw.t(), {});
@@ -1085,7 +1084,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
     *dcb.data_ptr<T>() = T(sums[H]);
   }
   // BatchNorm on the batch statistics: dy0 = istd w (dy - mean dy - xhat mean(dy xhat))
-  auto dbnw = new_buffer({H}, like), dbnb = new_buffer({H}, like);
+  auto dbnw = new_buffer({H}, like), dbnb = new_buffer({H}, like), dbh = new_buffer({H}, like);
   {
     const T *xh = S(S_XHAT), *istd = S(S_ISTD), *bw = P(BN_W);
     const int64_t chunk = chunk_items(H);
@@ -1106,23 +1105,28 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
       pw[c] = T(gw[c]), pb[c] = T(gb[c]);
       mb[c] = T(gb[c] / double(R)), mw[c] = T(gw[c] / double(R)), sc[c] = bw[c] * istd[c];
     }
-    for_chunks(R, chunk, [&](int64_t, int64_t r0, int64_t r1) {
+    Partials head_bias(num_chunks(R, chunk), H);  // per chunk: the head bias's gradient, sum of dy0
+    for_chunks(R, chunk, [&](int64_t k, int64_t r0, int64_t r1) {
+      double* gh = head_bias[k];
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t c = 0; c < H; ++c) {
           const int64_t e = r * H + c;
           dyp[e] = (dyp[e] - mb[c] - xh[e] * mw[c]) * sc[c];
+          gh[c] += dyp[e];
         }
     });
+    const std::vector<double> hb = head_bias.total();
+    T* pd = dbh.data_ptr<T>();
+    for (int64_t c = 0; c < H; ++c) pd[c] = T(hb[c]);
   }
   // head, on x's rows (dy reordered to them)
   if (d.image_major) dy = swap_rows(dy, NP, N);
   const auto wh = prm[HEAD_W].view({H, d.c});
-  at::Tensor dwh, dbh, dx = at::empty({0}, like.options());
+  at::Tensor dwh, dx = at::empty({0}, like.options());
   if (blocks) {  // sv[S_ROWS]: the whole batch's x
     auto acc = at::zeros({d.c, H}, like.options());
     for (int64_t j = 0; j < N; ++j) acc.addmm_(blocks->of(sv[S_ROWS], j).t(), blocks->rows(dy, j));
     dwh = acc.t().contiguous();
-    dbh = dy.sum(0);
     if (need_dx) {
       dx = blocks->out;
       blocks->each([&](int64_t j) {
@@ -1131,19 +1135,17 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
     }
   } else if (layout != NCHW && narrow_t_takes(dy, sv[S_ROWS])) {  // the extension's loops
     dwh = narrow_t_product(dy, sv[S_ROWS]);
-    dbh = dy.sum(0);
     if (need_dx) dx = rows_times(dy, wh.t(), {}).view(dout.sizes());
   } else if (layout != NCHW && rows_as_conv(sv[S_ROWS], H)) {
-    // the forward's convolution's backward: dx, dwh and dbh in one call (dy is contiguous)
-    auto gr = rows_times_backward(dy, sv[S_ROWS], wh, need_dx, true);
+    // the forward's convolution's backward: dx and dwh in one call (dy is contiguous)
+    auto gr = rows_times_backward(dy, sv[S_ROWS], wh, need_dx);
     if (need_dx) dx = gr[0].view(dout.sizes());
-    dwh = gr[1], dbh = gr[2];
+    dwh = gr[1];
   } else {
     // wide and long (IPT's 576 channels, 1024+ rows) as (rows^T dy)^T: MKL ran dy^T rows 1.3-1.5x
     // slower there on this project's 2-core CPU (and faster on EDT's 180 channels)
     dwh = d.c >= 384 && R >= 1024 ? at::mm(sv[S_ROWS].t(), dy).t().contiguous()
                                   : narrow_rows_t_product(dy, sv[S_ROWS]);
-    dbh = dy.sum(0);
     if (need_dx && layout == NCHW) {
       dx = new_buffer(dout.sizes(), like);
       auto o = dx.view({d.c, NP});

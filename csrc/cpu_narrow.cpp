@@ -348,8 +348,8 @@ at::Tensor narrow_rows_times(const at::Tensor& rows, const at::Tensor& w, const 
                   unit_rows(out),
               "narrow_rows_times: expected a float32 out (", r, ", ", m, ") of contiguous rows, got ", out.sizes(),
               " with strides ", out.strides());
-  const auto wc = w.contiguous();
-  const float* wd = wc.data_ptr<float>();
+  const float* wd = w.data_ptr<float>();  // read through its strides (the backward passes w^T views)
+  const int64_t ws0 = w.stride(0), ws1 = w.stride(1);
   const float* x = rows.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const int64_t ldx = rows.stride(0), ldo = out.stride(0);
@@ -358,7 +358,7 @@ at::Tensor narrow_rows_times(const at::Tensor& rows, const at::Tensor& w, const 
     const int64_t wpw = (m + 7) / 8 * 8;
     std::vector<float> wp(k * wpw, 0.f), b(wpw, 0.f);
     for (int64_t c = 0; c < k; ++c)
-      for (int64_t j = 0; j < m; ++j) wp[c * wpw + j] = wd[j * k + c];
+      for (int64_t j = 0; j < m; ++j) wp[c * wpw + j] = wd[j * ws0 + c * ws1];
     if (bias.defined()) std::memcpy(b.data(), bias.contiguous().data_ptr<float>(), m * sizeof(float));
     const bool avx512 = std::min(detected_isa(), isa_cap()) >= 2;
     parallel_rows(r, 12, rows_grain(k), [&](int64_t r0, int64_t r1) {
@@ -371,7 +371,7 @@ at::Tensor narrow_rows_times(const at::Tensor& rows, const at::Tensor& w, const 
     const int64_t mp = (m + 15) / 16 * 16;
     std::vector<float> t(k * mp, 0.f), bp(mp, 0.f);
     for (int64_t c = 0; c < m; ++c)
-      for (int64_t j = 0; j < k; ++j) t[j * mp + c] = wd[c * k + j];
+      for (int64_t j = 0; j < k; ++j) t[j * mp + c] = wd[c * ws0 + j * ws1];
     if (bias.defined()) std::memcpy(bp.data(), bias.contiguous().data_ptr<float>(), m * sizeof(float));
     parallel_rows(r, 6, rows_grain(m), [&](int64_t r0, int64_t r1) {
       narrow_in_avx512(x, ldx, k, t.data(), mp, bp.data(), o, ldo, m, r0, r1);
@@ -396,23 +396,29 @@ at::Tensor narrow_t_product(const at::Tensor& a, const at::Tensor& b) {
   const auto& s = a_narrow ? a : b;  // the narrow side
   const auto& w = a_narrow ? b : a;
   const int64_t r = a.size(0), n = s.size(1), q = w.size(1);
-  // one (n, q) partial sum per part of the rows, added in part order
+  // one (n, q) partial sum per part of the rows, added in part order into the result (or its transpose)
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), r / kTChunk));
   const int64_t per = (r + parts - 1) / parts;
-  auto acc = at::zeros({parts, n, q}, w.options());
-  float* accp = acc.data_ptr<float>();
+  std::vector<float> acc(parts * n * q, 0.f);
+  auto out = at::empty(a_narrow ? std::vector<int64_t>{n, q} : std::vector<int64_t>{q, n}, w.options());
+  float* o = out.data_ptr<float>();
 #ifdef MOCE_NARROW_KERNELS
   const float *sp = s.data_ptr<float>(), *wp = w.data_ptr<float>();
   const int64_t lds = s.stride(0), ldw = w.stride(0);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t r0 = std::min(r, p * per), r1 = std::min(r, r0 + per);
-      if (r0 < r1) narrow_t_avx512(sp, lds, n, wp, ldw, q, accp + p * n * q, r0, r1);
+      if (r0 < r1) narrow_t_avx512(sp, lds, n, wp, ldw, q, acc.data() + p * n * q, r0, r1);
     }
   });
 #endif
-  auto g = parts == 1 ? acc[0] : acc.sum(0);
-  return a_narrow ? g : g.t().contiguous();
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < q; ++c) {
+      float v = acc[j * q + c];
+      for (int64_t p = 1; p < parts; ++p) v += acc[(p * n + j) * q + c];
+      o[a_narrow ? j * q + c : c * n + j] = v;
+    }
+  return out;
 }
 
 }  // namespace moce_fast
