@@ -1092,12 +1092,13 @@ def adaptir_fused_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: flo
 # 13.8 ms. (Before, with its loops on one thread: 18432 in training, 4096 in eval.)
 CPU_KERNEL_MAX_ROWS_TRAINING = 73728
 CPU_KERNEL_MAX_ROWS_EVAL = 9216
-# In eval, float32 adapters whose head and tail both run on the extension's narrow products (at most
-# 4096 weights, AVX-512: csrc/cpu_narrow.cpp, EDT's 12 x 180) take the kernel up to this many rows.
-# Kernel / torch path, interleaved with the public adapter in one process: EDT 64x64 x 8 (32768 rows)
-# 9.1-10.4 / 10.1-11.1 ms; x 4 6.76 / 6.88. IPT's 576 channels (ATen's products) stay at 9216: 48x48
-# x 8 14.7 / 14.2 ms, 16x16 x 128 30.3 / 28.8.
-CPU_KERNEL_MAX_ROWS_EVAL_NARROW = 32768
+# In eval, float32 adapters whose head and tail both run on the extension's narrow products (a hidden
+# width of at most 32, AVX-512: csrc/cpu_narrow.cpp; EDT's 12 and IPT's 24) take the kernel up to this
+# many rows. Kernel / torch path, interleaved in one process (medians of 4-6): IPT 48x48 x 8 (18432
+# rows) 11.8 / 14.4 ms, x 16 22.7 / 26.8, x 32 (73728) 44.2 / 49.9, 16x16 x 128 (32768) 23.7 / 29.6;
+# EDT 64x64 x 8 (32768) 8.6 / 9.7, x 16 20.4 / 21.5, x 32 (131072) 42.1 / 40.9. (Before IPT's 24 x
+# 576 took the narrow products, IPT stayed at 9216 rows: 48x48 x 8 14.7 / 14.2 ms then.)
+CPU_KERNEL_MAX_ROWS_EVAL_NARROW = 73728
 _LAYOUT_CODE = {"nchw": 0, "lnc": 1, "nhwc": 2}
 
 
@@ -1152,7 +1153,7 @@ def _row_limit(t: torch.Tensor, tensors: list[torch.Tensor], training: bool) -> 
     ``CPU_KERNEL_MAX_ROWS_EVAL``, or in eval ``CPU_KERNEL_MAX_ROWS_EVAL_NARROW`` where both of
     the head's and the tail's products run on the extension's narrow products on this CPU
     (:func:`moce_fast.ops._cuda.cpu_eval_row_limit`, the rule the kept eval plans apply too; today
-    float32, at most 4096 weights, AVX-512 for the tail's)."""
+    float32, a hidden width of at most 32, AVX-512 for the tail's)."""
     if training:
         return CPU_KERNEL_MAX_ROWS_TRAINING
     from . import _cuda
