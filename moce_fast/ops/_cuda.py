@@ -135,9 +135,10 @@ def set_cpu_chunk_values(values: int) -> int:
 
 def cpu_isa() -> str:
     """The instruction set of the CPU adapter kernel's products with a narrow side
-    (csrc/cpu_narrow.cpp), read from this CPU at run time: ``"avx512"`` (both loops), ``"avx2"``
-    (the narrow-output loop; the narrow-input products stay on ATen's) or ``"none"`` (ATen's products
-    only), at most the cap :func:`set_cpu_isa_cap` sets."""
+    (csrc/cpu_narrow.cpp), read from this CPU at run time: ``"avx512"`` (all three loops: narrow
+    output, narrow input, weight gradients), ``"avx2"`` (the narrow-output loop; the narrow-input
+    products and the weight gradients stay on ATen's) or ``"none"`` (ATen's products only), at most
+    the cap :func:`set_cpu_isa_cap` sets."""
     return _ext_or_raise().cpu_isa()
 
 
