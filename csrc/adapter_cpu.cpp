@@ -264,6 +264,15 @@ at::Tensor narrow_rows_t_product(const at::Tensor& a, const at::Tensor& b) {
   return at::mm(a.t(), b);
 }
 
+// acc (p, q) += a^T b over the rows of a (R, p) and b (R, q): the narrow loop where it takes them (one
+// image's rows of a batch of several tasks: rows of contiguous values any distance apart), else MKL.
+void add_t_product(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  if (narrow_t_takes(a, b))
+    acc.add_(narrow_t_product(a, b));
+  else
+    acc.addmm_(a.t(), b);
+}
+
 // An h-wide map's rows, given as `outer` groups of `inner` rows, reordered as `inner` groups of
 // `outer`: "nhwc" stores N images one after the other, so its head output goes from image-major rows
 // to the kernel's pixel-major ones (swap_rows(t, N, P)), and the tail's input and dy back
@@ -796,7 +805,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
       rows_times_into(blocks->rows(du, j), blocks->of(dout, j), tw.t(), at::Tensor());
     });
     dtw = at::zeros({d.c, H}, like.options());
-    for (int64_t j = 0; j < N; ++j) dtw.addmm_(blocks->of(dout, j).t(), blocks->rows(sv[S_U], j));
+    for (int64_t j = 0; j < N; ++j) add_t_product(dtw, blocks->of(dout, j), blocks->rows(sv[S_U], j));
   } else if (layout == NCHW) {
     const auto g = dout.reshape({d.c, NP});
     du = at::mm(g.t(), tw);
@@ -1125,7 +1134,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   at::Tensor dwh, dx = at::empty({0}, like.options());
   if (blocks) {  // sv[S_ROWS]: the whole batch's x
     auto acc = at::zeros({d.c, H}, like.options());
-    for (int64_t j = 0; j < N; ++j) acc.addmm_(blocks->of(sv[S_ROWS], j).t(), blocks->rows(dy, j));
+    for (int64_t j = 0; j < N; ++j) add_t_product(acc, blocks->of(sv[S_ROWS], j), blocks->rows(dy, j));
     dwh = acc.t().contiguous();
     if (need_dx) {
       dx = blocks->out;
