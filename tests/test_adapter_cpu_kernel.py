@@ -210,6 +210,31 @@ def test_narrow_t_products_equal_reference(isa, rows, p, q, strided):
     assert rel_err(y, want) < 1e-6
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_narrow_products_on_other_thread_counts(threads):
+    # the loops split the rows into one part per thread (the products' parts aligned to their register
+    # blocks, the weight gradient's partial sums added in part order): 1 thread, and 3 on this 2-core
+    # machine (uneven parts, the last one shorter)
+    from moce_fast import _C
+
+    if _detected_isa() != "avx512":
+        pytest.skip(f"needs a CPU with avx512 (this one has {_detected_isa()})")
+    g = torch.Generator().manual_seed(threads)
+    x, w, b = torch.randn(2305, 576, generator=g), torch.randn(24, 576, generator=g), torch.randn(24, generator=g)
+    u, dy = torch.randn(2305, 24, generator=g), torch.randn(2305, 576, generator=g)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        head, tail = _C.cpu_narrow_rows_times(x, w, b), _C.cpu_narrow_rows_times(u, w.t())
+        dw, dwt = _C.cpu_narrow_t_product(u, x), _C.cpu_narrow_t_product(dy, u)
+    finally:
+        torch.set_num_threads(previous)
+    assert rel_err(head, x.double() @ w.double().t() + b.double()) < 1e-6
+    assert rel_err(tail, u.double() @ w.double()) < 1e-6
+    assert rel_err(dw, u.double().t() @ x.double()) < 1e-6
+    assert rel_err(dwt, dy.double().t() @ u.double()) < 1e-6
+
+
 def test_narrow_products_decline_other_inputs():
     # float64, non-contiguous rows, no narrow side or two narrow sides: None (the kernel then takes
     # ATen's products); an unknown ISA cap is an error naming the choices
