@@ -35,6 +35,10 @@
 
 #include "common.h"
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>  // the AVX-512 masked loads and stores (used only in functions built for AVX-512F)
+#endif
+
 namespace moce_fast {
 
 namespace {
@@ -69,7 +73,6 @@ int isa_level(const std::string& name) {
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MOCE_NARROW_KERNELS 1
-#include <immintrin.h>
 #define MOCE_ALWAYS_INLINE __attribute__((always_inline)) inline
 
 typedef float v8f __attribute__((vector_size(32), aligned(4)));
@@ -86,12 +89,13 @@ MOCE_ALWAYS_INLINE void store_vec(float* p, const V& v) {
 }
 
 // Narrow output, RB rows at a time: o[i][0, m) = b + sum_c x[i][c] wp[c][.] for m <= WP = 16 NZ + 8 NY,
-// wp (K, WP) and b (WP) zero past m, over chunks of kOutChunk values of K, each chunk's sums then added
-// to the total (one running sum over IPT's 576 lost 3x MKL's accuracy: 1.3e-6 against 4.4e-7). The RB x WP block of results stays in registers (16-wide vectors and
-// 8-wide ones: IPT's 24 as one of each, whose two halves fill both of Zen 4's FMA pipes as three 8-wide
-// ones would, and both of a server Xeon's 512-bit ones), each step of K one broadcast value of each row
-// times wp's row. PF: prefetch the next RB rows' line of x every 16 steps (a stream of many rows from
-// DRAM: IPT 48x48 x 8's head 3.1-3.3 -> 2.6-2.7 ms).
+// wp (K, WP) and b (WP) zero past m. The RB x WP block of results stays in registers (16-wide vectors
+// and 8-wide ones: IPT's 24 as one of each, which fill both of Zen 4's 256-bit FMA pipes as three
+// 8-wide ones would, and both of a server Xeon's 512-bit ones), each step of K one broadcast value of
+// each row times wp's row, over chunks of kOutChunk values of K whose sums are then added to the total
+// (one running sum over IPT's 576 was 3x less accurate than MKL: 1.3e-6 of the largest value against
+// 4.4e-7; chunked 2.9e-7). PF: prefetch the next RB rows' line of x every 16 steps (a stream of many
+// rows from DRAM: IPT 48x48 x 8's head 3.1-3.3 -> 2.6-2.7 ms).
 constexpr int64_t kOutChunk = 128;
 
 template <int NZ, int NY, int RB, bool PF>
