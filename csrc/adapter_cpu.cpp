@@ -1420,7 +1420,7 @@ int params_check(const at::Tensor& x, at::TensorList params, bool training) {
   return kParamsTaken;
 }
 
-int64_t eval_row_limit(at::ScalarType dtype, int64_t c, int64_t hid, int64_t wide, int64_t narrow) {
+int64_t row_limit(at::ScalarType dtype, int64_t c, int64_t hid, int64_t wide, int64_t narrow) {
   return narrow_kind(dtype, c, hid) && narrow_kind(dtype, hid, c) ? narrow : wide;
 }
 
@@ -1474,7 +1474,7 @@ at::Tensor AdapterEvalPlan::run(const at::Tensor& x, const std::vector<at::Tenso
       if (t.requires_grad()) return {};
   }
   int64_t n, hh, ww;
-  if (!kernel_map(x, layout_, dtype_, c_, n, hh, ww) || n * hh * ww > eval_row_limit(dtype_, c_, hid_, wide, narrow))
+  if (!kernel_map(x, layout_, dtype_, c_, n, hh, ww) || n * hh * ww > row_limit(dtype_, c_, hid_, wide, narrow))
     return {};
   const bool dense = fwd_.numel() > 0;
   if (dense ? (hh != hh_ || ww != ww_) : hh * ww <= dense_max_pixels_) return {};
@@ -1588,7 +1588,7 @@ std::vector<at::Tensor> rows_train(const at::Tensor& x, int64_t layout, int64_t 
 
 at::Tensor train_call(const at::Tensor& x, const std::vector<at::Tensor>& raw, at::Tensor& num_batches_tracked,
                       int64_t layout, double eps, c10::optional<double> momentum, int64_t max_rows,
-                      int64_t dense_max_pixels) {
+                      int64_t max_rows_narrow, int64_t dense_max_pixels) {
   TORCH_CHECK(raw.size() == NUM_PARAMS + 2, "raw: expected the adapter's ", NUM_PARAMS + 2, " stored tensors, got ",
               raw.size());
   check_layout_code(layout);
@@ -1599,9 +1599,11 @@ at::Tensor train_call(const at::Tensor& x, const std::vector<at::Tensor>& raw, a
   const int64_t hid = params[HEAD_B].numel();
   if (hid <= 0) return {};
   int64_t n, hh, ww;
-  if (!input_reason(x, layout, params[TAIL_W].numel() / hid, n, hh, ww).empty()) return {};
+  const int64_t c = params[TAIL_W].numel() / hid;
+  if (!input_reason(x, layout, c, n, hh, ww).empty()) return {};
   const int64_t rows = n * hh * ww;
-  if (rows < 2 || rows > max_rows || hh * ww <= dense_max_pixels) return {};
+  if (rows < 2 || rows > row_limit(x.scalar_type(), c, hid, max_rows, max_rows_narrow) || hh * ww <= dense_max_pixels)
+    return {};
   if (params_check(x, params, true) != kParamsTaken) return {};
   auto res = rows_train(x, layout, hh, ww, n, params, at::Tensor(), at::Tensor(), hh * (ww / 2 + 1), 0, eps, {});
   at::Tensor running_mean = raw[4], running_var = raw[5];

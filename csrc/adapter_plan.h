@@ -62,21 +62,22 @@ std::vector<at::Tensor> rows_train(const at::Tensor& x, int64_t layout, int64_t 
 // A training call of one adapter straight from its stored tensors: raw, the 26 of
 // moce_fast.nn.adapter._raw_tensors (parameters and BatchNorm's running statistics, as stored);
 // BatchNorm's num_batches_tracked, eps and momentum (none: the cumulative average). Where the kernel
-// takes x (input_reason in `layout`: x's dtype float32 or float64; 2 to max_rows rows, a map of more
-// than dense_max_pixels: those have no tables here) and the parameters (params_check), outside
+// takes x (input_reason in `layout`: x's dtype float32 or float64; 2 to row_limit(.., max_rows,
+// max_rows_narrow) rows, a map of more than dense_max_pixels: those have no tables here) and the parameters (params_check), outside
 // inference mode: rows_train on the rfft2 path, then the running statistics updated as
 // cpu_batch_norm_update does, and the output. Else an undefined tensor, nothing changed: the caller
 // takes its full path. The full path's Python around the same kernel took 0.35-0.7 ms of a 1.1-2.5
 // ms IPT 16x16 batch-1 step (moce_fast/nn/adapter.py, direct_train).
 at::Tensor train_call(const at::Tensor& x, const std::vector<at::Tensor>& raw, at::Tensor& num_batches_tracked,
                       int64_t layout, double eps, c10::optional<double> momentum, int64_t max_rows,
-                      int64_t dense_max_pixels);
+                      int64_t max_rows_narrow, int64_t dense_max_pixels);
 
-// The most rows of one eval call of an adapter of c channels and hid hidden ones on the CPU kernel:
+// The most rows of one call of an adapter of c channels and hid hidden ones on the CPU kernel:
 // `narrow` where both the head's and the tail's products run on the narrow products
 // (narrow_kind: C -> hid and hid -> C, on this CPU at its ISA cap), else `wide` (the caller's
-// limits: moce_fast.ops.adapter.CPU_KERNEL_MAX_ROWS_EVAL_NARROW and CPU_KERNEL_MAX_ROWS_EVAL).
-int64_t eval_row_limit(at::ScalarType dtype, int64_t c, int64_t hid, int64_t wide, int64_t narrow);
+// limits: moce_fast.ops.adapter.CPU_KERNEL_MAX_ROWS_EVAL_NARROW and CPU_KERNEL_MAX_ROWS_EVAL in eval,
+// CPU_KERNEL_MAX_ROWS_TRAINING_NARROW and CPU_KERNEL_MAX_ROWS_TRAINING in training).
+int64_t row_limit(at::ScalarType dtype, int64_t c, int64_t hid, int64_t wide, int64_t narrow);
 
 // (hidden as pybind11's own types are: the class is bound to Python in this module, build_info.cpp)
 class __attribute__((visibility("hidden"))) AdapterEvalPlan {
@@ -93,7 +94,7 @@ class __attribute__((visibility("hidden"))) AdapterEvalPlan {
   // `raw` is another one, on other memory, of other sizes or dtype, or updated in place since; the
   // layout or eps changed; autograd would record (grad mode on and x or a tensor requires grad);
   // inference mode differs from the plan's; x is not a CPU tensor of the plan's dtype and channels
-  // in its layout, with a map the tables serve and at most eval_row_limit(.., wide, narrow) rows.
+  // in its layout, with a map the tables serve and at most row_limit(.., wide, narrow) rows.
   at::Tensor run(const at::Tensor& x, const std::vector<at::Tensor>& raw, int64_t layout, double eps, int64_t wide,
                  int64_t narrow) const;
 

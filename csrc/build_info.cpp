@@ -130,23 +130,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_train_call",
       [](const at::Tensor& x, const std::vector<at::Tensor>& raw, at::Tensor& num_batches_tracked, int64_t layout,
-         double eps, c10::optional<double> momentum, int64_t max_rows, int64_t dense_max_pixels) -> pybind11::object {
+         double eps, c10::optional<double> momentum, int64_t max_rows, int64_t max_rows_narrow,
+         int64_t dense_max_pixels) -> pybind11::object {
         at::Tensor out;
         {
           pybind11::gil_scoped_release no_gil;
-          out = moce_fast::train_call(x, raw, num_batches_tracked, layout, eps, momentum, max_rows, dense_max_pixels);
+          out = moce_fast::train_call(x, raw, num_batches_tracked, layout, eps, momentum, max_rows, max_rows_narrow,
+                                      dense_max_pixels);
         }
         if (!out.defined()) return pybind11::none();
         return pybind11::cast(out);
       },
       pybind11::arg("x"), pybind11::arg("raw"), pybind11::arg("num_batches_tracked"), pybind11::arg("layout"),
-      pybind11::arg("eps"), pybind11::arg("momentum"), pybind11::arg("max_rows"), pybind11::arg("dense_max_pixels"),
+      pybind11::arg("eps"), pybind11::arg("momentum"), pybind11::arg("max_rows"), pybind11::arg("max_rows_narrow"),
+      pybind11::arg("dense_max_pixels"),
       "One adapter's training call on the CPU kernel straight from its 26 stored tensors (running statistics "
       "updated), or None where the kernel does not take it (nothing changed).");
-  m.def("cpu_eval_row_limit", &moce_fast::eval_row_limit, pybind11::arg("dtype"), pybind11::arg("c"),
+  m.def("cpu_row_limit", &moce_fast::row_limit, pybind11::arg("dtype"), pybind11::arg("c"),
         pybind11::arg("hid"), pybind11::arg("wide"), pybind11::arg("narrow"),
-        "The most rows of an eval call of the CPU adapter kernel: narrow where its head (C -> hid) and tail "
-        "(hid -> C) both run on the narrow products, else wide.");
+        "The most rows of a call (eval or training) of the CPU adapter kernel: narrow where its head (C -> hid) "
+        "and tail (hid -> C) both run on the narrow products, else wide.");
   m.def(
       "cpu_narrow_rows_times",
       [](const at::Tensor& rows, const at::Tensor& w, const c10::optional<at::Tensor>& bias) -> pybind11::object {
@@ -190,7 +193,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           pybind11::arg("x"), pybind11::arg("raw"), pybind11::arg("layout"), pybind11::arg("eps"),
           pybind11::arg("wide"), pybind11::arg("narrow"),
           "The adapter's eval output on x, or None where the plan does not hold for this call (at most "
-          "cpu_eval_row_limit(.., wide, narrow) rows).")
+          "cpu_row_limit(.., wide, narrow) rows).")
       .def("holds", &moce_fast::AdapterEvalPlan::holds, pybind11::arg("raw"), pybind11::arg("layout"),
            pybind11::arg("eps"), "Whether raw, layout and eps are those the plan was made from, unchanged.");
   m.def("set_cpu_cache_limit", &moce_fast::set_cpu_cache_limit, pybind11::arg("limit_bytes"),

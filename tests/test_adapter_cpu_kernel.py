@@ -388,12 +388,13 @@ def test_auto_takes_the_kernel_on_cpu_and_torch_does_not():
 
 def test_calls_the_kernel_does_not_take_run_torch(monkeypatch):
     # under backend("cpu"), a call the kernel does not take runs the torch implementation (recorded
-    # as torch): more rows than CPU_KERNEL_MAX_ROWS_TRAINING, several images in "nchw", bfloat16, an input
+    # as torch): more rows than the training row limit, several images in "nchw", bfloat16, an input
     # in another dtype than the parameters, eval with autograd recording
     lnc = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "lnc")).train()
     nhwc = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nhwc")).train()
     nchw = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "nchw")).train()
     monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_TRAINING", 32)
+    monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_TRAINING_NARROW", 32)
     cases = [(lnc, torch.randn(16, 3, 56)), (nchw, torch.randn(2, 56, 4, 4)), (nhwc, torch.randn(1, 4, 4, 56).double()),
              (lnc, torch.randn(2, 16, 56).transpose(0, 1)),  # (L and N axes that do not merge)
              (nhwc, torch.randn(3, 4, 4, 56))]
@@ -441,6 +442,54 @@ def test_dense_dft_tables_only_up_to_their_pixel_limit():
     for hh, ww in [(16, 16), (9, 8), (1, 65)]:
         fwd, inv, nb, s = ops._kernel_tables(hh, ww, torch.float32)
         assert fwd.numel() == inv.numel() == 0 and (nb, s) == (hh * (ww // 2 + 1), 0), (hh, ww)
+
+
+def test_training_row_limit_of_narrow_adapters(monkeypatch):
+    # in training, a float32 adapter whose head and tail both run on the narrow products takes the
+    # kernel up to CPU_KERNEL_MAX_ROWS_TRAINING_NARROW rows; in float64, with 40 hidden channels, or
+    # with the ISA capped at AVX2, up to CPU_KERNEL_MAX_ROWS_TRAINING: on the full path (4x4 maps,
+    # which have dense DFT tables) and on the direct call (9x9 maps), the same rule
+    from moce_fast.ops import _cuda
+
+    if _detected_isa() != "avx512":
+        pytest.skip(f"needs a CPU with avx512 (this one has {_detected_isa()})")
+    edt = randomize_(moce_fast.AdaptIRAdapter(56, "edt", "lnc")).train()
+    wide = randomize_(moce_fast.AdaptIRAdapter(960, "ipt", "lnc")).train()
+
+    def ran(module, t):
+        _backend._LAST_RUN.clear()
+        with moce_fast.backend("cpu"):
+            module(t)
+        return set(_backend.last_run().values())
+
+    for side in (4, 9):
+        p = side * side
+        monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_TRAINING", p)
+        monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_TRAINING_NARROW", 2 * p)
+        assert ran(edt, torch.randn(p, 2, 56)) == {"cpu"}, side
+        assert ran(edt, torch.randn(p, 3, 56)) == {"torch"}, side
+        assert ran(copy.deepcopy(edt).double(), torch.randn(p, 2, 56, dtype=torch.float64)) == {"torch"}, side
+        assert ran(wide, torch.randn(p, 2, 960)) == {"torch"}, side
+        assert ran(wide, torch.randn(p, 1, 960)) == {"cpu"}, side
+        previous = _cuda.set_cpu_isa_cap("avx2")
+        try:
+            assert ran(edt, torch.randn(p, 2, 56)) == {"torch"}, side
+        finally:
+            _cuda.set_cpu_isa_cap(previous)
+    # the direct call alone (where it declines, the full path above still takes the kernel)
+    from moce_fast.nn.adapter import _raw_tensors
+
+    def direct(module, t, wide_limit, narrow_limit):
+        twin = copy.deepcopy(module)
+        return _cuda.cpu_train_call(t, _raw_tensors(twin), twin.BN.num_batches_tracked, 1, twin.BN.eps,
+                                    twin.BN.momentum, wide_limit, narrow_limit, 64)
+
+    x = torch.randn(81, 2, 56)
+    assert direct(edt, x, 81, 162) is not None and direct(edt, x, 162, 81) is None
+    assert direct(copy.deepcopy(edt).double(), x.double(), 81, 162) is None
+    assert direct(copy.deepcopy(edt).double(), x.double(), 162, 81) is not None
+    assert direct(wide, torch.randn(81, 2, 960), 81, 162) is None
+    assert direct(wide, torch.randn(81, 2, 960), 162, 81) is not None
 
 
 def test_eval_row_limit_of_narrow_adapters(monkeypatch):
@@ -1398,6 +1447,7 @@ def test_direct_training_declines_to_the_full_path(monkeypatch):
     assert len(calls) == 4
     # more rows than the limit (lowered here): the torch paths
     monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_TRAINING", 100)
+    monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_TRAINING_NARROW", 100)
     run(fast, torch.randn(144, 1, 56))
     assert len(calls) == 5 and _backend.last_run()["adaptir_mix_tail"] == "torch"
     monkeypatch.undo()
@@ -1469,16 +1519,17 @@ def test_train_call_bad_arguments_are_clear_errors():
     fast, _, x = adapter_case("nchw", 12, 12, 1, torch.float64)
     raw, nbt = _raw_tensors(fast), fast.BN.num_batches_tracked
     with pytest.raises(RuntimeError, match="raw: expected the adapter's 26 stored tensors, got 25"):
-        _cuda.cpu_train_call(x, raw[:25], nbt, 0, 1e-5, 0.1, 100000, 64)
+        _cuda.cpu_train_call(x, raw[:25], nbt, 0, 1e-5, 0.1, 100000, 100000, 64)
     with pytest.raises(RuntimeError, match=r"layout: expected 0 \(nchw\), 1 \(lnc\) or 2 \(nhwc\), got 3"):
-        _cuda.cpu_train_call(x, raw, nbt, 3, 1e-5, 0.1, 100000, 64)
+        _cuda.cpu_train_call(x, raw, nbt, 3, 1e-5, 0.1, 100000, 100000, 64)
     with pytest.raises(RuntimeError, match="num_batches_tracked: expected a CPU int64 tensor of one value"):
-        _cuda.cpu_train_call(x, raw, nbt.double(), 0, 1e-5, 0.1, 100000, 64)
-    assert _cuda.cpu_train_call(x, raw, nbt, 0, 1e-5, 0.1, 100, 64) is None  # (144 rows, more than 100)
+        _cuda.cpu_train_call(x, raw, nbt.double(), 0, 1e-5, 0.1, 100000, 100000, 64)
+    # (144 rows, more than 100; float64: the wide limit, not the narrow one)
+    assert _cuda.cpu_train_call(x, raw, nbt, 0, 1e-5, 0.1, 100, 100000, 64) is None
     # one row (declined for itself, not as a map of the dense tables' size): BatchNorm needs two
-    assert _cuda.cpu_train_call(x[:, :, :1, :1], raw, nbt, 0, 1e-5, 0.1, 100000, 0) is None
+    assert _cuda.cpu_train_call(x[:, :, :1, :1], raw, nbt, 0, 1e-5, 0.1, 100000, 100000, 0) is None
     assert nbt.item() == 0
-    assert _cuda.cpu_train_call(x, raw, nbt, 0, 1e-5, 0.1, 100000, 64) is not None
+    assert _cuda.cpu_train_call(x, raw, nbt, 0, 1e-5, 0.1, 100000, 100000, 64) is not None
     assert nbt.item() == 1
 
 
@@ -1496,6 +1547,7 @@ def test_direct_training_takes_what_the_full_path_takes(monkeypatch, layout):
     fast, _, _ = adapter_case(layout, 12, 12, 1, torch.float32)
     fast.train()
     monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_TRAINING", 600)
+    monkeypatch.setattr(ops, "CPU_KERNEL_MAX_ROWS_TRAINING_NARROW", 600)
     g = torch.Generator().manual_seed(6)
 
     def images(n, side=12, dtype=torch.float32):
@@ -1513,7 +1565,8 @@ def test_direct_training_takes_what_the_full_path_takes(monkeypatch, layout):
         _, hh, ww = ops.as_npc(t, layout)
         pixels = hh * ww
         out = _cuda.cpu_train_call(t, raw, twin.BN.num_batches_tracked, code, twin.BN.eps, twin.BN.momentum,
-                                   ops.CPU_KERNEL_MAX_ROWS_TRAINING, ops.CPU_KERNEL_DENSE_DFT_MAX_PIXELS)
+                                   ops.CPU_KERNEL_MAX_ROWS_TRAINING, ops.CPU_KERNEL_MAX_ROWS_TRAINING_NARROW,
+                                   ops.CPU_KERNEL_DENSE_DFT_MAX_PIXELS)
         direct = why is None and pixels > ops.CPU_KERNEL_DENSE_DFT_MAX_PIXELS
         assert (out is not None) == direct, (tuple(t.shape), t.dtype, why)
         assert twin.BN.num_batches_tracked.item() == int(direct)

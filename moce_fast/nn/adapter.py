@@ -324,7 +324,8 @@ def direct_train(a: AdaptIR, bn: torch.nn.BatchNorm2d, x: torch.Tensor, backend:
     if nbt is None or raw[4] is None or raw[5] is None or not bn.track_running_stats:
         return None
     out = cpu_train_call(x, raw, nbt, ops_adapter._LAYOUT_CODE[getattr(a, "layout", "nchw")], bn.eps, bn.momentum,
-                         ops_adapter.CPU_KERNEL_MAX_ROWS_TRAINING, ops_adapter.CPU_KERNEL_DENSE_DFT_MAX_PIXELS)
+                         ops_adapter.CPU_KERNEL_MAX_ROWS_TRAINING, ops_adapter.CPU_KERNEL_MAX_ROWS_TRAINING_NARROW,
+                         ops_adapter.CPU_KERNEL_DENSE_DFT_MAX_PIXELS)
     if out is not None:
         _backend.record(_CPU_OPS, "cpu", x.device)
     return out

@@ -150,12 +150,13 @@ def cpu_narrow_kind(dtype: torch.dtype, k: int, m: int) -> Optional[str]:
     return _ext_or_raise().cpu_narrow_kind(dtype, int(k), int(m))
 
 
-def cpu_eval_row_limit(dtype: torch.dtype, c: int, hid: int, wide: int, narrow: int) -> int:
-    """The most rows of one eval call of the CPU adapter kernel on an adapter of ``c`` channels and
-    ``hid`` hidden ones in ``dtype``: ``narrow`` where its head (C -> hid) and tail (hid -> C) both
-    run on the narrow products (:func:`cpu_narrow_kind`), else ``wide``. The C++ rule itself, which
-    the kept eval plans (moce_fast._C.AdapterEvalPlan) apply on every call."""
-    return _ext_or_raise().cpu_eval_row_limit(dtype, int(c), int(hid), int(wide), int(narrow))
+def cpu_row_limit(dtype: torch.dtype, c: int, hid: int, wide: int, narrow: int) -> int:
+    """The most rows of one call (eval or training, with that mode's ``wide`` and ``narrow``
+    limits) of the CPU adapter kernel on an adapter of ``c`` channels and ``hid`` hidden ones in
+    ``dtype``: ``narrow`` where its head (C -> hid) and tail (hid -> C) both run on the narrow
+    products (:func:`cpu_narrow_kind`), else ``wide``. The C++ rule itself, which the kept eval plans
+    (moce_fast._C.AdapterEvalPlan) and :func:`cpu_train_call` apply on every call."""
+    return _ext_or_raise().cpu_row_limit(dtype, int(c), int(hid), int(wide), int(narrow))
 
 
 def cpu_map_reason(x: torch.Tensor, layout: int, c: int, batch_in_place: bool = False) -> Optional[str]:
@@ -191,17 +192,18 @@ def cpu_rows_train(x: torch.Tensor, layout: int, hh: int, ww: int, n: int, param
 
 
 def cpu_train_call(x: torch.Tensor, raw: list[torch.Tensor], num_batches_tracked: torch.Tensor, layout: int,
-                   eps: float, momentum: Optional[float], max_rows: int, dense_max_pixels: int
-                   ) -> Optional[torch.Tensor]:
+                   eps: float, momentum: Optional[float], max_rows: int, max_rows_narrow: int,
+                   dense_max_pixels: int) -> Optional[torch.Tensor]:
     """One adapter's training call by the CPU kernel straight from its 26 stored tensors ``raw``
     (moce_fast.nn.adapter._raw_tensors; none None), checked and run in C++ (csrc/adapter_plan.h,
     ``train_call``): the output, with BatchNorm's running statistics updated as
     :func:`cpu_batch_norm_update` does; or None where the kernel does not take the call (x not
-    as it takes it in ``layout``, fewer than 2 or more than ``max_rows`` rows, a map of at most
+    as it takes it in ``layout``, fewer than 2 or more than :func:`cpu_row_limit` (.., ``max_rows``,
+    ``max_rows_narrow``) rows, a map of at most
     ``dense_max_pixels`` pixels, a parameter not contiguous in x's dtype on its device, inference
     mode): nothing is changed then, and the caller takes its full path."""
     return _ext_or_raise().cpu_train_call(x, raw, num_batches_tracked, layout, eps, momentum, max_rows,
-                                          dense_max_pixels)
+                                          max_rows_narrow, dense_max_pixels)
 
 
 def eval_plan_type():

@@ -1083,14 +1083,21 @@ def adaptir_fused_train(t: torch.Tensor, layout: str, p: AdapterParams, eps: flo
 # ------------------------------------------------------------------- the extension's CPU kernel
 
 # The C++ kernel (csrc/adapter_cpu.cpp) runs up to this many rows (pixels x images), in training and
-# in eval; beyond these the torch paths are as fast or faster on this project's 2-core CPU. Since its
-# loops run in parallel and its wide products as the torch paths' (kernel / torch path, median of 6-8
+# in eval, where its C-wide products are ATen's (the _NARROW limits below where they are the
+# extension's narrow loops); beyond these the torch paths are as fast or faster on this project's
+# 2-core CPU. Since its loops run in parallel and its wide products as the torch paths' (kernel /
+# torch path, median of 6-8
 # interleaved in one process, AMD EPYC VM): training IPT 48x48 x 8 (18432 rows) 51.8 / 59.4 ms, x 32
 # (73728) 267 / 283 ms, EDT 64x64 x 8 (32768) 37.9 / 39.8 ms, x 32 (131072) 149 / 135 ms; eval IPT
 # 16x16 x 32 (8192) 8.7-9.0 / 9.4-9.5 ms, 48x48 x 4 (9216) 9.0-10.2 / 9.6-11.3 ms, EDT x 2 (8192) 4.3
 # / 4.9 ms, x 4 (16384) 6.0 / 5.6 ms, 48x48 x 8 19.3 / 19.2 ms, x 16 42.8 / 40.3 ms, EDT x 8 14.9 /
 # 13.8 ms. (Before, with its loops on one thread: 18432 in training, 4096 in eval.)
 CPU_KERNEL_MAX_ROWS_TRAINING = 73728
+# In training, adapters whose head and tail both run on the narrow products (as for the eval limit
+# below) take the kernel up to this many rows: kernel / torch path, interleaved in one process
+# (medians of 4): EDT 64x64 x 16 (65536 rows) 41.1 / 59.0 ms, x 32 (131072) 89.0 / 119.9 ms; IPT
+# 48x48 x 8 (18432) 42.6 / 68.1 ms.
+CPU_KERNEL_MAX_ROWS_TRAINING_NARROW = 131072
 CPU_KERNEL_MAX_ROWS_EVAL = 9216
 # In eval, float32 adapters whose head and tail both run on the extension's narrow products (a hidden
 # width of at most 32, AVX-512: csrc/cpu_narrow.cpp; EDT's 12 and IPT's 24) take the kernel up to this
@@ -1149,17 +1156,18 @@ def _head_dims(tensors: list[torch.Tensor]) -> tuple[int, int]:
 
 
 def _row_limit(t: torch.Tensor, tensors: list[torch.Tensor], training: bool) -> int:
-    """The most rows the CPU kernel takes in one task's call: ``CPU_KERNEL_MAX_ROWS_TRAINING``,
-    ``CPU_KERNEL_MAX_ROWS_EVAL``, or in eval ``CPU_KERNEL_MAX_ROWS_EVAL_NARROW`` where both of
-    the head's and the tail's products run on the extension's narrow products on this CPU
-    (:func:`moce_fast.ops._cuda.cpu_eval_row_limit`, the rule the kept eval plans apply too; today
-    float32, a hidden width of at most 32, AVX-512 for the tail's)."""
-    if training:
-        return CPU_KERNEL_MAX_ROWS_TRAINING
+    """The most rows the CPU kernel takes in one task's call: in training
+    ``CPU_KERNEL_MAX_ROWS_TRAINING_NARROW`` where both of the head's and the tail's products run on
+    the extension's narrow products on this CPU, else ``CPU_KERNEL_MAX_ROWS_TRAINING``; in eval
+    ``CPU_KERNEL_MAX_ROWS_EVAL_NARROW`` or ``CPU_KERNEL_MAX_ROWS_EVAL`` by the same rule
+    (:func:`moce_fast.ops._cuda.cpu_row_limit`, which the kept eval plans and the direct training
+    call apply too; today float32, a hidden width of at most 32, AVX-512 for the tail's)."""
     from . import _cuda
 
     hidden, dim = _head_dims(tensors)
-    return _cuda.cpu_eval_row_limit(t.dtype, dim, hidden, CPU_KERNEL_MAX_ROWS_EVAL, CPU_KERNEL_MAX_ROWS_EVAL_NARROW)
+    if training:
+        return _cuda.cpu_row_limit(t.dtype, dim, hidden, CPU_KERNEL_MAX_ROWS_TRAINING, CPU_KERNEL_MAX_ROWS_TRAINING_NARROW)
+    return _cuda.cpu_row_limit(t.dtype, dim, hidden, CPU_KERNEL_MAX_ROWS_EVAL, CPU_KERNEL_MAX_ROWS_EVAL_NARROW)
 
 
 def _cpu_params_reason(t: torch.Tensor, tensors: list[torch.Tensor], training: bool) -> Optional[str]:
