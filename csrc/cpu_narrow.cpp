@@ -77,6 +77,9 @@ int isa_level(const std::string& name) {
 
 typedef float v8f __attribute__((vector_size(32), aligned(4)));
 typedef float v16f __attribute__((vector_size(64), aligned(4)));
+// (GCC warns that passing these vector types by value changes the ABI where AVX is off: these helpers
+// are always inlined into functions built for AVX2 / AVX-512, so no call passes one)
+#pragma GCC diagnostic ignored "-Wpsabi"
 template <class V>
 MOCE_ALWAYS_INLINE V load_vec(const float* p) {
   V v;
@@ -301,16 +304,20 @@ __attribute__((target("avx512f,avx2,fma"), flatten)) void narrow_t_avx512(const 
 }
 #endif
 
-// Splits [0, r) into at most torch's thread count of parts, each a multiple of `align` rows (the
-// register block) and at least `grain` rows, and runs fn(r0, r1) on each in parallel.
+// How many parts [0, r) is split into: at most torch's thread count, each at least `grain` rows.
+int64_t row_parts(int64_t r, int64_t grain) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), r / std::max<int64_t>(grain, 1)));
+}
+
+// Runs fn(p, r0, r1) in parallel on each part p of [0, r) in `parts` parts, each a multiple of `align`
+// rows (the register block) but the last.
 template <class F>
-void parallel_rows(int64_t r, int64_t align, int64_t grain, const F& fn) {
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), r / std::max<int64_t>(grain, 1)));
+void for_row_parts(int64_t r, int64_t parts, int64_t align, const F& fn) {
   const int64_t per = ((r + parts - 1) / parts + align - 1) / align * align;
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t a = std::min(r, p * per), e = std::min(r, a + per);
-      if (a < e) fn(a, e);
+      if (a < e) fn(p, a, e);
     }
   });
 }
@@ -365,7 +372,7 @@ at::Tensor narrow_rows_times(const at::Tensor& rows, const at::Tensor& w, const 
       for (int64_t j = 0; j < m; ++j) wp[c * wpw + j] = wd[j * ws0 + c * ws1];
     if (bias.defined()) std::memcpy(b.data(), bias.contiguous().data_ptr<float>(), m * sizeof(float));
     const bool avx512 = std::min(detected_isa(), isa_cap()) >= 2;
-    parallel_rows(r, 12, rows_grain(k), [&](int64_t r0, int64_t r1) {
+    for_row_parts(r, row_parts(r, rows_grain(k)), 12, [&](int64_t, int64_t r0, int64_t r1) {
       if (avx512)
         narrow_out_avx512(x, ldx, k, wp.data(), wpw, b.data(), o, ldo, m, r0, r1);
       else
@@ -377,7 +384,7 @@ at::Tensor narrow_rows_times(const at::Tensor& rows, const at::Tensor& w, const 
     for (int64_t c = 0; c < m; ++c)
       for (int64_t j = 0; j < k; ++j) t[j * mp + c] = wd[c * ws0 + j * ws1];
     if (bias.defined()) std::memcpy(bp.data(), bias.contiguous().data_ptr<float>(), m * sizeof(float));
-    parallel_rows(r, 6, rows_grain(m), [&](int64_t r0, int64_t r1) {
+    for_row_parts(r, row_parts(r, rows_grain(m)), 6, [&](int64_t, int64_t r0, int64_t r1) {
       narrow_in_avx512(x, ldx, k, t.data(), mp, bp.data(), o, ldo, m, r0, r1);
     });
   }
@@ -401,19 +408,15 @@ at::Tensor narrow_t_product(const at::Tensor& a, const at::Tensor& b) {
   const auto& w = a_narrow ? b : a;
   const int64_t r = a.size(0), n = s.size(1), q = w.size(1);
   // one (n, q) partial sum per part of the rows, added in part order into the result (or its transpose)
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), r / kTChunk));
-  const int64_t per = (r + parts - 1) / parts;
+  const int64_t parts = row_parts(r, kTChunk);
   std::vector<float> acc(parts * n * q, 0.f);
   auto out = at::empty(a_narrow ? std::vector<int64_t>{n, q} : std::vector<int64_t>{q, n}, w.options());
   float* o = out.data_ptr<float>();
 #ifdef MOCE_NARROW_KERNELS
   const float *sp = s.data_ptr<float>(), *wp = w.data_ptr<float>();
   const int64_t lds = s.stride(0), ldw = w.stride(0);
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t r0 = std::min(r, p * per), r1 = std::min(r, r0 + per);
-      if (r0 < r1) narrow_t_avx512(sp, lds, n, wp, ldw, q, acc.data() + p * n * q, r0, r1);
-    }
+  for_row_parts(r, parts, 1, [&](int64_t p, int64_t r0, int64_t r1) {
+    narrow_t_avx512(sp, lds, n, wp, ldw, q, acc.data() + p * n * q, r0, r1);
   });
 #endif
   for (int64_t j = 0; j < n; ++j)
