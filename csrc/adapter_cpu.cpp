@@ -813,7 +813,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dout, int64_t layout, co
   } else {
     const auto g = dout.reshape({R, d.c});
     // (u kept in the tail's row order)
-    if (narrow_t_takes(g, sv[S_U]) && narrow_product_kind(g, tw.t()) != nullptr) {  // the extension's loops
+    if (narrow_t_takes(g, sv[S_U])) {  // the extension's loops (du: its narrow-output one, which AVX-512 has)
       du = rows_times(g, tw.t(), {});
       dtw = narrow_t_product(g, sv[S_U]);
     } else if (rows_as_conv(sv[S_U], d.c) && g.is_contiguous()) {  // the forward's convolution's backward
