@@ -37,6 +37,20 @@ from .adapter import precision
 
 
 @triton.jit
+def _in_expert(offsets_ptr, expert, s):
+    """Whether plan position s lies in the expert's range offsets[expert] .. offsets[expert + 1] - 1
+    (programs outside it do nothing: a skipped expert costs its launch only)."""
+    return (s >= tl.load(offsets_ptr + expert)) & (s < tl.load(offsets_ptr + expert + 1))
+
+
+@triton.jit
+def _span(pid, n, BLOCK: tl.constexpr):
+    """Block pid of 0 .. n - 1: its BLOCK indices and which of them are below n."""
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    return idx, idx < n
+
+
+@triton.jit
 def pos_gemm_kernel(in_ptr, in_index_ptr, w_ptr, add_ptr, add_index_ptr, scale_ptr, out_ptr, out_index_ptr,
                     offsets_ptr, expert, K, N, HW,
                     IN_INDEXED: tl.constexpr, HAS_ADD: tl.constexpr, OUT_INDEXED: tl.constexpr,
@@ -47,9 +61,7 @@ def pos_gemm_kernel(in_ptr, in_index_ptr, w_ptr, add_ptr, add_index_ptr, scale_p
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     s = tl.program_id(2)
-    lo = tl.load(offsets_ptr + expert)
-    hi = tl.load(offsets_ptr + expert + 1)
-    if (s >= lo) & (s < hi):
+    if _in_expert(offsets_ptr, expert, s):
         s64 = s.to(tl.int64)
         in_row = s64
         if IN_INDEXED:
@@ -86,9 +98,7 @@ def dwconv_kernel(in_ptr, offsets_ptr, expert, w_ptr, b_ptr, out_ptr, NCH, H, W,
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     s = tl.program_id(2)
-    lo = tl.load(offsets_ptr + expert)
-    hi = tl.load(offsets_ptr + expert + 1)
-    if (s >= lo) & (s < hi):
+    if _in_expert(offsets_ptr, expert, s):
         hw = H * W
         pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         py = pix // W
@@ -129,6 +139,24 @@ def _idft2_real(pr, pi, cm, sm, PREC: tl.constexpr):
 
 
 @triton.jit
+def _patch_tile(pid, H, W, PP: tl.constexpr):
+    """Offsets in an H x W map of the pid-th PP x PP tile (tiles row-major) and which lie inside the
+    map: zero outside it, as the model pads the patches after the depthwise convs."""
+    nw = tl.cdiv(W, PP)
+    u = tl.arange(0, PP)
+    rows = (pid // nw) * PP + u
+    cols = (pid % nw) * PP + u
+    return rows[:, None] * W + cols[None, :], (rows[:, None] < H) & (cols[None, :] < W)
+
+
+@triton.jit
+def _dft_tables(cos_ptr, sin_ptr, PP: tl.constexpr):
+    """The PP x PP cos and sin DFT matrices (dft_matrices)."""
+    u = tl.arange(0, PP)
+    return tl.load(cos_ptr + u[:, None] * PP + u[None, :]), tl.load(sin_ptr + u[:, None] * PP + u[None, :])
+
+
+@triton.jit
 def patch_conv_kernel(qkv_ptr, offsets_ptr, expert, cos_ptr, sin_ptr, a_ptr, RANK, H, W, inv_pp,
                       PP: tl.constexpr, PREC: tl.constexpr):
     """One PP x PP tile of one channel per program. The DFT matrices are block-diagonal with p x p
@@ -137,21 +165,12 @@ def patch_conv_kernel(qkv_ptr, offsets_ptr, expert, cos_ptr, sin_ptr, a_ptr, RAN
     pid = tl.program_id(0)
     ch = tl.program_id(1)
     s = tl.program_id(2)
-    lo = tl.load(offsets_ptr + expert)
-    hi = tl.load(offsets_ptr + expert + 1)
-    if (s >= lo) & (s < hi):
-        nw = tl.cdiv(W, PP)
-        u = tl.arange(0, PP)
-        rows = (pid // nw) * PP + u
-        cols = (pid % nw) * PP + u
-        # Zero outside the image: the patches are padded after the depthwise convs, as in the model.
-        inside = (rows[:, None] < H) & (cols[None, :] < W)
-        offs = rows[:, None] * W + cols[None, :]
+    if _in_expert(offsets_ptr, expert, s):
+        offs, inside = _patch_tile(pid, H, W, PP)
         s64 = s.to(tl.int64)
         q = tl.load(qkv_ptr + (s64 * 3 * RANK + ch) * H * W + offs, mask=inside, other=0.0)
         k = tl.load(qkv_ptr + (s64 * 3 * RANK + RANK + ch) * H * W + offs, mask=inside, other=0.0)
-        cm = tl.load(cos_ptr + u[:, None] * PP + u[None, :])
-        sm = tl.load(sin_ptr + u[:, None] * PP + u[None, :])
+        cm, sm = _dft_tables(cos_ptr, sin_ptr, PP)
         qr, qi = _dft2(q, cm, sm, PREC)
         kr, ki = _dft2(k, cm, sm, PREC)
         pr = qr * kr - qi * ki
@@ -220,15 +239,11 @@ def hidden_kernel(qkv_ptr, a_ptr, shared_ptr, image_ptr, offsets_ptr, expert, nw
     pid_p = tl.program_id(0)
     pid_r = tl.program_id(1)
     s = tl.program_id(2)
-    lo = tl.load(offsets_ptr + expert)
-    hi = tl.load(offsets_ptr + expert + 1)
-    if (s >= lo) & (s < hi):
+    if _in_expert(offsets_ptr, expert, s):
         s64 = s.to(tl.int64)
         img = tl.load(image_ptr + s).to(tl.int64)
-        pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = pix < HW
-        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rr < RANK
+        pix, pmask = _span(pid_p, HW, BLOCK_P)
+        rr, rmask = _span(pid_r, RANK, BLOCK_R)
         body, gl = _hidden_parts(qkv_ptr, a_ptr, shared_ptr, nw_ptr, nb_ptr, wpo_ptr, bpo_ptr, ws_ptr, s64, img, pix,
                                  pmask, rr, rmask, C, HW, RANK, eps, BLOCK_R, BLOCK_K, BLOCK_P, PREC)
         h = body * (gl * tl.sigmoid(gl))
@@ -250,15 +265,11 @@ def out_bwd_kernel(dout_ptr, image_ptr, x_ptr, w2_ptr, h_ptr, gate_ptr, offsets_
     pid_p = tl.program_id(0)
     pid_r = tl.program_id(1)
     s = tl.program_id(2)
-    lo = tl.load(offsets_ptr + expert)
-    hi = tl.load(offsets_ptr + expert + 1)
-    if (s >= lo) & (s < hi):
+    if _in_expert(offsets_ptr, expert, s):
         s64 = s.to(tl.int64)
         img = tl.load(image_ptr + s).to(tl.int64)
-        pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = pix < HW
-        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rr < RANK
+        pix, pmask = _span(pid_p, HW, BLOCK_P)
+        rr, rmask = _span(pid_r, RANK, BLOCK_R)
         g2 = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float32)
         xd = tl.zeros((BLOCK_P,), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_K):
@@ -291,15 +302,11 @@ def hidden_bwd_a_kernel(qkv_ptr, a_ptr, shared_ptr, image_ptr, offsets_ptr, expe
     pid_p = tl.program_id(0)
     pid_r = tl.program_id(1)
     s = tl.program_id(2)
-    lo = tl.load(offsets_ptr + expert)
-    hi = tl.load(offsets_ptr + expert + 1)
-    if (s >= lo) & (s < hi):
+    if _in_expert(offsets_ptr, expert, s):
         s64 = s.to(tl.int64)
         img = tl.load(image_ptr + s).to(tl.int64)
-        pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = pix < HW
-        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rr < RANK
+        pix, pmask = _span(pid_p, HW, BLOCK_P)
+        rr, rmask = _span(pid_r, RANK, BLOCK_R)
         body, gl = _hidden_parts(qkv_ptr, a_ptr, shared_ptr, nw_ptr, nb_ptr, wpo_ptr, bpo_ptr, ws_ptr, s64, img, pix,
                                  pmask, rr, rmask, C, HW, RANK, eps, BLOCK_R, BLOCK_K, BLOCK_P, PREC)
         m2 = rmask[:, None] & pmask[None, :]
@@ -321,12 +328,9 @@ def hidden_bwd_b_kernel(qkv_ptr, a_ptr, offsets_ptr, expert, nw_ptr, nb_ptr, wpo
     and partial sums for the LayerNorm's weight and bias gradients."""
     pid_p = tl.program_id(0)
     s = tl.program_id(1)
-    lo = tl.load(offsets_ptr + expert)
-    hi = tl.load(offsets_ptr + expert + 1)
-    if (s >= lo) & (s < hi):
+    if _in_expert(offsets_ptr, expert, s):
         s64 = s.to(tl.int64)
-        pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = pix < HW
+        pix, pmask = _span(pid_p, HW, BLOCK_P)
         mean, rstd = _ln_stats(a_ptr, s64, pix, pmask, RANK, HW, eps, BLOCK_K)
         sum1 = tl.zeros((BLOCK_P,), dtype=tl.float32)
         sum2 = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -380,19 +384,11 @@ def patch_conv_bwd_kernel(qkv_ptr, da_ptr, offsets_ptr, expert, cos_ptr, sin_ptr
     pid = tl.program_id(0)
     ch = tl.program_id(1)
     s = tl.program_id(2)
-    lo = tl.load(offsets_ptr + expert)
-    hi = tl.load(offsets_ptr + expert + 1)
-    if (s >= lo) & (s < hi):
-        nw = tl.cdiv(W, PP)
-        u = tl.arange(0, PP)
-        rows = (pid // nw) * PP + u
-        cols = (pid % nw) * PP + u
-        inside = (rows[:, None] < H) & (cols[None, :] < W)
-        offs = rows[:, None] * W + cols[None, :]
+    if _in_expert(offsets_ptr, expert, s):
+        offs, inside = _patch_tile(pid, H, W, PP)
         s64 = s.to(tl.int64)
         da = tl.load(da_ptr + (s64 * RANK + ch) * H * W + offs, mask=inside, other=0.0)
-        cm = tl.load(cos_ptr + u[:, None] * PP + u[None, :])
-        sm = tl.load(sin_ptr + u[:, None] * PP + u[None, :])
+        cm, sm = _dft_tables(cos_ptr, sin_ptr, PP)
         dr, di = _dft2(da, cm, sm, PREC)
         # one operand's spectrum live at a time (register pressure at PP = 32)
         k = tl.load(qkv_ptr + (s64 * 3 * RANK + RANK + ch) * H * W + offs, mask=inside, other=0.0)
@@ -418,9 +414,7 @@ def dwconv_wgrad_kernel(dout_ptr, in_ptr, offsets_ptr, expert, part_ptr, NCH, H,
     pid_g = tl.program_id(0)
     pid_c = tl.program_id(1)
     s = tl.program_id(2)
-    lo = tl.load(offsets_ptr + expert)
-    hi = tl.load(offsets_ptr + expert + 1)
-    if (s >= lo) & (s < hi):
+    if _in_expert(offsets_ptr, expert, s):
         hw = H * W
         s64 = s.to(tl.int64)
         ch = pid_c * BLOCK_CH + tl.arange(0, BLOCK_CH)
@@ -454,9 +448,7 @@ def pos_outer_kernel(a_ptr, a_index_ptr, b_ptr, b_index_ptr, scale_ptr, offsets_
     pid_mn = tl.program_id(0)
     pid_g = tl.program_id(1)
     s = tl.program_id(2)
-    lo = tl.load(offsets_ptr + expert)
-    hi = tl.load(offsets_ptr + expert + 1)
-    if (s >= lo) & (s < hi):
+    if _in_expert(offsets_ptr, expert, s):
         s64 = s.to(tl.int64)
         row_a = s64
         if A_INDEXED:
