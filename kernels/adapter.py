@@ -145,6 +145,28 @@ def _spectrum_block(x, cw_ptr, sw_ptr, ch_ptr, sh_ptr, wcol, BH: tl.constexpr, P
 
 
 @triton.jit
+def _channel_map(pid, task_ptr, HID, H, W, BH: tl.constexpr, BW: tl.constexpr):
+    """Program pid = n * HID + c of the per-(image, hidden channel) kernels: n, c, image n's task, the
+    (BH, BW) tile's row and column indices, which of them lie inside the H x W map, and their offsets
+    in it."""
+    n = pid // HID
+    c = pid % HID
+    t = tl.load(task_ptr + n).to(tl.int64)
+    rows = tl.arange(0, BH)
+    cols = tl.arange(0, BW)
+    return n, c, t, rows, cols, (rows[:, None] < H) & (cols[None, :] < W), rows[:, None] * W + cols[None, :]
+
+
+@triton.jit
+def _shifted(rows, cols, inside, dy, dx, H, W):
+    """The map tile moved by (dy, dx): offsets of (row + dy, col + dx) and where that is in the map
+    (zero padding outside it)."""
+    rr = rows[:, None] + dy
+    cc = cols[None, :] + dx
+    return rr * W + cc, inside & (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
+
+
+@triton.jit
 def _mix_channel(pid, y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr, ampw_ptr, ampb_ptr, phaw_ptr,
                  phab_ptr, compw_ptr, compb_ptr, cw_ptr, sw_ptr, ch_ptr, sh_ptr, aw_ptr, bw_ptr,
                  loc_ptr, glob_ptr, pooled_ptr, gmean_ptr, HID, H, W,
@@ -155,14 +177,8 @@ def _mix_channel(pid, y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr, 
     the per-image (scale, shift) (training BatchNorm); without it y is taken as it is (eval
     BatchNorm folded into the head) and scale_ptr, shift_ptr are not read. pid: the program's
     index n * HID + c."""
-    n = pid // HID
-    c = pid % HID
-    t = tl.load(task_ptr + n).to(tl.int64)
+    n, c, t, rows, cols, inside, offs = _channel_map(pid, task_ptr, HID, H, W, BH, BW)
     hw = H * W
-    rows = tl.arange(0, BH)
-    cols = tl.arange(0, BW)
-    inside = (rows[:, None] < H) & (cols[None, :] < W)
-    offs = rows[:, None] * W + cols[None, :]
     img = y_ptr + n.to(tl.int64) * HID * hw
     # attention pooling: logits over all channels (BatchNorm applied on load), softmax over pixels
     z = tl.zeros((BH, BW), dtype=tl.float32) + tl.load(compb_ptr + t)
@@ -184,10 +200,8 @@ def _mix_channel(pid, y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, cbias_ptr, 
     loc = tl.zeros((BH, BW), dtype=tl.float32) + tl.load(cbias_ptr + t * HID + c)
     for di in tl.static_range(3):
         for dj in tl.static_range(3):
-            rr = rows[:, None] + (di - 1)
-            cc = cols[None, :] + (dj - 1)
-            ok = inside & (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
-            xs = tl.load(chan + rr * W + cc, mask=ok, other=0.0)
+            at, ok = _shifted(rows, cols, inside, di - 1, dj - 1, H, W)
+            xs = tl.load(chan + at, mask=ok, other=0.0)
             if AFFINE:
                 xs = xs * sc + sh
             xs = tl.where(ok, xs, 0.0)
@@ -560,14 +574,8 @@ def mix_bwd_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, ampw_p
     to the head output y; per-(image, channel) sums for the parameter gradients go to scal:
     [d scale, d shift, d comp_w, d comp_b, d conv_bias, d amp_w, d amp_b, d pha_w, d pha_b, d k9 (9)]."""
     pid = tl.program_id(0)
-    n = pid // HID
-    c = pid % HID
-    t = tl.load(task_ptr + n).to(tl.int64)
+    n, c, t, rows, cols, inside, offs = _channel_map(pid, task_ptr, HID, H, W, BH, BW)
     hw = H * W
-    rows = tl.arange(0, BH)
-    cols = tl.arange(0, BW)
-    inside = (rows[:, None] < H) & (cols[None, :] < W)
-    offs = rows[:, None] * W + cols[None, :]
     img = y_ptr + n.to(tl.int64) * HID * hw
     # pooling: pooled_j = sum_p x_jp s_p, s = softmax(z), z = sum_j comp_w_j x_j + comp_b
     z = tl.zeros((BH, BW), dtype=tl.float32) + tl.load(compb_ptr + t)
@@ -596,6 +604,8 @@ def mix_bwd_channel_kernel(y_ptr, scale_ptr, shift_ptr, task_ptr, k9_ptr, ampw_p
     for di in tl.static_range(3):
         for dj in tl.static_range(3):
             kv = tl.load(k9_ptr + (t * HID + c) * 9 + di * 3 + dj)
+            # the shifts written out, not through _shifted: with it ptxas spilled 12% more here
+            # (sm_90, 48x48 and 64x64 maps; the forward's spills went down through it)
             rr = rows[:, None] - (di - 1)
             cc = cols[None, :] - (dj - 1)
             ok = inside & (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)

@@ -96,14 +96,20 @@ def transposed_attention(q, k, v, temperature, num_heads: int) -> torch.Tensor:
     return (attn @ v).reshape(b, c, h, w)
 
 
+def _heads(dim, num_heads) -> tuple[int, int]:
+    """``dim`` and ``num_heads`` checked: positive integers, the heads dividing the channels."""
+    dim, num_heads = positive_int("dim", dim), positive_int("num_heads", num_heads)
+    if dim % num_heads:
+        raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
+    return dim, num_heads
+
+
 class Attention(nn.Module):
     """MDTA: multi-Dconv-head transposed self-attention."""
 
     def __init__(self, dim: int, num_heads: int, bias: bool):
         super().__init__()
-        dim, num_heads = positive_int("dim", dim), positive_int("num_heads", num_heads)
-        if dim % num_heads:
-            raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
+        dim, num_heads = _heads(dim, num_heads)
         self.num_heads = num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
@@ -120,9 +126,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, bias: bool):
         super().__init__()
-        dim, num_heads = positive_int("dim", dim), positive_int("num_heads", num_heads)
-        if dim % num_heads:
-            raise ValueError(f"num_heads: must divide dim={dim}, got {num_heads}")
+        dim, num_heads = _heads(dim, num_heads)
         self.num_heads = num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.q = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
