@@ -106,11 +106,17 @@ def test_bad_inputs():
         moce_fast.AdaptIRAdapter(192, layout="nlc")
     with pytest.raises(ValueError, match="variant: expected one of"):
         moce_fast.AdaptIRAdapter(192, variant="swin")
-    with pytest.raises(ValueError, match="too small"):
+    # the user-facing module names its own argument (dim), the reference the public one (d_model)
+    with pytest.raises(ValueError, match=r"dim: 96 is too small for the ipt adapter \(hidden = dim // 24 = 4 "
+                                         r"must be at least 8\)"):
         moce_fast.AdaptIRAdapter(96, "ipt")
+    with pytest.raises(ValueError, match=r"d_model: 96 is too small"):
+        AdaptIR(96, "ipt")
     for width in (192.0, "192", True, None):
-        with pytest.raises(TypeError, match=r"d_model: expected the model width as an int, got"):
+        with pytest.raises(TypeError, match=r"dim: expected the model width as an int, got"):
             moce_fast.AdaptIRAdapter(width, "ipt")
+        with pytest.raises(TypeError, match=r"d_model: expected the model width as an int, got"):
+            AdaptIR(width, "ipt")
     assert moce_fast.AdaptIRAdapter(np.int64(192), "ipt").d_model == 192
     lnc = moce_fast.AdaptIRAdapter(192, layout="lnc")
     with pytest.raises(ValueError, match="square token grid"):

@@ -17,7 +17,7 @@ from ..ops.adapter import (AdapterParams, BatchStats, MixParams, OneImagePlan, _
                            adaptir_rows_cpu_tasks, adaptir_rows_cpu_train, adaptir_triton_train,
                            adaptir_triton_train_tasks, cpu_kernel_runs,
                            cpu_tasks_kernel_runs, fused_training, kept_versions, one_image_plan, triton_training)
-from ..reference.adaptir import AdaptIR
+from ..reference.adaptir import AdaptIR, hidden_width
 
 LAYOUTS = ("nchw", "lnc", "nhwc")
 
@@ -35,7 +35,7 @@ class AdaptIRAdapter(AdaptIR):
     def __init__(self, dim: int, variant: str = "ipt", layout: str = "nchw"):
         if layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-        super().__init__(dim, variant)
+        super().__init__(hidden_width("dim", dim, variant)[0], variant)
         self.layout = layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,20 @@ def exact_real_bins(spec: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return spec
 
 
+def hidden_width(name: str, d_model, variant: str) -> tuple[int, int]:
+    """``d_model`` as an int and the hidden width of ``variant``'s adapter on it, or a clear error
+    naming the argument (``name``: the caller's word for the model width)."""
+    d_model = as_int(name, d_model, "the model width as an int")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
+    divisor, reduction = VARIANTS[variant]
+    hidden = d_model // divisor
+    if hidden < reduction:
+        raise ValueError(f"{name}: {d_model} is too small for the {variant} adapter "
+                         f"(hidden = {name} // {divisor} = {hidden} must be at least {reduction})")
+    return d_model, hidden
+
+
 class AdaptIR(nn.Module):
     #: False (default): the FFT's own round-off decides the phase at the real bins, as in the
     #: public adapter. True: exact phase there (see :func:`exact_real_bins`), as moce_fast's fast paths.
@@ -42,19 +56,12 @@ class AdaptIR(nn.Module):
 
     def __init__(self, d_model: int, variant: str = "ipt"):
         super().__init__()
-        d_model = as_int("d_model", d_model, "the model width as an int")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
-        divisor, reduction = VARIANTS[variant]
+        d_model, self.hidden = hidden_width("d_model", d_model, variant)
         self.variant = variant
         self.d_model = d_model
-        self.hidden = d_model // divisor
         self.rank = self.hidden // 2
         self.kernel_size = 3
-        if self.hidden < reduction or self.rank < 1:
-            raise ValueError(f"d_model: {d_model} is too small for the {variant} adapter "
-                             f"(hidden = d_model // {divisor} = {self.hidden} must be at least {reduction})")
-        h, k = self.hidden, self.kernel_size
+        h, k, reduction = self.hidden, self.kernel_size, VARIANTS[variant][1]
         self.head = nn.Conv2d(d_model, h, 1)
         self.BN = nn.BatchNorm2d(h)
         self.conv_weight_A = nn.Parameter(torch.empty(h, self.rank))
