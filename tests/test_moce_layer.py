@@ -341,10 +341,37 @@ def test_bad_inputs_raise_clear_errors():
         fast(x, f, s, expert_indices=torch.tensor([[0.0], [1.0]]), expert_gates=torch.ones(2, 1))
     with pytest.raises(ValueError, match="expert_gates: given without expert_indices"):
         fast(x, f, s, expert_gates=torch.ones(2, 1))
+    # another dtype or device than the parameters': named (torch's product error named neither)
+    other = torch.float32 if x.dtype == torch.float64 else torch.float64
+    with pytest.raises(ValueError, match=rf"x: {other}, the module's parameters {x.dtype} \(convert one"):
+        fast(x.to(other), f.to(other), s.to(other))
+    with pytest.raises(ValueError, match=r"x: on meta, the module's parameters on cpu \(move one"):
+        fast(x.to("meta"), f.to("meta"), s.to("meta"))
     with pytest.raises(ValueError, match="top_k"):
         moce_fast.MoCELayer(16, top_k=5, num_experts=4)
     with pytest.raises(ValueError, match="num_experts"):
         moce_fast.MoCELayer(16, num_experts=1)
+
+
+def test_block_bad_inputs_raise_clear_errors():
+    # MoCEBlock used on its own: each bad x named (before, torch's permute, LayerNorm and conv errors)
+    block = moce_fast.MoCEBlock(16, num_heads=2, freq_dim=None).eval()
+    with pytest.raises(ValueError, match=r"x: expected a 4-D \(B, C, H, W\) tensor, got shape \(16, 8, 8\)"):
+        block(torch.rand(16, 8, 8))
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor, got list"):
+        block([[0.0]])
+    with pytest.raises(ValueError, match=r"x: expected 16 channels, got shape \(2, 15, 8, 8\)"):
+        block(torch.rand(2, 15, 8, 8))
+    with pytest.raises(ValueError, match="x: expected a floating dtype, got torch.int64"):
+        block(torch.randint(0, 3, (2, 16, 8, 8)))
+    with pytest.raises(ValueError, match=r"x: torch.float64, the module's parameters torch.float32 \(convert one"):
+        block(torch.rand(2, 16, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x: on meta, the module's parameters on cpu \(move one"):
+        block(torch.rand(2, 16, 8, 8, device="meta"))
+    with torch.no_grad():
+        assert block(torch.rand(2, 16, 8, 8)).shape == (2, 16, 8, 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # another dtype runs under autocast
+            assert block(torch.rand(2, 16, 8, 8)).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

@@ -159,9 +159,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="H, W >= 1"):
         fast(torch.rand(1, 3, 0, 8))
     # another dtype than the parameters' (torch's own error named neither); under autocast it runs
-    with pytest.raises(ValueError, match=r"x: torch.float64, the model's parameters torch.float32 \(convert one"):
+    with pytest.raises(ValueError, match=r"x: torch.float64, the module's parameters torch.float32 \(convert one"):
         fast(torch.rand(1, 3, 8, 8, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"x: on meta, the model's parameters on cpu \(move one"):
+    with pytest.raises(ValueError, match=r"x: on meta, the module's parameters on cpu \(move one"):
         fast(torch.rand(1, 3, 8, 8, device="meta"))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast(torch.rand(1, 3, 8, 8, dtype=torch.bfloat16)).shape == (1, 3, 8, 8)

@@ -9,6 +9,7 @@ import torch
 
 from ..configs import get_config
 from ..nn import DecoderResidualGroup, EncoderResidualGroup
+from ..nn.moce import check_on_params
 from ..reference import moce_ir as ref
 
 
@@ -59,13 +60,7 @@ class MoCEIR(ref.MoCEIR):
                              f"(convert with x.float() / 255 for 8-bit images)")
         if x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f"x: expected H, W >= 1, got shape {tuple(x.shape)}")
-        p = next(self.parameters(), None)
-        if p is not None and x.device != p.device:
-            raise ValueError(f"x: on {x.device}, the model's parameters on {p.device} "
-                             f"(move one: x.to({str(p.device)!r}) or model.to({str(x.device)!r}))")
-        if p is not None and x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(f"x: {x.dtype}, the model's parameters {p.dtype} (convert one: x.to({p.dtype}) or "
-                             f"model.to({x.dtype}); or run under torch.autocast)")
+        check_on_params(self, "x", x)
         if x.numel() and not _is_capturing_or_compiling() and not torch.isfinite(x).all():
             raise ValueError("x: contains NaN or Inf")
 

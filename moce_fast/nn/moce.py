@@ -20,6 +20,20 @@ def _check_4d(name: str, t, like: torch.Tensor | None = None):
         raise ValueError(f"{name}: expected shape {tuple(like.shape)} (the shape of x), got {tuple(t.shape)}")
 
 
+def check_on_params(module: torch.nn.Module, name: str, t: torch.Tensor) -> None:
+    """A ValueError unless ``t`` is on the device of ``module``'s parameters and, outside
+    torch.autocast, of their dtype (torch's own errors there name neither side)."""
+    p = next(module.parameters(), None)
+    if p is None:
+        return
+    if t.device != p.device:
+        raise ValueError(f"{name}: on {t.device}, the module's parameters on {p.device} "
+                         f"(move one: {name}.to({str(p.device)!r}) or module.to({str(t.device)!r}))")
+    if t.dtype != p.dtype and not torch.is_autocast_enabled(t.device.type):
+        raise ValueError(f"{name}: {t.dtype}, the module's parameters {p.dtype} (convert one: {name}.to({p.dtype}) "
+                         f"or module.to({t.dtype}); or run under torch.autocast)")
+
+
 class MoCELayer(ref_moce.AdapterLayer):
     """Mixture of complexity experts, routed per image (top-k), grouped by expert.
 
@@ -27,7 +41,7 @@ class MoCELayer(ref_moce.AdapterLayer):
     MoCE-IR's defaults. ``forward(x, freq_emb, shared, expert_indices=None, expert_gates=None)``:
 
     - x, shared: (B, C, H, W), same shape and dtype (float32, float16 or bfloat16; float64 works
-      on the torch backend).
+      on the torch backend), the parameters' dtype (outside torch.autocast) and device.
     - freq_emb: (B, freq_dim), or None when the layer was built with ``freq_dim=None``.
     - expert_indices (B, k) int64 and expert_gates (B, k): given together, they replace the
       router (routing by task label, oracle routing); then ``aux_loss`` is zero.
@@ -78,6 +92,7 @@ class MoCELayer(ref_moce.AdapterLayer):
             raise ValueError(f"x: expected {self.dim} channels, got {x.shape[1]}")
         if x.dtype != shared.dtype or not x.is_floating_point():
             raise ValueError(f"x, shared: expected one floating dtype, got {x.dtype} and {shared.dtype}")
+        check_on_params(self, "x", x)
         b = x.shape[0]
         if expert_indices is None:
             if expert_gates is not None:
@@ -125,7 +140,8 @@ class MoCEBlock(ref_blocks.DecoderBlock):
         y = norm0(x); x_s = MDTA(proj0(y)); x_a = MoCE(proj1(y), freq_emb, shared=x_s)
         x = cross_attention(x_a, x_s) + x;  x = x + GDFN(norm1(x))
 
-    ``forward(x, freq_emb=None)`` returns (B, C, H, W); ``aux_loss`` holds the MoCE layer's loss.
+    ``forward(x, freq_emb=None)`` returns (B, C, H, W) for x (B, C, H, W) of the parameters' dtype
+    (outside torch.autocast) and device; ``aux_loss`` holds the MoCE layer's loss.
     With ``freq_dim=None`` the router uses only the block's pooled features, so the block drops
     into any network with no frequency embedding: ``forward(x)``.
     """
@@ -144,12 +160,19 @@ class MoCEBlock(ref_blocks.DecoderBlock):
                          num_experts=num_experts, top_k=top_k, depth_type=depth_type, rank_type=rank_type,
                          stage_depth=stage_depth, freq_dim=freq_dim, with_complexity=with_complexity,
                          complexity_scale=complexity_scale, eval_noise=eval_noise)
+        self.dim = self.adapter.dim
 
     @property
     def aux_loss(self):
         return self.adapter.aux_loss
 
     def forward(self, x: torch.Tensor, freq_emb: torch.Tensor | None = None) -> torch.Tensor:
+        _check_4d("x", x)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"x: expected {self.dim} channels, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x: expected a floating dtype, got {x.dtype}")
+        check_on_params(self, "x", x)
         # norm0 with proj0 -> the shared MDTA's qkv map, and proj1: one fused op (the triton backend
         # folds proj0 into qkv and both maps into one matrix)
         qkv, y1 = norm_then(self.norms[0], x, [self.proj[0], self.shared.qkv], [self.proj[1]])
