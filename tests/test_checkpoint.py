@@ -63,6 +63,42 @@ def test_load_checkpoint_builds_the_named_config(tmp_path):
         moce_fast.load_checkpoint(path, config="MoCE_IR")
 
 
+def test_load_checkpoint_without_config_builds_the_recorded_model(tmp_path):
+    # a file MoCEIR.save wrote records its constructor arguments: load_checkpoint(path) builds that
+    # model (it built MoCE_IR and failed with 993 missing keys on a saved tiny model), with
+    # overrides on top; a file without a record (a public checkpoint) still means MoCE_IR
+    from moce_fast.models.checkpoint import recorded_constructor
+    from safetensors.torch import save_file
+
+    tiny = moce_fast.MoCEIR.from_config("tiny")
+    tiny.save(tmp_path / "tiny.safetensors")
+    loaded = moce_fast.load_checkpoint(tmp_path / "tiny.safetensors")
+    assert loaded.config_name == "tiny" and loaded.config == tiny.config
+    _assert_same_weights(loaded, tiny)
+    custom = moce_fast.MoCEIR.from_config("tiny", num_experts=3)  # a configuration with overrides
+    del custom.config_name
+    custom.save(tmp_path / "custom.safetensors")
+    assert recorded_constructor(tmp_path / "custom.safetensors")["num_experts"] == 3
+    loaded = moce_fast.load_checkpoint(tmp_path / "custom.safetensors")
+    assert not hasattr(loaded, "config_name") and loaded.config["num_experts"] == 3
+    _assert_same_weights(loaded, custom)
+    with pytest.raises(CheckpointError, match="misshaped keys|missing keys"):  # overrides on top
+        moce_fast.load_checkpoint(tmp_path / "custom.safetensors", num_experts=4)
+    with pytest.raises(CheckpointError, match="missing keys"):  # an explicit config wins
+        moce_fast.load_checkpoint(tmp_path / "tiny.safetensors", config="MoCE_IR_S")
+    tensors = {k: v.contiguous() for k, v in tiny.state_dict().items()}
+    save_file(tensors, tmp_path / "plain.safetensors")  # no record: MoCE_IR
+    assert recorded_constructor(tmp_path / "plain.safetensors") is None
+    with pytest.raises(CheckpointError, match="missing keys"):
+        moce_fast.load_checkpoint(tmp_path / "plain.safetensors")
+    for bad, match in (("{", "not JSON"), ("[1, 2]", "not a JSON object"), ('{"dim": "x"}', "do not build a MoCEIR"),
+                       ('{"no_such_argument": 1}', "do not build a MoCEIR")):
+        save_file(tensors, tmp_path / "bad.safetensors", metadata={"format": "moce_fast", "config": bad})
+        with pytest.raises(CheckpointError, match=f"checkpoint '.*bad.safetensors': its recorded constructor "
+                                                  f"arguments .*{match}"):
+            moce_fast.load_checkpoint(tmp_path / "bad.safetensors")
+
+
 def test_state_dict_mapping_is_accepted(trained):
     sd = {f"module.{k}": v for k, v in trained.state_dict().items()}
     _assert_same_weights(load_weights(_fresh(), sd), trained)

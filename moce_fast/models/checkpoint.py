@@ -170,10 +170,48 @@ def checkpoint_config_name(source) -> str | None:
         return None
 
 
-def load_checkpoint(source, config: str = "MoCE_IR", allow_pickle: bool = False, **overrides):
-    """Build :class:`moce_fast.MoCEIR` from configuration ``config`` (with ``overrides``) and load
-    ``source`` (a path to a .ckpt/.pt/.pth/.safetensors file, or a state dict) into it, in eval mode."""
+def recorded_constructor(source) -> dict | None:
+    """The constructor arguments a moce_fast safetensors file records (``MoCEIR.save``), if any; a
+    record that is not a JSON object of arguments is a :class:`CheckpointError`."""
+    if isinstance(source, Mapping) or not is_safetensors(source):
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(source), "pt") as f:
+            text = (f.metadata() or {}).get("config")
+    except (SafetensorError, OSError):
+        return None
+    if text is None:
+        return None
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint '{source}': its recorded constructor arguments are not JSON ({err})") \
+            from None
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise CheckpointError(f"checkpoint '{source}': its recorded constructor arguments are not a JSON object "
+                              f"of named arguments, got {text[:80]!r}")
+    return args
+
+
+def load_checkpoint(source, config: str | None = None, allow_pickle: bool = False, **overrides):
+    """Build :class:`moce_fast.MoCEIR` and load ``source`` (a path to a .ckpt/.pt/.pth/.safetensors
+    file, or a state dict) into it, in eval mode. The model: configuration ``config`` with
+    ``overrides``; without ``config``, the model a file written by ``MoCEIR.save`` records (its
+    constructor arguments, with ``overrides`` on top), else "MoCE_IR" (the public checkpoints)."""
     from .moce_ir import MoCEIR
 
-    model = MoCEIR.from_config(config, **overrides)
+    recorded = recorded_constructor(source) if config is None else None
+    if recorded is not None:
+        try:
+            model = MoCEIR(**{**recorded, **overrides})
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint '{source}': its recorded constructor arguments do not build a "
+                                  f"MoCEIR ({err})") from None
+        name = checkpoint_config_name(source)
+        if name and not overrides:
+            model.config_name = name
+    else:
+        model = MoCEIR.from_config(config or "MoCE_IR", **overrides)
     return load_weights(model, source, allow_pickle=allow_pickle).eval()
