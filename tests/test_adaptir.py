@@ -128,6 +128,12 @@ def test_bad_inputs():
         nhwc(torch.randn(2, 192, 4))
     with pytest.raises(ValueError, match="floating-point"):
         nhwc(torch.zeros(1, 4, 4, 192, dtype=torch.int64))
+    # x on another device than the parameters (a meta tensor here: the CPU paths ran on it and gave
+    # a CPU result), in eval and in training
+    for mode in ("eval", "train"):
+        getattr(nhwc, mode)()
+        with pytest.raises(ValueError, match=r"x: on meta, the adapter's parameters on cpu \(move one"):
+            nhwc(torch.randn(2, 4, 4, 192, device="meta"))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "lnc", "nhwc"])
