@@ -38,6 +38,26 @@ def test_same_seed_same_image(task):
     assert not np.allclose(a, clean)
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_bad_images_are_named(task):
+    # what the degradations do not take is an error naming it (an 8-bit image came out almost all
+    # ones, a grayscale one failed in scipy or broadcast, values out of range were clipped silently)
+    rng = np.random.default_rng(0)
+    clean = rng.random((16, 16, 3), dtype=np.float32)
+    cases = [((clean * 255).astype(np.uint8), ValueError, r"img: expected a float image with values in \[0, 1\], "
+              r"got uint8 \(moce_fast.data.to_rgb_float"),
+             (clean[..., 0], ValueError, r"img: expected an RGB image \(H, W, 3\), got shape \(16, 16\)"),
+             (np.concatenate([clean, clean[..., :1]], -1), ValueError, r"got shape \(16, 16, 4\)"),
+             (clean * 2, ValueError, r"img: expected finite values in \[0, 1\], got \[0(\.\d+)?, 1\.9"),
+             (np.where(clean > 0.5, np.nan, clean), ValueError, "expected finite values"),
+             (clean[:0], ValueError, r"got shape \(0, 16, 3\)"),
+             (clean.tolist(), TypeError, "img: expected a numpy array")]
+    for img, error, match in cases:
+        with pytest.raises(error, match=match):
+            degrade(img, task, rng)
+    assert degrade(clean.astype(np.float64), task, rng).dtype == np.float32  # any float dtype
+
+
 def test_haze_transmission_decreases_with_depth():
     depth = np.linspace(0.0, 1.0, 50, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
     t = transmission(depth, beta=1.5)
