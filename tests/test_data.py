@@ -119,6 +119,18 @@ def test_crops_are_deterministic_and_cycle_tasks():
     assert DegradedCrops(photos, ("noise25",), 4 * side, length=1)[0][0].shape == (3, 4 * side, 4 * side)
     with pytest.raises(ValueError, match=rf"crop: expected at most 4 x the largest photo's side \({side} px"):
         DegradedCrops(photos, ("noise25",), 4 * side + 1, length=1)  # (100000 asked numpy for 112 GiB)
+    # the other arguments checked where the dataset is made (an unknown task failed at the first
+    # item of that task; a zero crop made empty crops)
+    for kwargs, error, match in [({"tasks": ("snow",)}, ValueError, r"task: expected one of .* got 'snow'"),
+                                 ({"tasks": "rain"}, ValueError, "tasks: expected a sequence of at least one"),
+                                 ({"tasks": ()}, ValueError, "tasks: expected a sequence of at least one"),
+                                 ({"crop": 0}, ValueError, "crop: expected a positive int, got 0"),
+                                 ({"crop": 32.0}, TypeError, r"crop: expected a positive int, got 32.0 \(float\)"),
+                                 ({"length": -1}, ValueError, "length: expected at least 0, got -1")]:
+        args = dict(tasks=("noise25",), crop=32, length=2) | kwargs
+        with pytest.raises(error, match=match):
+            DegradedCrops(photos, **args)
+    assert len(DegradedCrops(photos, ("noise7",), 32, length=0)) == 0  # noise<sigma>, an empty dataset
 
 
 def test_split_holds_out_photos():

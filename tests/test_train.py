@@ -13,7 +13,30 @@ import torch
 from safetensors.torch import load_file
 
 from moce_fast.data import bundled_photos
-from moce_fast.train import TrainConfig, evaluate, fft_loss, train
+from moce_fast.train import TrainConfig, evaluate, fft_loss, psnr_ssim, train
+
+
+def test_psnr_ssim_values_and_bad_images():
+    import numpy as np
+    from skimage.metrics import peak_signal_noise_ratio
+
+    rng = np.random.default_rng(0)
+    clean = rng.random((24, 24, 3)).astype(np.float32)
+    noisy = np.clip(clean + rng.normal(0, 0.05, clean.shape), 0, 1).astype(np.float32)
+    p, s = psnr_ssim(noisy, clean)
+    assert abs(p - peak_signal_noise_ratio(clean, noisy, data_range=1.0)) < 1e-9 and 20 < p < 30 and 0 < s < 1
+    with np.errstate(divide="ignore"):  # identical images: infinite PSNR (skimage's division by zero)
+        assert psnr_ssim(clean, clean) == (float("inf"), pytest.approx(1.0))
+    # an 8-bit image gave -43 dB against a float one without a word; tensors and shapes named
+    with pytest.raises(ValueError, match=r"clean: expected a float numpy image \(H, W, 3\) in \[0, 1\], got uint8 "
+                                         r"\(24, 24, 3\) \(an 8-bit image"):
+        psnr_ssim(noisy, (clean * 255).astype(np.uint8))
+    with pytest.raises(ValueError, match="restored: expected a float numpy image .* got Tensor$"):
+        psnr_ssim(torch.rand(24, 24, 3), clean)
+    with pytest.raises(ValueError, match=r"restored: .* got float32 \(24, 24\)$"):
+        psnr_ssim(noisy[..., 0], clean)
+    with pytest.raises(ValueError, match=r"restored, clean: expected one shape, got \(12, 24, 3\) and \(24, 24, 3\)"):
+        psnr_ssim(noisy[:12], clean)
 
 
 def test_fft_loss_matches_its_definition():

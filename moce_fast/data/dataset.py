@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .degrade import degrade
+from ..reference.layers import as_int, positive_int
+from .degrade import check_task, degrade
 from .photos import Photo
 
 
@@ -33,8 +34,13 @@ class DegradedCrops(torch.utils.data.Dataset):
     def __init__(self, photos: list[Photo], tasks: tuple[str, ...], crop: int, length: int, seed: int = 0):
         if not photos:
             raise ValueError("photos: expected at least one photo")
-        if not tasks:
-            raise ValueError("tasks: expected at least one task")
+        if isinstance(tasks, str) or not tasks:
+            raise ValueError(f"tasks: expected a sequence of at least one task name, got {tasks!r}")
+        for t in tasks:
+            check_task(t)
+        crop, length, seed = positive_int("crop", crop), as_int("length", length), as_int("seed", seed)
+        if length < 0:
+            raise ValueError(f"length: expected at least 0, got {length}")
         side, name = max((max(p.image.shape[:2]), p.name) for p in photos)
         if crop > MAX_CROP_FACTOR * side:  # (reflected up that far, a crop is mostly mirror copies)
             raise ValueError(f"crop: expected at most {MAX_CROP_FACTOR} x the largest photo's side "

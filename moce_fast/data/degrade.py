@@ -128,8 +128,17 @@ def low_light(img, rng, gamma: float | None = None, scale: float | None = None,
     return np.clip(dark, 0.0, 1.0).astype(np.float32)
 
 
+def check_task(task) -> str:
+    """``task`` if :func:`degrade` knows it (one of :data:`TASKS`, or noise<sigma>), else a ValueError
+    naming the choices."""
+    if not isinstance(task, str) or not (task in TASKS or (task.startswith("noise") and task[5:].isdigit())):
+        raise ValueError(f"task: expected one of {TASKS} (or noise<sigma>), got {task!r}")
+    return task
+
+
 def degrade(img: np.ndarray, task: str, rng, depth: np.ndarray | None = None) -> np.ndarray:
-    """Apply the degradation named ``task`` (one of :data:`TASKS`)."""
+    """Apply the degradation named ``task`` (one of :data:`TASKS`, or noise<sigma>)."""
+    check_task(task)
     if task.startswith("noise") and task[5:].isdigit():
         return gaussian_noise(img, rng, float(task[5:]))
     if task == "rain":
