@@ -35,7 +35,16 @@ class RoutingPlan(NamedTuple):
 
 
 def make_plan(indices: torch.Tensor, gates: torch.Tensor, num_experts: int) -> RoutingPlan:
-    """indices (B, k) int64 expert ids, gates (B, k): the :class:`RoutingPlan`, with no host sync."""
+    """indices (B, k) int64 expert ids, gates (B, k): the :class:`RoutingPlan`, with no host sync
+    (so the ids' range is not checked here: MoCELayer checks ids it is given)."""
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.dtype != torch.int64:
+        got = (tuple(indices.shape), indices.dtype) if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise ValueError(f"indices: expected an int64 tensor (B, k), got {got}")
+    if not isinstance(gates, torch.Tensor) or gates.shape != indices.shape:
+        got = tuple(gates.shape) if isinstance(gates, torch.Tensor) else type(gates).__name__
+        raise ValueError(f"gates: expected the shape of indices {tuple(indices.shape)}, got {got}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, torch.SymInt)) or num_experts < 1:
+        raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
     b, k = indices.shape
     flat = indices.reshape(-1)
     _, order = torch.sort(flat, stable=True)

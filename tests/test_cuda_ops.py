@@ -225,6 +225,16 @@ def test_routing_plan_op_and_errors():
     with pytest.raises(ValueError, match="k: expected"):
         moce_fast.ops.routing_plan(logits, 0)
     torch.library.opcheck(torch.ops.moce_fast.routing_plan.default, (logits.detach(), 2))
+    # moce_fast.routing.make_plan (public): bad shapes and dtypes named, not an index_add_ error
+    ids, g = torch.tensor([[0], [1]]), torch.ones(2, 1)
+    for args, match in [((ids.float(), g, 4), r"indices: expected an int64 tensor \(B, k\), got \(\(2, 1\), "
+                                                r"torch.float32\)"),
+                        ((ids[:, 0], g, 4), r"indices: expected an int64 tensor \(B, k\), got \(\(2,\), torch.int64\)"),
+                        ((ids, torch.ones(3, 1), 4), r"gates: expected the shape of indices \(2, 1\), got \(3, 1\)"),
+                        ((ids, g, 0), "num_experts: expected a positive int, got 0"),
+                        ((ids, g, 4.0), "num_experts: expected a positive int, got 4.0")]:
+        with pytest.raises(ValueError, match=match):
+            routing.make_plan(*args)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
