@@ -180,7 +180,7 @@ def test_bad_uses():
     # the tasks' grouped path checks x's device against the adapters' (an Identity site: nothing of
     # the host's own runs on x first)
     ident = A.add_adapters(nn.Sequential(nn.Identity()), r"^0$", DIM, layout="lnc", tasks=("a", "b"))
-    with pytest.raises(ValueError, match=r"x: on meta, the adapter's parameters on cpu"), A.tasks(["a", "b"]):
+    with pytest.raises(ValueError, match=r"x: on meta, the module's parameters on cpu"), A.tasks(["a", "b"]):
         ident(x.to("meta"))
     with pytest.raises(ValueError, match="distinct non-empty task names"):
         A.add_adapters(Host(), r"mlp$", DIM, tasks=("a", "a"))

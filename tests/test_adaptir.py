@@ -132,7 +132,7 @@ def test_bad_inputs():
     # a CPU result), in eval and in training
     for mode in ("eval", "train"):
         getattr(nhwc, mode)()
-        with pytest.raises(ValueError, match=r"x: on meta, the adapter's parameters on cpu \(move one"):
+        with pytest.raises(ValueError, match=r"x: on meta, the module's parameters on cpu \(move one"):
             nhwc(torch.randn(2, 4, 4, 192, device="meta"))
 
 

@@ -52,8 +52,7 @@ class AdaptedModule(nn.Module):
                 raise ValueError(f"tasks: this model has adapters for {sorted(self.adapters)}; choose one per image "
                                  f"with `with moce_fast.adapters.tasks([...]):`")
             return out + next(iter(self.adapters.values()))(x)
-        first = next(iter(self.adapters.values()))
-        check_layout(x, self.layout, first.d_model, first.head.weight.device)
+        check_layout(x, self.layout, next(iter(self.adapters.values())))
         batch_dim = 1 if self.layout == "lnc" else 0
         if len(names) != x.shape[batch_dim]:
             raise ValueError(f"tasks: expected one task name per image ({x.shape[batch_dim]}), got {len(names)}")

@@ -9,7 +9,7 @@ import torch
 
 from ..configs import get_config
 from ..nn import DecoderResidualGroup, EncoderResidualGroup
-from ..nn.moce import check_on_params
+from ..nn.layers import check_on_params
 from ..reference import moce_ir as ref
 
 

@@ -18,6 +18,7 @@ from ..ops.adapter import (AdapterParams, BatchStats, MixParams, OneImagePlan, _
                            adaptir_triton_train_tasks, cpu_kernel_runs,
                            cpu_tasks_kernel_runs, fused_training, kept_versions, one_image_plan, triton_training)
 from ..reference.adaptir import AdaptIR, hidden_width
+from .layers import check_on_params
 
 LAYOUTS = ("nchw", "lnc", "nhwc")
 
@@ -42,18 +43,17 @@ class AdaptIRAdapter(AdaptIR):
         out = kernel_call(self, x)
         if out is not None:  # (x was checked there as the kernel takes it)
             return out
-        check_layout(x, self.layout, self.d_model, self.head.weight.device)
+        check_layout(x, self.layout, self)
         return run_adapters([self], x, None)
 
 
-def check_layout(t: torch.Tensor, layout: str, dim: int, device: torch.device) -> None:
-    """A clear ValueError unless ``t`` is a floating-point tensor on ``device`` (the adapter's) in
-    ``layout`` with ``dim`` channels. (Any floating dtype: the adapter computes in its own.)"""
+def check_layout(t: torch.Tensor, layout: str, adapter: AdaptIR) -> None:
+    """A clear ValueError unless ``t`` is a floating-point tensor on ``adapter``'s device in
+    ``layout`` with its channels (any floating dtype: the adapter computes in its own)."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
         raise ValueError(f"x: expected a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    if t.device != device:
-        raise ValueError(f"x: on {t.device}, the adapter's parameters on {device} (move one: "
-                         f"x.to({str(device)!r}) or the adapter .to({str(t.device)!r}))")
+    check_on_params(adapter, "x", t, same_dtype=False)
+    dim = adapter.d_model
     expected = {"nchw": "(N, C, H, W)", "lnc": "(L, N, C)", "nhwc": "(N, H, W, C)"}[layout]
     if t.dim() != len(expected.split(",")):
         raise ValueError(f"x: layout {layout!r} expects {expected}, got shape {tuple(t.shape)}")

@@ -8,6 +8,20 @@ from .. import ops
 from ..reference import layers as ref
 
 
+def check_on_params(module: torch.nn.Module, name: str, t: torch.Tensor, same_dtype: bool = True) -> None:
+    """A ValueError unless ``t`` is on the device of ``module``'s parameters and (``same_dtype``,
+    outside torch.autocast) of their dtype: torch's own errors there name neither side."""
+    p = next(module.parameters(), None)
+    if p is None:
+        return
+    if t.device != p.device:
+        raise ValueError(f"{name}: on {t.device}, the module's parameters on {p.device} "
+                         f"(move one: {name}.to({str(p.device)!r}) or module.to({str(t.device)!r}))")
+    if same_dtype and t.dtype != p.dtype and not torch.is_autocast_enabled(t.device.type):
+        raise ValueError(f"{name}: {t.dtype}, the module's parameters {p.dtype} (convert one: {name}.to({p.dtype}) "
+                         f"or module.to({t.dtype}); or run under torch.autocast)")
+
+
 class LayerNorm(ref.LayerNorm):
     """Channel LayerNorm of a (B, C, H, W) map ("WithBias" or "BiasFree")."""
 

@@ -8,7 +8,7 @@ from .. import ops, routing
 from ..ops import ExpertWeights
 from ..reference import blocks as ref_blocks
 from ..reference import moce as ref_moce
-from .layers import Attention, CrossAttention, FeedForward, LayerNorm, norm_then
+from .layers import Attention, CrossAttention, FeedForward, LayerNorm, check_on_params, norm_then
 
 
 def _check_4d(name: str, t, like: torch.Tensor | None = None):
@@ -18,20 +18,6 @@ def _check_4d(name: str, t, like: torch.Tensor | None = None):
         raise ValueError(f"{name}: expected a 4-D (B, C, H, W) tensor, got shape {tuple(t.shape)}")
     if like is not None and t.shape != like.shape:
         raise ValueError(f"{name}: expected shape {tuple(like.shape)} (the shape of x), got {tuple(t.shape)}")
-
-
-def check_on_params(module: torch.nn.Module, name: str, t: torch.Tensor) -> None:
-    """A ValueError unless ``t`` is on the device of ``module``'s parameters and, outside
-    torch.autocast, of their dtype (torch's own errors there name neither side)."""
-    p = next(module.parameters(), None)
-    if p is None:
-        return
-    if t.device != p.device:
-        raise ValueError(f"{name}: on {t.device}, the module's parameters on {p.device} "
-                         f"(move one: {name}.to({str(p.device)!r}) or module.to({str(t.device)!r}))")
-    if t.dtype != p.dtype and not torch.is_autocast_enabled(t.device.type):
-        raise ValueError(f"{name}: {t.dtype}, the module's parameters {p.dtype} (convert one: {name}.to({p.dtype}) "
-                         f"or module.to({t.dtype}); or run under torch.autocast)")
 
 
 class MoCELayer(ref_moce.AdapterLayer):
