@@ -157,31 +157,29 @@ def save_safetensors(model: torch.nn.Module, path, metadata: Mapping[str, str] |
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+def _metadata(source) -> dict[str, str]:
+    """A safetensors file's metadata ({} for a state dict, another format or an unreadable file)."""
+    if isinstance(source, Mapping) or not is_safetensors(source):
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(source), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError):
+        return {}
+
+
 def checkpoint_config_name(source) -> str | None:
     """The configuration name recorded in a moce_fast safetensors file's metadata, if any."""
-    if isinstance(source, Mapping) or not is_safetensors(source):
-        return None
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(os.fspath(source), "pt") as f:
-            return (f.metadata() or {}).get("config_name")
-    except (SafetensorError, OSError):
-        return None
+    return _metadata(source).get("config_name")
 
 
-def recorded_constructor(source) -> dict | None:
-    """The constructor arguments a moce_fast safetensors file records (``MoCEIR.save``), if any; a
-    record that is not a JSON object of arguments is a :class:`CheckpointError`."""
-    if isinstance(source, Mapping) or not is_safetensors(source):
-        return None
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(os.fspath(source), "pt") as f:
-            text = (f.metadata() or {}).get("config")
-    except (SafetensorError, OSError):
-        return None
+def recorded_constructor(source, metadata: Mapping[str, str] | None = None) -> dict | None:
+    """The constructor arguments a moce_fast safetensors file records (``MoCEIR.save``), if any
+    (``metadata``: the file's, if already read); a record that is not a JSON object of arguments
+    is a :class:`CheckpointError`."""
+    text = (_metadata(source) if metadata is None else metadata).get("config")
     if text is None:
         return None
     try:
@@ -202,16 +200,18 @@ def load_checkpoint(source, config: str | None = None, allow_pickle: bool = Fals
     constructor arguments, with ``overrides`` on top), else "MoCE_IR" (the public checkpoints)."""
     from .moce_ir import MoCEIR
 
-    recorded = recorded_constructor(source) if config is None else None
+    recorded, meta = None, {}
+    if config is None:
+        meta = _metadata(source)
+        recorded = recorded_constructor(source, meta)
     if recorded is not None:
         try:
             model = MoCEIR(**{**recorded, **overrides})
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"checkpoint '{source}': its recorded constructor arguments do not build a "
                                   f"MoCEIR ({err})") from None
-        name = checkpoint_config_name(source)
-        if name and not overrides:
-            model.config_name = name
+        if meta.get("config_name") and not overrides:
+            model.config_name = meta["config_name"]
     else:
         model = MoCEIR.from_config(config or "MoCE_IR", **overrides)
     return load_weights(model, source, allow_pickle=allow_pickle).eval()
