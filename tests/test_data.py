@@ -51,7 +51,7 @@ def test_bad_images_are_named(task):
              (clean * 2, ValueError, r"img: expected finite values in \[0, 1\], got \[0(\.\d+)?, 1\.9"),
              (np.where(clean > 0.5, np.nan, clean), ValueError, "expected finite values"),
              (clean[:0], ValueError, r"got shape \(0, 16, 3\)"),
-             (clean.tolist(), TypeError, "img: expected a numpy array")]
+             (clean.tolist(), TypeError, "img: expected a numpy image")]
     for img, error, match in cases:
         with pytest.raises(error, match=match):
             degrade(img, task, rng)

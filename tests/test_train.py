@@ -28,13 +28,16 @@ def test_psnr_ssim_values_and_bad_images():
     with np.errstate(divide="ignore"):  # identical images: infinite PSNR (skimage's division by zero)
         assert psnr_ssim(clean, clean) == (float("inf"), pytest.approx(1.0))
     # an 8-bit image gave -43 dB against a float one without a word; tensors and shapes named
-    with pytest.raises(ValueError, match=r"clean: expected a float numpy image \(H, W, 3\) in \[0, 1\], got uint8 "
-                                         r"\(24, 24, 3\) \(an 8-bit image"):
+    with pytest.raises(ValueError, match=r"clean: expected a float image with values in \[0, 1\], got uint8 "
+                                         r"\(moce_fast.data.to_rgb_float or skimage.util.img_as_float"):
         psnr_ssim(noisy, (clean * 255).astype(np.uint8))
-    with pytest.raises(ValueError, match="restored: expected a float numpy image .* got Tensor$"):
+    with pytest.raises(ValueError, match=r"clean: expected finite values in \[0, 1\], got \[[\d.e-]+, 1\.9\d*\]"):
+        psnr_ssim(noisy, clean * 2)
+    with pytest.raises(TypeError, match="restored: expected a numpy image .* got Tensor$"):
         psnr_ssim(torch.rand(24, 24, 3), clean)
-    with pytest.raises(ValueError, match=r"restored: .* got float32 \(24, 24\)$"):
+    with pytest.raises(ValueError, match=r"restored: expected an RGB image \(H, W, 3\), got shape \(24, 24\)"):
         psnr_ssim(noisy[..., 0], clean)
+    assert psnr_ssim(noisy * 1.5, clean)[0] < p  # the restored image is clipped to [0, 1], not refused
     with pytest.raises(ValueError, match=r"restored, clean: expected one shape, got \(12, 24, 3\) and \(24, 24, 3\)"):
         psnr_ssim(noisy[:12], clean)
 

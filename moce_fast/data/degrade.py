@@ -15,20 +15,22 @@ from scipy import ndimage
 TASKS = ("noise15", "noise25", "noise50", "rain", "haze", "motion_blur", "gaussian_blur", "lowlight")
 
 
-def _image(img) -> np.ndarray:
-    """``img`` checked as the degradations take it: a float (H, W, 3) array with values in [0, 1]
-    (an 8-bit image gave a degraded image of almost all ones without a word)."""
+def check_image(img, name: str = "img", values: bool = True) -> np.ndarray:
+    """``img`` if it is a float (H, W, 3) numpy image and (``values``) its values are finite and in
+    [0, 1], else an error naming ``name``: what the degradations and the metrics take (an 8-bit
+    image gave a degraded image of almost all ones, and a PSNR against the 0-255 scale)."""
     if not isinstance(img, np.ndarray):
-        raise TypeError(f"img: expected a numpy array (H, W, 3), got {type(img).__name__}")
+        raise TypeError(f"{name}: expected a numpy image (H, W, 3), got {type(img).__name__}")
     if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] < 1 or img.shape[1] < 1:
-        raise ValueError(f"img: expected an RGB image (H, W, 3), got shape {img.shape} "
+        raise ValueError(f"{name}: expected an RGB image (H, W, 3), got shape {img.shape} "
                          f"(moce_fast.data.to_rgb_float converts grayscale and RGBA)")
     if not np.issubdtype(img.dtype, np.floating):
-        raise ValueError(f"img: expected a float image with values in [0, 1], got {img.dtype} "
+        raise ValueError(f"{name}: expected a float image with values in [0, 1], got {img.dtype} "
                          f"(moce_fast.data.to_rgb_float or skimage.util.img_as_float convert 8-bit images)")
-    lo, hi = float(img.min()), float(img.max())
-    if not (0.0 <= lo and hi <= 1.0):  # (NaN fails both)
-        raise ValueError(f"img: expected finite values in [0, 1], got [{lo:g}, {hi:g}]")
+    if values:
+        lo, hi = float(img.min()), float(img.max())
+        if not (0.0 <= lo and hi <= 1.0):  # (NaN fails both)
+            raise ValueError(f"{name}: expected finite values in [0, 1], got [{lo:g}, {hi:g}]")
     return img
 
 
@@ -55,7 +57,7 @@ def line_kernel(length: int, angle_deg: float) -> np.ndarray:
 def gaussian_noise(img, rng, sigma: float = 25.0) -> np.ndarray:
     """Additive white Gaussian noise of std ``sigma`` on the 0-255 scale, then clipped and quantised
     to 8 bits, as the MoCE-IR/PromptIR evaluation does."""
-    img = _image(img)
+    img = check_image(img)
     noisy = img.astype(np.float64) * 255.0 + rng.standard_normal(img.shape) * sigma
     return (np.round(np.clip(noisy, 0.0, 255.0)) / 255.0).astype(np.float32)
 
@@ -63,7 +65,7 @@ def gaussian_noise(img, rng, sigma: float = 25.0) -> np.ndarray:
 def rain_streaks(img, rng, angle: float | None = None, length: int | None = None,
                  density: float | None = None) -> np.ndarray:
     """Rain: a sparse layer of drops smeared by a line kernel (the streak), screened over the image."""
-    img = _image(img)
+    img = check_image(img)
     angle = rng.uniform(-30.0, 30.0) if angle is None else angle
     length = int(rng.integers(9, 25)) if length is None else length
     density = rng.uniform(0.004, 0.012) if density is None else density
@@ -92,7 +94,7 @@ def transmission(depth: np.ndarray, beta: float) -> np.ndarray:
 def haze(img, rng, depth: np.ndarray | None = None, beta: float | None = None,
          airlight: float | None = None) -> np.ndarray:
     """Atmospheric scattering model I = J t + A (1 - t), t = exp(-beta d)."""
-    img = _image(img)
+    img = check_image(img)
     beta = rng.uniform(0.8, 2.0) if beta is None else beta
     airlight = rng.uniform(0.7, 1.0) if airlight is None else airlight
     if depth is None:
@@ -103,7 +105,7 @@ def haze(img, rng, depth: np.ndarray | None = None, beta: float | None = None,
 
 def motion_blur(img, rng, length: int | None = None, angle: float | None = None) -> np.ndarray:
     """Linear camera motion: convolution with a line kernel."""
-    img = _image(img)
+    img = check_image(img)
     length = int(rng.integers(5, 16)) if length is None else length
     angle = rng.uniform(0.0, 180.0) if angle is None else angle
     return np.clip(_rgb_convolve(img, line_kernel(length, angle)), 0.0, 1.0).astype(np.float32)
@@ -111,7 +113,7 @@ def motion_blur(img, rng, length: int | None = None, angle: float | None = None)
 
 def gaussian_blur(img, rng, sigma: float | None = None) -> np.ndarray:
     """Defocus-like Gaussian blur."""
-    img = _image(img)
+    img = check_image(img)
     sigma = rng.uniform(1.0, 3.0) if sigma is None else sigma
     return np.stack([ndimage.gaussian_filter(img[..., c], sigma, mode="reflect") for c in range(3)],
                     axis=-1).astype(np.float32)
@@ -120,7 +122,7 @@ def gaussian_blur(img, rng, sigma: float | None = None) -> np.ndarray:
 def low_light(img, rng, gamma: float | None = None, scale: float | None = None,
               noise: float | None = None) -> np.ndarray:
     """Low light: darker (gamma > 1, scale < 1) and noisier."""
-    img = _image(img)
+    img = check_image(img)
     gamma = rng.uniform(1.5, 2.5) if gamma is None else gamma
     scale = rng.uniform(0.3, 0.6) if scale is None else scale
     noise = rng.uniform(0.005, 0.02) if noise is None else noise

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..data import DegradedCrops
+from ..data.degrade import check_image
 from ..nn import MoCELayer
 
 
@@ -19,13 +20,8 @@ def psnr_ssim(restored: np.ndarray, clean: np.ndarray, y_channel: bool = False) 
     from skimage.color import rgb2ycbcr
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    for name, img in (("restored", restored), ("clean", clean)):
-        if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[-1] != 3 or \
-                not np.issubdtype(img.dtype, np.floating):
-            got = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
-            hint = (" (an 8-bit image gave a PSNR against the 0-255 scale: convert with skimage.util.img_as_float)"
-                    if isinstance(img, np.ndarray) and np.issubdtype(img.dtype, np.integer) else "")
-            raise ValueError(f"{name}: expected a float numpy image (H, W, 3) in [0, 1], got {got}{hint}")
+    check_image(restored, "restored", values=False)  # (clipped below: a model's output may overshoot)
+    check_image(clean, "clean")
     if restored.shape != clean.shape:
         raise ValueError(f"restored, clean: expected one shape, got {restored.shape} and {clean.shape}")
     restored = np.clip(restored, 0.0, 1.0)
