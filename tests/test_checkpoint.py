@@ -188,6 +188,15 @@ def test_saving_is_atomic_and_names_a_bad_path(trained, tmp_path, monkeypatch):
         assert sorted(p.name for p in path.parent.iterdir()) == ["w.safetensors"], name
         with pytest.raises(IsADirectoryError, match="is a folder; expected the path of a file"):
             save(tmp_path)
+        # the file's permissions are a plain open()'s (they were 0600: mkstemp's private temporary
+        # file, renamed); a path that cannot be made is an error naming it, not the temporary file
+        plain = path.parent / "plain"
+        plain.write_bytes(b"")
+        assert (path.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777), name
+        blocker = tmp_path / name / "a_file"
+        blocker.write_bytes(b"")
+        with pytest.raises(OSError, match=rf"path: cannot write '.*{name}/a_file/w.safetensors' \("):
+            save(blocker / "w.safetensors")
 
 
 def test_a_safetensors_file_loads_whatever_its_suffix(trained, tmp_path):
