@@ -66,6 +66,26 @@ def test_two_steps_then_resume(tmp_path):
     assert any(not torch.equal(first[k], v) for k, v in model2.state_dict().items())
 
 
+def test_resume_from_a_damaged_state_is_a_clear_error(tmp_path):
+    # a damaged train_state.pt raised torch.load's pickle error (suggesting weights_only=False) from
+    # the CLI as a traceback; now a CheckpointError naming the file, before anything is loaded
+    from moce_fast.models import CheckpointError
+
+    cfg = TrainConfig(config="tiny", tasks=("noise25",), crop=32, batch_size=2, steps=1, out=str(tmp_path),
+                      progress=False)
+    train(cfg)
+    state = tmp_path / "train_state.pt"
+    cfg.steps, cfg.resume = 2, True
+    state.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"resume: '.*train_state.pt' is not a readable training state "
+                                              r"\(UnpicklingError: .*\); delete it"):
+        train(cfg)
+    torch.save({"step": 1}, state)
+    with pytest.raises(CheckpointError, match=r"holds no training state: expected the keys \['optimizer', 'step', "
+                                              r"'elapsed'\], got \['step'\]"):
+        train(cfg)
+
+
 def test_bad_train_config():
     with pytest.raises(ValueError, match="steps or minutes"):
         train(TrainConfig())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from ..data import DegradedCrops, bundled_photos, folder_photos, split_photos
 from ..data.degrade import TASKS
 from ..models import MoCEIR
-from ..models.checkpoint import load_weights
+from ..models.checkpoint import CheckpointError, load_weights
 from ..ops import backend as use_backend
 from .._io import atomic_write
 from .losses import restoration_loss
@@ -133,6 +134,25 @@ def train(cfg: TrainConfig) -> tuple[MoCEIR, dict]:
         ctx.close()
 
 
+def _read_state(path: Path, device) -> dict:
+    """The training state ``path`` holds (what :func:`save_checkpoint` wrote), or a CheckpointError naming the
+    file: torch.load's own error on a damaged file told the user to retry with weights_only=False."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # (any failure to read it: a truncated zip, a pickle error, ...)
+        # (torch's text for an unpickling failure suggests weights_only=False, which runs the file's code)
+        reason = "damaged, or not a file torch.save wrote" if isinstance(err, pickle.UnpicklingError) else \
+            (str(err).strip().splitlines() or [""])[0].split(". ")[0][:160]  # (its first sentence)
+        raise CheckpointError(f"resume: {str(path)!r} is not a readable training state ({type(err).__name__}: "
+                              f"{reason}); delete it to start afresh in that folder") from None
+    keys = ("optimizer", "step", "elapsed")
+    if not isinstance(state, dict) or not all(k in state for k in keys):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"resume: {str(path)!r} holds no training state: expected the keys {list(keys)}, "
+                              f"got {got}")
+    return state
+
+
 def _train(cfg: TrainConfig, ctx: _Dist):
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -140,8 +160,8 @@ def _train(cfg: TrainConfig, ctx: _Dist):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     step, elapsed_before = 0, 0.0
     if cfg.resume and (out / STATE_FILE).is_file():
+        state = _read_state(out / STATE_FILE, ctx.device)  # (read and checked before anything is loaded)
         load_weights(model, out / MODEL_FILE)
-        state = torch.load(out / STATE_FILE, map_location=ctx.device, weights_only=True)
         opt.load_state_dict(state["optimizer"])
         step, elapsed_before = int(state["step"]), float(state["elapsed"])
         if ctx.main:
