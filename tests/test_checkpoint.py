@@ -99,6 +99,25 @@ def test_load_checkpoint_without_config_builds_the_recorded_model(tmp_path):
             moce_fast.load_checkpoint(tmp_path / "bad.safetensors")
 
 
+def test_save_metadata_is_checked(tmp_path):
+    # user metadata is stored beside moce_fast's own keys: it may not replace them (a replaced
+    # "config" made a file load_checkpoint could not build back), and safetensors stores only text
+    tiny = moce_fast.MoCEIR.from_config("tiny")
+    path = tmp_path / "m.safetensors"
+    tiny.save(path, metadata={"step": "3", "note": "x"})
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["step"] == "3" and meta["note"] == "x" and meta["config_name"] == "tiny"
+    _assert_same_weights(moce_fast.load_checkpoint(path), tiny)
+    with pytest.raises(ValueError, match=r"metadata: \['config'\] are keys moce_fast records itself"):
+        tiny.save(tmp_path / "b.safetensors", metadata={"config": "x"})
+    with pytest.raises(TypeError, match=r"metadata: expected str keys and values .* got \[\('step', 3\)\]"):
+        tiny.save(tmp_path / "b.safetensors", metadata={"step": 3})
+    assert not (tmp_path / "b.safetensors").exists()
+
+
 def test_state_dict_mapping_is_accepted(trained):
     sd = {f"module.{k}": v for k, v in trained.state_dict().items()}
     _assert_same_weights(load_weights(_fresh(), sd), trained)

@@ -146,13 +146,21 @@ def save_safetensors(model: torch.nn.Module, path, metadata: Mapping[str, str] |
 
     from .._io import atomic_write
 
+    extra = dict(metadata or {})
+    wrong = [(k, v) for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if wrong:
+        raise TypeError(f"metadata: expected str keys and values (safetensors stores text), got {wrong[:3]}")
+    own = sorted(set(extra) & {"format", "config", "config_name"})
+    if own:  # (a file whose recorded constructor arguments were replaced would not load back)
+        raise ValueError(f"metadata: {own} are keys moce_fast records itself (the format, the constructor "
+                         f"arguments, the configuration name); name yours otherwise")
     meta = {"format": "moce_fast"}
     config = getattr(model, "config", None)
     if config:
         meta["config"] = json.dumps(config)
     if getattr(model, "config_name", None):
         meta["config_name"] = model.config_name
-    meta.update(metadata or {})
+    meta.update(extra)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
