@@ -60,7 +60,7 @@ class MoCEIR(ref.MoCEIR):
                              f"(convert with x.float() / 255 for 8-bit images)")
         if x.shape[2] == 0 or x.shape[3] == 0:
             raise ValueError(f"x: expected H, W >= 1, got shape {tuple(x.shape)}")
-        check_on_params(self, "x", x)
+        check_on_params(self.patch_embed.proj.weight, "x", x)
         if x.numel() and not _is_capturing_or_compiling() and not torch.isfinite(x).all():
             raise ValueError("x: contains NaN or Inf")
 

@@ -52,7 +52,7 @@ def check_layout(t: torch.Tensor, layout: str, adapter: AdaptIR) -> None:
     ``layout`` with its channels (any floating dtype: the adapter computes in its own)."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
         raise ValueError(f"x: expected a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    check_on_params(adapter, "x", t, same_dtype=False)
+    check_on_params(adapter.head.weight, "x", t, same_dtype=False)
     dim = adapter.d_model
     expected = {"nchw": "(N, C, H, W)", "lnc": "(L, N, C)", "nhwc": "(N, H, W, C)"}[layout]
     if t.dim() != len(expected.split(",")):

@@ -78,7 +78,7 @@ class MoCELayer(ref_moce.AdapterLayer):
             raise ValueError(f"x: expected {self.dim} channels, got {x.shape[1]}")
         if x.dtype != shared.dtype or not x.is_floating_point():
             raise ValueError(f"x, shared: expected one floating dtype, got {x.dtype} and {shared.dtype}")
-        check_on_params(self, "x", x)
+        check_on_params(self.proj_out.weight, "x", x)
         b = x.shape[0]
         if expert_indices is None:
             if expert_gates is not None:
@@ -158,7 +158,7 @@ class MoCEBlock(ref_blocks.DecoderBlock):
             raise ValueError(f"x: expected {self.dim} channels, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x: expected a floating dtype, got {x.dtype}")
-        check_on_params(self, "x", x)
+        check_on_params(self.proj[0].weight, "x", x)
         # norm0 with proj0 -> the shared MDTA's qkv map, and proj1: one fused op (the triton backend
         # folds proj0 into qkv and both maps into one matrix)
         qkv, y1 = norm_then(self.norms[0], x, [self.proj[0], self.shared.qkv], [self.proj[1]])
