@@ -75,12 +75,10 @@ def _load_model(args):
     import torch
 
     import moce_fast
-    from moce_fast.models.checkpoint import recorded_constructor
-
-    # without --config, the model the file records (moce_fast's own files), else MoCE_IR
+    # without --config, the model the file records (moce_fast's own files), else MoCE_IR; a model
+    # built from recorded arguments alone has no configuration name
     model = moce_fast.load_checkpoint(args.checkpoint, config=args.config, allow_pickle=args.allow_pickle)
-    config = args.config or getattr(model, "config_name", None) or \
-        ("MoCE_IR" if recorded_constructor(args.checkpoint) is None else "the recorded configuration")
+    config = args.config or getattr(model, "config_name", None) or "the recorded configuration"
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(device), config
 
