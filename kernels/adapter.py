@@ -22,8 +22,24 @@ In eval outside autograd the same three stages run as ``head_packed_kernel``,
 of all tasks packed into one float32 buffer and the call's scratch in one buffer, so each launch
 takes 4 or 5 tensors (the path is bound by the host's launch cost on a GPU).
 
-The backward uses ``grouped_linear`` for the input gradients of both 1x1 projections (the wide
-GEMMs); the h-space body is differentiated by torch (see moce_fast/ops/adaptir.py).
+In training, ``moce_fast.ops.adapter._TritonTrain`` (one autograd Function for the whole adapter)
+runs the forward's three stages as above, with ``bn_affine_kernel`` between the head and the mix
+(train-mode BatchNorm as each image's affine map, from the batch statistics), and the backward as:
+
+1. ``grouped_linear`` for the tail's input gradient du (the wide GEMM);
+2. ``mix_bwd_pix_kernel``: per (pixel block, image), u = c * (cg * local + sg * |global|) backward:
+   the gradients of the local map and of |global|, u itself (for the tail's weight gradient) and
+   per-block partial sums for the gates;
+3. ``mlp_bwd_kernel``: per image, the two channel MLPs' backward from those sums (their hidden
+   activations recomputed from the pooled vectors), each image's share of their weight gradients;
+4. ``mix_bwd_channel_kernel``: per (image, hidden channel) with the map on chip, the adjoints of the
+   attention pooling, the depthwise 3x3 and the global branch (the DFT products transposed) back to
+   the head output, and the per-channel sums for the h-space parameters' gradients;
+5. ``bn_bwd_kernel``: BatchNorm's backward through the batch statistics, in place, and each
+   channel's sum for the head bias's gradient;
+6. ``grouped_linear`` for the head's input gradient, written in the host's layout.
+
+The two projections' weight gradients (C x h, summed over every pixel) are torch products.
 
 The phase at the self-conjugate bins (rows 0 and H/2, columns 0 and W/2) is the exact one: the DFT
 matrices hold exact zeros there, and an imaginary part of either zero sign counts as +0 (angle +pi
