@@ -1,10 +1,15 @@
-"""The CUDA C++ extension ``moce_fast._C``: loading it, and the fake (meta) functions and autograd
-of its ops, so torch.compile treats them as opaque custom ops and gradients flow through them.
+"""The C++ extension ``moce_fast._C``: loading it, the fake (meta) functions and autograd of its
+CUDA ops, so torch.compile treats them as opaque custom ops and gradients flow through them, and
+thin wrappers of its CPU adapter kernel's entry points.
 
 The ops (declared in csrc/ops.cpp, CUDA kernels in csrc/*.cu, CPU loops in csrc/ops.cpp):
 - ``moce_fast::channel_layer_norm(x, weight, bias?, eps) -> (y, mean, rstd)`` and its backward;
 - ``moce_fast::grouped_dwconv(x, index, offsets, expert, weight, bias?) -> y`` and its backward;
-- ``moce_fast::routing_plan(logits, k) -> (indices, gates, order, image, gate_sorted, counts, offsets)``.
+- ``moce_fast::routing_plan(logits, k) -> (indices, gates, order, image, gate_sorted, counts, offsets)``;
+- ``moce_fast::adaptir_rows`` and ``adaptir_rows_tasks`` (one task's, or several tasks', whole
+  AdaptIR adapter on CPU tensors; csrc/adapter_cpu.cpp) and their backwards. In training they are
+  recorded for autograd as one C++ node (:func:`cpu_rows_train`), not through torch.library; the
+  callers are in :mod:`moce_fast.ops.adapter` and :mod:`moce_fast.nn.adapter`.
 """
 
 from __future__ import annotations

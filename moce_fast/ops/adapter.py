@@ -12,6 +12,22 @@ Parameters of T tasks are stacked along a leading task axis (:class:`AdapterPara
 each image's task index. One call serves a batch that mixes tasks: every stage is one grouped
 computation (one launch per stage on the triton backend) whatever the number of tasks; no Python
 loop over tasks.
+
+The staged path above is the general one. :func:`adaptir` (the whole adapter) takes a faster one
+where the call allows it, in this order:
+
+- the extension's CPU kernel (backend "cpu"; ``moce_fast._C``, csrc/adapter_cpu.cpp), one task
+  (:func:`adaptir_rows_cpu`) or several (:func:`adaptir_rows_cpu_tasks`) up to a number of rows;
+- in training, one task in torch: :class:`_FusedTrain`, the whole adapter as one autograd Function
+  with a derived backward (one image, or a few "lnc" images on a small map);
+- in training, on the triton kernels: :class:`_TritonTrain` (one Function, forward and backward
+  kernels; several tasks too);
+- in eval, one image in torch: :func:`_adaptir_one_image` (the map kept pixel-major, head to tail);
+- in eval on the triton kernels, from :class:`moce_fast.nn.AdaptIRAdapter`:
+  :func:`adaptir_triton_eval`, the parameters packed into one buffer (three launches).
+
+Sections below: layouts, the grouped linear (head and tail), the mix, the whole adapter and its
+torch paths, the CPU kernel's glue, the triton backend's ops and Functions.
 """
 
 from __future__ import annotations
