@@ -1,0 +1,176 @@
+"""AdaptIR adapters on randomly drawn calls against the float64 reference: the targeted tests pick
+their shapes; these draw them (map sizes from 1 to 65 per side, odd and even, batch 1 to 5, the
+three layouts, eval and training, one task or two to three tasks' adapters on one batch), from a
+fixed seed, so every run checks the same calls.
+
+For each call: the output, the input gradient, every parameter's gradient and BatchNorm's running
+statistics, on the torch backend and (where moce_fast._C is built) the cpu backend, in float64.
+Reference: each task's public-equal adapter (moce_fast.reference.AdaptIR, exact phase at the
+self-conjugate bins) on that task's images alone, its BatchNorm on their statistics.
+
+Tolerances: the output to 1e-10 of its size, gradients to 1e-7 of theirs. A spectrum bin near zero
+makes the phase ill-conditioned: there the gradients move by 1e-11 to 1e-9 of their size when the
+map moves by one rounding (the reference against itself, measured), and moce_fast's dense DFT
+products round differently from torch.fft. A mistake (a wrong tap, bin, statistic or task) is
+off by far more than 1e-7.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+import moce_fast
+from moce_fast import adapters
+from moce_fast.reference import AdaptIR
+from conftest import SIBLING, from_layout, skip_unless_backend_runs, to_layout
+
+SIDES = [1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 24, 31, 33, 48, 64, 65]
+CASES = 40
+
+
+def _draw(seed: int) -> dict:
+    rng = random.Random(seed)
+    variant = rng.choice(["ipt", "edt"])
+    layout = rng.choice(["nchw", "nhwc", "lnc"])
+    while True:
+        hh = rng.choice(SIDES)
+        ww = hh if layout == "lnc" else rng.choice(SIDES)
+        n = rng.choice([1, 1, 2, 3, 5])
+        if n * hh * ww <= 6000:
+            break
+    ntask = rng.choice([1, 1, 2, 3])
+    return dict(variant=variant, dim=192 if variant == "ipt" else rng.choice([56, 112]), layout=layout, hh=hh,
+                ww=ww, n=n, tasks=[f"t{i}" for i in range(ntask)], per=[f"t{rng.randrange(ntask)}" for _ in range(n)],
+                train=rng.random() < 0.6, seed=rng.randrange(1 << 30))
+
+
+class _Host(nn.Module):
+    """A host whose MLP passes its input through, so that its output is x + adapter(x): by
+    add_adapters (several tasks), or here with the single adapter as ``adapter`` (one task)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Identity()
+        self.adapter = None
+
+    def forward(self, x):
+        return self.mlp(x) if self.adapter is None else x + self.adapter(x)
+
+
+def _references(case: dict) -> dict[str, AdaptIR]:
+    g = torch.Generator().manual_seed(case["seed"])
+    refs = {}
+    for name in case["tasks"]:
+        ref = AdaptIR(case["dim"], case["variant"]).double()
+        ref.exact_phase = True
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
+            ref.BN.running_mean.normal_(generator=g)
+            ref.BN.running_var.uniform_(0.5, 1.5, generator=g)
+        ref.train(case["train"])
+        refs[name] = ref
+    return refs
+
+
+def _expected(case, refs, x, gy):
+    """x + each task's adapter on its images; the input gradient; each task's parameter gradients
+    and running statistics (after the call)."""
+    out, dx = x.clone(), gy.clone()
+    grads, stats = {}, {}
+    for name, ref in refs.items():
+        idx = [i for i, t in enumerate(case["per"]) if t == name]
+        if idx:
+            xi = x[idx].clone().requires_grad_(case["train"])
+            yi = ref(xi)
+            out[idx] += yi.detach()
+            if case["train"]:
+                yi.backward(gy[idx])
+                dx[idx] += xi.grad
+        for pname, p in ref.named_parameters():
+            grads[f"{name}.{pname}"] = (p.grad if p.grad is not None else torch.zeros_like(p), ref)
+        stats[name] = (ref.BN.running_mean, ref.BN.running_var)
+    return out, dx, grads, stats
+
+
+def _adapted(case, refs, training):
+    host = _Host()
+    if len(case["tasks"]) == 1:
+        host.adapter = moce_fast.AdaptIRAdapter(case["dim"], case["variant"], case["layout"])
+        sites = {case["tasks"][0]: host.adapter}
+    else:
+        adapters.add_adapters(host, r"mlp$", dim=case["dim"], variant=case["variant"], layout=case["layout"],
+                              tasks=tuple(case["tasks"]))
+        sites = {name: host.mlp.adapters[name] for name in case["tasks"]}
+    host.double()
+    for name, site in sites.items():
+        site.load_state_dict(refs[name].state_dict())
+    host.train(training)
+    return host, sites
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("index", range(CASES))
+def test_random_call_matches_the_reference(index, backend):
+    skip_unless_backend_runs(backend)
+    case = _draw(20261129 + index)
+    train, layout, n = case["train"], case["layout"], case["n"]
+    if train and n * case["hh"] * case["ww"] == 1:
+        pytest.skip("BatchNorm in training needs more than one value per channel (an error, tested elsewhere)")
+    g = torch.Generator().manual_seed(case["seed"] + 1)
+    shape = (n, case["dim"], case["hh"], case["ww"])
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    gy = torch.randn(shape, generator=g, dtype=torch.float64)
+    refs = _references(case)
+    host, sites = _adapted(case, refs, train)
+    out, dx, grads, stats = _expected(case, refs, x, gy)
+
+    xt = to_layout(x, layout).requires_grad_(train)
+    per = case["per"] if len(case["tasks"]) > 1 else None
+    with moce_fast.backend(backend):
+        with adapters.tasks(per) if per else torch.enable_grad():
+            if train:
+                y = host(xt)
+                y.backward(to_layout(gy, layout))
+            else:
+                with torch.no_grad():
+                    y = host(xt)
+
+    def close(got, want, tol, what, size=None):
+        size = want.abs().max().item() if size is None else size
+        err = (got.double() - want).abs().max().item()
+        assert err <= tol * max(size, 1e-300), f"{what}: {err:.2e} off, size {size:.2e} ({case})"
+
+    close(from_layout(y.detach(), layout, shape), out, 1e-10, "output")
+    if not train:
+        return
+    close(from_layout(xt.grad, layout, shape), dx, 1e-7, "input gradient")
+    for name, site in sites.items():
+        for pname, p in site.named_parameters():
+            want, ref = grads[f"{name}.{pname}"]
+            size = want.abs().max().item()
+            if pname in SIBLING:
+                sib = dict(ref.named_parameters())[SIBLING[pname]].grad
+                size = max(size, 0.0 if sib is None else sib.abs().max().item())
+            got = p.grad if p.grad is not None else torch.zeros_like(p)
+            close(got, want, 1e-7, f"task {name}: gradient of {pname}", size)
+        close(site.BN.running_mean, stats[name][0], 1e-12, f"task {name}: running mean")
+        close(site.BN.running_var, stats[name][1], 1e-12, f"task {name}: running variance")
+
+
+def test_the_draws_cover_what_they_claim():
+    # (random draws that all fell on one layout, or never on a task mix, would check less than the
+    # docstring says)
+    cases = [_draw(20261129 + i) for i in range(CASES)]
+    assert {c["layout"] for c in cases} == {"nchw", "nhwc", "lnc"}
+    assert {c["train"] for c in cases} == {True, False}
+    assert any(len(c["tasks"]) > 1 and len(set(c["per"])) > 1 and c["train"] for c in cases)
+    assert any(len(c["tasks"]) > 1 and not c["train"] for c in cases)
+    assert any(c["hh"] % 2 == 1 and c["ww"] % 2 == 0 for c in cases)
+    assert any(min(c["hh"], c["ww"]) == 1 for c in cases)
+    assert any(c["hh"] * c["ww"] > 256 for c in cases) and any(c["hh"] * c["ww"] <= 64 for c in cases)
+    assert any(c["n"] > 1 for c in cases) and any(c["variant"] == "ipt" for c in cases)
