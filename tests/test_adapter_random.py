@@ -4,7 +4,8 @@ three layouts, eval and training, one task or two to three tasks' adapters on on
 fixed seed, so every run checks the same calls.
 
 For each call: the output, the input gradient, every parameter's gradient and BatchNorm's running
-statistics, on the torch backend and (where moce_fast._C is built) the cpu backend, in float64.
+statistics, on the torch backend and (where moce_fast._C is built) the cpu backend, in float64;
+and on smaller draws, the triton backend in float32 (its kernels through Triton's interpreter here).
 Reference: each task's public-equal adapter (moce_fast.reference.AdaptIR, exact phase at the
 self-conjugate bins) on that task's images alone, its BatchNorm on their statistics.
 
@@ -30,17 +31,20 @@ from conftest import SIBLING, from_layout, skip_unless_backend_runs, to_layout
 
 SIDES = [1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 24, 31, 33, 48, 64, 65]
 CASES = 40
+# the triton backend's calls: fewer and smaller (its kernels run in Triton's interpreter on a CPU)
+TRITON_SIDES = [1, 2, 3, 5, 8, 9, 16, 17]
+TRITON_CASES = 8
 
 
-def _draw(seed: int) -> dict:
+def _draw(seed: int, sides=SIDES, max_values: int = 6000) -> dict:
     rng = random.Random(seed)
     variant = rng.choice(["ipt", "edt"])
     layout = rng.choice(["nchw", "nhwc", "lnc"])
     while True:
-        hh = rng.choice(SIDES)
-        ww = hh if layout == "lnc" else rng.choice(SIDES)
+        hh = rng.choice(sides)
+        ww = hh if layout == "lnc" else rng.choice(sides)
         n = rng.choice([1, 1, 2, 3, 5])
-        if n * hh * ww <= 6000:
+        if n * hh * ww <= max_values:
             break
     ntask = rng.choice([1, 1, 2, 3])
     return dict(variant=variant, dim=192 if variant == "ipt" else rng.choice([56, 112]), layout=layout, hh=hh,
@@ -117,7 +121,18 @@ def _adapted(case, refs, training):
 @pytest.mark.parametrize("index", range(CASES))
 def test_random_call_matches_the_reference(index, backend):
     skip_unless_backend_runs(backend)
-    case = _draw(20261129 + index)
+    _check(_draw(20261129 + index), backend, torch.float64, 1e-10, 1e-7)
+
+
+@pytest.mark.parametrize("index", range(TRITON_CASES))
+def test_random_call_on_triton_matches_the_reference(index):
+    # float32 (the interpreter's dtype; on a GPU the kernels run it too): the output to 1e-5 of its
+    # size, gradients to 2e-4 (the largest in these draws: BatchNorm's weight, 3.6e-5; float32
+    # rounding of the map moves an ill-conditioned phase's gradient by up to 1e-3)
+    _check(_draw(7011 + index, TRITON_SIDES, 600), "triton", torch.float32, 1e-5, 2e-4)
+
+
+def _check(case: dict, backend: str, dtype: torch.dtype, out_tol: float, grad_tol: float) -> None:
     train, layout, n = case["train"], case["layout"], case["n"]
     if train and n * case["hh"] * case["ww"] == 1:
         pytest.skip("BatchNorm in training needs more than one value per channel (an error, tested elsewhere)")
@@ -127,15 +142,16 @@ def test_random_call_matches_the_reference(index, backend):
     gy = torch.randn(shape, generator=g, dtype=torch.float64)
     refs = _references(case)
     host, sites = _adapted(case, refs, train)
+    host.to(dtype)
     out, dx, grads, stats = _expected(case, refs, x, gy)
 
-    xt = to_layout(x, layout).requires_grad_(train)
+    xt = to_layout(x, layout).to(dtype).requires_grad_(train)
     per = case["per"] if len(case["tasks"]) > 1 else None
     with moce_fast.backend(backend):
         with adapters.tasks(per) if per else torch.enable_grad():
             if train:
                 y = host(xt)
-                y.backward(to_layout(gy, layout))
+                y.backward(to_layout(gy, layout).to(dtype))
             else:
                 with torch.no_grad():
                     y = host(xt)
@@ -145,10 +161,10 @@ def test_random_call_matches_the_reference(index, backend):
         err = (got.double() - want).abs().max().item()
         assert err <= tol * max(size, 1e-300), f"{what}: {err:.2e} off, size {size:.2e} ({case})"
 
-    close(from_layout(y.detach(), layout, shape), out, 1e-10, "output")
+    close(from_layout(y.detach(), layout, shape), out, out_tol, "output")
     if not train:
         return
-    close(from_layout(xt.grad, layout, shape), dx, 1e-7, "input gradient")
+    close(from_layout(xt.grad, layout, shape), dx, grad_tol, "input gradient")
     for name, site in sites.items():
         for pname, p in site.named_parameters():
             want, ref = grads[f"{name}.{pname}"]
@@ -157,9 +173,10 @@ def test_random_call_matches_the_reference(index, backend):
                 sib = dict(ref.named_parameters())[SIBLING[pname]].grad
                 size = max(size, 0.0 if sib is None else sib.abs().max().item())
             got = p.grad if p.grad is not None else torch.zeros_like(p)
-            close(got, want, 1e-7, f"task {name}: gradient of {pname}", size)
-        close(site.BN.running_mean, stats[name][0], 1e-12, f"task {name}: running mean")
-        close(site.BN.running_var, stats[name][1], 1e-12, f"task {name}: running variance")
+            close(got, want, grad_tol, f"task {name}: gradient of {pname}", size)
+        stat_tol = 1e-12 if dtype == torch.float64 else 1e-6
+        close(site.BN.running_mean, stats[name][0], stat_tol, f"task {name}: running mean")
+        close(site.BN.running_var, stats[name][1], stat_tol, f"task {name}: running variance")
 
 
 def test_the_draws_cover_what_they_claim():
@@ -174,3 +191,7 @@ def test_the_draws_cover_what_they_claim():
     assert any(min(c["hh"], c["ww"]) == 1 for c in cases)
     assert any(c["hh"] * c["ww"] > 256 for c in cases) and any(c["hh"] * c["ww"] <= 64 for c in cases)
     assert any(c["n"] > 1 for c in cases) and any(c["variant"] == "ipt" for c in cases)
+    small = [_draw(7011 + i, TRITON_SIDES, 600) for i in range(TRITON_CASES)]
+    assert any(c["train"] for c in small) and any(not c["train"] for c in small)
+    assert any(len(set(c["per"])) > 1 and c["train"] for c in small)
+    assert {c["layout"] for c in small} == {"nchw", "nhwc", "lnc"}
