@@ -27,7 +27,7 @@ import torch.nn as nn
 import moce_fast
 from moce_fast import adapters
 from moce_fast.reference import AdaptIR
-from conftest import assert_param_grads_close, from_layout, skip_unless_backend_runs, to_layout
+from conftest import assert_param_grads_close, from_layout, randomize_, rel_err, skip_unless_backend_runs, to_layout
 
 SIDES = [1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 24, 31, 33, 48, 64, 65]
 CASES = 40
@@ -68,12 +68,10 @@ class _Host(nn.Module):
 def _references(case: dict) -> dict[str, AdaptIR]:
     g = torch.Generator().manual_seed(case["seed"])
     refs = {}
-    for name in case["tasks"]:
-        ref = AdaptIR(case["dim"], case["variant"]).double()
+    for i, name in enumerate(case["tasks"]):
+        ref = randomize_(AdaptIR(case["dim"], case["variant"]).double(), case["seed"] + 2 + i)
         ref.exact_phase = True
         with torch.no_grad():
-            for p in ref.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
             ref.BN.running_mean.normal_(generator=g)
             ref.BN.running_var.uniform_(0.5, 1.5, generator=g)
         ref.train(case["train"])
@@ -123,7 +121,7 @@ def test_random_call_matches_the_reference(index, backend):
 @pytest.mark.parametrize("index", range(TRITON_CASES))
 def test_random_call_on_triton_matches_the_reference(index):
     # float32 (the interpreter's dtype; on a GPU the kernels run it too): the output to 1e-5 of its
-    # size, gradients to 2e-4 (the largest in these draws: BatchNorm's weight, 3.6e-5; float32
+    # size, gradients to 2e-4 (the largest in these draws: the head weight's, 5.0e-5; float32
     # rounding of the map moves an ill-conditioned phase's gradient by up to 1e-3)
     _check(_draw(7011 + index, TRITON_SIDES, 600), "triton", torch.float32, 1e-5, 2e-4)
 
@@ -150,20 +148,15 @@ def _check(case: dict, backend: str, dtype: torch.dtype, out_tol: float, grad_to
                 with torch.no_grad():
                     y = host(xt)
 
-    def close(got, want, tol, what, size=None):
-        size = want.abs().max().item() if size is None else size
-        err = (got.double() - want).abs().max().item()
-        assert err <= tol * max(size, 1e-300), f"{what}: {err:.2e} off, size {size:.2e} ({case})"
-
-    close(from_layout(y.detach(), layout, shape), out, out_tol, "output")
+    assert rel_err(from_layout(y, layout, shape), out) <= out_tol, ("output", case)
     if not train:
         return
-    close(from_layout(xt.grad, layout, shape), dx, grad_tol, "input gradient")
+    assert rel_err(from_layout(xt.grad, layout, shape), dx) <= grad_tol, ("input gradient", case)
     stat_tol = 1e-12 if dtype == torch.float64 else 1e-6
     for name, site in sites.items():
         assert_param_grads_close(site, refs[name], grad_tol)
-        close(site.BN.running_mean, refs[name].BN.running_mean, stat_tol, f"task {name}: running mean")
-        close(site.BN.running_var, refs[name].BN.running_var, stat_tol, f"task {name}: running variance")
+        for stat in ("running_mean", "running_var"):
+            assert rel_err(getattr(site.BN, stat), getattr(refs[name].BN, stat)) <= stat_tol, (name, stat, case)
 
 
 def test_the_draws_cover_what_they_claim():
